@@ -1,0 +1,5 @@
+import sys
+
+from heal.cli import main
+
+sys.exit(main())

@@ -1,0 +1,180 @@
+"""Shared benchmark plumbing: device description, timing, memory, result files."""
+
+from __future__ import annotations
+
+import json
+import platform
+import re
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+DEFAULT_RESULTS_DIR = Path("benchmarks") / "results"
+
+
+def device_name(device: torch.device) -> str:
+    """Human name of the device, e.g. ``NVIDIA H100 80GB HBM3`` or the CPU model."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return name
+
+
+def device_slug(device: torch.device) -> str:
+    """Short file-name-safe device tag: ``cpu`` or e.g. ``nvidia-h100-80gb-hbm3``."""
+    if device.type != "cuda":
+        return "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
+
+
+def environment(device: torch.device) -> Dict[str, object]:
+    info: Dict[str, object] = {
+        "device": device_name(device),
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu_threads": torch.get_num_threads(),
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    try:
+        import verl
+
+        info["verl"] = getattr(verl, "__version__", "unknown")
+    except Exception:
+        info["verl"] = None
+    if device.type == "cuda":
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(
+    fn: Callable[[], object],
+    device: torch.device,
+    *,
+    warmup: int = 2,
+    iters: int = 10,
+    max_seconds: float = 30.0,
+) -> Dict[str, float]:
+    """Median / min wall time of ``fn()`` in milliseconds.
+
+    On CUDA each iteration is timed with events after a synchronize; on CPU with
+    ``perf_counter``. Stops early once ``max_seconds`` have been spent (at least one timed run).
+    """
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times: List[float] = []
+    spent = 0.0
+    for _ in range(iters):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            ms = start.elapsed_time(end)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            ms = (time.perf_counter() - t0) * 1e3
+        times.append(ms)
+        spent += ms / 1e3
+        if spent > max_seconds:
+            break
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "runs": len(times)}
+
+
+def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> Optional[int]:
+    """Peak device memory allocated *beyond what was allocated before* while ``fn`` runs (CUDA).
+
+    On CPU returns the peak extra bytes seen by torch's CPU allocator profiler when available,
+    else ``None``.
+    """
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        synchronize(device)
+        return int(torch.cuda.max_memory_allocated(device) - base)
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+        # walk allocation events in order, tracking live bytes
+        live = peak = 0
+        events = sorted(
+            (e for e in prof.events() if getattr(e, "cpu_memory_usage", 0)),
+            key=lambda e: e.time_range.start,
+        )
+        for e in events:
+            live += e.cpu_memory_usage
+            peak = max(peak, live)
+        return int(peak)
+    except Exception:
+        return None
+
+
+def copy_bandwidth_gbps(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Measured device-to-device copy bandwidth (bytes read + bytes written per second), GB/s."""
+    n = nbytes // 4
+    src = torch.empty(n, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    t = time_fn(lambda: dst.copy_(src), device, warmup=3, iters=20)
+    return 2 * n * 4 / (t["median_ms"] * 1e-3) / 1e9
+
+
+def markdown_table(rows: Sequence[Dict[str, object]], columns: Sequence[str]) -> str:
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return "" if v is None else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        lines.append("| " + " | ".join(fmt(r.get(c)) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def write_results(
+    name: str,
+    device: torch.device,
+    payload: Dict[str, object],
+    markdown: str,
+    out_dir: Optional[Path] = None,
+    figure=None,
+) -> Dict[str, Path]:
+    """Write ``<name>-<device>.json`` / ``.md`` (and ``.png`` when a matplotlib figure is given)."""
+    out_dir = Path(out_dir) if out_dir is not None else DEFAULT_RESULTS_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"{name}-{device_slug(device)}"
+    paths = {"json": out_dir / f"{stem}.json", "md": out_dir / f"{stem}.md"}
+    doc = {"benchmark": name, "environment": environment(device), **payload}
+    paths["json"].write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    paths["md"].write_text(markdown.rstrip() + "\n")
+    if figure is not None:
+        paths["png"] = out_dir / f"{stem}.png"
+        figure.savefig(paths["png"], dpi=120, bbox_inches="tight")
+    return paths

@@ -1,0 +1,34 @@
+"""``heal bench NAME``: run one of heal's benchmarks (see ``heal.bench``)."""
+
+from __future__ import annotations
+
+import importlib
+
+HELP = "time heal's ops against the baselines (entropy, eda, reward) and write benchmarks/results/"
+
+# benchmark name -> module; each module has add_arguments(parser) and run(args) -> int
+BENCHMARKS = {
+    "entropy": ("heal.bench.entropy", "token entropy + log-probs from logits vs PyTorch / torch.compile / verl"),
+    "eda": ("heal.bench.eda", "all-pairs entropy-dynamics similarity + EDA reductions vs the reference loop"),
+    "reward": ("heal.bench.reward_step", "the trainer's whole EDA reward step for a full batch"),
+}
+
+
+def add_arguments(parser) -> None:
+    sub = parser.add_subparsers(dest="benchmark", metavar="NAME")
+    sub.required = True
+    for name, (module_name, help_text) in BENCHMARKS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_bench_module=module_name)
+        # benchmark modules keep torch & co. inside run(), so importing them here stays cheap
+        try:
+            importlib.import_module(module_name).add_arguments(p)
+        except ImportError:
+            # the benchmark module could not be imported (missing optional dependency);
+            # `heal bench NAME` will report it when run
+            pass
+
+
+def run(args) -> int:
+    module = importlib.import_module(args._bench_module)
+    return int(module.run(args) or 0)
