@@ -12,6 +12,6 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu-info.txt"
 status=0
 python -m pytest -q -x tests/heal_kernels 2>&1 | tee "$out/gpu-tests.log" || status=1
-python -m heal.cli bench entropy --output-dir "$out" 2>&1 | tee "$out/gpu-bench-entropy.log" || status=1
-python -m heal.cli bench eda --output-dir "$out" 2>&1 | tee "$out/gpu-bench-eda.log" || status=1
+python -m heal bench entropy --output-dir "$out" 2>&1 | tee "$out/gpu-bench-entropy.log" || status=1
+python -m heal bench eda --output-dir "$out" 2>&1 | tee "$out/gpu-bench-eda.log" || status=1
 exit $status
