@@ -1,0 +1,198 @@
+"""Code checker: run the response's program against test cases in a sandbox.
+
+The program is the **last** fenced code block of the response (```` ```python ````, ```` ```py ````
+or a bare ```` ``` ````); a response without one scores 0. Each test runs in its own sandboxed
+process (:func:`heal.scoring.sandbox.run_python`: time, memory and output limits, no network, no
+files outside a fresh temporary folder).
+
+Test cases (``ground_truth``: a dict or its JSON string), as :mod:`heal.data.convert` writes them:
+
+* ``{"inputs": [str, ...], "outputs": [str, ...]}``: standard input -> expected standard output
+  (the APPS / verl ``prime_code`` layout);
+* with ``"fn_name": "name"``: functional tests: each input holds the JSON arguments one per line,
+  each output the JSON of the expected return value (LiveCodeBench's functional layout); the
+  function is ``Solution().name`` when the program defines ``class Solution``;
+* a list of ``{"input": ..., "output": ...}`` dicts (LiveCodeBench's public/private test layout)
+  is accepted too.
+
+Outputs match when they are equal line by line after stripping trailing whitespace and trailing
+blank lines, or token by token with numbers equal within 1e-6 (relative or absolute).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import time
+from typing import List, Optional, Tuple
+
+from heal.scoring.sandbox import run_python
+
+__all__ = ["CodeCheckConfig", "DEFAULT_CODE_CONFIG", "extract_code", "parse_tests", "outputs_match",
+           "run_tests", "check_code"]
+
+
+@dataclasses.dataclass
+class CodeCheckConfig:
+    """Limits and scoring of :func:`check_code` (any field can be overridden per row through
+    ``extra_info`` keys of the same name).
+
+    ``score``: ``"all"`` (1.0 only when every test passes; the paper's binary accuracy reward,
+    stops at the first failure) or ``"fraction"`` (the share of tests passed).
+    """
+
+    timeout_s: float = 4.0  # wall-clock limit per test
+    memory_mb: int = 1024  # address-space limit per test
+    max_output_bytes: int = 4 << 20
+    max_tests: Optional[int] = None  # run at most this many tests (the first ones)
+    total_timeout_s: float = 60.0  # stop running further tests after this much wall time
+    score: str = "all"
+
+    def validate(self) -> "CodeCheckConfig":
+        if not self.timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
+        if self.memory_mb is not None and self.memory_mb <= 0:
+            raise ValueError(f"memory_mb must be > 0, got {self.memory_mb}")
+        if self.score not in ("all", "fraction"):
+            raise ValueError(f"score must be 'all' or 'fraction', got {self.score!r}")
+        if self.max_tests is not None and self.max_tests < 1:
+            raise ValueError(f"max_tests must be >= 1, got {self.max_tests}")
+        return self
+
+
+DEFAULT_CODE_CONFIG = CodeCheckConfig()
+
+_FENCE_RE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)```", re.DOTALL)
+
+
+def extract_code(text: str) -> Optional[str]:
+    """The last fenced code block that is Python (or unlabelled); None when there is none."""
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    blocks = [(lang.lower(), body) for lang, body in _FENCE_RE.findall(text)]
+    for lang, body in reversed(blocks):
+        if lang in ("python", "py", "python3", ""):
+            return body if body.strip() else None
+    return None
+
+
+def parse_tests(ground_truth) -> Tuple[List[str], List[str], Optional[str]]:
+    """``(inputs, outputs, fn_name)`` from a ground-truth dict / JSON string / list of cases."""
+    gt = ground_truth
+    if isinstance(gt, (bytes, str)):
+        try:
+            gt = json.loads(gt)
+        except ValueError as exc:
+            raise ValueError(f"code ground_truth is not valid JSON: {exc}") from None
+    fn_name = None
+    if isinstance(gt, dict) and "inputs" in gt:
+        inputs, outputs = gt.get("inputs"), gt.get("outputs")
+        fn_name = gt.get("fn_name") or None
+    elif isinstance(gt, (list, tuple)):
+        try:
+            inputs = [c["input"] for c in gt]
+            outputs = [c["output"] for c in gt]
+        except (TypeError, KeyError):
+            raise ValueError("code ground_truth list items must be {'input': ..., 'output': ...}") from None
+        if any(isinstance(c, dict) and c.get("testtype") == "functional" for c in gt):
+            raise ValueError("functional test cases need 'fn_name': use {'inputs', 'outputs', 'fn_name'}")
+    else:
+        raise ValueError("code ground_truth must hold 'inputs' and 'outputs' (or be a list of "
+                         "{'input', 'output'} cases)")
+    if not isinstance(inputs, (list, tuple)) or not isinstance(outputs, (list, tuple)):
+        raise ValueError("code ground_truth 'inputs' and 'outputs' must be lists")
+    if len(inputs) != len(outputs):
+        raise ValueError(f"code ground_truth has {len(inputs)} inputs but {len(outputs)} outputs")
+    if not inputs:
+        raise ValueError("code ground_truth has no test cases")
+    as_text = lambda v: v if isinstance(v, str) else json.dumps(v)  # noqa: E731
+    return [as_text(i) for i in inputs], [as_text(o) for o in outputs], fn_name
+
+
+def _lines(s: str) -> List[str]:
+    out = [line.rstrip() for line in s.replace("\r\n", "\n").split("\n")]
+    while out and not out[-1]:
+        out.pop()
+    return out
+
+
+def outputs_match(got: str, expected: str) -> bool:
+    """Line-wise equality (trailing whitespace ignored) or token-wise with numeric tolerance 1e-6."""
+    if _lines(got) == _lines(expected):
+        return True
+    a, b = got.split(), expected.split()
+    if len(a) != len(b) or not a:
+        return False
+    for x, y in zip(a, b):
+        if x == y:
+            continue
+        try:
+            fx, fy = float(x), float(y)
+        except ValueError:
+            return False
+        if not (math.isfinite(fx) and math.isfinite(fy) and math.isclose(fx, fy, rel_tol=1e-6, abs_tol=1e-6)):
+            return False
+    return True
+
+
+def _json_match(got: str, expected: str) -> bool:
+    try:
+        g, e = json.loads(got), json.loads(expected)
+    except ValueError:
+        return outputs_match(got, expected)
+    if g == e:
+        return True
+    if isinstance(g, (int, float)) and isinstance(e, (int, float)) and not isinstance(g, bool):
+        return math.isclose(g, e, rel_tol=1e-6, abs_tol=1e-6)
+    if isinstance(g, (list, tuple)) and isinstance(e, (list, tuple)):
+        return list(g) == list(e)
+    return False
+
+
+def run_tests(code: str, ground_truth, config: CodeCheckConfig = DEFAULT_CODE_CONFIG) -> List[bool]:
+    """Pass/fail of each test (stops after the first failure when ``config.score == "all"``)."""
+    config.validate()
+    inputs, outputs, fn_name = parse_tests(ground_truth)
+    if config.max_tests is not None:
+        inputs, outputs = inputs[: config.max_tests], outputs[: config.max_tests]
+    results: List[bool] = []
+    start = time.monotonic()
+    for inp, exp in zip(inputs, outputs):
+        if time.monotonic() - start > config.total_timeout_s:
+            results.append(False)
+            break
+        res = run_python(
+            code, inp, timeout_s=config.timeout_s, memory_mb=config.memory_mb,
+            max_output_bytes=config.max_output_bytes, mode="call" if fn_name else "stdin", fn_name=fn_name,
+        )
+        passed = res.ok and (_json_match(res.stdout, exp) if fn_name else outputs_match(res.stdout, exp))
+        results.append(passed)
+        if not passed and config.score == "all":
+            break
+    return results
+
+
+def _config_for(extra_info) -> CodeCheckConfig:
+    if not extra_info or not hasattr(extra_info, "get"):
+        return DEFAULT_CODE_CONFIG
+    overrides = {f.name: extra_info.get(f.name) for f in dataclasses.fields(CodeCheckConfig)
+                 if extra_info.get(f.name) is not None}
+    return dataclasses.replace(DEFAULT_CODE_CONFIG, **overrides) if overrides else DEFAULT_CODE_CONFIG
+
+
+def check_code(solution_str: str, ground_truth, extra_info=None,
+               config: Optional[CodeCheckConfig] = None) -> float:
+    """Score of the response's last Python code block on the row's tests (see :class:`CodeCheckConfig`)."""
+    cfg = (config or _config_for(extra_info)).validate()
+    n_tests = len(parse_tests(ground_truth)[0])  # validates the ground truth even without code
+    if cfg.max_tests is not None:
+        n_tests = min(n_tests, cfg.max_tests)
+    code = extract_code(solution_str)
+    if code is None:
+        return 0.0
+    results = run_tests(code, ground_truth, cfg)
+    if cfg.score == "all":
+        return 1.0 if len(results) == n_tests and all(results) else 0.0
+    return sum(results) / n_tests

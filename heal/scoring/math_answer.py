@@ -1,0 +1,184 @@
+"""Math and physics answer checkers (boxed final answers).
+
+The response's answer is the content of its **last** ``\\boxed{...}``; a response without a box
+is parsed as a whole by math-verify (which looks for a final expression), and scores 0 when
+nothing is found. Equivalence is decided by `math-verify <https://github.com/huggingface/Math-Verify>`_
+(``pip install math-verify``, the ``heal[math]`` extra) when installed; otherwise by a small
+fallback: string normalisation of common LaTeX, then numeric / symbolic comparison with sympy.
+
+math-verify bounds its own run time with ``signal.alarm``, which works only in the main
+thread; elsewhere (verl calls reward functions from a thread pool) it runs without its timeout,
+and we bound the work instead by parsing only the last box (or the last ``MAX_TAIL_CHARS``
+characters of an unboxed response).
+
+Physics answers carry units and rounding: :func:`check_physics` accepts the math-verify verdict
+and otherwise compares the leading numbers of both answers (``3.0 \\times 10^{8}\\,\\text{m/s}``
+reads as ``3e8``) with a relative tolerance (``extra_info["rel_tol"]``, default 1e-2).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import threading
+from typing import Optional
+
+from heal.scoring.choice import extract_boxed
+
+__all__ = ["check_math", "check_physics", "math_equal", "leading_number", "HAS_MATH_VERIFY"]
+
+MAX_TAIL_CHARS = 2000
+MAX_ANSWER_CHARS = 500
+
+try:  # pragma: no cover - depends on the environment
+    import math_verify as _mv
+
+    HAS_MATH_VERIFY = True
+except ImportError:  # pragma: no cover
+    _mv = None
+    HAS_MATH_VERIFY = False
+
+
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+def _mv_equal(gold: str, pred: str) -> Optional[bool]:
+    """math-verify verdict, or None when it could not parse one side."""
+    timeout = 3 if _in_main_thread() else None
+    try:
+        g = _mv.parse(gold, parsing_timeout=timeout)
+        p = _mv.parse(pred, parsing_timeout=timeout)
+        if not g or not p:
+            return None
+        return bool(_mv.verify(g, p, timeout_seconds=timeout))
+    except Exception:  # math-verify raises on pathological input; a checker must not
+        return None
+
+
+_STRIP = [
+    (r"\\left|\\right|\\!|\\,|\\;|\\:|\\ |~", ""),
+    (r"\\[dt]frac", r"\\frac"),
+    (r"\^\{?\\circ\}?|°", ""),
+    (r"\\%|%", ""),
+    (r"\\text\{\s*\}", ""),
+    (r"\s+", ""),
+]
+
+
+def _normalise(s: str) -> str:
+    s = s.strip().strip("$").strip()
+    for pat, rep in _STRIP:
+        s = re.sub(pat, rep, s)
+    s = re.sub(r"\\(?:text|mathrm|mathbf|textbf)\{([^{}]*)\}", r"\1", s)
+    return s.rstrip(".").lower()
+
+
+def _latex_to_sympy_text(s: str) -> str:
+    s = _normalise(s)
+    for _ in range(5):
+        s = re.sub(r"\\frac\{([^{}]*)\}\{([^{}]*)\}", r"((\1)/(\2))", s)
+        s = re.sub(r"\\sqrt\{([^{}]*)\}", r"sqrt(\1)", s)
+    s = s.replace("\\pi", "pi").replace("\\cdot", "*").replace("\\times", "*").replace("^", "**")
+    return s.replace("{", "(").replace("}", ")")
+
+
+def _fallback_equal(gold: str, pred: str) -> bool:
+    if _normalise(gold) == _normalise(pred):
+        return True
+    try:
+        import sympy
+
+        g = sympy.sympify(_latex_to_sympy_text(gold))
+        p = sympy.sympify(_latex_to_sympy_text(pred))
+        return bool(sympy.simplify(g - p) == 0)
+    except Exception:
+        return False
+
+
+_OR_RE = re.compile(r"\bor\b|\\lor\b")
+
+
+def math_equal(gold: str, pred: str) -> bool:
+    """True when two answer strings (LaTeX or plain) are mathematically equivalent."""
+    gold, pred = str(gold).strip(), str(pred).strip()
+    if not gold or not pred:
+        return False
+    if len(pred) > MAX_ANSWER_CHARS:
+        return False
+    if _normalise(gold) == _normalise(pred):
+        return True
+    if _OR_RE.search(pred) and not _OR_RE.search(gold):
+        return False  # "3 or 4": several different answers in the final statement
+    if HAS_MATH_VERIFY:
+        got = _mv_equal(f"${gold}$", f"${pred}$")
+        if got is not None:
+            return got
+    return _fallback_equal(gold, pred)
+
+
+def _final_answer(solution_str: str) -> Optional[str]:
+    box = extract_boxed(solution_str)
+    if box is not None:
+        return box
+    return None
+
+
+def _gold(ground_truth) -> str:
+    if ground_truth is None:
+        raise ValueError("ground_truth is missing for a math/physics row")
+    gt = str(ground_truth).strip()
+    box = extract_boxed(gt)
+    return box if box is not None else gt
+
+
+def check_math(solution_str: str, ground_truth, extra_info=None) -> float:
+    """1.0 when the response's final answer equals ``ground_truth`` mathematically, else 0.0."""
+    if not isinstance(solution_str, str):
+        raise TypeError(f"solution_str must be a str, got {type(solution_str).__name__}")
+    gold = _gold(ground_truth)
+    pred = _final_answer(solution_str)
+    if pred is not None:
+        return 1.0 if math_equal(gold, pred) else 0.0
+    # no box: let math-verify look for a final expression in the tail of the response
+    if not HAS_MATH_VERIFY:
+        return 0.0
+    got = _mv_equal(f"${gold}$", solution_str[-MAX_TAIL_CHARS:])
+    return 1.0 if got else 0.0
+
+
+_NUM_RE = re.compile(
+    r"([-+−]?\s*(?:\d+(?:,\d{3})*(?:\.\d*)?|\.\d+)(?:\s*[eE]\s*[-+]?\d+)?)"
+    r"(?:\s*(?:\\times|\\cdot|×|\*|x)\s*10\s*\^\s*\{?\s*([-+−]?\d+)\s*\}?)?"
+)
+
+
+def leading_number(s: str) -> Optional[float]:
+    """The first number of an answer string, reading ``a \\times 10^{b}`` and ``aeb``; else None."""
+    s = _normalise(str(s)).replace("\\frac", "")
+    m = _NUM_RE.search(s.replace("−", "-"))
+    if not m:
+        return None
+    try:
+        value = float(m.group(1).replace(",", "").replace(" ", ""))
+        if m.group(2) is not None:
+            value *= 10.0 ** int(m.group(2).replace("−", "-"))
+    except (ValueError, OverflowError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def check_physics(solution_str: str, ground_truth, extra_info=None) -> float:
+    """Math equivalence, else leading numbers equal within ``extra_info["rel_tol"]`` (default 1e-2)."""
+    if check_math(solution_str, ground_truth, extra_info) == 1.0:
+        return 1.0
+    pred = _final_answer(solution_str)
+    if pred is None:
+        return 0.0
+    rel_tol = 1e-2
+    if extra_info and hasattr(extra_info, "get") and extra_info.get("rel_tol") is not None:
+        rel_tol = float(extra_info.get("rel_tol"))
+    g, p = leading_number(_gold(ground_truth)), leading_number(pred)
+    if g is None or p is None:
+        return 0.0
+    return 1.0 if math.isclose(g, p, rel_tol=rel_tol, abs_tol=1e-12) else 0.0

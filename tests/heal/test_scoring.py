@@ -1,0 +1,192 @@
+"""Answer checkers: multiple choice, math, physics, and compute_score's routing."""
+
+import threading
+
+import pytest
+
+from heal import scoring
+from heal.scoring import compute_score, resolve_checker
+from heal.scoring.choice import AMBIGUOUS, check_choice, extract_boxed, extract_choice
+from heal.scoring.math_answer import check_math, check_physics, leading_number, math_equal
+
+
+# ---------------------------------------------------------------- multiple choice
+@pytest.mark.parametrize(
+    "text, want",
+    [
+        ("Reasoning... so the answer is \\boxed{C}.", "C"),
+        ("\\boxed{(D)}", "D"),
+        ("\\boxed{\\text{B}}", "B"),
+        ("\\boxed{B. a river bank}", "B"),
+        ("Answer: C", "C"),
+        ("The answer is (E).", "E"),
+        ("The correct option is (a)", "A"),
+        ("Final answer: **B**", "B"),
+        ("Answer: A is right because ...", "A"),
+        # last statement wins (self-correction)
+        ("Answer: A. Wait, that is wrong. Final answer: D", "D"),
+        ("\\boxed{A} hmm, no: \\boxed{B}", "B"),
+        # a box beats an earlier textual cue and vice versa the last box is final
+        ("The answer is C ... \\boxed{A}", "A"),
+    ],
+)
+def test_extract_choice_forms(text, want):
+    assert extract_choice(text) == want
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["\\boxed{A, C}", "Answer: A or B", "The answer is (B) and (C).", "\\boxed{A or B}"],
+)
+def test_several_letters_in_the_final_statement_are_ambiguous(text):
+    assert extract_choice(text) == AMBIGUOUS
+    assert check_choice(text, "A") == 0.0
+    assert check_choice(text, "B") == 0.0
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "I do not know.", "the answer is a banana", "Answer: I think it depends", "\\boxed{}", "\\boxed{C"],
+)
+def test_no_answer_scores_zero(text):
+    assert extract_choice(text) in (None,)
+    for gt in "ABCDE":
+        assert check_choice(text, gt) == 0.0
+
+
+def test_letter_outside_the_options_scores_zero():
+    extra = {"choices": {"A": "yes", "B": "no"}}
+    assert check_choice("\\boxed{C}", "C", extra) == 0.0  # C is not one of the options
+    assert extract_choice("\\boxed{C}", "AB") is None
+    assert check_choice("Answer: B", "B", extra) == 1.0
+
+
+def test_answer_by_option_text_and_json_choices():
+    extra = {"choices": '{"A": "London", "B": "Paris", "C": "Rome"}'}
+    assert check_choice("The capital is \\boxed{Paris}", "B", extra) == 1.0
+    assert check_choice("The capital is \\boxed{Paris}", "A", extra) == 0.0
+    assert check_choice("\\boxed{Madrid}", "B", extra) == 0.0
+
+
+def test_check_choice_ground_truth_validation():
+    assert check_choice("Answer: C", "(c)") == 1.0
+    with pytest.raises(ValueError, match="ground_truth"):
+        check_choice("Answer: C", "Paris")
+    with pytest.raises(TypeError, match="text"):
+        extract_choice(None)
+
+
+def test_extract_boxed_balanced_and_last():
+    assert extract_boxed("a \\boxed{\\frac{1}{2}} b \\boxed{x^{2}}") == "x^{2}"
+    assert extract_boxed("\\boxed{1} \\boxed{2", all_boxes=True) == ["1"]
+    assert extract_boxed("nothing") is None
+    assert extract_boxed("\\fbox{7}") == "7"
+
+
+# ---------------------------------------------------------------- math
+@pytest.mark.parametrize(
+    "solution, gt, want",
+    [
+        ("so \\boxed{\\frac{1}{2}}", "0.5", 1.0),
+        ("\\boxed{\\dfrac{3}{4}}", "\\frac{3}{4}", 1.0),
+        ("\\boxed{(x+1)^2}", "x^2+2x+1", 1.0),
+        ("\\boxed{2\\sqrt{2}}", "\\sqrt{8}", 1.0),
+        ("\\boxed{41}", "42", 0.0),
+        ("The answer is 42.", "42", 1.0),  # no box: math-verify reads the final expression
+        ("I give up.", "42", 0.0),
+        ("\\boxed{3 \\text{ or } 4}", "3", 0.0),  # several answers
+        ("\\boxed{1} then finally \\boxed{2}", "2", 1.0),  # last box wins
+        ("\\boxed{1} then finally \\boxed{2}", "1", 0.0),
+        ("\\boxed{42}", "\\boxed{42}", 1.0),  # boxed ground truth
+    ],
+)
+def test_check_math(solution, gt, want):
+    assert check_math(solution, gt) == want
+
+
+def test_math_huge_and_garbage_outputs_are_bounded():
+    assert check_math("9" * 200_000, "42") == 0.0
+    assert check_math("\\boxed{" + "(" * 5000 + "}", "1") == 0.0
+    assert check_math("\\boxed{" + "1+" * 1000 + "1}", "1001") == 0.0  # longer than MAX_ANSWER_CHARS
+
+
+def test_math_in_a_worker_thread():
+    # verl calls reward functions from a thread pool; math-verify's signal timeout must be off there
+    out = []
+    t = threading.Thread(target=lambda: out.append(check_math("\\boxed{\\frac{2}{4}}", "1/2")))
+    t.start()
+    t.join()
+    assert out == [1.0]
+
+
+def test_math_fallback_without_math_verify(monkeypatch):
+    from heal.scoring import math_answer
+
+    monkeypatch.setattr(math_answer, "HAS_MATH_VERIFY", False)
+    assert math_answer.check_math("\\boxed{\\frac{1}{2}}", "0.5") == 1.0
+    assert math_answer.check_math("\\boxed{2 \\cdot 3}", "6") == 1.0
+    assert math_answer.check_math("\\boxed{7}", "6") == 0.0
+    assert math_answer.check_math("6", "6") == 0.0  # no box, no math-verify: no answer
+
+
+def test_math_equal_rejects_empty():
+    assert not math_equal("", "1")
+    assert not math_equal("1", "  ")
+
+
+# ---------------------------------------------------------------- physics
+@pytest.mark.parametrize(
+    "solution, gt, want",
+    [
+        ("\\boxed{3.0 \\times 10^{8}\\,\\text{m/s}}", "2.998e8 m/s", 1.0),
+        ("\\boxed{9.81\\ \\mathrm{m/s^2}}", "9.8 m/s^2", 1.0),
+        ("\\boxed{12 N}", "15 N", 0.0),
+        ("\\boxed{\\frac{1}{2}}", "0.5", 1.0),
+        ("no box 9.8", "9.8", 1.0),  # math-verify finds the final number
+        ("nothing", "9.8", 0.0),
+    ],
+)
+def test_check_physics(solution, gt, want):
+    assert check_physics(solution, gt) == want
+
+
+def test_physics_tolerance_from_extra_info():
+    assert check_physics("\\boxed{10.4}", "10", {"rel_tol": 0.05}) == 1.0
+    assert check_physics("\\boxed{10.4}", "10", {"rel_tol": 0.01}) == 0.0
+
+
+def test_leading_number():
+    assert leading_number("3.0 \\times 10^{8}") == pytest.approx(3e8)
+    assert leading_number("-1,200.5 kg") == pytest.approx(-1200.5)
+    assert leading_number("1.6e-19 C") == pytest.approx(1.6e-19)
+    assert leading_number("no digits") is None
+
+
+# ---------------------------------------------------------------- routing
+def test_compute_score_routes_by_data_source_and_extra_info():
+    assert compute_score("commonsense_qa", "Answer: B", "B") == 1.0
+    assert compute_score("my_med_exam", "Answer: B", "B", {"checker": "choice"}) == 1.0
+    assert compute_score("openai/gsm8k", "\\boxed{18}", "18") == 1.0
+    assert compute_score("webinstruct_physics", "\\boxed{9.81}", "9.8") == 1.0
+    assert resolve_checker("codecontests") == "code"
+    assert resolve_checker("MedQA-USMLE") == "choice"
+    with pytest.raises(ValueError, match="no answer checker for data_source 'mystery'"):
+        compute_score("mystery", "x", "y")
+    with pytest.raises(ValueError, match="extra_info\\['checker'\\]"):
+        compute_score("mystery", "x", "y", {"checker": "nope"})
+
+
+def test_compute_score_ignores_verl_kwargs():
+    assert compute_score("commonsense_qa", "Answer: B", "B", None, reward_router_address=None) == 1.0
+
+
+def test_register_checker_and_data_source(monkeypatch):
+    monkeypatch.setattr(scoring, "CHECKERS", dict(scoring.CHECKERS))
+    monkeypatch.setattr(scoring, "DATA_SOURCES", dict(scoring.DATA_SOURCES))
+    scoring.register_checker("exact", lambda s, gt, extra=None: float(s.strip() == gt))
+    scoring.register_data_source("my/exact", "exact")
+    assert compute_score("my/exact", " hi ", "hi") == 1.0
+    with pytest.raises(ValueError, match="checker"):
+        scoring.register_data_source("x", "unknown")
+    with pytest.raises(TypeError, match="fn"):
+        scoring.register_checker("bad", 3)
