@@ -1,0 +1,114 @@
+"""``HEALGRPOConfig``: TRL's ``GRPOConfig`` plus the ``heal_*`` options of the EDA reward.
+
+Every HEAL option is a ``heal_``-prefixed field so that it never collides with a TRL option and
+parses from the command line with ``transformers.HfArgumentParser`` like any other field
+(``--heal_general_sources commonsense_qa --heal_weight 1.0``). Wrong values fail when the config
+is built, with a ``ValueError`` naming the field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from trl import GRPOConfig
+
+__all__ = ["HEALGRPOConfig"]
+
+_HEAL_TO_EDA = {
+    "heal_general_sources": "general_sources",
+    "heal_weight": "weight",
+    "heal_min_length": "min_length",
+    "heal_metric": "metric",
+    "heal_kl_direction": "kl_direction",
+    "heal_general_reward": "general_reward",
+    "heal_exclude_same_prompt": "exclude_same_prompt",
+}
+
+
+@dataclass
+class HEALGRPOConfig(GRPOConfig):
+    r"""``trl.GRPOConfig`` with the options of HEAL's entropy-dynamics-alignment (EDA) reward.
+
+    The trainer adds ``heal_weight * r_EDA`` to the reward of every completion before TRL computes
+    the group-normalised advantages (``multi_objective_aggregation="sum_then_normalize"``, TRL's
+    default, gives the paper's ``r = r_acc + w * r_EDA``).
+
+    HEAL parameters:
+        heal_general_sources (`list[str]`):
+            Values of the dataset's ``heal_data_source_key`` column that mark a prompt as
+            general-domain (e.g. ``["commonsense_qa"]``); every other value is target-domain.
+            Required (no default: it depends on your data).
+        heal_weight (`float`, defaults to ``1.0``):
+            ``w`` in ``r = r_acc + w * r_EDA``. ``0.0`` computes and logs the EDA metrics without
+            shaping the reward.
+        heal_min_length (`int`, defaults to ``50``):
+            Completions with at most this many tokens get ``r_EDA = 0`` (they still serve as
+            neighbours).
+        heal_metric (`str`, defaults to ``"kl"``):
+            Similarity of two entropy sequences: ``"kl"``, ``"hti"`` or ``"pl"``.
+        heal_kl_direction (`str`, defaults to ``"scored_first"``):
+            ``"scored_first"`` (reference implementation) or ``"short_first"`` (paper appendix).
+        heal_general_reward (`str`, defaults to ``"mirror"``):
+            ``"mirror"`` rewards general completions with the mirrored rule; ``"none"`` gives them 0.
+        heal_exclude_same_prompt (`bool`, defaults to ``False``):
+            Skip neighbours from the same GRPO group (same prompt) in the max-similarity search.
+        heal_data_source_key (`str`, defaults to ``"data_source"``):
+            Dataset column holding each prompt's data source.
+        heal_entropy_batch_size (`int`, *optional*):
+            Rows per chunk of the no-grad forward that computes the completion entropies
+            (each chunk materialises ``[rows, completion_len, vocab]`` logits). Defaults to
+            ``per_device_train_batch_size``.
+    """
+
+    heal_general_sources: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Data sources that are general-domain (e.g. commonsense_qa); all others are target."},
+    )
+    heal_weight: float = field(default=1.0, metadata={"help": "w in r = r_acc + w * r_EDA (0 logs EDA only)."})
+    heal_min_length: int = field(
+        default=50, metadata={"help": "Completions with at most this many tokens get r_EDA = 0."}
+    )
+    heal_metric: str = field(default="kl", metadata={"help": "Entropy-dynamics similarity: kl, hti or pl."})
+    heal_kl_direction: str = field(
+        default="scored_first", metadata={"help": "KL direction: scored_first or short_first."}
+    )
+    heal_general_reward: str = field(
+        default="mirror", metadata={"help": "Reward for general completions: mirror or none."}
+    )
+    heal_exclude_same_prompt: bool = field(
+        default=False, metadata={"help": "Skip neighbours from the same prompt group."}
+    )
+    heal_data_source_key: str = field(
+        default="data_source", metadata={"help": "Dataset column with each prompt's data source."}
+    )
+    heal_entropy_batch_size: Optional[int] = field(
+        default=None, metadata={"help": "Rows per chunk of the entropy forward (default: per-device batch size)."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.heal_general_sources, str):
+            self.heal_general_sources = [s for s in self.heal_general_sources.split(",") if s]
+        if not self.heal_data_source_key:
+            raise ValueError("heal_data_source_key must be a non-empty column name")
+        if self.heal_entropy_batch_size is not None and self.heal_entropy_batch_size < 1:
+            raise ValueError(f"heal_entropy_batch_size must be a positive integer, got {self.heal_entropy_batch_size}")
+        self.heal_eda_config()  # validates
+
+    def heal_eda_config(self):
+        """The :class:`heal.reward.EDAConfig` these ``heal_*`` fields describe (validated)."""
+        from heal.reward import EDAConfig
+
+        if not self.heal_general_sources:
+            raise ValueError(
+                "heal_general_sources must name at least one general-domain data source (e.g. ['commonsense_qa'])"
+            )
+        kwargs = {eda_key: getattr(self, key) for key, eda_key in _HEAL_TO_EDA.items()}
+        kwargs["general_sources"] = tuple(kwargs["general_sources"])
+        try:
+            cfg = EDAConfig(**kwargs)
+            cfg.validate()
+        except ValueError as exc:  # EDAConfig names its own key; say which field that is here
+            raise ValueError(f"invalid HEAL option (HEALGRPOConfig field heal_<key>): {exc}") from exc
+        return cfg

@@ -1,0 +1,268 @@
+"""``HEALGRPOTrainer``: TRL's ``GRPOTrainer`` with HEAL's entropy-dynamics-alignment reward.
+
+What it changes in TRL's step (``_generate_and_score_completions``), and nothing else:
+
+1. After generation, one no-grad forward of the policy over ``prompt + completion`` (the same
+   padded tensors TRL's own log-prob pass uses) gives the completion logits, row chunk by row
+   chunk; :func:`heal_kernels.token_entropy` turns them into exact full-vocabulary token
+   entropies at the sampling temperature (``args.temperature``). The logits are dropped chunk by
+   chunk; only ``[B, T]`` float32 entropies are kept.
+2. The rewards of all reward functions are computed as usual (TRL gathers them across
+   processes); the entropies, completion masks and data sources are gathered the same way, and
+   :func:`heal.reward.eda_step` computes ``r_EDA`` over the whole generation batch, trajectories
+   tagged target/general by the dataset's ``data_source`` column and grouped by GRPO group
+   (``uid`` = prompt group index).
+3. ``r_EDA`` fills an extra reward column named ``eda`` whose weight is ``heal_weight``, so TRL's
+   own advantage computation sees ``r = sum_k w_k r_k + heal_weight * r_EDA``. TRL logs
+   ``rewards/eda/mean`` next to the accuracy reward; the EDA metrics (``eda/rate_target``,
+   ``eda/rate_general``, ``eda/entropy_*``, ``eda/s_*``, ``eda/time_s``, plus
+   ``eda/entropy_forward_time_s``) go through TRL's metrics, averaged per logging step.
+
+80/20 (update only the top-20% high-entropy tokens, "Beyond the 80/20 rule"): TRL has it
+natively, ``GRPOConfig(top_entropy_quantile=0.2)``; it combines with HEAL unchanged.
+
+Text-only models and prompts (no images); tool-calling masks are honoured.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Optional
+
+import torch
+from accelerate.utils import gather_object
+from trl import GRPOConfig, GRPOTrainer
+from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer.utils import pad
+
+from heal.integrations.trl.config import HEALGRPOConfig
+
+__all__ = ["HEALGRPOTrainer", "completion_entropies", "EDA_REWARD_NAME"]
+
+EDA_REWARD_NAME = "eda"
+
+
+def _token_entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    import heal_kernels
+
+    return heal_kernels.token_entropy(logits, temperature=temperature)
+
+
+@torch.no_grad()
+def completion_entropies(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    logits_to_keep: int,
+    temperature: float = 1.0,
+    batch_size: Optional[int] = None,
+) -> torch.Tensor:
+    """Float32 ``[B, logits_to_keep]`` entropies of the next-token distributions of the last
+    ``logits_to_keep`` tokens of ``input_ids`` (the completion), at ``temperature``.
+
+    One no-grad forward of ``model`` per chunk of ``batch_size`` rows; each chunk's logits
+    ``[rows, logits_to_keep, V]`` go straight into :func:`heal_kernels.token_entropy` and are freed.
+    Position ``t`` holds the entropy of the distribution the completion's token ``t`` was sampled
+    from (the logits at input position ``P + t - 1``).
+    """
+    if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"input_ids and attention_mask must be [B, L] of the same shape, got {tuple(input_ids.shape)} "
+            f"and {tuple(attention_mask.shape)}"
+        )
+    if not 1 <= logits_to_keep < input_ids.size(1):
+        raise ValueError(f"logits_to_keep must be in [1, {input_ids.size(1) - 1}], got {logits_to_keep}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    bsz = input_ids.size(0)
+    batch_size = bsz if not batch_size else int(batch_size)
+    out = []
+    for start in range(0, bsz, max(batch_size, 1)):
+        ids = input_ids[start : start + batch_size]
+        am = attention_mask[start : start + batch_size]
+        # the original (unfused) forward: TRL's fused LM head only runs with fused_lm_head=True
+        logits = model(input_ids=ids, attention_mask=am, logits_to_keep=logits_to_keep + 1, use_cache=False).logits
+        logits = logits[:, -(logits_to_keep + 1) : -1]
+        out.append(_token_entropy(logits, temperature).float())
+        del logits
+    if not out:
+        return torch.zeros(0, logits_to_keep, dtype=torch.float32, device=input_ids.device)
+    return torch.cat(out, dim=0)
+
+
+def _eda_placeholder(prompts, completions, **kwargs):
+    """Stand-in reward function for the ``eda`` column; the trainer overwrites the column with
+    the EDA reward after all reward functions ran (EDA needs the whole gathered batch)."""
+    return [None] * len(prompts)
+
+
+_eda_placeholder.__name__ = EDA_REWARD_NAME
+
+
+class HEALGRPOTrainer(GRPOTrainer):
+    """``trl.GRPOTrainer`` that adds ``heal_weight * r_EDA`` to the rewards before advantages.
+
+    Use it exactly like ``GRPOTrainer`` with a :class:`HEALGRPOConfig` (or a plain
+    ``GRPOConfig`` plus ``heal_config=heal.reward.EDAConfig(...)``) and a dataset with a
+    ``data_source`` column (name: ``heal_data_source_key``)::
+
+        trainer = HEALGRPOTrainer(
+            model=model, reward_funcs=accuracy_reward, train_dataset=dataset,
+            args=HEALGRPOConfig(output_dir="out", heal_general_sources=["commonsense_qa"]),
+        )
+        trainer.train()
+
+    After each scored batch, :attr:`heal_last_batch` holds (detached, on the CPU) what the EDA step
+    used: ``entropy`` and ``mask`` ``[B, T]`` (this process's rows), ``input_ids`` /
+    ``attention_mask`` / ``logits_to_keep`` of the entropy forward, and the gathered
+    ``data_sources``, ``uids``, ``eda_reward``, ``metrics``.
+    """
+
+    def __init__(self, model, reward_funcs=None, args: Optional[GRPOConfig] = None, *rest, heal_config=None, **kwargs):
+        if heal_config is not None:
+            heal_config.validate()
+            eda_config = heal_config
+        elif isinstance(args, HEALGRPOConfig):
+            eda_config = args.heal_eda_config()
+        else:
+            raise ValueError(
+                "HEALGRPOTrainer needs the HEAL options: pass args=HEALGRPOConfig(..., heal_general_sources=[...]) "
+                "or heal_config=heal.reward.EDAConfig(...)"
+            )
+        if eda_config.entropy_source != "actor":
+            raise ValueError(
+                f"entropy_source={eda_config.entropy_source!r} is not available with TRL (its generation returns no "
+                "top-k log-probs); use 'actor' (exact entropies from the policy's forward)"
+            )
+        super().__init__(model, reward_funcs, args, *rest, **kwargs)
+        self.heal_config = eda_config
+        self.heal_data_source_key = getattr(self.args, "heal_data_source_key", "data_source")
+        self.heal_entropy_batch_size = getattr(self.args, "heal_entropy_batch_size", None)
+        # One more reward column, filled after the gather (the way TRL adds environment rewards).
+        self.reward_funcs.append(_eda_placeholder)
+        self.reward_func_names.append(EDA_REWARD_NAME)
+        self.reward_processing_classes.append(None)
+        self.reward_weights = torch.cat(
+            [self.reward_weights, torch.tensor([float(eda_config.weight)], dtype=self.reward_weights.dtype)]
+        )
+        self._heal_reward_index = len(self.reward_funcs) - 1
+        self._heal_rollout = None
+        self.heal_last_batch: dict[str, Any] = {}
+
+    # -- capture what generation produced (token ids, tool masks) ---------------------------------
+    def _generate(self, prompts: list):
+        out = super()._generate(prompts)
+        prompt_ids, completion_ids, tool_mask = out[0], out[1], out[2]
+        self._heal_rollout = (prompt_ids, completion_ids, tool_mask)
+        return out
+
+    def _heal_local_entropies(self, completion_ids_list):
+        """This process's ``[n, T]`` completion entropies and masks (T = longest completion)."""
+        if self._heal_rollout is None:
+            raise RuntimeError("HEALGRPOTrainer: no generation captured before the reward step")
+        prompt_ids_list, captured_completions, tool_mask_list = self._heal_rollout
+        if len(captured_completions) != len(completion_ids_list):
+            raise RuntimeError("HEALGRPOTrainer: captured completions do not match the scored batch")
+        device = self.accelerator.device
+        pad_id = self._tokenizer.pad_token_id
+        prompt_ids = pad(
+            [torch.as_tensor(ids, dtype=torch.long) for ids in prompt_ids_list],
+            padding_value=pad_id,
+            padding_side="left",
+            pad_to_multiple_of=self.pad_to_multiple_of,
+        ).to(device)
+        prompt_mask = pad(
+            [torch.ones(len(ids), dtype=torch.long) for ids in prompt_ids_list],
+            padding_value=0,
+            padding_side="left",
+            pad_to_multiple_of=self.pad_to_multiple_of,
+        ).to(device)
+        # a completion of length 0 still needs one column so the forward has a position to score
+        completion_ids = pad(
+            [torch.as_tensor(list(ids) or [pad_id], dtype=torch.long) for ids in completion_ids_list],
+            padding_value=pad_id,
+            padding_side="right",
+            pad_to_multiple_of=self.pad_to_multiple_of,
+        ).to(device)
+        # attention over every generated token (as TRL's log-prob pass); EDA only over model tokens
+        lengths = torch.tensor([len(ids) for ids in completion_ids_list], device=device)
+        positions = torch.arange(completion_ids.size(1), device=device)
+        completion_mask = (positions.unsqueeze(0) < lengths.unsqueeze(1)).long()
+        eda_mask = completion_mask
+        if tool_mask_list is not None:
+            tool_mask = pad(
+                [torch.as_tensor(m, dtype=torch.long) for m in tool_mask_list] or [torch.ones(1, dtype=torch.long)],
+                padding_value=1,
+                padding_side="right",
+                pad_to_multiple_of=self.pad_to_multiple_of,
+            ).to(device)
+            width = min(tool_mask.size(1), completion_mask.size(1))
+            eda_mask = completion_mask.clone()
+            eda_mask[:, :width] *= tool_mask[:, :width]
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+        logits_to_keep = completion_ids.size(1)
+        mode = "train" if self.model.training else "eval"
+        batch_size = self.heal_entropy_batch_size or (
+            self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
+        )
+        with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+            with self.accelerator.autocast():
+                entropy = completion_entropies(
+                    self.model, input_ids, attention_mask, logits_to_keep, self.temperature, batch_size
+                )
+        return entropy, eda_mask, input_ids, attention_mask, logits_to_keep
+
+    # -- the reward step ----------------------------------------------------------------------------
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        from heal.reward import eda_step
+
+        mode = "train" if self.model.training else "eval"
+        key = self.heal_data_source_key
+        missing = [i for i, x in enumerate(inputs) if key not in x]
+        if missing:
+            raise ValueError(
+                f"HEALGRPOTrainer: the dataset needs a {key!r} column (heal_data_source_key) tagging each prompt's "
+                f"data source; row {missing[0]} of the batch has none"
+            )
+        if "image" in inputs[0] or "images" in inputs[0]:
+            raise ValueError("HEALGRPOTrainer supports text-only prompts (the batch has an image column)")
+
+        t0 = time.perf_counter()
+        entropy, mask, input_ids, attention_mask, logits_to_keep = self._heal_local_entropies(completion_ids_list)
+        t_forward = time.perf_counter() - t0
+
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+
+        # EDA looks for neighbours across the whole batch: gather like TRL gathers the rewards
+        ent_all = self.accelerator.gather(self.accelerator.pad_across_processes(entropy, dim=1, pad_index=0.0))
+        mask_all = self.accelerator.gather(self.accelerator.pad_across_processes(mask, dim=1, pad_index=0))
+        data_sources = [str(s) for s in gather_object([x[key] for x in inputs])]
+        num_generations = self.num_generations if mode == "train" else self.num_generations_eval
+        # rows of a GRPO group are contiguous in the gathered batch (TRL's advantages use view(-1, G))
+        uids = [str(i // num_generations) for i in range(len(data_sources))]
+        if rewards_per_func.size(0) != len(data_sources) or ent_all.size(0) != len(data_sources):
+            raise RuntimeError("HEALGRPOTrainer: gathered rewards, entropies and data sources disagree in size")
+
+        result, metrics = eda_step(ent_all.float(), mask_all, data_sources, uids, self.heal_config)
+        eda_reward = torch.as_tensor(result.reward, dtype=rewards_per_func.dtype).to(rewards_per_func.device)
+        rewards_per_func[:, self._heal_reward_index] = eda_reward
+
+        metrics = dict(metrics)
+        metrics["eda/entropy_forward_time_s"] = t_forward
+        for name, value in metrics.items():
+            self._metrics[mode][name].append(float(value))
+        self.heal_last_batch = {
+            "entropy": entropy.detach().cpu(),
+            "mask": mask.detach().cpu(),
+            "input_ids": input_ids.detach().cpu(),
+            "attention_mask": attention_mask.detach().cpu(),
+            "logits_to_keep": logits_to_keep,
+            "data_sources": data_sources,
+            "uids": uids,
+            "eda_reward": eda_reward.detach().cpu(),
+            "rewards_per_func": rewards_per_func.detach().cpu().clone(),
+            "metrics": metrics,
+        }
+        return rewards_per_func
+
