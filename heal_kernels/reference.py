@@ -87,8 +87,17 @@ def nearest_indices(m: int, n: int) -> torch.Tensor:
 
 
 def stretch(seq: torch.Tensor, n: int) -> torch.Tensor:
-    """Nearest-neighbour stretch of a 1-D sequence to length ``n`` with ``F.interpolate``."""
-    return F.interpolate(seq.reshape(1, 1, -1), size=n, mode="nearest").reshape(-1)
+    """Nearest-neighbour stretch of a 1-D sequence to length ``n`` with ``F.interpolate``.
+
+    The source positions are interpolated as float32, so the index rule is float32's (that of the
+    entropies' own dtype) even when ``seq`` is float64: ``F.interpolate`` on a float64 input computes
+    its scale in float64, which picks different neighbours at a few positions for lengths in the
+    thousands. The values themselves are gathered at full precision.
+    """
+    seq = seq.reshape(-1)
+    pos = torch.arange(seq.numel(), dtype=torch.float32, device=seq.device)
+    src = F.interpolate(pos.reshape(1, 1, -1), size=n, mode="nearest").reshape(-1).to(torch.int64)
+    return seq[src]
 
 
 def _align(a: torch.Tensor, b: torch.Tensor):

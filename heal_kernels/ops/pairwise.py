@@ -432,6 +432,22 @@ def _cpu_ext():
     return load_pairwise()
 
 
+def _run_cpu_ext(ext, st: SeqStats, short_first: bool, grouped) -> torch.Tensor:
+    """Call the C++ kernels (they take raw pointers: every tensor here is contiguous, on the CPU)."""
+    bsz = st.lengths.numel()
+    ptrs = [t.data_ptr() for t in (st.x, st.e, st.gx, st.ge, st.starts, st.lengths, st.mx, st.z, st.mean_p)]
+    threads = torch.get_num_threads()
+    if not grouped:
+        out = torch.empty((bsz, bsz), dtype=torch.float32)
+        ext.pairwise(*ptrs, bsz, short_first, out.data_ptr(), threads)
+        return out
+    groups, num_groups, exclude_self, pids = grouped
+    out = torch.full((bsz, num_groups), -math.inf, dtype=torch.float32)
+    pid_ptr = pids.data_ptr() if pids is not None else 0
+    ext.grouped(*ptrs, bsz, short_first, groups.data_ptr(), num_groups, exclude_self, pid_ptr, out.data_ptr(), threads)
+    return out
+
+
 def _run(values, cu_seqlens, metric, kl_direction, backend, grouped_args=None):
     _check_metric(metric, kl_direction)
     vals, cu = _validate_packed(values, cu_seqlens)
@@ -446,11 +462,7 @@ def _run(values, cu_seqlens, metric, kl_direction, backend, grouped_args=None):
         if name == "cpu":
             ext = _cpu_ext()
             if ext is not None:
-                from heal_kernels.cpu import pairwise_cpu
-
-                if grouped_args is None:
-                    return pairwise_cpu.pairwise(ext, st, short_first)
-                return pairwise_cpu.grouped(ext, st, short_first, groups, num_groups, exclude_self, pids)
+                return _run_cpu_ext(ext, st, short_first, grouped_args is not None and (groups, num_groups, exclude_self, pids))
         elif name == "triton":
             from heal_kernels.triton import pairwise as tri
 

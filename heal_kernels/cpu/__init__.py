@@ -1,0 +1,129 @@
+"""Loader for heal's compiled C++ CPU kernels (``csrc/``), built on first use and cached.
+
+* :func:`load_extension` -- generic: build (or load from torch's extension cache) a
+  ``torch.utils.cpp_extension`` module from sources in ``csrc/``; ``None`` (plus one warning) when
+  there is no compiler or the build fails, so callers fall back to pure torch.
+* :func:`load_pairwise` -- the all-pairs similarity kernels (``csrc/pairwise.cpp``).
+
+Nothing is compiled when :mod:`heal_kernels` is imported: only when a CPU op first needs it.
+``HEAL_KERNELS_NO_BUILD=1`` disables building (the torch fallbacks run). Flags: ``-O3 -fopenmp``,
+plus ``-march=native`` when the compiler accepts it; the extension name then carries a hash of the
+CPU model and flags, so a cache shared between different machines never loads a foreign build.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+from typing import List, Optional
+
+__all__ = ["load_extension", "load_pairwise", "csrc_dir", "extension_flags"]
+
+_LOCK = threading.Lock()
+_CACHE: dict = {}
+
+
+def csrc_dir() -> Path:
+    """Folder holding the C++ sources: package data ``heal_kernels.csrc`` or the repo's ``csrc/``."""
+    try:
+        from importlib.resources import files
+
+        d = Path(str(files("heal_kernels.csrc")))
+        if d.is_dir() and any(d.glob("*.cpp")):
+            return d
+    except Exception:
+        pass
+    return Path(__file__).resolve().parents[2] / "csrc"
+
+
+def _cpu_fingerprint() -> str:
+    model, flags = platform.machine(), ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model == platform.machine():
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return model + "|" + flags
+
+
+@functools.lru_cache(maxsize=None)
+def _compiler_accepts(flag: str) -> bool:
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        return False
+    with tempfile.TemporaryDirectory() as d:
+        src = Path(d) / "t.cpp"
+        src.write_text("int main() { return 0; }\n")
+        try:
+            r = subprocess.run([cxx, flag, str(src), "-o", str(Path(d) / "t")], capture_output=True, timeout=60)
+        except (OSError, subprocess.SubprocessError):
+            return False
+        return r.returncode == 0
+
+
+@functools.lru_cache(maxsize=None)
+def extension_flags() -> List[str]:
+    """C++ flags used for every extension."""
+    flags = ["-O3", "-fopenmp", "-std=c++17"]
+    if platform.machine() in ("x86_64", "AMD64") and _compiler_accepts("-march=native"):
+        flags.append("-march=native")
+    return flags
+
+
+def load_extension(name: str, sources: List[str]):
+    """Build (first call) or load the torch C++ extension ``name`` from ``sources`` (file names in
+    :func:`csrc_dir`, or absolute paths). Returns the module, or ``None`` after one warning when no
+    compiler is present, building is disabled (``HEAL_KERNELS_NO_BUILD=1``) or the build fails.
+    Cached per process.
+    """
+    with _LOCK:
+        if name in _CACHE:
+            return _CACHE[name]
+        _CACHE[name] = mod = _build(name, sources)
+        return mod
+
+
+def _build(name: str, sources: List[str]):
+    if os.environ.get("HEAL_KERNELS_NO_BUILD", "") == "1":
+        return None
+    paths = [Path(s) if os.path.isabs(s) else csrc_dir() / s for s in sources]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        warnings.warn(f"heal_kernels: C++ sources not found ({', '.join(missing)}); using the pure-torch CPU path")
+        return None
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        warnings.warn(f"heal_kernels: no C++ compiler ({cxx!r}) found; using the pure-torch CPU path (slower)")
+        return None
+    flags = extension_flags()
+    tag = hashlib.sha1((_cpu_fingerprint() + "|" + " ".join(flags)).encode()).hexdigest()[:10]
+    try:
+        from torch.utils import cpp_extension
+
+        return cpp_extension.load(
+            name=f"{name}_{tag}",
+            sources=[str(p) for p in paths],
+            extra_cflags=flags,
+            extra_ldflags=["-fopenmp"],
+            verbose=os.environ.get("HEAL_KERNELS_VERBOSE_BUILD", "") == "1",
+        )
+    except Exception as exc:  # compiler errors, missing ninja, ...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        warnings.warn(f"heal_kernels: building C++ extension {name!r} failed ({first}); using the pure-torch CPU path")
+        return None
+
+
+def load_pairwise():
+    """The all-pairs similarity extension (``csrc/pairwise.cpp``) or ``None``."""
+    return load_extension("heal_pairwise", ["pairwise.cpp"])
