@@ -172,8 +172,8 @@ def validate_packed(values: torch.Tensor, cu_seqlens: torch.Tensor, *, check_fin
         if bool(bad.any()):
             pos = int(bad.nonzero()[0])
             traj = int(torch.searchsorted(cu, torch.tensor([pos], dtype=cu.dtype), right=True)[0]) - 1
-            what = "NaN" if bool(torch.isnan(values[pos])) else "infinite"
+            what = "a NaN" if bool(torch.isnan(values[pos])) else "an infinite"
             raise ValueError(
-                f"values: trajectory {traj} has a {what} entropy at token {pos - int(cu[traj])}"
+                f"values: trajectory {traj} has {what} entropy at token {pos - int(cu[traj])}"
             )
     return cu.numel() - 1
