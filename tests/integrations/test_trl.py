@@ -1,0 +1,235 @@
+"""HEAL-GRPO in TRL: two real training steps of a tiny random Qwen2 on the CPU.
+
+Checks that (a) the EDA reward reached TRL's advantages, (b) the weights changed, (c) the
+entropies HEAL used equal a float64 reference computed from the model's own logits; plus the
+config / input validation. Skipped when TRL is not installed.
+"""
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+
+from heal_kernels import reference  # noqa: E402
+
+from heal.integrations.trl import HEALGRPOConfig, HEALGRPOTrainer, completion_entropies  # noqa: E402
+from heal.integrations.trl.toy import (  # noqa: E402
+    GENERAL_SOURCE,
+    TARGET_SOURCE,
+    char_tokenizer,
+    exact_answer_reward,
+    tiny_causal_lm,
+    toy_dataset,
+)
+from heal.reward import EDAConfig  # noqa: E402
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+NUM_GENERATIONS = 4
+TEMPERATURE = 0.7
+HEAL_WEIGHT = 1.5
+
+
+def _config(tmp_path, **overrides):
+    kwargs = dict(
+        output_dir=str(tmp_path / "out"),
+        max_steps=2,
+        per_device_train_batch_size=4 * NUM_GENERATIONS,  # 4 prompts: 2 target + 2 general
+        num_generations=NUM_GENERATIONS,
+        max_completion_length=16,
+        temperature=TEMPERATURE,
+        learning_rate=1e-2,
+        beta=0.0,
+        shuffle_dataset=False,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        bf16=False,
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+        heal_general_sources=[GENERAL_SOURCE],
+        heal_weight=HEAL_WEIGHT,
+        heal_min_length=3,
+    )
+    kwargs.update(overrides)
+    return HEALGRPOConfig(**kwargs)
+
+
+def _reference_entropies(model, input_ids, attention_mask, logits_to_keep):
+    """Float64 entropies of the completion positions from the full (unsliced) logits."""
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    logits = logits[:, -(logits_to_keep + 1) : -1]
+    return reference.token_entropy(logits.double(), TEMPERATURE)
+
+
+def _grpo_advantages(rewards, group):
+    grouped = rewards.view(-1, group)
+    mean = grouped.mean(dim=1).repeat_interleave(group)
+    std = grouped.std(dim=1).repeat_interleave(group)
+    return (rewards - mean) / (std + 1e-4)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Two real HEAL-GRPO steps; records every scored batch and the weights before/after."""
+    tmp_path = tmp_path_factory.mktemp("trl")
+    torch.manual_seed(0)
+    tokenizer = char_tokenizer()
+    model = tiny_causal_lm(tokenizer, seed=0)
+    trainer = HEALGRPOTrainer(
+        model=model,
+        reward_funcs=exact_answer_reward,
+        args=_config(tmp_path),
+        train_dataset=toy_dataset(n=16, seed=0),
+        processing_class=tokenizer,
+    )
+    records = []
+    original = trainer._generate_and_score_completions
+
+    def spy(batch):
+        out = original(batch)
+        last = dict(trainer.heal_last_batch)
+        # the weights that produced these entropies: no optimizer step has run since
+        last["reference_entropy"] = _reference_entropies(
+            trainer.model, last["input_ids"], last["attention_mask"], last["logits_to_keep"]
+        )
+        last["advantages"] = out["advantages"].detach().cpu().clone()
+        records.append(last)
+        return out
+
+    trainer._generate_and_score_completions = spy
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    after = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    return trainer, records, before, after
+
+
+def test_two_steps_ran_and_logged_eda_metrics(trained):
+    trainer, records, _, _ = trained
+    assert trainer.state.global_step == 2
+    assert len(records) == 2
+    logged = [h for h in trainer.state.log_history if "eda/rate_target" in h]
+    assert len(logged) == 2
+    for h in logged:
+        for key in ("eda/rate_general", "eda/entropy_forward_time_s", "eda/time_s", "rewards/eda/mean"):
+            assert key in h
+        assert 0.0 <= h["eda/rate_target"] <= 1.0
+
+
+def test_eda_reward_reached_the_advantages(trained):
+    trainer, records, _, _ = trained
+    assert trainer.reward_func_names == ["exact_answer_reward", "eda"]
+    assert trainer.reward_weights.tolist() == [1.0, HEAL_WEIGHT]
+    saw_nonzero_eda = False
+    for rec in records:
+        rpf = rec["rewards_per_func"]
+        eda = rec["eda_reward"]
+        assert set(rec["data_sources"]) == {TARGET_SOURCE, GENERAL_SOURCE}
+        assert torch.equal(rpf[:, 1], eda)
+        assert set(eda.tolist()) <= {0.0, 1.0}
+        shaped = rpf[:, 0] + HEAL_WEIGHT * eda
+        expected = _grpo_advantages(shaped, NUM_GENERATIONS)
+        torch.testing.assert_close(rec["advantages"], expected, rtol=1e-5, atol=1e-5)
+        # EDA varies inside some group: accuracy alone would give different advantages there
+        varies = eda.view(-1, NUM_GENERATIONS).std(dim=1) > 0
+        if varies.any():
+            saw_nonzero_eda = True
+            acc_only = _grpo_advantages(rpf[:, 0].clone(), NUM_GENERATIONS)
+            assert not torch.allclose(rec["advantages"], acc_only, atol=1e-3)
+    assert saw_nonzero_eda, "precondition: the seeded batches must give EDA rewards that differ within a group"
+
+
+def test_weights_changed(trained):
+    _, _, before, after = trained
+    changed = [n for n in before if not torch.equal(before[n], after[n])]
+    assert changed, "no parameter moved after two optimizer steps"
+
+
+def test_entropies_match_float64_reference(trained):
+    _, records, _, _ = trained
+    for rec in records:
+        mask = rec["mask"].bool()
+        assert mask.any()
+        got = rec["entropy"]
+        assert got.dtype == torch.float32
+        ref = rec["reference_entropy"]
+        torch.testing.assert_close(got[mask].double(), ref[mask], rtol=1e-5, atol=2e-5)
+        # the entropy forward and TRL's batch agree on which tokens are completions
+        assert got.shape == mask.shape == ref.shape
+
+
+def test_completion_entropies_left_padded_prompts():
+    torch.manual_seed(1)
+    tokenizer = char_tokenizer()
+    model = tiny_causal_lm(tokenizer, seed=1).eval()
+    pad_id = tokenizer.pad_token_id
+    prompts = [[5, 6, 7], [8, 9]]
+    completions = [[10, 11, 12, 13], [14, 15]]
+    width_p = max(map(len, prompts))
+    width_c = max(map(len, completions))
+    ids = torch.full((2, width_p + width_c), pad_id)
+    am = torch.zeros_like(ids)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        ids[i, width_p - len(p) : width_p] = torch.tensor(p)
+        ids[i, width_p : width_p + len(c)] = torch.tensor(c)
+        am[i, width_p - len(p) : width_p + len(c)] = 1
+    got = completion_entropies(model, ids, am, width_c, temperature=0.5, batch_size=1)
+    ref = _reference_entropies_at(model, ids, am, width_c, 0.5)
+    assert got.shape == (2, width_c)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=2e-5)
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        completion_entropies(model, ids, am, ids.size(1))
+    with pytest.raises(ValueError, match="temperature"):
+        completion_entropies(model, ids, am, 2, temperature=0.0)
+
+
+def _reference_entropies_at(model, ids, am, keep, temperature):
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=am, use_cache=False).logits
+    return reference.token_entropy(logits[:, -(keep + 1) : -1].double(), temperature)
+
+
+def test_config_validation(tmp_path):
+    with pytest.raises(ValueError, match="heal_general_sources"):
+        _config(tmp_path, heal_general_sources=[])
+    with pytest.raises(ValueError, match="metric"):
+        _config(tmp_path, heal_metric="cosine")
+    with pytest.raises(ValueError, match="heal_entropy_batch_size"):
+        _config(tmp_path, heal_entropy_batch_size=0)
+    cfg = _config(tmp_path, heal_general_sources="a,b").heal_eda_config()
+    assert cfg.general_sources == ("a", "b") and cfg.weight == HEAL_WEIGHT and cfg.min_length == 3
+
+
+def test_trainer_needs_heal_options(tmp_path):
+    from trl import GRPOConfig
+
+    tokenizer = char_tokenizer()
+    model = tiny_causal_lm(tokenizer)
+    plain = GRPOConfig(output_dir=str(tmp_path), report_to="none", bf16=False, use_cpu=True, num_generations=2,
+                       per_device_train_batch_size=2)
+    common = dict(model=model, reward_funcs=exact_answer_reward, train_dataset=toy_dataset(4),
+                  processing_class=tokenizer)
+    with pytest.raises(ValueError, match="HEALGRPOConfig"):
+        HEALGRPOTrainer(args=plain, **common)
+    with pytest.raises(ValueError, match="entropy_source"):
+        HEALGRPOTrainer(args=plain, heal_config=EDAConfig(general_sources=("x",), entropy_source="rollout_topk"),
+                        **common)
+    trainer = HEALGRPOTrainer(args=plain, heal_config=EDAConfig(general_sources=("x",), weight=0.5), **common)
+    assert trainer.reward_weights.tolist() == [1.0, 0.5]
+
+
+def test_missing_data_source_column(tmp_path):
+    tokenizer = char_tokenizer()
+    trainer = HEALGRPOTrainer(
+        model=tiny_causal_lm(tokenizer),
+        reward_funcs=exact_answer_reward,
+        args=_config(tmp_path, max_steps=1, per_device_train_batch_size=NUM_GENERATIONS, max_completion_length=4),
+        train_dataset=toy_dataset(n=4).remove_columns("data_source"),
+        processing_class=tokenizer,
+    )
+    with pytest.raises(ValueError, match="data_source"):
+        trainer.train()
