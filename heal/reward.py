@@ -280,7 +280,7 @@ class EDAConfig:
     def validate(self) -> "EDAConfig":
         """Raise ``ValueError`` naming the first bad key; return ``self`` when all are valid."""
         gs = self.general_sources
-        if not isinstance(gs, tuple) or not gs:
+        if not isinstance(gs, (tuple, list)) or not gs:
             raise ValueError(
                 f"general_sources must be a non-empty list of data_source names (e.g. ['commonsense_qa']), got {gs!r}"
             )
