@@ -1,0 +1,194 @@
+"""Drop-in: make verl's actor compute token entropy and log-probs with heal's fused op.
+
+verl's FSDP engine (``verl.workers.engine.fsdp.transformer_impl``; the automodel and VeOmni engines
+share the path) computes, from the temperature-scaled logits of a micro-batch,
+
+* the entropy with ``verl.utils.torch_functional.entropy_from_logits`` (softmax + logsumexp: it
+  materialises ``[N, V]`` probabilities; or ``entropy_from_logits_with_chunking``), captured in
+  the engine's ``compute_entropy_from_logits`` when the engine is built, and
+* the label log-probs with ``logprobs_from_logits`` (flash-attn's cross-entropy when installed,
+  else a row loop), bound into the engine module at import.
+
+:func:`use_fused_entropy` swaps both for thin functions on heal's fused ops --
+:func:`heal_kernels.token_entropy` for the entropy, :func:`heal_kernels.entropy_and_logprobs` for
+the log-probs (one streaming pass over each row, float32 statistics, analytic backward, no ``[N, V]``
+intermediate): in ``verl.utils.torch_functional`` and in every engine module that imported the
+names. It must run before the engine is built (the engine keeps its own reference to the entropy
+function); in a verl job use the config switch ``heal.fused_entropy: true`` of the ``heal_sync``
+trainer mode (each actor worker applies it when it starts) or the environment variable
+``HEAL_FUSED_ENTROPY=1`` (heal's plugin applies it in every process that imports verl; forward it to
+the Ray workers with ``+ray_kwargs.ray_init.runtime_env.env_vars.HEAL_FUSED_ENTROPY='1'``).
+
+Limits: verl asks for the entropy and the log-probs in two separate calls, so they are two passes
+over the logits (each fused and single-pass; verl's own path makes more). verl's
+``use_fused_kernels`` path (entropy/log-probs from hidden states inside the model's forward) and
+the Megatron engine (vocab-parallel logits) do not go through these functions and are unchanged.
+The replacements are excluded from ``torch.compile`` (``engine.use_torch_compile``) so that
+dynamo never traces into the kernel launcher.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+from typing import Optional
+
+import torch
+
+__all__ = [
+    "use_fused_entropy",
+    "restore_verl_entropy",
+    "fused_entropy_enabled",
+    "entropy_from_logits",
+    "entropy_from_logits_with_chunking",
+    "logprobs_from_logits",
+    "ENV_VAR",
+]
+
+logger = logging.getLogger(__name__)
+
+ENV_VAR = "HEAL_FUSED_ENTROPY"
+
+# Modules that bind verl's functions by name (``from verl.utils.torch_functional import ...``).
+_ENGINE_MODULES = (
+    "verl.utils.torch_functional",
+    "verl.workers.engine.fsdp.transformer_impl",
+    "verl.workers.engine.automodel.transformer_impl",
+    "verl.workers.engine.veomni.transformer_impl",
+    "verl.trainer.ppo.prefix_grouper_utils",
+)
+_NAMES = ("entropy_from_logits", "entropy_from_logits_with_chunking", "logprobs_from_logits")
+
+_lock = threading.Lock()
+_originals: dict = {}  # name -> verl's function
+_enabled = False
+
+
+def _op():
+    """``heal_kernels.entropy_and_logprobs`` (imported on first use)."""
+    from heal_kernels import entropy_and_logprobs
+
+    return entropy_and_logprobs
+
+
+def _entropy_op():
+    """``heal_kernels.token_entropy`` (imported on first use)."""
+    from heal_kernels import token_entropy
+
+    return token_entropy
+
+
+def _flat(logits: torch.Tensor) -> torch.Tensor:
+    if logits.dim() < 1:
+        raise ValueError(f"logits must have a vocabulary dimension, got shape {tuple(logits.shape)}")
+    return logits.reshape(-1, logits.shape[-1])
+
+
+@torch.compiler.disable
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Drop-in for verl's ``entropy_from_logits(logits[..., V]) -> [...]`` (float32)."""
+    return _entropy_op()(_flat(logits)).reshape(logits.shape[:-1])
+
+
+@torch.compiler.disable
+def entropy_from_logits_with_chunking(logits: torch.Tensor, chunk_size: int = 2048) -> torch.Tensor:
+    """Drop-in for verl's chunked variant; the fused op never materialises ``[N, V]``, so
+    ``chunk_size`` is accepted and ignored."""
+    return entropy_from_logits(logits)
+
+
+@torch.compiler.disable
+def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, inplace_backward: bool = True) -> torch.Tensor:
+    """Drop-in for verl's ``logprobs_from_logits(logits[..., V], labels[...]) -> [...]`` (float32).
+
+    ``inplace_backward`` is accepted for signature compatibility (the fused backward never keeps
+    a ``[N, V]`` buffer, so there is nothing to do in place)."""
+    if labels.shape != logits.shape[:-1]:
+        raise ValueError(f"labels must have shape {tuple(logits.shape[:-1])}, got {tuple(labels.shape)}")
+    _, logprobs = _op()(_flat(logits), labels.reshape(-1))
+    return logprobs.reshape(labels.shape)
+
+
+_REPLACEMENTS = {
+    "entropy_from_logits": entropy_from_logits,
+    "entropy_from_logits_with_chunking": entropy_from_logits_with_chunking,
+    "logprobs_from_logits": logprobs_from_logits,
+}
+
+
+def _patch_module(module) -> None:
+    for name in _NAMES:
+        current = getattr(module, name, None)
+        if current is None or current is _REPLACEMENTS[name]:
+            continue
+        if current is _originals.get(name):
+            setattr(module, name, _REPLACEMENTS[name])
+
+
+def use_fused_entropy() -> None:
+    """Route verl's entropy / log-prob functions to :func:`heal_kernels.entropy_and_logprobs`.
+
+    Idempotent. Patches ``verl.utils.torch_functional`` and the engine modules already imported;
+    engine modules imported later bind the replacements on their own (they import the names from
+    ``verl.utils.torch_functional``), and heal's plugin patches them after import as well. Call it
+    before verl builds its training engine. :func:`restore_verl_entropy` undoes it.
+    """
+    global _enabled
+    import verl.utils.torch_functional as verl_F
+
+    with _lock:
+        for name in _NAMES:
+            _originals.setdefault(name, getattr(verl_F, name))
+        _enabled = True
+        for mod_name in _ENGINE_MODULES:
+            mod = sys.modules.get(mod_name)
+            if mod is not None:
+                _patch_module(mod)
+    if not _hooked_engines[0]:
+        from heal.integrations.verl._hooks import when_imported
+
+        for mod_name in _ENGINE_MODULES[1:]:
+            when_imported(mod_name, _on_engine_import)
+        _hooked_engines[0] = True
+    logger.info("heal: verl entropy/log-prob path routed to heal_kernels.entropy_and_logprobs")
+
+
+_hooked_engines = [False]
+
+
+def _on_engine_import(module) -> None:
+    with _lock:
+        if _enabled:
+            _patch_module(module)
+
+
+def restore_verl_entropy() -> None:
+    """Put verl's own functions back everywhere :func:`use_fused_entropy` replaced them."""
+    global _enabled
+    with _lock:
+        _enabled = False
+        for mod_name in _ENGINE_MODULES:
+            mod = sys.modules.get(mod_name)
+            if mod is None:
+                continue
+            for name in _NAMES:
+                if getattr(mod, name, None) is _REPLACEMENTS[name] and name in _originals:
+                    setattr(mod, name, _originals[name])
+
+
+def fused_entropy_enabled() -> bool:
+    """True while verl's functions are routed to heal's op."""
+    return _enabled
+
+
+def env_requests_fused_entropy(environ: Optional[dict] = None) -> bool:
+    """True when ``HEAL_FUSED_ENTROPY`` is set to 1/true/yes/on (case-insensitive)."""
+    value = (environ if environ is not None else os.environ).get(ENV_VAR, "")
+    value = value.strip().lower()
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    if value in ("1", "true", "yes", "on"):
+        return True
+    raise ValueError(f"{ENV_VAR} must be 1/true/yes/on or 0/false/no/off, got {value!r}")

@@ -1,0 +1,128 @@
+"""The ``heal:`` block of a verl config: parsing and start-up validation (no verl import).
+
+Keys (defaults in ``heal/integrations/verl/config/heal_trainer.yaml``)::
+
+    heal:
+      enable: true                  # false: heal_sync behaves exactly like verl's sync trainer
+      general_sources: [commonsense_qa]   # data_source names of general-domain data (required)
+      weight: 1.0                   # r = r_acc + weight * r_EDA
+      min_length: 50                # trajectories with <= min_length response tokens get r_EDA = 0
+      metric: kl                    # kl | hti | pl
+      kl_direction: scored_first    # scored_first (reference code) | short_first (paper appendix)
+      general_reward: mirror        # mirror (reference code) | none
+      exclude_same_prompt: false    # do not compare trajectories of the same prompt (uid)
+      entropy_source: actor         # actor (exact, old-log-prob pass) | rollout_topk (reproduction)
+      rollout_topk_field: null      # rollout_topk only: TransferQueue field with [T, k] top-k log-probs
+      fused_entropy: false          # actor workers compute entropy/log-probs with heal's fused op
+
+Every error is a ``ValueError`` whose message starts with the full key, e.g. ``heal.weight``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+from heal.reward import EDAConfig
+
+__all__ = ["HealSettings", "INTEGRATION_KEYS", "ROLLOUT_TOPK_MISSING"]
+
+INTEGRATION_KEYS = ("enable", "fused_entropy", "rollout_topk_field")
+
+ROLLOUT_TOPK_MISSING = (
+    "heal.entropy_source='rollout_topk' needs each response token's top-k log-probs from the rollout engine, "
+    "and verl 0.9.1's rollout servers do not return them: vLLM's server sets SamplingParams(logprobs=0) and keeps "
+    "only the sampled token's log-prob (verl/workers/rollout/vllm_rollout/vllm_async_server.py; SGLang's server "
+    "likewise returns the sampled token only), and TokenOutput / AgentLoopOutput have no top-k field. To reproduce "
+    "the reference implementation, run a custom agent loop whose server requests logprobs=20 and stores a "
+    "[response_len, 20] tensor of log-probs per trajectory in TransferQueue, then set heal.rollout_topk_field to "
+    "that field's name. Otherwise use heal.entropy_source=actor (exact entropies, no extra cost)."
+)
+
+
+def _to_plain(block: Any) -> Any:
+    try:  # OmegaConf DictConfig / ListConfig
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(block, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(block, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    return block
+
+
+def _bool(value: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{key} must be true or false, got {value!r}")
+    return value
+
+
+@dataclass
+class HealSettings:
+    """The parsed ``heal:`` block: the EDA settings plus the verl-integration switches."""
+
+    eda: Optional[EDAConfig]
+    enable: bool = True
+    fused_entropy: bool = False
+    rollout_topk_field: Optional[str] = None
+
+    @classmethod
+    def from_block(cls, block: Any, *, prefix: str = "heal") -> "HealSettings":
+        """Parse and validate a ``heal:`` mapping (dict or OmegaConf). ``None`` is an error
+        (``heal.general_sources`` is required) unless the block sets ``enable: false``."""
+        block = _to_plain(block)
+        if block is None:
+            block = {}
+        if not isinstance(block, Mapping):
+            raise ValueError(f"{prefix} must be a mapping of settings, got {type(block).__name__}")
+        block = dict(block)
+        enable = _bool(block.pop("enable", True), f"{prefix}.enable")
+        fused = _bool(block.pop("fused_entropy", False), f"{prefix}.fused_entropy")
+        topk_field = block.pop("rollout_topk_field", None)
+        if topk_field is not None and (not isinstance(topk_field, str) or not topk_field):
+            raise ValueError(f"{prefix}.rollout_topk_field must be a non-empty string or null, got {topk_field!r}")
+
+        known = [f.name for f in dataclasses.fields(EDAConfig)]
+        unknown = [k for k in block if k not in known]
+        if unknown:
+            raise ValueError(
+                f"{prefix}: unknown key(s) {unknown}; known keys: {known + list(INTEGRATION_KEYS)}"
+            )
+        eda = None
+        if enable or block:
+            if "general_sources" not in block or block["general_sources"] in (None, [], ()):
+                if enable:
+                    raise ValueError(
+                        f"{prefix}.general_sources is required: the data_source names of the general-domain data, "
+                        f"e.g. {prefix}.general_sources=[commonsense_qa]"
+                    )
+            else:
+                try:
+                    eda = EDAConfig.from_dict(block)
+                except (ValueError, TypeError) as err:
+                    raise ValueError(f"{prefix}.{err}") from None
+        if eda is not None and eda.entropy_source == "rollout_topk" and topk_field is None and enable:
+            raise ValueError(ROLLOUT_TOPK_MISSING)
+        return cls(eda=eda, enable=enable, fused_entropy=fused, rollout_topk_field=topk_field)
+
+    @classmethod
+    def from_config(cls, config: Any) -> "HealSettings":
+        """Parse ``config.heal`` of a full verl trainer config and check it against the rest of it."""
+        block = config.get("heal", None) if hasattr(config, "get") else None
+        settings = cls.from_block(block)
+        settings.check_trainer_config(config)
+        return settings
+
+    def check_trainer_config(self, config: Any) -> None:
+        """Cross-checks with verl's own settings (errors name the offending key)."""
+        if not self.enable or self.eda is None:
+            return
+        if self.eda.entropy_source == "actor":
+            algo = config.get("algorithm", {}) if hasattr(config, "get") else {}
+            rc = algo.get("rollout_correction", None) if hasattr(algo, "get") else None
+            if rc is not None and hasattr(rc, "get") and rc.get("bypass_mode", False):
+                raise ValueError(
+                    "algorithm.rollout_correction.bypass_mode=true skips the old-log-prob pass, so there are no actor "
+                    "entropies for heal.entropy_source=actor: set bypass_mode=false"
+                )

@@ -1,0 +1,241 @@
+"""``heal_sync``: verl's synchronous v1 PPO trainer with HEAL's EDA reward.
+
+Select it with ``trainer.v1.trainer_mode=heal_sync`` (verl's default ``trainer.use_v1=true``). It is
+:class:`verl.trainer.ppo.v1.trainer_sync.PPOTrainerSync` with one step added and nothing else changed:
+
+1. verl's old-log-prob pass already asks the actor for token entropies (``calculate_entropy=True``
+   in ``PPOTrainer._compute_old_log_prob``, at the rollout temperature) and stores them in the
+   TransferQueue as ``entropy`` next to ``old_log_probs``. (In ``rollout_correction.bypass_mode``
+   that pass is skipped; start-up then fails with a message naming the key.)
+2. At the start of ``_compute_advantage`` -- after the old-log-prob, reference and value passes,
+   before ``token_level_scores = rm_scores`` and the advantage estimator -- the trainer reads
+   ``entropy``, ``response_mask``, ``rm_scores``, ``data_source`` and ``uid`` of the batch,
+   calls :func:`heal.reward.eda_step`, writes the plain accuracy scores to ``acc_scores``, adds
+   ``heal.weight * r_EDA`` to ``rm_scores`` at each trajectory's last valid response token, and
+   stores ``eda_reward`` (one float per trajectory). verl's padding rows (``is_padding`` tag) are
+   left out of the EDA comparison and keep their scores.
+3. Metrics: everything :func:`heal.reward.eda_step` reports (``eda/rate_target``,
+   ``eda/rate_general``, ``eda/entropy_mean_*``, ``eda/s_intra_*``, ``eda/s_inter_*``, counts,
+   ``eda/time_s``) plus ``heal/acc_score_{target,general}_mean``, ``heal/eda_bonus_mean`` and
+   ``heal/time_s`` (the whole step including TransferQueue traffic); verl logs ``timing_s/heal_eda``.
+   ``critic/score/*`` (computed by verl from ``rm_scores``) is then the shaped score.
+
+The trainer reports its ``trainer_mode`` as ``"sync"`` to verl's base class, so every code path verl
+reserves for the sync trainer (replay buffer, checkpointing, prompt submission) stays the same.
+
+The ``heal:`` block is validated when the trainer is built (:class:`HealSettings`), before any
+worker starts. ``heal.fused_entropy: true`` makes every actor worker use heal's fused
+entropy/log-prob op (:mod:`heal.integrations.verl.fused_entropy`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Dict, Optional, Sequence
+
+import numpy as np
+import torch
+
+from verl.protocol import DataProto
+from verl.trainer.ppo.v1.trainer_base import register_trainer
+from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
+from verl.utils.debug import marked_timer
+
+from heal.integrations.verl.settings import HealSettings
+from heal.reward import add_to_last_token, eda_step
+
+__all__ = ["HealPPOTrainerSync", "TRAINER_MODE", "shape_scores", "ACC_SCORES_KEY", "EDA_REWARD_KEY"]
+
+logger = logging.getLogger(__name__)
+
+TRAINER_MODE = "heal_sync"
+ACC_SCORES_KEY = "acc_scores"
+EDA_REWARD_KEY = "eda_reward"
+ENTROPY_KEYS = ("entropy", "entropys")  # v1 TransferQueue name, legacy DataProto name
+
+
+def _as_list(x: Any) -> list:
+    if x is None:
+        return []
+    if hasattr(x, "tolist"):
+        out = x.tolist()
+        return out if isinstance(out, list) else [out]
+    return list(x)
+
+
+def _pick_entropy(data: DataProto, settings: HealSettings) -> torch.Tensor:
+    if settings.eda.entropy_source == "rollout_topk":
+        from heal.integrations.verl.rollout_topk import truncated_topk_entropy
+
+        key = settings.rollout_topk_field
+        if key not in data.batch.keys():
+            raise KeyError(f"heal.rollout_topk_field={key!r}: no such field in the batch")
+        return truncated_topk_entropy(data.batch[key])
+    for key in ENTROPY_KEYS:
+        if key in data.batch.keys():
+            return data.batch[key]
+    raise KeyError(
+        "heal: the batch has no per-token entropy ('entropy' / 'entropys'); verl's old-log-prob pass must "
+        "run with calculate_entropy=True (the v1 trainer does unless rollout_correction.bypass_mode is set)"
+    )
+
+
+def shape_scores(
+    data: DataProto,
+    settings: HealSettings,
+    *,
+    score_key: str = "rm_scores",
+    row_mask: Optional[Sequence[bool]] = None,
+) -> Dict[str, float]:
+    """Add ``settings.eda.weight * r_EDA`` to ``data.batch[score_key]`` in place; return metrics.
+
+    ``data`` is a padded :class:`verl.DataProto` with ``batch`` keys ``score_key`` (``[B, T]``
+    token-level scores, outcome at the last valid token: ``rm_scores`` in verl's v1 trainer,
+    ``token_level_scores`` in older ones), ``response_mask`` (``[B, T]``) and ``entropy`` (or
+    ``entropys``; ``[B, T]``), and ``non_tensor_batch`` keys ``data_source`` and ``uid``. Rows where
+    ``row_mask`` is False (verl's padding rows) are left out of the EDA comparison and unchanged.
+
+    Writes ``acc_scores`` (copy of the unshaped scores), the shaped ``score_key`` and
+    ``eda_reward`` (``float32[B]``, 0/1, 0 for rows left out).
+    """
+    eda_cfg = settings.eda
+    if eda_cfg is None:
+        raise ValueError("heal: no EDA settings (heal.general_sources is required when heal.enable is true)")
+    t0 = time.perf_counter()
+    for key in (score_key, "response_mask"):
+        if key not in data.batch.keys():
+            raise KeyError(f"heal: the batch has no {key!r}")
+    scores = data.batch[score_key]
+    mask = data.batch["response_mask"]
+    if scores.shape != mask.shape:
+        raise ValueError(f"heal: {score_key} has shape {tuple(scores.shape)} but response_mask has {tuple(mask.shape)}")
+    entropy = _pick_entropy(data, settings)
+    if entropy.shape != mask.shape:
+        raise ValueError(f"heal: entropy has shape {tuple(entropy.shape)} but response_mask has {tuple(mask.shape)}")
+    bsz = scores.shape[0]
+    if "data_source" not in data.non_tensor_batch:
+        raise KeyError("heal: trajectories carry no 'data_source' (the dataset's data_source column is required)")
+    sources = [str(s) for s in _as_list(data.non_tensor_batch["data_source"])]
+    uids = _as_list(data.non_tensor_batch.get("uid", None)) or None
+    if len(sources) != bsz:
+        raise ValueError(f"heal: {len(sources)} data_source entries for {bsz} trajectories")
+
+    rows = np.ones(bsz, dtype=bool) if row_mask is None else np.asarray(row_mask, dtype=bool)
+    if rows.shape != (bsz,):
+        raise ValueError(f"heal: row_mask must have {bsz} entries, got shape {rows.shape}")
+    idx = np.nonzero(rows)[0]
+    reward = torch.zeros(bsz, dtype=torch.float32)
+    metrics: Dict[str, float] = {}
+    if idx.size:
+        sel = torch.as_tensor(idx, dtype=torch.long)
+        result, metrics = eda_step(
+            entropy.detach().float().cpu()[sel],
+            mask.cpu()[sel],
+            [sources[i] for i in idx],
+            [uids[i] for i in idx] if uids is not None else None,
+            eda_cfg,
+        )
+        reward[sel] = result.reward.to(torch.float32).cpu()
+
+    acc = scores.clone()
+    bonus = (eda_cfg.weight * reward).to(device=scores.device)
+    data.batch[ACC_SCORES_KEY] = acc
+    data.batch[score_key] = add_to_last_token(scores, bonus, mask)
+    data.batch[EDA_REWARD_KEY] = reward.to(scores.device)
+
+    seq_acc = acc.float().sum(dim=-1).cpu()
+    general = set(eda_cfg.general_sources)
+    is_gen = torch.tensor([s in general for s in sources], dtype=torch.bool) & torch.as_tensor(rows)
+    is_tgt = ~torch.tensor([s in general for s in sources], dtype=torch.bool) & torch.as_tensor(rows)
+    nan = float("nan")
+    metrics["heal/acc_score_target_mean"] = float(seq_acc[is_tgt].mean()) if bool(is_tgt.any()) else nan
+    metrics["heal/acc_score_general_mean"] = float(seq_acc[is_gen].mean()) if bool(is_gen.any()) else nan
+    metrics["heal/eda_bonus_mean"] = float(bonus.float().cpu()[torch.as_tensor(rows)].mean()) if idx.size else nan
+    metrics["heal/shaping_time_s"] = time.perf_counter() - t0
+    return metrics
+
+
+class HealPPOTrainerSync(PPOTrainerSync):
+    """verl's sync v1 PPO trainer plus the EDA reward step (see the module docstring)."""
+
+    def __init__(self, config):
+        # validate the heal block before anything else is built (fails fast, naming the key)
+        self.heal_settings = HealSettings.from_config(config)
+        super().__init__(config)
+
+    # verl's base class branches on ``trainer_mode == "sync"``; report "sync" so that this trainer
+    # takes exactly the sync trainer's paths (config section trainer.v1.sync included).
+    @property
+    def trainer_mode(self) -> str:
+        return "sync"
+
+    @trainer_mode.setter
+    def trainer_mode(self, value: str) -> None:
+        self.configured_trainer_mode = value
+
+    def _init_resource_pool_mgr(self):
+        super()._init_resource_pool_mgr()
+        if self.heal_settings.fused_entropy:
+            import ray
+
+            from heal.integrations.verl.workers import HealActorRolloutRefWorker
+            from verl.trainer.ppo.utils import Role
+
+            # verl maps these roles to ActorRolloutRefWorker; use heal's subclass, which turns the
+            # fused entropy/log-prob op on in each worker process before its engine is built
+            for role in (Role.ActorRollout, Role.ActorRolloutRef, Role.Actor, Role.RefPolicy):
+                if role in self.role_worker_mapping:
+                    self.role_worker_mapping[role] = ray.remote(HealActorRolloutRefWorker)
+
+    def _compute_advantage(self, batch, metrics: dict):
+        if self.heal_settings.enable and self.heal_settings.eda is not None:
+            timing = getattr(self, "timing_raw", None)
+            if timing is None:
+                timing = {}
+            with marked_timer("heal_eda", timing, color="purple"):
+                batch = self._apply_heal_reward(batch, metrics)
+        return super()._compute_advantage(batch, metrics)
+
+    def _apply_heal_reward(self, batch, metrics: dict):
+        """Read the batch from the TransferQueue, :func:`shape_scores` it, write the scores back."""
+        import transfer_queue as tq
+        from tensordict import TensorDict
+
+        from verl.workers.utils.padding import response_to_nested
+
+        t0 = time.perf_counter()
+        fields = ["response_mask", "rm_scores", "data_source", "uid"]
+        fields.append("entropy" if self.heal_settings.eda.entropy_source == "actor" else self.heal_settings.rollout_topk_field)
+        td = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
+        response_mask = td["response_mask"]
+        non_tensor = {
+            "uid": np.array(_as_list(td.pop("uid")), dtype=object),
+            "data_source": np.array(_as_list(td.pop("data_source")), dtype=object),
+        }
+        data = DataProto(batch=td.to_padded_tensor(), non_tensor_batch=non_tensor)
+        row_mask = [not tag.get("is_padding", False) for tag in batch.tags]
+        step_metrics = shape_scores(data, self.heal_settings, score_key="rm_scores", row_mask=row_mask)
+
+        out = {
+            "rm_scores": response_to_nested(data.batch["rm_scores"], response_mask),
+            ACC_SCORES_KEY: response_to_nested(data.batch[ACC_SCORES_KEY], response_mask),
+            EDA_REWARD_KEY: data.batch[EDA_REWARD_KEY],
+        }
+        batch = tq.kv_batch_put(
+            keys=batch.keys, partition_id=batch.partition_id, fields=TensorDict(out, batch_size=len(batch))
+        )
+        step_metrics["heal/time_s"] = time.perf_counter() - t0
+        metrics.update(step_metrics)
+        return batch
+
+
+def register() -> None:
+    """Register :class:`HealPPOTrainerSync` as trainer mode ``heal_sync`` (idempotent)."""
+    from verl.trainer.ppo.v1.trainer_base import TRAINER_REGISTRY
+
+    if TRAINER_REGISTRY.get(TRAINER_MODE) is not HealPPOTrainerSync:
+        register_trainer(TRAINER_MODE)(HealPPOTrainerSync)
+
+
+register()
