@@ -152,6 +152,7 @@ def test_weights_changed(trained):
 def test_entropies_match_float64_reference(trained):
     _, records, _, _ = trained
     for rec in records:
+        assert rec["entropy_pass"] == "extra_forward"  # TRL's default on-policy step has no old-logp pass
         mask = rec["mask"].bool()
         assert mask.any()
         got = rec["entropy"]
@@ -160,6 +161,58 @@ def test_entropies_match_float64_reference(trained):
         torch.testing.assert_close(got[mask].double(), ref[mask], rtol=1e-5, atol=2e-5)
         # the entropy forward and TRL's batch agree on which tokens are completions
         assert got.shape == mask.shape == ref.shape
+
+
+def test_shared_old_logp_pass(tmp_path):
+    """With num_iterations=2 TRL runs its old-log-prob pass; HEAL computes TRL's old log-probs and
+    its entropies in that one forward. Both must equal TRL's own fused-LM-head numbers."""
+    from trl import GRPOTrainer
+
+    torch.manual_seed(0)
+    tokenizer = char_tokenizer()
+    trainer = HEALGRPOTrainer(
+        model=tiny_causal_lm(tokenizer, seed=0),
+        reward_funcs=exact_answer_reward,
+        args=_config(tmp_path, num_iterations=2, max_steps=1, per_device_train_batch_size=2 * NUM_GENERATIONS),
+        train_dataset=toy_dataset(n=8, seed=0),
+        processing_class=tokenizer,
+    )
+    records = []
+    original = trainer._generate_and_score_completions
+    extra_forward = []
+    original_forward = trainer._heal_local_entropies
+
+    def count_forward(*a, **k):
+        out = original_forward(*a, **k)
+        extra_forward.append(out[5])
+        return out
+
+    def spy(batch):
+        out = original(batch)
+        last = dict(trainer.heal_last_batch)
+        with torch.no_grad():  # TRL's own fused-LM-head pass on the same tensors
+            trl_logps, trl_entropy, _ = GRPOTrainer._get_per_token_logps_and_entropies(
+                trainer, trainer.model, last["input_ids"], last["attention_mask"], last["logits_to_keep"],
+                compute_entropy=True,
+            )
+        last.update(old=out["old_per_token_logps"].detach().clone(), trl_logps=trl_logps, trl_entropy=trl_entropy)
+        last["reference_entropy"] = _reference_entropies(
+            trainer.model, last["input_ids"], last["attention_mask"], last["logits_to_keep"]
+        )
+        records.append(last)
+        return out
+
+    trainer._heal_local_entropies = count_forward
+    trainer._generate_and_score_completions = spy
+    trainer.train()
+    assert len(records) == 1 and extra_forward == ["old_logp_pass"]
+    rec = records[0]
+    assert rec["entropy_pass"] == "old_logp_pass"
+    assert rec["metrics"]["eda/entropy_shared_pass"] == 1.0
+    mask = rec["mask"].bool()
+    torch.testing.assert_close(rec["old"], rec["trl_logps"], rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(rec["entropy"][mask], rec["trl_entropy"][mask], rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(rec["entropy"][mask].double(), rec["reference_entropy"][mask], rtol=1e-5, atol=2e-5)
 
 
 def test_completion_entropies_left_padded_prompts():

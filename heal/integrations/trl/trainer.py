@@ -2,11 +2,18 @@
 
 What it changes in TRL's step (``_generate_and_score_completions``), and nothing else:
 
-1. After generation, one no-grad forward of the policy over ``prompt + completion`` (the same
-   padded tensors TRL's own log-prob pass uses) gives the completion logits, row chunk by row
-   chunk; :func:`heal_kernels.token_entropy` turns them into exact full-vocabulary token
-   entropies at the sampling temperature (``args.temperature``). The logits are dropped chunk by
-   chunk; only ``[B, T]`` float32 entropies are kept.
+1. The completion entropies: exact full-vocabulary token entropies of the policy at the
+   sampling temperature (``args.temperature``), from the policy's logits through heal's fused op,
+   on the same padded ``prompt + completion`` tensors TRL's own log-prob pass uses, row chunk by
+   row chunk (only ``[B, T]`` float32 entropies are kept).
+
+   * When TRL runs its no-grad old-log-prob pass (generation and optimisation misaligned, e.g.
+     ``num_iterations > 1`` or ``steps_per_generation`` not dividing
+     ``gradient_accumulation_steps``, or vLLM importance sampling), that single forward computes
+     both TRL's old log-probs and HEAL's entropies (:func:`heal_kernels.entropy_and_logprobs`):
+     no extra forward.
+   * Otherwise (TRL's default on-policy setting runs no such pass) one extra no-grad forward,
+     :func:`heal_kernels.token_entropy`, batched by ``heal_entropy_batch_size`` rows.
 2. The rewards of all reward functions are computed as usual (TRL gathers them across
    processes); the entropies, completion masks and data sources are gathered the same way, and
    :func:`heal.reward.eda_step` computes ``r_EDA`` over the whole generation batch, trajectories
@@ -15,8 +22,10 @@ What it changes in TRL's step (``_generate_and_score_completions``), and nothing
 3. ``r_EDA`` fills an extra reward column named ``eda`` whose weight is ``heal_weight``, so TRL's
    own advantage computation sees ``r = sum_k w_k r_k + heal_weight * r_EDA``. TRL logs
    ``rewards/eda/mean`` next to the accuracy reward; the EDA metrics (``eda/rate_target``,
-   ``eda/rate_general``, ``eda/entropy_*``, ``eda/s_*``, ``eda/time_s``, plus
-   ``eda/entropy_forward_time_s``) go through TRL's metrics, averaged per logging step.
+   ``eda/rate_general``, ``eda/entropy_mean_*``, ``eda/s_*``, ``eda/time_s``, plus
+   ``eda/entropy_forward_time_s``, the time of the forward that produced the entropies, and
+   ``eda/entropy_shared_pass``, 1 when it was TRL's old-log-prob pass) go through TRL's metrics,
+   averaged per logging step.
 
 80/20 (update only the top-20% high-entropy tokens, "Beyond the 80/20 rule"): TRL has it
 natively, ``GRPOConfig(top_entropy_quantile=0.2)``; it combines with HEAL unchanged.
@@ -48,6 +57,12 @@ def _token_entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return heal_kernels.token_entropy(logits, temperature=temperature)
 
 
+def _entropy_and_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float):
+    import heal_kernels
+
+    return heal_kernels.entropy_and_logprobs(logits, labels, temperature=temperature)
+
+
 @torch.no_grad()
 def completion_entropies(
     model: torch.nn.Module,
@@ -56,14 +71,21 @@ def completion_entropies(
     logits_to_keep: int,
     temperature: float = 1.0,
     batch_size: Optional[int] = None,
-) -> torch.Tensor:
+    *,
+    with_logprobs: bool = False,
+):
     """Float32 ``[B, logits_to_keep]`` entropies of the next-token distributions of the last
     ``logits_to_keep`` tokens of ``input_ids`` (the completion), at ``temperature``.
 
     One no-grad forward of ``model`` per chunk of ``batch_size`` rows; each chunk's logits
-    ``[rows, logits_to_keep, V]`` go straight into :func:`heal_kernels.token_entropy` and are freed.
+    ``[rows, logits_to_keep, V]`` go straight into the fused op (:func:`heal_kernels.token_entropy`,
+    or :func:`heal_kernels.entropy_and_logprobs` with ``with_logprobs``) and are freed.
     Position ``t`` holds the entropy of the distribution the completion's token ``t`` was sampled
-    from (the logits at input position ``P + t - 1``).
+    from (the logits at input position ``L - logits_to_keep + t - 1``).
+
+    With ``with_logprobs=True`` returns ``(entropy, logprobs)``: ``logprobs[b, t]`` is the
+    temperature-scaled log-probability of ``input_ids[b, L - logits_to_keep + t]``, 0 where the
+    attention mask is 0 (the convention of TRL's log-prob pass).
     """
     if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
         raise ValueError(
@@ -75,19 +97,26 @@ def completion_entropies(
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     bsz = input_ids.size(0)
-    batch_size = bsz if not batch_size else int(batch_size)
-    out = []
-    for start in range(0, bsz, max(batch_size, 1)):
+    batch_size = max(int(batch_size), 1) if batch_size else max(bsz, 1)
+    entropies, logprobs = [], []
+    for start in range(0, bsz, batch_size):
         ids = input_ids[start : start + batch_size]
         am = attention_mask[start : start + batch_size]
         # the original (unfused) forward: TRL's fused LM head only runs with fused_lm_head=True
         logits = model(input_ids=ids, attention_mask=am, logits_to_keep=logits_to_keep + 1, use_cache=False).logits
         logits = logits[:, -(logits_to_keep + 1) : -1]
-        out.append(_token_entropy(logits, temperature).float())
+        if with_logprobs:
+            ent, lp = _entropy_and_logprobs(logits, ids[:, -logits_to_keep:], temperature)
+            logprobs.append(lp.float().masked_fill(am[:, -logits_to_keep:] == 0, 0.0))
+        else:
+            ent = _token_entropy(logits, temperature)
+        entropies.append(ent.float())
         del logits
-    if not out:
-        return torch.zeros(0, logits_to_keep, dtype=torch.float32, device=input_ids.device)
-    return torch.cat(out, dim=0)
+    if not entropies:
+        empty = torch.zeros(0, logits_to_keep, dtype=torch.float32, device=input_ids.device)
+        return (empty, empty.clone()) if with_logprobs else empty
+    entropy = torch.cat(entropies, dim=0)
+    return (entropy, torch.cat(logprobs, dim=0)) if with_logprobs else entropy
 
 
 def _eda_placeholder(prompts, completions, **kwargs):
@@ -147,6 +176,8 @@ class HEALGRPOTrainer(GRPOTrainer):
         )
         self._heal_reward_index = len(self.reward_funcs) - 1
         self._heal_rollout = None
+        self._heal_share_old_logp_pass = False
+        self._heal_shared = None
         self.heal_last_batch: dict[str, Any] = {}
 
     # -- capture what generation produced (token ids, tool masks) ---------------------------------
@@ -155,6 +186,49 @@ class HEALGRPOTrainer(GRPOTrainer):
         prompt_ids, completion_ids, tool_mask = out[0], out[1], out[2]
         self._heal_rollout = (prompt_ids, completion_ids, tool_mask)
         return out
+
+    # -- share TRL's old-log-prob pass when it runs ---------------------------------------------------
+    def _generate_and_score_completions(self, inputs):
+        # TRL runs a no-grad old-log-prob pass of the policy when generation and optimisation are
+        # misaligned or vLLM importance sampling is on; HEAL then computes TRL's old log-probs and its
+        # own entropies from that one forward (heal_kernels.entropy_and_logprobs) instead of two.
+        generate_every = self.args.steps_per_generation * self.num_iterations
+        self._heal_share_old_logp_pass = (
+            self.args.gradient_accumulation_steps % generate_every != 0
+            or (self.use_vllm and self.vllm_importance_sampling_correction)
+        ) and not self.mask_truncated_completions
+        self._heal_shared = None
+        try:
+            return super()._generate_and_score_completions(inputs)
+        finally:
+            self._heal_share_old_logp_pass = False
+            self._heal_shared = None
+
+    def _get_per_token_logps_and_entropies(
+        self, model, input_ids, attention_mask, logits_to_keep, batch_size=None, compute_entropy=False,
+        compute_aux_loss=False, **kwargs
+    ):
+        if (
+            self._heal_share_old_logp_pass
+            and model is self.model
+            and not torch.is_grad_enabled()
+            and not compute_entropy
+            and not compute_aux_loss
+            and all(v is None for v in kwargs.values())  # text-only
+        ):
+            self._heal_share_old_logp_pass = False  # the first such call is the old-log-prob pass
+            t0 = time.perf_counter()
+            with self.accelerator.autocast():
+                entropy, logps = completion_entropies(
+                    model, input_ids, attention_mask, logits_to_keep, self.temperature, batch_size,
+                    with_logprobs=True,
+                )
+            self._heal_shared = (input_ids, attention_mask, logits_to_keep, entropy, time.perf_counter() - t0)
+            return logps, None, None
+        return super()._get_per_token_logps_and_entropies(
+            model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size, compute_entropy=compute_entropy,
+            compute_aux_loss=compute_aux_loss, **kwargs
+        )
 
     def _heal_local_entropies(self, completion_ids_list):
         """This process's ``[n, T]`` completion entropies and masks (T = longest completion)."""
@@ -202,16 +276,25 @@ class HEALGRPOTrainer(GRPOTrainer):
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
         attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
         logits_to_keep = completion_ids.size(1)
+        shared = self._heal_shared
+        if (
+            shared is not None
+            and shared[2] == logits_to_keep
+            and torch.equal(shared[0], input_ids)
+            and torch.equal(shared[1].to(attention_mask.dtype), attention_mask)
+        ):
+            return shared[3], eda_mask, input_ids, attention_mask, logits_to_keep, "old_logp_pass", shared[4]
         mode = "train" if self.model.training else "eval"
         batch_size = self.heal_entropy_batch_size or (
             self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
         )
+        t0 = time.perf_counter()
         with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
             with self.accelerator.autocast():
                 entropy = completion_entropies(
                     self.model, input_ids, attention_mask, logits_to_keep, self.temperature, batch_size
                 )
-        return entropy, eda_mask, input_ids, attention_mask, logits_to_keep
+        return entropy, eda_mask, input_ids, attention_mask, logits_to_keep, "extra_forward", time.perf_counter() - t0
 
     # -- the reward step ----------------------------------------------------------------------------
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
@@ -228,9 +311,9 @@ class HEALGRPOTrainer(GRPOTrainer):
         if "image" in inputs[0] or "images" in inputs[0]:
             raise ValueError("HEALGRPOTrainer supports text-only prompts (the batch has an image column)")
 
-        t0 = time.perf_counter()
-        entropy, mask, input_ids, attention_mask, logits_to_keep = self._heal_local_entropies(completion_ids_list)
-        t_forward = time.perf_counter() - t0
+        entropy, mask, input_ids, attention_mask, logits_to_keep, entropy_pass, t_forward = self._heal_local_entropies(
+            completion_ids_list
+        )
 
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
 
@@ -250,6 +333,7 @@ class HEALGRPOTrainer(GRPOTrainer):
 
         metrics = dict(metrics)
         metrics["eda/entropy_forward_time_s"] = t_forward
+        metrics["eda/entropy_shared_pass"] = 1.0 if entropy_pass == "old_logp_pass" else 0.0
         for name, value in metrics.items():
             self._metrics[mode][name].append(float(value))
         self.heal_last_batch = {
@@ -258,6 +342,7 @@ class HEALGRPOTrainer(GRPOTrainer):
             "input_ids": input_ids.detach().cpu(),
             "attention_mask": attention_mask.detach().cpu(),
             "logits_to_keep": logits_to_keep,
+            "entropy_pass": entropy_pass,
             "data_sources": data_sources,
             "uids": uids,
             "eda_reward": eda_reward.detach().cpu(),
