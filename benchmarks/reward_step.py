@@ -1,0 +1,14 @@
+"""The trainer's whole EDA reward step for a full batch; same as ``heal bench reward``.
+
+    python benchmarks/reward_step.py [--batch 1024] [--max-len 3072] ...
+"""
+
+import argparse
+import sys
+
+from heal.bench import reward_step
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=reward_step.DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    reward_step.add_arguments(parser)
+    sys.exit(reward_step.run(parser.parse_args()))
