@@ -99,13 +99,10 @@ def main(argv=None) -> int:
     ]
     rows = [h for h in trainer.state.log_history if "eda/rate_target" in h]
     print("\nHEAL-GRPO metrics per step")
-    print("step  " + "  ".join(f"{k:>28s}" for k in keys))
-    for h in rows:
-        cells = []
-        for k in keys:
-            v = h.get(k, math.nan)
-            cells.append(f"{v:28.4f}" if isinstance(v, (int, float)) else f"{str(v):>28s}")
-        print(f"{h.get('step', 0):4d}  " + "  ".join(cells))
+    print(f"{'metric':34s}" + "".join(f"{'step ' + str(h.get('step', i + 1)):>12s}" for i, h in enumerate(rows)))
+    for k in keys:
+        cells = "".join(f" {h.get(k, math.nan):11.4g}" for h in rows)
+        print(f"{k:34s}{cells}")
     return 0 if rows else 1
 
 
