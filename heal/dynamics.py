@@ -70,10 +70,11 @@ def pack_padded(values, mask) -> Packed:
     if mask.dtype != torch.bool:
         if mask.is_complex():
             raise ValueError(f"mask must be bool or 0/1 numbers, got dtype {mask.dtype}")
-        bad = (mask != 0) & (mask != 1)
-        if bool(bad.any()):
-            row, col = (int(v) for v in bad.nonzero()[0])
-            raise ValueError(f"mask must be bool or 0/1, got {mask[row, col].item()} at [{row}, {col}]")
+        if mask.numel():
+            lo, hi = torch.aminmax(mask)  # one pass; locate the culprit only on error
+            if lo < 0 or hi > 1 or (mask.is_floating_point() and bool(((mask != 0) & (mask != 1)).any())):
+                row, col = (int(v) for v in ((mask != 0) & (mask != 1)).nonzero()[0])
+                raise ValueError(f"mask must be bool or 0/1, got {mask[row, col].item()} at [{row}, {col}]")
         mask = mask != 0
     packed = values[mask].to(torch.float32)  # boolean indexing walks rows in order
     return packed.contiguous(), _cu_from_lengths(mask.sum(dim=1))

@@ -71,27 +71,10 @@ class EDAResult(NamedTuple):
 
 
 def _grouped_max_similarity(*args, **kwargs):
-    """``heal_kernels.grouped_max_similarity`` (the fused C++ / Triton / torch op)."""
-    try:
-        from heal_kernels import grouped_max_similarity
-    except ImportError:  # TEMPORARY stand-in until heal_kernels.ops.pairwise lands
-        import importlib.util
-        import pathlib
+    """``heal_kernels.grouped_max_similarity`` (the fused C++ / Triton / torch op), imported lazily."""
+    from heal_kernels import grouped_max_similarity
 
-        spec = importlib.util.find_spec("heal_kernels")
-        path = pathlib.Path(list(spec.submodule_search_locations)[0]) / "reference.py"
-        rspec = importlib.util.spec_from_file_location("_heal_reference_standin", path)
-        ref = importlib.util.module_from_spec(rspec)
-        rspec.loader.exec_module(ref)
-        out = ref.grouped_max_similarity(*args, **kwargs)
-        return out.to(torch_float32())
     return grouped_max_similarity(*args, **kwargs)
-
-
-def torch_float32():
-    import torch
-
-    return torch.float32
 
 
 def _per_row(x, name: str, bsz: int, device, kind: str) -> "torch.Tensor":

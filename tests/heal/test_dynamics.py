@@ -56,8 +56,14 @@ def test_pack_padded_bad_input():
     v = torch.zeros(2, 3)
     with pytest.raises(ValueError, match="mask must have the shape"):
         pack_padded(v, torch.ones(2, 4))
-    with pytest.raises(ValueError, match="mask must be bool or 0/1"):
+    with pytest.raises(ValueError, match=r"mask must be bool or 0/1, got 2 at \[0, 0\]"):
         pack_padded(v, torch.full((2, 3), 2))
+    half = torch.ones(2, 3)
+    half[1, 2] = 0.5
+    with pytest.raises(ValueError, match=r"mask must be bool or 0/1, got 0.5 at \[1, 2\]"):
+        pack_padded(v, half)
+    with pytest.raises(ValueError, match="mask must be bool or 0/1, got -1"):
+        pack_padded(v, -torch.ones(2, 3, dtype=torch.int64))
     with pytest.raises(ValueError, match="values must be 2-D"):
         pack_padded(torch.zeros(6), torch.ones(6))
     with pytest.raises(ValueError, match="values must be a floating"):
