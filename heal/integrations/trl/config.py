@@ -34,6 +34,9 @@ class HEALGRPOConfig(GRPOConfig):
     the group-normalised advantages (``multi_objective_aggregation="sum_then_normalize"``, TRL's
     default, gives the paper's ``r = r_acc + w * r_EDA``).
 
+    80/20 (seed 003, only the top-rho high-entropy tokens carry the policy gradient) is TRL's own
+    ``top_entropy_quantile`` option (set ``0.2``); it composes with HEAL unchanged.
+
     HEAL parameters:
         heal_general_sources (`list[str]`):
             Values of the dataset's ``heal_data_source_key`` column that mark a prompt as

@@ -36,6 +36,7 @@ Text-only models and prompts (no images); tool-calling masks are honoured.
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any, Optional
 
 import torch
@@ -175,6 +176,13 @@ class HEALGRPOTrainer(GRPOTrainer):
             [self.reward_weights, torch.tensor([float(eda_config.weight)], dtype=self.reward_weights.dtype)]
         )
         self._heal_reward_index = len(self.reward_funcs) - 1
+        if getattr(self.args, "multi_objective_aggregation", "sum_then_normalize") != "sum_then_normalize":
+            warnings.warn(
+                "HEALGRPOTrainer: multi_objective_aggregation="
+                f"{self.args.multi_objective_aggregation!r} normalises r_EDA separately from the accuracy reward; "
+                "the paper's r = r_acc + w * r_EDA is multi_objective_aggregation='sum_then_normalize'",
+                stacklevel=2,
+            )
         self._heal_rollout = None
         self._heal_share_old_logp_pass = False
         self._heal_shared = None
