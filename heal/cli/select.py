@@ -1,0 +1,101 @@
+"""``heal select``: score a pool of general-domain questions and keep the top K (paper section 3.1)."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "select the top-K general-domain questions by uncertainty x diversity of sampled rollouts"
+
+DESCRIPTION = """\
+Score every question of a verl parquet file (data_source, prompt, reward_model.ground_truth, ...)
+as in the HEAL paper, section 3.1: sample N responses per question, check them (heal.scoring),
+Acc = mean accuracy, Uncertainty = 1 - 2|Acc - 1/2|, Diversity = mean over responses of the mean
+entropy of each response's top 20% highest-entropy tokens (exact entropies at the sampling
+temperature, fused op), score c = Uncertainty x Diversity. Writes the K best rows (same columns
+as the input) to --output and a report (<output>.report.md + .png: score distribution, chosen vs
+rejected Acc / Uncertainty / Diversity).
+
+Rollouts run on vLLM when it is installed and a GPU is present (--engine auto), else with
+transformers generate. Every finished question is appended to a cache (--cache, default
+<output>.cache.jsonl): an interrupted run started again with the same settings resumes where it
+stopped. Options may also come from --config (YAML/JSON, keys = long option names with '_')."""
+
+EPILOG = """\
+examples:
+  heal select --input data/general_pool.parquet --output data/general_384.parquet \\
+      --model Qwen/Qwen3-1.7B-Base --k 384 --samples 8 --temperature 0.7 --max-new-tokens 3072
+  heal select --config select.yaml --limit 100      # score 100 more questions, then stop
+"""
+
+_FIELDS = ("input", "output", "model", "k", "samples", "temperature", "max_new_tokens", "seed", "cache",
+           "report_dir", "engine", "device", "dtype", "questions_per_batch", "token_budget", "limit")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EPILOG
+    a = parser.add_argument
+    a("--input", default=None, metavar="POOL.parquet", help="general-domain questions, verl parquet (required)")
+    a("--output", default=None, metavar="OUT.parquet", help="where to write the top-K rows (required)")
+    a("--model", default=None, metavar="PATH",
+      help="policy model: a transformers folder, a .gguf file, or a hub id (required)")
+    a("--k", type=int, default=None, help="how many questions to keep (default 384, the paper's)")
+    a("--samples", type=int, default=None, metavar="N", help="responses per question (default 8)")
+    a("--temperature", type=float, default=None, help="sampling temperature, also used for the entropies (default 0.7)")
+    a("--max-new-tokens", dest="max_new_tokens", type=int, default=None, help="response length cap (default 1024)")
+    a("--seed", type=int, default=None, help="sampling seed (default 0)")
+    a("--cache", default=None, metavar="FILE.jsonl", help="resume cache (default <output>.cache.jsonl)")
+    a("--report-dir", dest="report_dir", default=None, metavar="DIR", help="report folder (default: the output's)")
+    a("--engine", default=None, choices=["auto", "transformers", "vllm"], help="rollout engine (default auto)")
+    a("--device", default=None, choices=["auto", "cpu", "cuda"], help="device of the transformers model (default auto)")
+    a("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
+      help="model dtype (default auto: bfloat16 on CUDA, float32 on CPU)")
+    a("--questions-per-batch", dest="questions_per_batch", type=int, default=None,
+      help="questions per generate call (default 8)")
+    a("--token-budget", dest="token_budget", type=int, default=None,
+      help="max padded tokens per entropy forward pass (default 8192)")
+    a("--limit", type=int, default=None, metavar="Q", help="stop after scoring Q new questions (resume later)")
+    a("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    a("--config", default=None, metavar="YAML", help="YAML/JSON file with the same options")
+
+
+def run(args) -> int:
+    from heal.config import load_config, merge_args
+    from heal.selection import SelectConfig
+
+    cfg = load_config(args.config, SelectConfig) if args.config else SelectConfig()
+    cfg = merge_args(cfg, args, _FIELDS)
+    cfg.require()
+
+    import torch
+
+    from heal.demo import load_model
+    from heal.rollout import TransformersBackend
+    from heal.selection import run_selection
+
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+    model, tokenizer = load_model(cfg.model, dtype=dtype, device=device, allow_hub=True)
+    engine = cfg.engine
+    if engine == "auto":
+        from heal.rollout.vllm import vllm_available
+
+        engine = "vllm" if vllm_available() and device == "cuda" else "transformers"
+    if engine == "vllm":  # GPU path: vLLM samples, the transformers copy computes the entropies
+        from heal.rollout.vllm import VLLMBackend
+
+        backend = VLLMBackend(cfg.model, tokenizer, gpu_memory_utilization=0.5)
+    else:
+        backend = TransformersBackend(model, tokenizer, prompts_per_batch=cfg.questions_per_batch,
+                                      progress=False)
+    res = run_selection(cfg.input, cfg.output, k=cfg.k, backend=backend, entropy_model=model, model_id=cfg.model,
+                        n=cfg.samples, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
+                        cache_path=cfg.cache, report_dir=cfg.report_dir, questions_per_batch=cfg.questions_per_batch,
+                        token_budget=cfg.token_budget, progress=args.progress, stop_after=cfg.limit)
+    if not res["complete"]:
+        print(f"heal select: scored {res['scored']}/{res['total']} questions (cache {res['cache']}); "
+              "run again to continue")
+        return 0
+    print(f"heal select: kept {res['kept']} of {res['total']} questions -> {res['output']}; "
+          f"report {res['markdown']}")
+    return 0
