@@ -59,9 +59,11 @@ def _literal_eda(seqs, is_general, *, prompt_ids=None, min_length=50, general_re
     return reward, s_t, s_g, margin
 
 
-def _run(seqs, is_general, **kw):
-    values, cu = pack_sequences([torch.as_tensor(s, dtype=torch.float32) for s in seqs])
-    return eda_reward(values, cu, torch.tensor(is_general, dtype=torch.bool), **kw)
+def _run(seqs, is_general, device="cpu", **kw):
+    values, cu = pack_sequences([torch.as_tensor(s, dtype=torch.float32, device=device) for s in seqs])
+    if "prompt_ids" in kw and kw["prompt_ids"] is not None:
+        kw["prompt_ids"] = kw["prompt_ids"].to(device)
+    return eda_reward(values, cu, torch.tensor(is_general, dtype=torch.bool, device=device), **kw)
 
 
 def _ramp(n, lo=0.0, hi=3.0):
@@ -227,15 +229,18 @@ def test_matches_literal_reference_loop(seed, bsz, kl_direction, general_reward,
             assert r == lr, f"trajectory {i}: reward {r}, reference {lr} (margin {m})"
 
 
-def test_random_batch_has_decisions_both_ways_and_is_deterministic():
+def test_random_batch_has_decisions_both_ways_and_is_deterministic(device):
     seqs, is_general = _random_batch(11, 24, 120)
-    res = _run(seqs, is_general, min_length=20)
+    res = _run(seqs, is_general, device, min_length=20)
+    assert all(t.device.type == device.type for t in res)
+    res = EDAResult(*(t.cpu() for t in res))
     lit_r, _, _, margin = _literal_eda(seqs, is_general, min_length=20)
     decided = [(r, lr) for r, lr, m in zip(res.reward.tolist(), lit_r, margin) if m > 1e-6]
     assert all(r == lr for r, lr in decided)
     assert {r for r, _ in decided} == {0.0, 1.0}  # the batch exercises both outcomes
-    again = _run(seqs, is_general, min_length=20)
+    again = _run(seqs, is_general, device, min_length=20)
     for x, y in zip(res, again):
+        y = y.cpu()
         assert torch.equal(x, y)
 
 

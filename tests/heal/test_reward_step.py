@@ -69,18 +69,21 @@ def _padded_batch(lens, seed=0, width=None):
     return ent, mask
 
 
-def test_eda_step_matches_eda_reward_and_metrics():
+def test_eda_step_matches_eda_reward_and_metrics(device):
     lens = [80, 60, 30, 90, 70, 0, 55, 75]
     sources = ["math", "commonsense_qa", "math", "math", "commonsense_qa", "math", "math", "csqa2"]
     ent, mask = _padded_batch(lens)
     cfg = EDAConfig(general_sources=("commonsense_qa", "csqa2"), min_length=50)
-    result, metrics = eda_step(ent, mask, sources, [f"u{i}" for i in range(8)], cfg)
+    result, metrics = eda_step(ent.to(device), mask.to(device), sources, [f"u{i}" for i in range(8)], cfg)
+    assert result.reward.device.type == device.type
+    result = type(result)(*(t.cpu() for t in result))
 
     values, cu = pack_padded(ent, mask)
     is_general = torch.tensor([s in ("commonsense_qa", "csqa2") for s in sources])
-    direct = eda_reward(values, cu, is_general, min_length=50)
-    for a, b in zip(result, direct):
-        assert torch.equal(a, b)
+    direct = eda_reward(values, cu, is_general, min_length=50)  # on the CPU
+    assert torch.equal(result.reward, direct.reward) and torch.equal(result.is_general, direct.is_general)
+    torch.testing.assert_close(result.s_target, direct.s_target, rtol=1e-5, atol=1e-6)  # other device: other kernel
+    torch.testing.assert_close(result.s_general, direct.s_general, rtol=1e-5, atol=1e-6)
 
     tgt = ~is_general
     r = result.reward
@@ -104,8 +107,8 @@ def test_eda_step_matches_eda_reward_and_metrics():
     assert metrics["eda/time_s"] > 0
     assert all(isinstance(v, float) for v in metrics.values())
     # deterministic
-    again, metrics2 = eda_step(ent, mask, sources, [f"u{i}" for i in range(8)], cfg)
-    assert all(torch.equal(a, b) for a, b in zip(result, again))
+    again, metrics2 = eda_step(ent.to(device), mask.to(device), sources, [f"u{i}" for i in range(8)], cfg)
+    assert all(torch.equal(a, b.cpu()) for a, b in zip(result, again))
     metrics.pop("eda/time_s"), metrics2.pop("eda/time_s")
     assert metrics == metrics2
 
