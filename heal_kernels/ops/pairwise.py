@@ -435,7 +435,10 @@ def _cpu_ext():
 def _run_cpu_ext(ext, st: SeqStats, short_first: bool, grouped) -> torch.Tensor:
     """Call the C++ kernels (they take raw pointers: every tensor here is contiguous, on the CPU)."""
     bsz = st.lengths.numel()
-    ptrs = [t.data_ptr() for t in (st.x, st.e, st.gx, st.ge, st.starts, st.lengths, st.mx, st.z, st.mean_p)]
+    # the kernel reads up to 7 floats past a sequence's end (then discards them): pad by 8
+    pad = lambda t: torch.cat([t, t.new_zeros(8)])  # noqa: E731
+    keep = (pad(st.x), pad(st.e), st.starts, st.lengths, st.mx)
+    ptrs = [t.data_ptr() for t in keep]
     threads = torch.get_num_threads()
     if not grouped:
         out = torch.empty((bsz, bsz), dtype=torch.float32)
