@@ -8,6 +8,8 @@ Everything is built in code (no model hub, no network). With a real model, swap 
 ``tokenizer`` for ``AutoModelForCausalLM`` / ``AutoTokenizer`` and ``toy_dataset`` for your data
 (keep a ``data_source`` column and list the general sources in ``heal_general_sources``).
 Add ``--top-entropy-quantile 0.2`` to combine HEAL with TRL's 80/20 high-entropy-token rule.
+Several processes: ``torchrun --standalone --nproc_per_node 2 examples/trl_heal_grpo.py`` (EDA
+then compares trajectories across the whole gathered batch).
 """
 
 from __future__ import annotations
@@ -98,6 +100,8 @@ def main(argv=None) -> int:
         "entropy",
     ]
     rows = [h for h in trainer.state.log_history if "eda/rate_target" in h]
+    if not trainer.is_world_process_zero():  # under torchrun, only rank 0 prints
+        return 0 if rows else 1
     print("\nHEAL-GRPO metrics per step")
     print(f"{'metric':34s}" + "".join(f"{'step ' + str(h.get('step', i + 1)):>12s}" for i, h in enumerate(rows)))
     for k in keys:

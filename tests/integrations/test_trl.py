@@ -289,3 +289,58 @@ def test_missing_data_source_column(tmp_path):
     )
     with pytest.raises(ValueError, match="data_source"):
         trainer.train()
+
+
+_TWO_PROCESS_SCRIPT = r"""
+import json, os, sys
+import torch
+from heal.integrations.trl import HEALGRPOConfig, HEALGRPOTrainer
+from heal.integrations.trl.toy import GENERAL_SOURCE, char_tokenizer, exact_answer_reward, tiny_causal_lm, toy_dataset
+
+out_dir = sys.argv[1]
+tokenizer = char_tokenizer()
+config = HEALGRPOConfig(
+    output_dir=out_dir, max_steps=1, per_device_train_batch_size=8, num_generations=4, max_completion_length=8,
+    temperature=0.7, beta=0.0, shuffle_dataset=False, save_strategy="no", report_to="none", bf16=False,
+    use_cpu=True, seed=0, disable_tqdm=True, heal_general_sources=[GENERAL_SOURCE], heal_min_length=2,
+)
+trainer = HEALGRPOTrainer(model=tiny_causal_lm(tokenizer), reward_funcs=exact_answer_reward, args=config,
+                          train_dataset=toy_dataset(n=16), processing_class=tokenizer)
+trainer.train()
+b = trainer.heal_last_batch
+rank = trainer.accelerator.process_index
+with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+    json.dump({"num_processes": trainer.accelerator.num_processes, "local_rows": int(b["entropy"].shape[0]),
+               "data_sources": b["data_sources"], "eda_reward": b["eda_reward"].tolist(),
+               "rewards_per_func": b["rewards_per_func"].tolist()}, f)
+"""
+
+
+def test_two_processes_gather_the_whole_batch(tmp_path):
+    """Under torchrun (2 CPU processes, gloo) EDA sees the gathered batch and every rank agrees."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    torchrun = shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun not on PATH")
+    script = tmp_path / "two_proc.py"
+    script.write_text(_TWO_PROCESS_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+         str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for r in ranks:
+        assert r["num_processes"] == 2
+        assert r["local_rows"] == 8
+        assert len(r["data_sources"]) == 16  # both processes' completions
+        assert set(r["data_sources"]) == {TARGET_SOURCE, GENERAL_SOURCE}
+        assert [row[1] for row in r["rewards_per_func"]] == r["eda_reward"]
+    assert ranks[0]["eda_reward"] == ranks[1]["eda_reward"]
+    assert ranks[0]["data_sources"] == ranks[1]["data_sources"]
