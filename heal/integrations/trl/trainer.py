@@ -40,7 +40,9 @@ import warnings
 from typing import Any, Optional
 
 import torch
+import trl
 from accelerate.utils import gather_object
+from packaging.version import Version
 from trl import GRPOConfig, GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import pad
@@ -50,6 +52,16 @@ from heal.integrations.trl.config import HEALGRPOConfig
 __all__ = ["HEALGRPOTrainer", "completion_entropies", "EDA_REWARD_NAME"]
 
 EDA_REWARD_NAME = "eda"
+
+# The trainer overrides private GRPOTrainer methods (_generate, _calculate_rewards,
+# _generate_and_score_completions, _get_per_token_logps_and_entropies) as TRL 1.16 defines them.
+TESTED_TRL = "1.16"
+if not Version("1.16") <= Version(trl.__version__) < Version("2.0"):
+    warnings.warn(
+        f"heal.integrations.trl was written against trl {TESTED_TRL}.x; trl {trl.__version__} may differ in the "
+        "private GRPOTrainer methods it overrides (run tests/integrations/test_trl.py)",
+        stacklevel=2,
+    )
 
 
 def _token_entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
