@@ -24,26 +24,34 @@ __all__ = ["extract_boxed", "extract_choice", "check_choice", "AMBIGUOUS"]
 AMBIGUOUS = "<ambiguous>"
 _DEFAULT_LETTERS = "ABCDEFGHIJ"
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_BRACE_RE = re.compile(r"[{}]")
 _WRAPPERS_RE = re.compile(r"\\(?:text|textbf|mathrm|mathbf|textit|mbox|operatorname)\s*\{([^{}]*)\}")
 
 
 def extract_boxed(text: str, *, all_boxes: bool = False):
     """Content of the last ``\\boxed{...}`` (or ``\\fbox{...}``) with balanced braces.
 
-    Returns ``None`` when there is none (or the last box is never closed). With
+    Returns ``None`` when no box is closed (boxes never closed are ignored). With
     ``all_boxes=True`` returns the list of every closed box's content, in order.
     """
-    found = []
-    for m in _BOX_RE.finditer(text):
-        depth, i = 1, m.end()
-        while i < len(text) and depth:
-            if text[i] == "{":
-                depth += 1
-            elif text[i] == "}":
-                depth -= 1
-            i += 1
-        if depth == 0:
-            found.append(text[m.end() : i - 1])
+    # one linear pass over the braces (a quadratic scan per box would let a response made of
+    # thousands of unclosed "\\boxed{" stall the reward)
+    content_starts = {m.end() for m in _BOX_RE.finditer(text)}
+    if not content_starts:
+        return [] if all_boxes else None
+    found = []  # (content start, content end)
+    stack = []  # (content start, brace depth) of the boxes still open
+    depth = 0
+    for m in _BRACE_RE.finditer(text):
+        if m.group() == "{":
+            depth += 1
+            if m.end() in content_starts:
+                stack.append((m.end(), depth))
+        else:
+            if stack and stack[-1][1] == depth:
+                found.append((stack.pop()[0], m.start()))
+            depth -= 1
+    found = [text[a:b] for a, b in sorted(found)]
     if all_boxes:
         return found
     return found[-1] if found else None

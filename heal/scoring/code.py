@@ -64,7 +64,7 @@ class CodeCheckConfig:
 
 DEFAULT_CODE_CONFIG = CodeCheckConfig()
 
-_FENCE_RE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)```", re.DOTALL)
+_FENCE_RE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]{0,20})[^\n`]{0,200}\n(.*?)```", re.DOTALL)
 
 
 def extract_code(text: str) -> Optional[str]:

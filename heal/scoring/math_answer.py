@@ -1,8 +1,9 @@
 """Math and physics answer checkers (boxed final answers).
 
-The response's answer is the content of its **last** ``\\boxed{...}``; a response without a box
-is parsed as a whole by math-verify (which looks for a final expression), and scores 0 when
-nothing is found. Equivalence is decided by `math-verify <https://github.com/huggingface/Math-Verify>`_
+The response's answer is the content of its **last** ``\\boxed{...}`` (last one wins); a
+response without a box is handed to math-verify, which takes its final expression (scoring 0
+when nothing is found). A final answer that offers alternatives (``3 or 4`` in the box, or on
+the last line of an unboxed response) scores 0. Equivalence is decided by `math-verify <https://github.com/huggingface/Math-Verify>`_
 (``pip install math-verify``, the ``heal[math]`` extra) when installed; otherwise by a small
 fallback: string normalisation of common LaTeX, then numeric / symbolic comparison with sympy.
 
@@ -143,7 +144,11 @@ def check_math(solution_str: str, ground_truth, extra_info=None) -> float:
     # no box: let math-verify look for a final expression in the tail of the response
     if not HAS_MATH_VERIFY:
         return 0.0
-    got = _mv_equal(f"${gold}$", solution_str[-MAX_TAIL_CHARS:])
+    tail = solution_str[-MAX_TAIL_CHARS:]
+    last_line = tail.strip().rsplit("\n", 1)[-1]
+    if _OR_RE.search(last_line) and not _OR_RE.search(gold):
+        return 0.0  # "it could be 3 or 42": several different answers in the final statement
+    got = _mv_equal(f"${gold}$", tail)
     return 1.0 if got else 0.0
 
 

@@ -190,3 +190,29 @@ def test_register_checker_and_data_source(monkeypatch):
         scoring.register_data_source("x", "unknown")
     with pytest.raises(TypeError, match="fn"):
         scoring.register_checker("bad", 3)
+
+
+# ---------------------------------------------------------------- pathological responses
+PATHOLOGICAL = [
+    "\\boxed{" * 20000,  # thousands of unclosed boxes (was quadratic)
+    "{" * 200000 + "}" * 10,
+    "```" * 100000,
+    "```python\n" * 50000,
+    "Answer: A or " * 20000,
+    "1 " * 200000,
+    "x" * 1_000_000,
+]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("text", PATHOLOGICAL, ids=lambda t: repr(t[:12]))
+def test_pathological_responses_are_handled_quickly(text):
+    # each call is linear in the response length; a regression to quadratic scans would hit the timeout
+    for source, gt in [("commonsense_qa", "B"), ("deepscaler", "7"), ("webinstruct_physics", "7")]:
+        assert compute_score(source, text, gt) == 0.0
+    assert extract_boxed(text) is None
+
+
+def test_unboxed_alternatives_on_the_last_line_score_zero():
+    assert check_math("It could be 3, 4, 5 or 42", "42") == 0.0
+    assert check_math("So x = 42", "42") == 1.0
