@@ -222,9 +222,7 @@ class HealPPOTrainerSync(PPOTrainerSync):
             ACC_SCORES_KEY: response_to_nested(data.batch[ACC_SCORES_KEY], response_mask),
             EDA_REWARD_KEY: data.batch[EDA_REWARD_KEY],
         }
-        batch = tq.kv_batch_put(
-            keys=batch.keys, partition_id=batch.partition_id, fields=TensorDict(out, batch_size=len(batch))
-        )
+        tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=TensorDict(out, batch_size=len(batch)))
         step_metrics["heal/time_s"] = time.perf_counter() - t0
         metrics.update(step_metrics)
         return batch

@@ -1,0 +1,338 @@
+"""heal_sync: config validation, reward shaping on verl's DataProto, and the real trainer's
+``_compute_advantage`` (heal's shaping + verl's GRPO) over an in-memory TransferQueue."""
+
+import math
+import os
+
+import numpy as np
+import pytest
+
+verl = pytest.importorskip("verl")
+
+import torch  # noqa: E402
+
+from heal.integrations.verl.settings import HealSettings  # noqa: E402
+from heal.reward import EDAConfig, eda_step  # noqa: E402
+
+GENERAL = "commonsense_qa"
+
+
+# ------------------------------------------------------------------------------------------
+# the heal: block
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "block,key",
+    [
+        ({}, "heal.general_sources"),
+        ({"general_sources": []}, "heal.general_sources"),
+        ({"general_sources": [GENERAL], "weight": "a"}, "heal.weight"),
+        ({"general_sources": [GENERAL], "min_length": -1}, "heal.min_length"),
+        ({"general_sources": [GENERAL], "metric": "cosine"}, "heal.metric"),
+        ({"general_sources": [GENERAL], "kl_direction": "sideways"}, "heal.kl_direction"),
+        ({"general_sources": [GENERAL], "general_reward": "always"}, "heal.general_reward"),
+        ({"general_sources": [GENERAL], "exclude_same_prompt": "yes"}, "heal.exclude_same_prompt"),
+        ({"general_sources": [GENERAL], "entropy_source": "vllm"}, "heal.entropy_source"),
+        ({"general_sources": [GENERAL], "entropy_source": "rollout_topk"}, "heal.entropy_source"),
+        ({"general_sources": [GENERAL], "fused_entropy": 1}, "heal.fused_entropy"),
+        ({"general_sources": [GENERAL], "enable": "true"}, "heal.enable"),
+        ({"general_sources": [GENERAL], "wieght": 1.0}, "wieght"),
+    ],
+)
+def test_heal_block_errors_name_the_key(block, key):
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        HealSettings.from_block(block)
+
+
+def test_heal_block_parses_omegaconf_and_defaults():
+    from omegaconf import OmegaConf
+
+    s = HealSettings.from_block(OmegaConf.create({"general_sources": [GENERAL, "gsm8k_general"], "weight": 0.5}))
+    assert s.enable and not s.fused_entropy and s.rollout_topk_field is None
+    assert s.eda.general_sources == (GENERAL, "gsm8k_general") and s.eda.weight == 0.5
+    assert s.eda.min_length == 50 and s.eda.metric == "kl" and s.eda.entropy_source == "actor"
+    off = HealSettings.from_block({"enable": False})
+    assert not off.enable and off.eda is None
+    topk = HealSettings.from_block({"general_sources": [GENERAL], "entropy_source": "rollout_topk", "rollout_topk_field": "tk"})
+    assert topk.rollout_topk_field == "tk"
+
+
+def test_rollout_topk_error_says_what_verl_lacks():
+    with pytest.raises(ValueError, match="logprobs=0"):
+        HealSettings.from_block({"general_sources": [GENERAL], "entropy_source": "rollout_topk"})
+
+
+def test_truncated_topk_entropy():
+    from heal.integrations.verl.rollout_topk import truncated_topk_entropy
+
+    logits = torch.randn(5, 50, dtype=torch.float64)
+    lp = torch.log_softmax(logits, -1)
+    exact = -(lp.exp() * lp).sum(-1)
+    top = lp.topk(20, dim=-1).values
+    got = truncated_topk_entropy(top)
+    want = torch.tensor([-sum(math.exp(v) * v for v in row.tolist()) for row in top], dtype=torch.float64)
+    assert torch.allclose(got.double(), want, atol=1e-5)
+    assert bool((got.double() <= exact + 1e-5).all())  # a lower bound of the exact entropy
+    padded = torch.cat([top[:, :3], torch.full((5, 2), -math.inf, dtype=torch.float64)], dim=1)
+    assert torch.allclose(truncated_topk_entropy(padded).double(), -(top[:, :3].exp() * top[:, :3]).sum(-1), atol=1e-5)
+    with pytest.raises(ValueError, match="log-probabilities"):
+        truncated_topk_entropy(torch.ones(2, 3))
+
+
+# ------------------------------------------------------------------------------------------
+# shaping on verl's DataProto
+# ------------------------------------------------------------------------------------------
+
+
+def _trajectories(n_prompts=4, n=4, T=96, seed=0, n_general_prompts=2):
+    """Padded [B, T] batch: GRPO groups of ``n`` rollouts; the last prompts are general-domain."""
+    g = torch.Generator().manual_seed(seed)
+    B = n_prompts * n
+    lengths = torch.randint(40, T + 1, (B,), generator=g)
+    mask = (torch.arange(T)[None, :] < lengths[:, None]).to(torch.int64)
+    entropy = torch.rand(B, T, generator=g) * 2 * mask
+    acc = torch.randint(0, 2, (B,), generator=g).float()
+    scores = torch.zeros(B, T)
+    scores[torch.arange(B), lengths - 1] = acc
+    uids = [f"p{i // n}" for i in range(B)]
+    sources = [GENERAL if i // n >= n_prompts - n_general_prompts else "medqa" for i in range(B)]
+    return entropy, mask, scores, acc, lengths, uids, sources
+
+
+def _dataproto(entropy, mask, scores, uids, sources, entropy_key="entropy", score_key="rm_scores"):
+    from tensordict import TensorDict
+
+    from verl import DataProto
+
+    td = TensorDict({entropy_key: entropy, "response_mask": mask, score_key: scores}, batch_size=[entropy.shape[0]])
+    return DataProto(
+        batch=td,
+        non_tensor_batch={"uid": np.array(uids, dtype=object), "data_source": np.array(sources, dtype=object)},
+    )
+
+
+@pytest.mark.parametrize("entropy_key,score_key", [("entropy", "rm_scores"), ("entropys", "token_level_scores")])
+def test_shape_scores_on_dataproto(entropy_key, score_key):
+    from heal.integrations.verl.trainer import shape_scores
+
+    entropy, mask, scores, acc, lengths, uids, sources = _trajectories(seed=1)
+    settings = HealSettings.from_block({"general_sources": [GENERAL], "weight": 0.5, "min_length": 50})
+    data = _dataproto(entropy, mask, scores.clone(), uids, sources, entropy_key, score_key)
+    metrics = shape_scores(data, settings, score_key=score_key)
+
+    result, ref_metrics = eda_step(entropy, mask, sources, uids, settings.eda)
+    B = entropy.shape[0]
+    assert torch.equal(data.batch["eda_reward"], result.reward)
+    assert torch.equal(data.batch["acc_scores"], scores)  # plain accuracy kept
+    expected = scores.clone()
+    expected[torch.arange(B), lengths - 1] += 0.5 * result.reward
+    assert torch.equal(data.batch[score_key], expected)
+    assert torch.equal(data.batch[score_key].sum(-1), acc + 0.5 * result.reward)
+    for k, v in ref_metrics.items():
+        if k != "eda/time_s":
+            assert (math.isnan(v) and math.isnan(metrics[k])) or metrics[k] == pytest.approx(v), k
+    for k in ("eda/rate_target", "eda/rate_general", "eda/entropy_mean_target", "eda/s_intra_mean", "eda/s_inter_mean",
+              "eda/time_s", "heal/acc_score_target_mean", "heal/acc_score_general_mean", "heal/eda_bonus_mean"):
+        assert k in metrics
+    assert 0.0 < float(result.reward.sum()) < B  # the fixture exercises both outcomes
+
+
+def test_shape_scores_rewards_a_target_that_moves_like_general():
+    """A target trajectory whose entropy curve copies a general one's (and differs from the other
+    targets') gets r_EDA = 1; the others 0 (paper eq. 4)."""
+    from heal.integrations.verl.trainer import shape_scores
+
+    T = 80
+    t = torch.linspace(0, 1, T)
+    general = [torch.sin(6 * t) + 1.5, torch.cos(5 * t) + 1.5]
+    targets = [torch.sin(6 * t) + 1.5, 3 * t + 0.1, 3 * t + 0.2]  # target 0 mimics general 0
+    entropy = torch.stack(targets + general)
+    mask = torch.ones_like(entropy, dtype=torch.int64)
+    scores = torch.zeros_like(entropy)
+    sources = ["medqa"] * 3 + [GENERAL] * 2
+    data = _dataproto(entropy, mask, scores, [f"u{i}" for i in range(5)], sources)
+    shape_scores(data, HealSettings.from_block({"general_sources": [GENERAL], "general_reward": "none"}))
+    assert data.batch["eda_reward"].tolist() == [1.0, 0.0, 0.0, 0.0, 0.0]
+    assert float(data.batch["rm_scores"][0, -1]) == 1.0
+
+
+def test_shape_scores_padding_rows_are_left_out():
+    from heal.integrations.verl.trainer import shape_scores
+
+    entropy, mask, scores, acc, lengths, uids, sources = _trajectories(seed=2)
+    B = entropy.shape[0]
+    # two verl padding rows (empty response) appended, copying a real row's metadata
+    entropy = torch.cat([entropy, torch.zeros(2, entropy.shape[1])])
+    mask = torch.cat([mask, torch.zeros(2, mask.shape[1], dtype=torch.int64)])
+    scores = torch.cat([scores, torch.zeros(2, scores.shape[1])])
+    data = _dataproto(entropy, mask, scores.clone(), uids + uids[:2], sources + sources[:2])
+    settings = HealSettings.from_block({"general_sources": [GENERAL]})
+    shape_scores(data, settings, row_mask=[True] * B + [False] * 2)
+    result, _ = eda_step(entropy[:B], mask[:B], sources, uids, settings.eda)
+    assert torch.equal(data.batch["eda_reward"][:B], result.reward)
+    assert data.batch["eda_reward"][B:].tolist() == [0.0, 0.0]
+    assert torch.equal(data.batch["rm_scores"][B:], scores[B:])
+
+
+def test_shape_scores_errors():
+    from heal.integrations.verl.trainer import shape_scores
+
+    entropy, mask, scores, acc, lengths, uids, sources = _trajectories()
+    settings = HealSettings.from_block({"general_sources": [GENERAL]})
+    data = _dataproto(entropy, mask, scores, uids, sources)
+    del data.non_tensor_batch["data_source"]
+    with pytest.raises(KeyError, match="data_source"):
+        shape_scores(data, settings)
+    data = _dataproto(entropy, mask, scores, uids, sources, entropy_key="something_else")
+    with pytest.raises(KeyError, match="calculate_entropy"):
+        shape_scores(data, settings)
+
+
+# ------------------------------------------------------------------------------------------
+# the real trainer class
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trainer_config():
+    from hydra import compose, initialize_config_dir
+
+    cfgdir = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
+    with initialize_config_dir(config_dir=cfgdir, version_base=None):
+        return compose(
+            config_name="ppo_trainer",
+            overrides=[
+                "trainer.v1.trainer_mode=heal_sync",
+                f"+heal.general_sources=[{GENERAL}]",
+                "+heal.weight=1.0",
+                "+heal.min_length=50",
+                "algorithm.adv_estimator=grpo",
+                "data.train_batch_size=4",
+                "actor_rollout_ref.rollout.n=4",
+                "actor_rollout_ref.actor.ppo_mini_batch_size=4",
+                "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4",
+                "actor_rollout_ref.model.path=/nonexistent",
+            ],
+        )
+
+
+def test_trainer_registered_and_builds_as_sync(trainer_config):
+    from verl.trainer.ppo.v1 import PPOTrainerSync, get_trainer_cls
+    from verl.trainer.ppo.v1.replay_buffer import ReplayBuffer
+
+    cls = get_trainer_cls("heal_sync")
+    assert issubclass(cls, PPOTrainerSync)
+    trainer = cls(trainer_config)  # verl's real constructor (no Ray, no GPU needed)
+    assert trainer.trainer_mode == "sync" and trainer.configured_trainer_mode == "heal_sync"
+    assert type(trainer.replay_buffer) is ReplayBuffer  # the sync trainer's buffer, not the async one
+    assert trainer.heal_settings.eda.general_sources == (GENERAL,)
+
+
+def test_trainer_fails_at_startup_naming_the_key(trainer_config):
+    from omegaconf import OmegaConf, open_dict
+
+    from heal.integrations.verl.trainer import HealPPOTrainerSync
+
+    bad = OmegaConf.create(OmegaConf.to_container(trainer_config))
+    bad.heal.weight = "heavy"
+    with pytest.raises(ValueError, match=r"heal\.weight"):
+        HealPPOTrainerSync(bad)
+    bad = OmegaConf.create(OmegaConf.to_container(trainer_config))
+    with open_dict(bad):
+        bad.algorithm.rollout_correction = {"bypass_mode": True}
+    with pytest.raises(ValueError, match=r"algorithm\.rollout_correction\.bypass_mode"):
+        HealPPOTrainerSync(bad)
+    bad = OmegaConf.create(OmegaConf.to_container(trainer_config))
+    with open_dict(bad):
+        del bad["heal"]
+    with pytest.raises(ValueError, match=r"heal\.general_sources"):
+        HealPPOTrainerSync(bad)
+
+
+class _MemoryTQ:
+    """Stands in for TransferQueue's kv_batch_get / kv_batch_put (real TQ needs a Ray cluster).
+    Rows are returned the way verl's agent loop stores them (verl's list_of_dict_to_tensordict)."""
+
+    def __init__(self):
+        self.rows = {}
+
+    def kv_batch_put(self, keys, partition_id, fields=None, tags=None):
+        from transfer_queue import KVBatchMeta
+
+        for i, key in enumerate(keys):
+            row = self.rows.setdefault((partition_id, key), {})
+            if fields is not None:
+                for name in fields.keys():
+                    value = fields[name]
+                    if isinstance(value, torch.Tensor):
+                        row[name] = value.unbind()[i] if value.is_nested else value[i]
+                    else:
+                        row[name] = value.tolist()[i] if hasattr(value, "tolist") else value[i]
+        return KVBatchMeta(partition_id=partition_id, keys=list(keys), tags=list(tags) if tags else [{} for _ in keys])
+
+    def kv_batch_get(self, keys, partition_id, select_fields):
+        from verl.utils.tensordict_utils import list_of_dict_to_tensordict
+
+        rows = [self.rows[(partition_id, k)] for k in keys]
+        names = [f for f in select_fields if all(f in r for r in rows)]
+        return list_of_dict_to_tensordict([{f: r[f] for f in names} for r in rows])
+
+
+def test_compute_advantage_shapes_scores_before_grpo(trainer_config, monkeypatch):
+    """The trainer's real ``_compute_advantage``: heal's shaping, then verl's own GRPO on the shaped
+    scores; the accuracy score survives under ``acc_scores``."""
+    import transfer_queue
+    from transfer_queue import KVBatchMeta
+
+    from heal.integrations.verl.trainer import HealPPOTrainerSync
+
+    tq = _MemoryTQ()
+    monkeypatch.setattr(transfer_queue, "kv_batch_get", tq.kv_batch_get)
+    monkeypatch.setattr(transfer_queue, "kv_batch_put", tq.kv_batch_put)
+
+    entropy, mask, scores, acc, lengths, uids, sources = _trajectories(n_prompts=4, n=4, seed=3)
+    B = entropy.shape[0]
+    keys = [f"{uids[i]}_{i % 4}_0" for i in range(B)]
+    fields = []
+    for i in range(B):
+        L = int(lengths[i])
+        fields.append(
+            {
+                "response_mask": mask[i, :L].clone(),
+                "rm_scores": scores[i, :L].clone(),
+                "entropy": entropy[i, :L].clone(),
+                "old_log_probs": -torch.rand(L),
+                "uid": uids[i],
+                "data_source": sources[i],
+            }
+        )
+    from verl.utils.tensordict_utils import list_of_dict_to_tensordict
+
+    tq.kv_batch_put(keys, "train", fields=list_of_dict_to_tensordict(fields))
+    trainer = HealPPOTrainerSync(trainer_config)
+    batch = KVBatchMeta(partition_id="train", keys=keys, tags=[{} for _ in keys])
+    metrics = {}
+    trainer.timing_raw = {}
+    trainer._compute_advantage(batch, metrics)
+
+    result, _ = eda_step(entropy, mask, sources, uids, trainer.heal_settings.eda)
+    got_acc = torch.stack([tq.rows[("train", k)]["acc_scores"].sum() for k in keys])
+    got_shaped = torch.stack([tq.rows[("train", k)]["rm_scores"].sum() for k in keys])
+    got_eda = torch.stack([torch.as_tensor(tq.rows[("train", k)]["eda_reward"]) for k in keys])
+    assert torch.equal(got_acc, acc)
+    assert torch.equal(got_eda, result.reward)
+    assert torch.allclose(got_shaped, acc + result.reward)
+    for i, k in enumerate(keys):  # bonus sits on the last response token
+        assert float(tq.rows[("train", k)]["rm_scores"][-1]) == pytest.approx(float(acc[i] + result.reward[i]))
+
+    # verl's GRPO ran on the shaped score: advantage = (r - mean_group) / (std_group + eps)
+    shaped = acc + result.reward
+    for g in range(4):
+        idx = [i for i in range(B) if uids[i] == f"p{g}"]
+        r = shaped[idx]
+        want = (r - r.mean()) / (r.std() + 1e-6)
+        got = torch.stack([tq.rows[("train", keys[i])]["advantages"][0] for i in idx])
+        assert torch.allclose(got, want, atol=1e-5)
+    assert "eda/rate_target" in metrics and "heal/time_s" in metrics
+    assert "heal_eda" in trainer.timing_raw
