@@ -1,0 +1,110 @@
+"""The fused-entropy drop-in against verl's own entropy_from_logits / logprobs_from_logits."""
+
+import pytest
+
+verl = pytest.importorskip("verl")
+
+import torch  # noqa: E402
+
+from heal.integrations.verl import fused_entropy as fused  # noqa: E402
+
+
+def _reference_ops():
+    """heal_kernels' float64 executable spec, as float32 ops (used if the fused ops are missing)."""
+    from heal_kernels import reference
+
+    def entropy_and_logprobs(logits, labels, temperature=1.0, *, check=False):
+        ent, lp = reference.entropy_and_logprobs(logits, labels, temperature)
+        return ent.to(torch.float32), lp.to(torch.float32)
+
+    def token_entropy(logits, temperature=1.0):
+        return reference.token_entropy(logits, temperature).to(torch.float32)
+
+    return entropy_and_logprobs, token_entropy
+
+
+@pytest.fixture
+def dropin(monkeypatch):
+    try:
+        import heal_kernels
+
+        heal_kernels.entropy_and_logprobs, heal_kernels.token_entropy  # noqa: B018
+    except (ImportError, AttributeError):  # fused ops not built yet: test the plumbing on the spec
+        both, ent = _reference_ops()
+        monkeypatch.setattr(fused, "_op", lambda: both)
+        monkeypatch.setattr(fused, "_entropy_op", lambda: ent)
+    import verl.utils.torch_functional as verl_F
+
+    originals = {n: getattr(verl_F, n) for n in ("entropy_from_logits", "logprobs_from_logits")}
+    fused.use_fused_entropy()
+    yield originals
+    fused.restore_verl_entropy()
+
+
+def test_use_fused_entropy_swaps_verls_functions_and_restores(dropin):
+    import verl.utils.torch_functional as verl_F
+    import verl.workers.engine.fsdp.transformer_impl as fsdp_impl
+
+    assert fused.fused_entropy_enabled()
+    assert verl_F.entropy_from_logits is fused.entropy_from_logits
+    assert verl_F.entropy_from_logits_with_chunking is fused.entropy_from_logits_with_chunking
+    assert verl_F.logprobs_from_logits is fused.logprobs_from_logits
+    assert fsdp_impl.logprobs_from_logits is fused.logprobs_from_logits  # the name the FSDP engine calls
+    assert fsdp_impl.verl_F.entropy_from_logits is fused.entropy_from_logits  # read when the engine is built
+    fused.restore_verl_entropy()
+    assert not fused.fused_entropy_enabled()
+    assert verl_F.entropy_from_logits is dropin["entropy_from_logits"]
+    assert fsdp_impl.logprobs_from_logits is dropin["logprobs_from_logits"]
+    fused.use_fused_entropy()  # idempotent re-enable
+    fused.use_fused_entropy()
+    assert fsdp_impl.logprobs_from_logits is fused.logprobs_from_logits
+
+
+@pytest.mark.parametrize("shape,vocab,dtype", [((37,), 1000, torch.float32), ((3, 5), 257, torch.float32), ((11,), 64, torch.bfloat16)])
+def test_numbers_and_gradients_match_verl(dropin, shape, vocab, dtype):
+    g = torch.Generator().manual_seed(vocab)
+    logits32 = torch.randn(*shape, vocab, generator=g) * 3
+    logits32[..., :3] -= 40  # some near-zero probabilities
+    labels = torch.randint(0, vocab, shape, generator=g)
+    w_ent = torch.randn(*shape, generator=g)
+    w_lp = torch.randn(*shape, generator=g)
+
+    def run(ent_fn, lp_fn):
+        x = logits32.to(dtype).clone().requires_grad_(True)
+        scaled = x / 0.7  # verl scales by the temperature before calling these functions
+        ent = ent_fn(scaled)
+        lp = lp_fn(scaled, labels)
+        ((ent.float() * w_ent).sum() + (lp.float() * w_lp).sum()).backward()
+        return ent.float(), lp.float(), x.grad.float()
+
+    ent_v, lp_v, grad_v = run(lambda z: dropin["entropy_from_logits"](z.float()), dropin["logprobs_from_logits"])
+    ent_h, lp_h, grad_h = run(fused.entropy_from_logits, fused.logprobs_from_logits)
+    assert ent_h.dtype == torch.float32 and ent_h.shape == shape and lp_h.shape == shape
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(ent_h, ent_v, atol=tol, rtol=tol)
+    torch.testing.assert_close(lp_h, lp_v, atol=tol, rtol=tol)
+    torch.testing.assert_close(grad_h, grad_v, atol=tol, rtol=tol)
+    assert bool((lp_h <= 0).all())
+
+
+def test_chunked_variant_and_torch_compile(dropin):
+    logits = torch.randn(9, 100)
+    want = dropin["entropy_from_logits"](logits)
+    torch.testing.assert_close(fused.entropy_from_logits_with_chunking(logits, chunk_size=4), want, atol=1e-5, rtol=1e-5)
+    compiled = torch.compile(fused.entropy_from_logits, dynamic=True)  # as the FSDP engine wraps it
+    torch.testing.assert_close(compiled(logits), want, atol=1e-5, rtol=1e-5)
+
+
+def test_bad_labels_shape(dropin):
+    with pytest.raises(ValueError, match="labels"):
+        fused.logprobs_from_logits(torch.randn(4, 10), torch.zeros(5, dtype=torch.long))
+
+
+@pytest.mark.parametrize("value,expected", [("1", True), ("true", True), ("ON", True), ("", False), ("0", False), ("no", False)])
+def test_env_switch(value, expected):
+    assert fused.env_requests_fused_entropy({fused.ENV_VAR: value}) is expected
+
+
+def test_env_switch_rejects_garbage():
+    with pytest.raises(ValueError, match="HEAL_FUSED_ENTROPY"):
+        fused.env_requests_fused_entropy({fused.ENV_VAR: "maybe"})
