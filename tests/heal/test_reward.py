@@ -296,3 +296,19 @@ def test_add_to_last_token():
         add_to_last_token(scores, torch.ones(2), mask)
     with pytest.raises(ValueError, match="response_mask must have the shape"):
         add_to_last_token(scores, torch.ones(3), mask[:, :4])
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch", "triton"])
+def test_every_backend_gives_the_reference_rewards(backend, monkeypatch):
+    """The reward is the same whichever kernel backend computes the maxima (small batch: the
+    Triton kernels run under the interpreter on the CPU); empty rows first, inside and last."""
+    monkeypatch.setenv("HEAL_KERNELS_BACKEND", backend)
+    seqs, is_general = _random_batch(5, 10, 70)
+    seqs[4] = seqs[9] = torch.zeros(0)
+    res = _run(seqs, is_general, min_length=20)
+    lit_r, lit_t, lit_g, margin = _literal_eda(seqs, is_general, min_length=20)
+    torch.testing.assert_close(res.s_target.double(), torch.tensor(lit_t, dtype=torch.float64), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(res.s_general.double(), torch.tensor(lit_g, dtype=torch.float64), rtol=1e-4, atol=1e-6)
+    for r, lr, m in zip(res.reward.tolist(), lit_r, margin):
+        if m > 1e-6:
+            assert r == lr
