@@ -40,93 +40,129 @@ __all__ = ["RunResult", "run_python", "network_namespace_available"]
 
 # The wrapper runs in the child before the untrusted code: limits, then the audit hook, then exec.
 _WRAPPER = r'''
-import sys, os, resource, json
-cfg = json.loads(sys.argv[1])
-def _lim(which, value):
-    try:
-        resource.setrlimit(which, (value, value))
-    except (ValueError, OSError):
-        soft, hard = resource.getrlimit(which)
-        if hard == resource.RLIM_INFINITY or value <= hard:
-            resource.setrlimit(which, (value, hard))
-_lim(resource.RLIMIT_CORE, 0)
-_lim(resource.RLIMIT_CPU, int(cfg["cpu_s"]))
-_lim(resource.RLIMIT_FSIZE, int(cfg["fsize"]))
-if cfg["mem_bytes"]:
-    _lim(resource.RLIMIT_AS, int(cfg["mem_bytes"]))
-root = os.path.realpath(cfg["root"])
-ro_roots = tuple(os.path.realpath(p) for p in cfg["ro_roots"])
-ro_files = frozenset(cfg["ro_files"])
-with open(os.path.join(root, "solution.py"), encoding="utf-8", errors="replace") as f:
-    src = f.read()
-mode = cfg["mode"]
-if mode == "call":
-    _call_input = sys.stdin.read()
-_realpath, _fsdecode, _join, _isabs = os.path.realpath, os.fsdecode, os.path.join, os.path.isabs
-_WRITE = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-_BLOCK_PREFIX = ("socket.", "subprocess.", "ctypes.", "os.exec", "os.spawn", "os.posix_spawn",
-                 "os.fork", "os.forkpty", "pty.", "os.kill", "os.killpg", "os.chroot", "os.setuid",
-                 "os.setgid", "sys.remote_exec", "_posixsubprocess", "webbrowser.", "urllib.", "http.",
-                 "ftplib.", "smtplib.", "poplib.", "imaplib.", "nntplib.", "telnetlib.")
-_BLOCK_EXACT = frozenset({"os.system", "os.popen", "os.startfile"})
-_NO_PATH_ARGS = frozenset({"os.putenv", "os.unsetenv", "os.sched_setaffinity"})
-_READ_EVENTS = frozenset({"os.listdir", "os.scandir", "os.getxattr", "os.listxattr", "glob.glob", "glob.glob/2"})
-_busy = [False]
-def _inside(p, base):
-    return p == base or p.startswith(base.rstrip("/") + "/")
-def _check_path(path, write):
-    if path is None or isinstance(path, int):
+def _main():
+    import sys, os, resource, json, pathlib
+    cfg = json.loads(sys.argv[1])
+
+    def lim(which, value):
+        try:
+            resource.setrlimit(which, (value, value))
+        except (ValueError, OSError):
+            soft, hard = resource.getrlimit(which)
+            if hard == resource.RLIM_INFINITY or value <= hard:
+                resource.setrlimit(which, (value, hard))
+
+    lim(resource.RLIMIT_CORE, 0)
+    lim(resource.RLIMIT_CPU, int(cfg["cpu_s"]))
+    lim(resource.RLIMIT_FSIZE, int(cfg["fsize"]))
+    if cfg["mem_bytes"]:
+        lim(resource.RLIMIT_AS, int(cfg["mem_bytes"]))
+    root = os.path.realpath(cfg["root"])
+    with open(os.path.join(root, "solution.py"), encoding="utf-8", errors="replace") as f:
+        src = f.read()
+    mode, fn_name = cfg["mode"], cfg["fn_name"]
+    call_input = sys.stdin.read() if mode == "call" else ""
+    code = compile(src, "solution.py", "exec")
+    sys.addaudithook(_make_hook(root, tuple(os.path.realpath(p) for p in cfg["ro_roots"]),
+                                frozenset(cfg["ro_files"]), (pathlib.PosixPath, pathlib.PurePosixPath)))
+    del cfg, src, f
+    user_globals = {"__name__": "__main__", "__builtins__": __builtins__}
+    if mode == "stdin":
+        exec(code, user_globals)
+        sys.stdout.flush()
         return
-    p = _fsdecode(path)
-    if not _isabs(p):
-        p = _join(root, p)
-    p = _realpath(p)
-    if _inside(p, root):
-        return
-    if not write and (p in ro_files or any(_inside(p, r) for r in ro_roots)):
-        return
-    if p == "/dev/null":
-        return
-    raise PermissionError("sandbox: access outside the working directory is blocked: %r" % (path,))
-def _hook(event, args):
-    if _busy[0]:
-        return
-    _busy[0] = True
-    try:
-        if event == "open":
-            path, omode, flags = (tuple(args) + (None, None, None))[:3]
-            write = bool(omode and any(c in str(omode) for c in "wax+")) or bool(isinstance(flags, int) and flags & _WRITE)
-            _check_path(path, write)
-        elif event in _BLOCK_EXACT or event.startswith(_BLOCK_PREFIX):
-            raise PermissionError("sandbox: %s is blocked" % event)
-        elif event.startswith(("os.", "shutil.", "glob.")) and event not in _NO_PATH_ARGS:
-            for a in args:
-                if isinstance(a, (str, bytes)) or hasattr(a, "__fspath__"):
-                    _check_path(a, event not in _READ_EVENTS)
-    finally:
-        _busy[0] = False
-code = compile(src, "solution.py", "exec")
-sys.addaudithook(_hook)
-del f
-if mode == "stdin":
-    exec(code, {"__name__": "__main__", "__builtins__": __builtins__})
-    sys.stdout.flush()
-else:
     real_stdout = sys.stdout
     sys.stdout = sys.stderr  # the program's own prints do not count
-    ns = {"__name__": "__main__", "__builtins__": __builtins__}
-    exec(code, ns)
-    name = cfg["fn_name"]
-    if "Solution" in ns and hasattr(ns["Solution"], name):
-        fn = getattr(ns["Solution"](), name)
-    elif name in ns:
-        fn = ns[name]
+    exec(code, user_globals)
+    if "Solution" in user_globals and hasattr(user_globals["Solution"], fn_name):
+        fn = getattr(user_globals["Solution"](), fn_name)
+    elif fn_name in user_globals:
+        fn = user_globals[fn_name]
     else:
-        raise NameError("function %r not defined" % name)
-    call_args = [json.loads(line) for line in _call_input.splitlines() if line.strip()]
-    result = fn(*call_args)
+        raise NameError("function %r not defined" % fn_name)
+    result = fn(*[json.loads(line) for line in call_input.splitlines() if line.strip()])
     real_stdout.write(json.dumps(result))
     real_stdout.flush()
+
+
+def _make_hook(root, ro_roots, ro_files, path_types):
+    # Everything the hook uses is bound here (closure cells, builtins captured), so that the
+    # program cannot rebind a global or builtin to switch it off. Paths are normalised as strings
+    # (no os.path call the program could patch); links cannot be made, so a normalised path
+    # inside the fresh working directory is really inside it.
+    isinstance_, str_, bytes_, int_, hasattr_, any_, tuple_ = isinstance, str, bytes, int, hasattr, any, tuple
+    type_, bool_ = type, bool
+    PermissionError_ = PermissionError
+    WRITE = 0o1 | 0o2 | 0o100 | 0o1000 | 0o2000  # O_WRONLY O_RDWR O_CREAT O_TRUNC O_APPEND (Linux)
+    BLOCK_PREFIX = ("socket.", "subprocess.", "ctypes.", "os.exec", "os.spawn", "os.posix_spawn", "os.fork",
+                    "os.forkpty", "pty.", "os.kill", "os.killpg", "os.chroot", "os.setuid", "os.setgid",
+                    "os.symlink", "os.link", "os.chdir", "os.fchdir", "gc.get_", "sys.remote_exec",
+                    "webbrowser.", "urllib.", "http.", "ftplib.", "smtplib.", "poplib.", "imaplib.",
+                    "nntplib.", "telnetlib.", "_posixsubprocess")
+    BLOCK_EXACT = frozenset({"os.system", "os.popen", "os.startfile"})
+    BLOCK_IMPORTS = frozenset({"_posixsubprocess", "_ctypes", "_xxsubinterpreters", "_testcapi",
+                               "_testinternalcapi", "_tracemalloc"})
+    NO_PATH_ARGS = frozenset({"os.putenv", "os.unsetenv", "os.sched_setaffinity"})
+    READ_EVENTS = frozenset({"os.listdir", "os.scandir", "os.getxattr", "os.listxattr", "glob.glob",
+                             "glob.glob/2"})
+    root_slash = root.rstrip("/") + "/"
+    ro_slash = tuple_(r.rstrip("/") + "/" for r in ro_roots)
+
+    def normalise(p):
+        if not p.startswith("/"):
+            p = root_slash + p
+        parts = []
+        for part in p.split("/"):
+            if part in ("", "."):
+                continue
+            if part == "..":
+                if parts:
+                    parts.pop()
+            else:
+                parts.append(part)
+        return "/" + "/".join(parts)
+
+    def check_path(path, write):
+        t = type_(path)
+        if path is None or t is int_ or t is bool_:
+            return
+        # exact types only: a str/bytes subclass or a custom __fspath__ could show the check one
+        # path and the system call another
+        if t is str_:
+            p = path
+        elif t is bytes_:
+            p = path.decode("utf-8", "surrogateescape")
+        elif t in path_types:
+            p = str_(path)
+        else:
+            raise PermissionError_("sandbox: a path of type %s is blocked" % t.__name__)
+        p = normalise(p)
+        if p == root or p.startswith(root_slash) or p == "/dev/null":
+            return
+        if not write and (p in ro_files or any_(p.startswith(r) for r in ro_slash)):
+            return
+        raise PermissionError_("sandbox: access outside the working directory is blocked: %r" % (p,))
+
+    def hook(event, args):
+        if event == "open":
+            path, omode, flags = (tuple_(args) + (None, None, None))[:3]
+            write = bool(omode and any_(c in str_(omode) for c in "wax+")) or bool(
+                isinstance_(flags, int_) and flags & WRITE)
+            check_path(path, write)
+        elif event == "import":
+            if args and args[0] in BLOCK_IMPORTS:
+                raise PermissionError_("sandbox: import of %s is blocked" % args[0])
+        elif event in BLOCK_EXACT or event.startswith(BLOCK_PREFIX):
+            raise PermissionError_("sandbox: %s is blocked" % event)
+        elif event.startswith(("os.", "shutil.", "glob.")) and event not in NO_PATH_ARGS:
+            for a in args:
+                if isinstance_(a, (str_, bytes_)) or hasattr_(a, "__fspath__"):
+                    check_path(a, event not in READ_EVENTS)
+
+    return hook
+
+
+_main()
 '''
 
 

@@ -182,3 +182,39 @@ def test_run_python_argument_errors():
         run_python(b"print(1)")
     with pytest.raises(ValueError, match="score"):
         CodeCheckConfig(score="most").validate()
+
+
+def test_hook_cannot_be_switched_off_from_the_program():
+    for code in [
+        # rebinding the wrapper's globals or builtins does not reach the hook's closure
+        "import sys, builtins\nm = sys.modules['__main__']\nfor k in list(vars(m)):\n    setattr(m, k, None)\n"
+        "builtins.any = lambda *a: True\nbuiltins.isinstance = lambda *a: False\nprint(open('/etc/passwd').read())",
+        # a path object that shows the check one path and the system call another
+        "class P:\n    n = 0\n    def __fspath__(self):\n        P.n += 1\n        return 'ok.txt' if P.n == 1 else '/etc/passwd'\n"
+        "print(open(P()).read())",
+        "class S(str):\n    def startswith(self, *a):\n        return True\nprint(open(S('/etc/passwd')).read())",
+        "import gc\nprint(len(gc.get_objects()))",
+        "import _posixsubprocess",
+        "import os\nos.chdir('/')\nprint(open('etc/passwd').read())",
+    ]:
+        r = _run(code)
+        assert r.returncode != 0, code
+        assert "root:" not in r.stdout, code
+        # open() resolves __fspath__ once, before the audit event: that case ends in FileNotFoundError
+        assert "PermissionError" in r.stderr or "FileNotFoundError: [Errno 2] No such file or directory: 'ok.txt'" \
+            in r.stderr, (code, r.stderr[-300:])
+
+
+def test_pathlib_inside_the_folder_works():
+    r = _run("import pathlib\np = pathlib.Path('a.txt')\np.write_text('ok')\nprint(p.read_text())")
+    assert r.ok and r.stdout.strip() == "ok"
+
+
+def test_concurrent_checks_from_threads():
+    # verl scores from a thread pool
+    from concurrent.futures import ThreadPoolExecutor
+
+    good = fenced("a, b = map(int, input().split())\nprint(a + b)")
+    with ThreadPoolExecutor(4) as pool:
+        scores = list(pool.map(lambda _: check_code(good, ADD, config=FAST), range(4)))
+    assert scores == [1.0] * 4
