@@ -10,22 +10,19 @@ Metrics: ``kl`` (``-KL`` of the softmaxes after nearest-neighbour alignment, the
 (high-entropy token intersection) and ``pl`` (Pearson-linear), exactly as
 :mod:`heal_kernels.reference` defines them.
 
-How ``kl`` is computed without aligning anything. For a pair, let ``L`` (length ``n``) be the longer
-sequence and ``S`` (length ``m <= n``) the shorter one, stretched by ``src(t) = min(floor(f32(t) *
-(f32(m) / f32(n))), m - 1)`` (the rule of ``F.interpolate(mode="nearest")``). The positions mapped to
-short index ``s`` form a contiguous segment ``[b_s, b_{s+1})`` of the long sequence, so with
-per-sequence precomputed ``M`` (max), ``e = exp(x - M)``, ``Z = sum e`` and float64 prefix sums
-``GX`` of ``x`` and ``GE`` of ``e`` (over the whole packed buffer):
+How ``kl`` is computed without materialising softmaxes. For a pair, let ``L`` (length ``n``) be
+the longer sequence and ``S'`` the shorter one (length ``m``) stretched by ``src(t) = min(floor(f32(t)
+* (f32(m) / f32(n))), m - 1)`` (the rule of ``F.interpolate(mode="nearest")`` on float32 entropies).
+With ``e = exp(x - M_seq)`` precomputed once per element (``M_seq`` the sequence's max),
+``Z_L = sum_t e_L(t)`` and ``Z_S' = sum_t e_S(src(t))``:
 
 * ``P = softmax(L)``, ``Q = softmax(S')``:
-  ``KL = E_P[L] - sum_s S_s (GE[b_{s+1}] - GE[b_s]) / Z_L + (M_S - M_L) + log(Z'_S / Z_L)``
+  ``KL = sum_t e_L(t) (L_t - S'_t) / Z_L + (M_S - M_L) + log(Z_S' / Z_L)``
 * ``P = softmax(S')``, ``Q = softmax(L)``:
-  ``KL = sum_s e_s (c_s S_s - (GX[b_{s+1}] - GX[b_s])) / Z'_S + (M_L - M_S) + log(Z_L / Z'_S)``
+  ``KL = sum_t e_S'(t) (S'_t - L_t) / Z_S' + (M_L - M_S) + log(Z_L / Z_S')``
 
-with ``c_s = b_{s+1} - b_s`` and ``Z'_S = sum_s c_s e_s``. Each pair costs ``O(min(m, n))`` and no
-``exp``. The boundaries ``b_s`` (first ``t`` with ``src(t) >= s``) are computed exactly for the
-float32 rule: candidate ``ceil(s n / m)``, then one step of correction either way
-(:func:`segment_boundaries`).
+One pass over the aligned positions per pair, no ``exp`` or ``log`` per element, float32 sums; two
+identical sequences give exactly 0. Memory: ``O(total)`` precompute plus a bounded tile.
 
 Backends (:func:`heal_kernels._backend.resolve_backend`): ``triton`` (CUDA, or the Triton
 interpreter), ``cpu`` (the C++/OpenMP extension in ``csrc/pairwise.cpp``, built on first use; the
@@ -46,7 +43,6 @@ from heal_kernels._backend import resolve_backend
 __all__ = [
     "pairwise_similarity",
     "grouped_max_similarity",
-    "segment_boundaries",
     "METRICS",
     "KL_DIRECTIONS",
 ]
@@ -57,6 +53,7 @@ HTI_TOP_FRACTION = 0.2
 
 # elements (pairs x aligned positions) handled per tile by the torch path: bounds its memory
 _TORCH_TILE_ELEMENTS = 1 << 21
+_PAD = 8  # zeros after the packed values: the C++ kernel's 8-wide loads, the torch path's sentinel
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,15 +148,12 @@ def _validate_groups(groups, num_groups, prompt_ids, bsz: int, device: torch.dev
 class SeqStats:
     """Per-sequence precompute, ``O(total)``; every tensor on the values' device."""
 
-    x: torch.Tensor  # float32 [total]
-    e: torch.Tensor  # float32 [total], exp(x - M_seq)
-    gx: torch.Tensor  # float64 [total + 1], global prefix sums of x
-    ge: torch.Tensor  # float64 [total + 1], global prefix sums of e
+    x: torch.Tensor  # float32 [total + 8], values then 8 zeros (sentinel / vector-load padding)
+    e: torch.Tensor  # float32 [total + 8], exp(x - M_seq) then 8 zeros
+    total: int
     starts: torch.Tensor  # int64 [B]
     lengths: torch.Tensor  # int64 [B]
     mx: torch.Tensor  # float64 [B], max (0 for empty)
-    z: torch.Tensor  # float64 [B], sum e (0 for empty)
-    mean_p: torch.Tensor  # float64 [B], E_softmax[x] (0 for empty)
     max_len: int
 
 
@@ -168,9 +162,10 @@ def _segment_sum(prefix: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
 
 
 def _prefix(v: torch.Tensor) -> torch.Tensor:
+    """Float64 prefix sums with a leading 0 (deterministic on every device, unlike index_add)."""
     out = torch.zeros(v.numel() + 1, dtype=torch.float64, device=v.device)
     if v.numel():
-        torch.cumsum(v, 0, out=out[1:])
+        torch.cumsum(v.to(torch.float64), 0, out=out[1:])
     return out
 
 
@@ -183,43 +178,17 @@ def seq_stats(values: torch.Tensor, cu: torch.Tensor) -> SeqStats:
     if values.numel():
         mx = mx.scatter_reduce(0, seg, x64, reduce="amax", include_self=True)
     mx = torch.where(lengths > 0, mx, torch.zeros_like(mx))
-    e64 = torch.exp(x64 - mx[seg])
-    gx = _prefix(x64)
-    ge = _prefix(e64)
-    gxe = _prefix(e64 * x64)
-    z = _segment_sum(ge, cu)
-    xe = _segment_sum(gxe, cu)
-    mean_p = torch.where(lengths > 0, xe / torch.where(z > 0, z, torch.ones_like(z)), torch.zeros_like(z))
+    e = torch.exp(x64 - mx[seg]).to(torch.float32)
+    pad = values.new_zeros(_PAD)
     return SeqStats(
-        x=values,
-        e=e64.to(torch.float32),
-        gx=gx,
-        ge=ge,
+        x=torch.cat([values, pad]),
+        e=torch.cat([e, pad]),
+        total=values.numel(),
         starts=cu[:-1].contiguous(),
         lengths=lengths.contiguous(),
         mx=mx.contiguous(),
-        z=z.contiguous(),
-        mean_p=mean_p.contiguous(),
         max_len=int(lengths.max()) if bsz else 0,
     )
-
-
-def segment_boundaries(s: torch.Tensor, m: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-    """First long index ``t`` with ``src(t) >= s`` for the float32 nearest rule (``m <= n``).
-
-    ``s``, ``m``, ``n`` broadcast (int64). Returns int64 in ``[0, n]``; ``s >= m`` gives ``n``.
-    """
-    m = m.clamp(min=1)
-    scale = m.to(torch.float32) / n.to(torch.float32)
-
-    def f(t):
-        return torch.floor(t.to(torch.float32) * scale).to(torch.int64)
-
-    cand = torch.div(s * n + m - 1, m, rounding_mode="floor")
-    prev = (cand - 1).clamp(min=0)
-    cand = torch.where((cand > 0) & (f(prev) >= s), cand - 1, cand)
-    cand = torch.where(f(cand) < s, cand + 1, cand)
-    return torch.where(s >= m, n, torch.minimum(cand, n))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,44 +197,47 @@ def segment_boundaries(s: torch.Tensor, m: torch.Tensor, n: torch.Tensor) -> tor
 
 
 def _kl_pairs_torch(st: SeqStats, pi: torch.Tensor, pj: torch.Tensor, short_first: bool) -> torch.Tensor:
-    """``-KL`` for the pairs ``(pi[k], pj[k])`` (row scored), float64; NaN where a side is empty."""
+    """``-KL`` for the pairs ``(pi[k], pj[k])`` (row scored), float32; NaN where a side is empty.
+
+    The formula of the module docstring over a ``[pairs, max aligned length]`` tile; positions past
+    a pair's aligned length read a zero sentinel, so no masking pass is needed.
+    """
+    dev = pi.device
     mi, mj = st.lengths[pi], st.lengths[pj]
     p_is_row = (mi <= mj) if short_first else torch.ones_like(mi, dtype=torch.bool)
-    p_idx = torch.where(p_is_row, pi, pj)
-    q_idx = torch.where(p_is_row, pj, pi)
-    mp, mq = st.lengths[p_idx], st.lengths[q_idx]
-    case_long = mp >= mq  # P is the long (or equal-length) side: Q is the stretched one
-    l_idx = torch.where(case_long, p_idx, q_idx)
-    s_idx = torch.where(case_long, q_idx, p_idx)
+    m_p = torch.where(p_is_row, mi, mj)
+    m_q = torch.where(p_is_row, mj, mi)
+    case_long = m_p >= m_q  # P is the long (or equal-length) side: Q is the stretched one
+    l_is_row = case_long == p_is_row
+    l_idx = torch.where(l_is_row, pi, pj)
+    s_idx = torch.where(l_is_row, pj, pi)
     nl, ms = st.lengths[l_idx], st.lengths[s_idx]
     empty = (mi == 0) | (mj == 0)
-    ms_c = ms.clamp(min=1)
-    nl_c = nl.clamp(min=1)
-    width = int(ms.max()) if ms.numel() else 0
-    s = torch.arange(width + 1, device=pi.device, dtype=torch.int64).unsqueeze(0)
-    b = segment_boundaries(s, ms_c.unsqueeze(1), nl_c.unsqueeze(1))  # [P, width+1]
-    valid = s[:, :width] < ms.unsqueeze(1)
-    cnt = (b[:, 1:] - b[:, :-1]).to(torch.float64)
-    cnt = torch.where(valid, cnt, torch.zeros_like(cnt))
-    sidx = (st.starts[s_idx].unsqueeze(1) + s[:, :width]).clamp(max=max(st.x.numel() - 1, 0))
-    if st.x.numel() == 0:
-        return torch.full(pi.shape, math.nan, dtype=torch.float64, device=pi.device)
-    sv = torch.where(valid, st.x[sidx].to(torch.float64), torch.zeros((), dtype=torch.float64, device=pi.device))
-    ev = torch.where(valid, st.e[sidx].to(torch.float64), torch.zeros((), dtype=torch.float64, device=pi.device))
-    zs = (cnt * ev).sum(1)
-    lb = st.starts[l_idx].unsqueeze(1) + b
-    ge = st.ge[lb]
-    gx = st.gx[lb]
-    seg_e = ge[:, 1:] - ge[:, :-1]
-    seg_x = gx[:, 1:] - gx[:, :-1]
-    zl, ml, msx = st.z[l_idx], st.mx[l_idx], st.mx[s_idx]
-    zs_safe = torch.where(zs > 0, zs, torch.ones_like(zs))
-    zl_safe = torch.where(zl > 0, zl, torch.ones_like(zl))
-    a_long = (sv * seg_e).sum(1)
-    kl_long = st.mean_p[l_idx] - a_long / zl_safe + (msx - ml) + torch.log(zs_safe / zl_safe)
-    a_short = (ev * (cnt * sv - torch.where(valid, seg_x, torch.zeros_like(seg_x)))).sum(1)
-    kl_short = a_short / zs_safe + (ml - msx) + torch.log(zl_safe / zs_safe)
-    kl = torch.where(case_long, kl_long, kl_short)
+    total = st.total
+    width = int(nl.max()) if nl.numel() else 0
+    if total == 0 or width == 0:
+        return torch.full(pi.shape, math.nan, dtype=torch.float32, device=dev)
+    x, e = st.x, st.e  # x[total] = e[total] = 0: the sentinel
+    t = torch.arange(width, device=dev)
+    scale = ms.clamp(min=1).to(torch.float32) / nl.clamp(min=1).to(torch.float32)
+    src = (t.to(torch.float32).unsqueeze(0) * scale.unsqueeze(1)).to(torch.int64)  # trunc == floor (>= 0)
+    src = torch.minimum(src, (ms - 1).clamp(min=0).unsqueeze(1))
+    valid = t.unsqueeze(0) < torch.where(empty, torch.zeros_like(nl), nl).unsqueeze(1)
+    sentinel = torch.full((), total, dtype=torch.int64, device=dev)
+    sidx = torch.where(valid, src + st.starts[s_idx].unsqueeze(1), sentinel)
+    lidx = torch.where(valid, t.unsqueeze(0) + st.starts[l_idx].unsqueeze(1), sentinel)
+    es, xs = e[sidx], x[sidx]
+    el, xl = e[lidx], x[lidx]
+    zs = es.sum(1).to(torch.float64)
+    zl = el.sum(1).to(torch.float64)
+    w = torch.where(case_long.unsqueeze(1), el, es)
+    acc = (w * (xl - xs)).sum(1).to(torch.float64)  # = sum w (L - S')
+    zs = torch.where(zs > 0, zs, torch.ones_like(zs))
+    zl = torch.where(zl > 0, zl, torch.ones_like(zl))
+    ml, msx = st.mx[l_idx], st.mx[s_idx]
+    kl_long = acc / zl + (msx - ml) + torch.log(zs / zl)
+    kl_short = -acc / zs + (ml - msx) + torch.log(zl / zs)
+    kl = torch.where(case_long, kl_long, kl_short).to(torch.float32)
     return torch.where(empty, torch.full_like(kl, math.nan), -kl)
 
 
@@ -278,14 +250,14 @@ def _hti_pairs_torch(st: SeqStats, pi: torch.Tensor, pj: torch.Tensor) -> torch.
     """HTI for the pairs ``(pi[k], pj[k])``, float64; NaN where a side is empty."""
     mi, mj = st.lengths[pi], st.lengths[pj]
     empty = (mi == 0) | (mj == 0)
-    if st.x.numel() == 0:
+    if st.total == 0:
         return torch.full(pi.shape, math.nan, dtype=torch.float64, device=pi.device)
     n = torch.maximum(mi, mj)
     width = int(n.max()) if n.numel() else 0
     t = torch.arange(width, device=pi.device, dtype=torch.int64).unsqueeze(0)
     valid = t < n.unsqueeze(1)
     k = torch.ceil(HTI_TOP_FRACTION * n.to(torch.float64)).to(torch.int64).clamp(min=1)
-    last = max(st.x.numel() - 1, 0)
+    last = max(st.total - 1, 0)
 
     def aligned_topk(m):
         src = torch.where(
@@ -312,9 +284,9 @@ def _pl_stats(st: SeqStats, cu: torch.Tensor):
     dev = st.x.device
     seg = torch.repeat_interleave(torch.arange(bsz, device=dev), st.lengths)
     n = st.lengths.to(torch.float64)
-    x64 = st.x.to(torch.float64)
-    mean_x = _segment_sum(st.gx, cu) / n.clamp(min=1)
-    t = (torch.arange(st.x.numel(), device=dev) - st.starts[seg]).to(torch.float64)
+    x64 = st.x[: st.total].to(torch.float64)
+    mean_x = _segment_sum(_prefix(x64), cu) / n.clamp(min=1)
+    t = (torch.arange(st.total, device=dev) - st.starts[seg]).to(torch.float64)
     tc = t - ((n - 1) / 2)[seg]
     xc = x64 - mean_x[seg]
     stt = _segment_sum(_prefix(tc * tc), cu)
@@ -351,7 +323,7 @@ class _TileSource:
 
         def width(c1):
             col_max = int(slen[c1 - 1])
-            return max(1, min(row_max, col_max) if self.metric == "kl" else max(row_max, col_max))
+            return max(1, row_max, col_max)  # aligned length of the tile's longest pair
 
         cb = bsz - c0
         while cb > 1 and nrows * cb * width(c0 + cb) > _TORCH_TILE_ELEMENTS:
@@ -435,10 +407,9 @@ def _cpu_ext():
 def _run_cpu_ext(ext, st: SeqStats, short_first: bool, grouped) -> torch.Tensor:
     """Call the C++ kernels (they take raw pointers: every tensor here is contiguous, on the CPU)."""
     bsz = st.lengths.numel()
-    # the kernel reads up to 7 floats past a sequence's end (then discards them): pad by 8
-    pad = lambda t: torch.cat([t, t.new_zeros(8)])  # noqa: E731
-    keep = (pad(st.x), pad(st.e), st.starts, st.lengths, st.mx)
-    ptrs = [t.data_ptr() for t in keep]
+    # the kernel reads up to 7 floats past a sequence's end (then discards them): st.x / st.e
+    # carry 8 floats of padding
+    ptrs = [t.data_ptr() for t in (st.x, st.e, st.starts, st.lengths, st.mx)]
     threads = torch.get_num_threads()
     if not grouped:
         out = torch.empty((bsz, bsz), dtype=torch.float32)

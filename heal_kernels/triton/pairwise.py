@@ -27,8 +27,8 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 @triton.jit
 def _kl_rows_kernel(
-    x_ptr,  # float32 [total]
-    e_ptr,  # float32 [total], exp(x - M_seq)
+    x_ptr,  # float32 [total + pad]
+    e_ptr,  # float32 [total + pad], exp(x - M_seq)
     starts_ptr,  # int64 [B]
     lens_ptr,  # int32 [B]
     mx_ptr,  # float32 [B]
@@ -160,8 +160,7 @@ def _launch(st, short_first, full, groups=None, num_groups=1, exclude_self=True,
         out = torch.empty((bsz, num_groups), dtype=torch.float32, device=dev)
         groups32 = groups.to(torch.int32)
     pid_t = pids if pids is not None else torch.zeros(1, dtype=torch.int64, device=dev)
-    x = p["x"] if p["x"].numel() else torch.zeros(1, dtype=torch.float32, device=dev)
-    e = p["e"] if p["e"].numel() else torch.zeros(1, dtype=torch.float32, device=dev)
+    x, e = p["x"], p["e"]  # padded: never empty
     _kl_rows_kernel[(bsz,)](
         x,
         e,
