@@ -2,10 +2,11 @@
 
 :func:`compute_score` has verl's custom reward-function signature; point verl at it with::
 
-    reward.custom_reward_function.path=<site-packages>/heal/scoring/__init__.py
+    reward.custom_reward_function.path=pkg://heal.scoring
     reward.custom_reward_function.name=compute_score
 
-(or call it from your own reward function). It routes each row to a checker:
+(verl 0.9 imports ``pkg://`` paths as packages, so checkers registered with
+:func:`register_checker` in the same process are seen; or call it from your own reward function). It routes each row to a checker:
 
 1. ``data_source`` registered with :func:`register_data_source` (exact name);
 2. else ``extra_info["checker"]`` (written by ``heal prepare``: ``choice`` / ``math`` /

@@ -216,3 +216,9 @@ def test_pathological_responses_are_handled_quickly(text):
 def test_unboxed_alternatives_on_the_last_line_score_zero():
     assert check_math("It could be 3, 4, 5 or 42", "42") == 0.0
     assert check_math("So x = 42", "42") == 1.0
+
+
+def test_verl_loads_compute_score_by_package_path():
+    import_utils = pytest.importorskip("verl.utils.import_utils")
+    fn = import_utils.load_extern_object("pkg://heal.scoring", "compute_score")
+    assert fn is compute_score
