@@ -45,7 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default=None, help="split name stored in extra_info (default: train)")
     parser.add_argument("--format", default=None, choices=["json", "jsonl", "parquet", "csv", "tsv"],
                         help="input format (default: from the file extension)")
-    parser.add_argument("--field-map", dest="field_map", nargs="+", default=None, metavar="FIELD=COLUMN",
+    parser.add_argument("--field-map", dest="field_map", nargs="+", action="extend", default=None,
+                        metavar="FIELD=COLUMN",
                         help="take a field from a differently named column, e.g. question=Problem answer=Answer "
                         "(fields: question, choices, answer, tests, starter_code, fn_name, id)")
     parser.add_argument("--prompt-template", dest="prompt_template", default=None, metavar="TEXT",

@@ -35,7 +35,7 @@ def test_prepare_then_mix(heal_main, files, capsys):
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out == {"output": str(gen), "domain": "commonsense", "read": 60, "written": 60, "skipped": 0}
     assert heal_main(["prepare", "--domain", "medicine", "--input", str(med), "--output", str(tgt),
-                      "--field-map", "question=Q", "choices=opts", "answer=gold",
+                      "--field-map", "question=Q", "choices=opts", "--field-map", "answer=gold",
                       "--data-source", "medbullets", "--sample", "8", "--seed", "1"]) == 0
     rows = read_parquet_rows(tgt)
     assert len(rows) == 8 and {r["data_source"] for r in rows} == {"medbullets"}
