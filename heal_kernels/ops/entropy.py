@@ -16,7 +16,7 @@ with fake (meta) implementations, so the functions trace under ``torch.compile(f
 and ``torch.library.register_autograd`` tying them together. Dispatch follows
 :func:`heal_kernels._backend.resolve_backend`: CUDA tensors run the Triton kernels
 (:mod:`heal_kernels.triton.entropy`); CPU tensors run a memory-bounded chunked-torch
-implementation (a few row blocks of at most ~8 MB of float32 temporaries each); with
+implementation (blocks of rows with two float32 temporaries of at most ~4 MB each); with
 ``HEAL_KERNELS_BACKEND=triton`` and ``TRITON_INTERPRET=1`` CPU tensors run the Triton kernels under
 the interpreter (tests).
 
@@ -40,8 +40,8 @@ from heal_kernels._backend import resolve_backend
 
 __all__ = ["token_entropy", "entropy_and_logprobs"]
 
-# float32 temporaries per chunk of rows on the CPU path (three buffers of this size at most)
-_CPU_CHUNK_BYTES = 8 << 20
+# bytes of each of the two float32 temporaries per block of rows on the CPU path
+_CPU_CHUNK_BYTES = 4 << 20
 _FLT_MAX = torch.finfo(torch.float32).max
 
 
@@ -55,59 +55,69 @@ def _chunk_rows(vocab: int, chunk_bytes: Optional[int] = None) -> int:
     return max(1, budget // (4 * max(vocab, 1)))
 
 
-def _scaled_rows(zc: torch.Tensor, buf: torch.Tensor, inv_t: float, need_copy: bool) -> torch.Tensor:
-    """``zc * inv_t`` in float32: ``zc`` itself when no conversion is needed, else in ``buf``."""
-    if not need_copy and zc.dtype == torch.float32 and inv_t == 1.0:
-        return zc
-    x = buf[: zc.shape[0]]
-    x.copy_(zc)
+def _shifted_rows(zc: torch.Tensor, buf: torch.Tensor, shift: Optional[torch.Tensor], inv_t: float):
+    """``u = (zc - shift) / T`` in float32 in ``buf`` (``shift`` = row max of ``zc`` when None).
+
+    Returns ``(u, shift)``. The subtraction happens in logit units before the scaling, so it is
+    (nearly) exact: ``u`` carries no rounding at the scale of ``|z|``.
+    """
+    u = buf[: zc.shape[0]]
+    u.copy_(zc)
+    if shift is None:
+        shift = u.amax(dim=-1)
+    u.sub_(shift.unsqueeze(1))
     if inv_t != 1.0:
-        x.mul_(inv_t)
-    return x
+        u.mul_(inv_t)
+    return u, shift
 
 
 def _torch_forward(z: torch.Tensor, labels: Optional[torch.Tensor], temperature: float, chunk_bytes=None):
+    """Chunked-torch forward: ``(entropy, logprob, stats)`` like the Triton kernel.
+
+    Per block of rows (two float32 buffers of at most ``_CPU_CHUNK_BYTES``): ``u = (z - max z) / T``,
+    ``e = exp(u)``, ``S = sum e``, ``entropy = log S - sum(e * u) / S``; ``stats = (max z, 0, log S)``.
+    """
     n, v = z.shape
     f32 = dict(dtype=torch.float32, device=z.device)
     entropy = torch.empty(n, **f32)
-    lse = torch.empty(n, **f32)
+    stats = torch.zeros((n, 3), **f32)
     logprob = torch.empty(n if labels is not None else 0, **f32)
     if n == 0:
-        return entropy, logprob, lse
+        return entropy, logprob, stats
     inv_t = 1.0 / temperature
     rows = min(n, _chunk_rows(v, chunk_bytes))
-    xbuf = torch.empty((rows, v), **f32)
-    lpbuf = torch.empty((rows, v), **f32)
-    pbuf = torch.empty((rows, v), **f32)
+    ubuf = torch.empty((rows, v), **f32)
+    ebuf = torch.empty((rows, v), **f32)
     for i in range(0, n, rows):
         zc = z[i : i + rows]
         r = zc.shape[0]
-        x = _scaled_rows(zc, xbuf, inv_t, need_copy=False)
-        mx, arg = x.max(dim=-1)
-        lp = lpbuf[:r]
-        torch._log_softmax(x, -1, False, out=lp)
-        # lse = max - log_softmax(argmax): exact to the rounding of the log-softmax
-        lse[i : i + r] = mx - lp.gather(1, arg.unsqueeze(1)).squeeze(1)
+        u, c = _shifted_rows(zc, ubuf, None, inv_t)
+        e = torch.exp(u, out=ebuf[:r])
+        s = e.sum(dim=-1)
+        log_s = s.log()
         if labels is not None:
-            logprob[i : i + r] = lp.gather(1, labels[i : i + r].unsqueeze(1)).squeeze(1)
-        p = torch.exp(lp, out=pbuf[:r])
-        lp.clamp_(min=-_FLT_MAX)  # -inf log-probs have p = 0: make 0 * log p = 0, not NaN
-        torch.linalg.vecdot(p, lp, out=entropy[i : i + r])
-    entropy.neg_()
-    # a row with only -inf entries has no distribution: NaN entropy (lse stays -inf or NaN)
-    return entropy, logprob, lse
+            logprob[i : i + r] = u.gather(1, labels[i : i + r].unsqueeze(1)).squeeze(1) - log_s
+        # -inf entries have e = 0: make 0 * u = 0, not NaN (NaN entries stay NaN)
+        mean = u.clamp_(min=-_FLT_MAX).mul_(e).sum(dim=-1).div_(s)
+        entropy[i : i + r] = log_s - mean
+        stats[i : i + r, 0] = c
+        stats[i : i + r, 2] = log_s
+    # a row of only -inf has max -inf and u = NaN: NaN entropy and log S
+    return entropy, logprob, stats
 
 
 def _torch_backward(
     z: torch.Tensor,
     labels: Optional[torch.Tensor],
     entropy: torch.Tensor,
-    lse: torch.Tensor,
+    stats: torch.Tensor,
     g_entropy: Optional[torch.Tensor],
     g_logprob: Optional[torch.Tensor],
     temperature: float,
     chunk_bytes=None,
 ) -> torch.Tensor:
+    """Chunked-torch backward: ``v = (z - c) / T - mx``, ``p = exp(v - log S)`` recomputed per block
+    of rows, ``dz = (-g_H * p * (v - mean) - g_lp * p + g_lp * onehot(label)) / T`` in ``z``'s dtype."""
     n, v = z.shape
     grad = torch.empty((n, v), dtype=z.dtype, device=z.device)
     has_gh = g_entropy is not None
@@ -117,25 +127,26 @@ def _torch_backward(
     inv_t = 1.0 / temperature
     rows = min(n, _chunk_rows(v, chunk_bytes))
     f32 = dict(dtype=torch.float32, device=z.device)
-    xbuf = torch.empty((rows, v), **f32)
+    ubuf = torch.empty((rows, v), **f32)
     pbuf = torch.empty((rows, v), **f32)
-    spx = lse - entropy  # sum p * x per row
+    shift, mx, log_s = stats[:, 0], stats[:, 1].unsqueeze(1), stats[:, 2].unsqueeze(1)
+    mean = log_s - entropy.unsqueeze(1)  # sum p * v per row
     for i in range(0, n, rows):
         zc = z[i : i + rows]
         r = zc.shape[0]
-        x = _scaled_rows(zc, xbuf, inv_t, need_copy=True)  # writable float32 copy of x
-        p = torch.sub(x, lse[i : i + r].unsqueeze(1), out=pbuf[:r]).exp_()
+        u, _ = _shifted_rows(zc, ubuf, shift[i : i + r], inv_t)
+        u.sub_(mx[i : i + r])
+        p = torch.sub(u, log_s[i : i + r], out=pbuf[:r]).exp_()
         if has_gh:
-            # dH/dx = -p * (x - spx); for -inf entries p = 0 and the product must be 0
-            c = x.sub_(spx[i : i + r].unsqueeze(1)).clamp_(min=-_FLT_MAX).mul_(p)
+            # dH/dv = -p * (v - mean); for -inf entries p = 0 and the product must be 0
+            c = u.sub_(mean[i : i + r]).clamp_(min=-_FLT_MAX).mul_(p)
             c.mul_(g_entropy[i : i + r].unsqueeze(1).neg())
         else:
-            c = x.zero_()
+            c = u.zero_()
         if has_glp:
             glp = g_logprob[i : i + r].unsqueeze(1)
             c.addcmul_(p, glp, value=-1.0)  # -p * g_lp
-            lab = labels[i : i + r].unsqueeze(1)
-            c.scatter_add_(1, lab, glp.to(c.dtype))  # + onehot(label) * g_lp
+            c.scatter_add_(1, labels[i : i + r].unsqueeze(1), glp)  # + onehot(label) * g_lp
         if inv_t != 1.0:
             c.mul_(inv_t)
         grad[i : i + r].copy_(c)
@@ -151,7 +162,11 @@ def _torch_backward(
 def _entropy_fwd(
     logits: torch.Tensor, labels: Optional[torch.Tensor], temperature: float, backend: str
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(entropy[N], logprob[N] or [0], lse[N])`` float32 for 2-D ``logits[N, V]``."""
+    """``(entropy[N], logprob[N] or [0], stats[N, 3])`` float32 for 2-D ``logits[N, V]``.
+
+    ``stats = (c, mx, log_s)`` are the per-row statistics of the backward:
+    ``logsumexp(logits / T) = c / T + mx + log_s``.
+    """
     if backend == "triton":
         from heal_kernels.triton.entropy import entropy_forward
 
@@ -164,8 +179,7 @@ def _entropy_fwd_fake(logits, labels, temperature, backend):
     n = logits.shape[0]
     ent = logits.new_empty((n,), dtype=torch.float32)
     lp = logits.new_empty((n,) if labels is not None else (0,), dtype=torch.float32)
-    lse = logits.new_empty((n,), dtype=torch.float32)
-    return ent, lp, lse
+    return ent, lp, logits.new_empty((n, 3), dtype=torch.float32)
 
 
 @torch.library.custom_op("heal::entropy_bwd", mutates_args=())
@@ -173,13 +187,13 @@ def _entropy_bwd(
     logits: torch.Tensor,
     labels: Optional[torch.Tensor],
     entropy: torch.Tensor,
-    lse: torch.Tensor,
+    stats: torch.Tensor,
     g_entropy: Optional[torch.Tensor],
     g_logprob: Optional[torch.Tensor],
     temperature: float,
     backend: str,
 ) -> torch.Tensor:
-    """Gradient w.r.t. ``logits[N, V]`` (its dtype, contiguous)."""
+    """Gradient w.r.t. ``logits[N, V]`` (its dtype, contiguous); None upstream gradients are zero."""
     if g_entropy is not None:
         g_entropy = g_entropy.to(torch.float32).contiguous()
     if g_logprob is not None:
@@ -187,36 +201,36 @@ def _entropy_bwd(
     if backend == "triton":
         from heal_kernels.triton.entropy import entropy_backward
 
-        return entropy_backward(logits, labels, entropy, lse, g_entropy, g_logprob, temperature)
-    return _torch_backward(logits, labels, entropy, lse, g_entropy, g_logprob, temperature)
+        return entropy_backward(logits, labels, entropy, stats, g_entropy, g_logprob, temperature)
+    return _torch_backward(logits, labels, entropy, stats, g_entropy, g_logprob, temperature)
 
 
 @_entropy_bwd.register_fake
-def _entropy_bwd_fake(logits, labels, entropy, lse, g_entropy, g_logprob, temperature, backend):
+def _entropy_bwd_fake(logits, labels, entropy, stats, g_entropy, g_logprob, temperature, backend):
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
 def _setup_context(ctx, inputs, output):
     logits, labels, temperature, backend = inputs
-    entropy, _, lse = output
+    entropy, _, stats = output
     ctx.temperature = temperature
     ctx.backend = backend
     ctx.has_labels = labels is not None
     if ctx.has_labels:
-        ctx.save_for_backward(logits, entropy, lse, labels)
+        ctx.save_for_backward(logits, entropy, stats, labels)
     else:
-        ctx.save_for_backward(logits, entropy, lse)
+        ctx.save_for_backward(logits, entropy, stats)
 
 
-def _backward(ctx, g_entropy, g_logprob, g_lse):
+def _backward(ctx, g_entropy, g_logprob, g_stats):
     if ctx.has_labels:
-        logits, entropy, lse, labels = ctx.saved_tensors
+        logits, entropy, stats, labels = ctx.saved_tensors
     else:
-        logits, entropy, lse = ctx.saved_tensors
+        logits, entropy, stats = ctx.saved_tensors
         labels = None
         g_logprob = None
     grad = torch.ops.heal.entropy_bwd(
-        logits, labels, entropy, lse, g_entropy, g_logprob, ctx.temperature, ctx.backend
+        logits, labels, entropy, stats, g_entropy, g_logprob, ctx.temperature, ctx.backend
     )
     return grad, None, None, None
 
@@ -279,8 +293,8 @@ def _flatten_labels(labels, logits: torch.Tensor, lead, vocab: int) -> torch.Ten
     return flat.contiguous()
 
 
-def _raise_bad_rows(entropy: torch.Tensor, lse: torch.Tensor, lead) -> None:
-    bad = torch.isnan(entropy) | ~torch.isfinite(lse)
+def _raise_bad_rows(entropy: torch.Tensor, stats: torch.Tensor, lead) -> None:
+    bad = torch.isnan(entropy) | ~torch.isfinite(stats).all(dim=1)
     if bool(bad.any()):
         idx = int(bad.nonzero()[0, 0])
         where = tuple(int(i) for i in torch.unravel_index(torch.tensor(idx), lead)) if len(lead) > 1 else (idx,)
@@ -296,9 +310,9 @@ def _run(logits, labels, temperature, check):
     t = _check_temperature(temperature)
     lab = None if labels is None else _flatten_labels(labels, logits, lead, z.shape[1])
     backend = resolve_backend(z.device)
-    entropy, logprob, lse = torch.ops.heal.entropy_fwd(z, lab, t, backend)
+    entropy, logprob, stats = torch.ops.heal.entropy_fwd(z, lab, t, backend)
     if check:
-        _raise_bad_rows(entropy, lse, lead)
+        _raise_bad_rows(entropy, stats, lead)
     return entropy.reshape(lead), (None if lab is None else logprob.reshape(lead))
 
 

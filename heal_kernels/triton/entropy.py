@@ -1,20 +1,25 @@
 """Triton kernels: token entropy + label log-probabilities from logits, forward and backward.
 
-For one row ``z[0:V]`` of logits and ``x = z / T`` (``T`` the temperature):
+For one row ``z[0:V]`` of logits, a per-row shift ``c`` (``z[0]``, or 0 when that is ``-inf``) and
+``u = (z - c) / T`` (``T`` the temperature; softmax, entropy and log-probs are shift-invariant):
 
-* forward, one pass over the row: ``lse = logsumexp(x)``, ``spx = sum(p * x)`` with
-  ``p = softmax(x)``; writes ``entropy = lse - spx``, ``logprob = x[label] - lse`` (when labels are
-  given) and ``lse`` (saved for the backward). Accumulation in float32.
-* backward, one read of the row and one write of the gradient::
+* forward, one pass over the row, float32 accumulation: ``mx = max(u)``,
+  ``S = sum exp(u - mx)``, ``M = sum exp(u - mx) * (u - mx)``; writes ``entropy = log S - M / S``,
+  ``logprob = (u[label] - mx) - log S`` (when labels are given) and the per-row statistics
+  ``(c, mx, log S)`` saved for the backward. Every term is relative to the maximum, so nothing
+  cancels at the scale of the logits' magnitude (``z - c`` is nearly exact where ``z / T`` would
+  round).
+* backward, one read of the row and one write of the gradient, with ``v = u - mx`` recomputed
+  bit-for-bit as in the forward::
 
-      dz = ( g_H * (-p * (x - spx)) + g_lp * (onehot(label) - p) ) / T,   p = exp(x - lse)
+      dz = ( g_H * (-p * (v - mean)) + g_lp * (onehot(label) - p) ) / T,   p = exp(v - log S)
 
-  with ``spx = lse - entropy`` recomputed from the saved outputs.
+  and ``mean = log S - entropy`` (``= sum p * v``).
 
 Layout of the forward pass. Each program owns one row and walks it in blocks of ``BLOCK``
-columns, keeping *per-lane* running statistics (one ``max``, ``sum exp(x - max)`` and
-``sum exp(x - max) * x`` per lane of the block); the lanes are merged once, after the loop. A
-lane update needs a single ``exp`` per element, ``exp(-|x - m|)``, which rescales either the old
+columns, keeping *per-lane* running statistics (one ``max``, ``sum exp(u - max)`` and
+``sum exp(u - max) * (u - max)`` per lane of the block); the lanes are merged once, after the loop. A
+lane update needs a single ``exp`` per element, ``exp(-|u - m|)``, which rescales either the old
 sums (new maximum) or the new term, and there is no cross-warp reduction inside the loop, so
 every warp streams its part of the row independently. The row is read once; nothing of size
 ``[N, V]`` is written besides the gradient in the backward.
@@ -22,7 +27,7 @@ every warp streams its part of the row independently. The row is read once; noth
 Special values: ``-inf`` logits (masked vocabulary) have probability 0 and add nothing (no
 ``0 * inf``); the running maximum starts at ``-inf`` (not 0); lanes past the end of the row
 load ``-inf``. A NaN anywhere in a row makes that row's outputs NaN; a row of only ``-inf``
-has ``lse = -inf`` and NaN entropy. Labels outside ``[0, V)`` are never dereferenced: their
+has NaN entropy. Labels outside ``[0, V)`` are never dereferenced: their
 log-prob is NaN (the Python entry point rejects them before launching).
 
 Block sizes are fixed heuristics of ``V`` and the element size (:func:`launch_config`); the
@@ -47,7 +52,7 @@ def _entropy_fwd_kernel(
     labels_ptr,
     entropy_ptr,
     logprob_ptr,
-    lse_ptr,
+    stats_ptr,
     V,
     inv_t,
     HAS_LABELS: tl.constexpr,
@@ -56,40 +61,52 @@ def _entropy_fwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
     cols = tl.arange(0, BLOCK)
-
     neg_inf = float("-inf")
-    m = tl.full([BLOCK], neg_inf, tl.float32)  # running max per lane (starts at -inf, never 0)
-    s = tl.zeros([BLOCK], tl.float32)  # sum exp(x - m) per lane
-    t = tl.zeros([BLOCK], tl.float32)  # sum exp(x - m) * x per lane
+
+    # Work in u = (z - c) / T with c = z[0] (0 when z[0] is -inf): entropy and log-probs are
+    # shift-invariant, and z - c is (nearly) exact in float32 where z / T alone would round at
+    # the scale of |z| (logits far from 0 would lose digits to cancellation).
+    z0 = tl.load(row_ptr).to(tl.float32)
+    c = tl.where(z0 == neg_inf, 0.0, z0)
+
+    m = tl.full([BLOCK], neg_inf, tl.float32)  # running max of u per lane (starts at -inf, never 0)
+    s = tl.zeros([BLOCK], tl.float32)  # sum exp(u - m) per lane
+    t = tl.zeros([BLOCK], tl.float32)  # sum exp(u - m) * (u - m) per lane (<= 0, no cancellation)
 
     for start in range(0, V, BLOCK):
         offs = start + cols
-        z = tl.load(row_ptr + offs, mask=offs < V, other=neg_inf)
-        x = z.to(tl.float32) * inv_t
-        # -inf entries (and the lanes past V) contribute nothing; NaN stays "valid" and poisons s, t
-        valid = x != neg_inf
-        xv = tl.where(valid, x, 0.0)
-        d = tl.where(valid, tl.exp(-tl.abs(x - m)), 0.0)  # exp(-inf) = 0 when m is still -inf
-        new_max = x > m
+        z = tl.load(row_ptr + offs, mask=offs < V, other=neg_inf).to(tl.float32)
+        u = (z - c) * inv_t
+        # -inf entries (and the lanes past V) contribute nothing; NaN stays "valid" and poisons s
+        valid = u != neg_inf
+        a = -tl.abs(u - m)  # -inf while m is -inf; NaN for -inf - -inf
+        d = tl.where(valid, tl.exp(a), 0.0)
+        a = tl.where(a > neg_inf, a, 0.0)  # keep 0 * a finite
+        new_max = u > m
+        # new max: the old sums are rescaled by d and shifted by a; else the new term is d, d * a
+        t = tl.where(new_max, d * (t + a * s), t + d * a)
         s = tl.where(new_max, s * d + 1.0, s + d)
-        t = tl.where(new_max, t * d + xv, t + d * xv)
-        m = tl.where(new_max, x, m)
+        m = tl.where(new_max, u, m)
 
-    # merge the lanes
+    # merge the lanes (lanes that saw only -inf have m = -inf and s = t = 0)
     mx = tl.max(m, axis=0)
     mx_safe = tl.where(mx == neg_inf, 0.0, mx)
-    scale = tl.where(m == neg_inf, 0.0, tl.exp(m - mx_safe))
+    live = m != neg_inf
+    delta = tl.where(live, m - mx_safe, 0.0)
+    scale = tl.where(live, tl.exp(delta), 0.0)
     s_row = tl.sum(s * scale, axis=0)
-    t_row = tl.sum(t * scale, axis=0)
-    lse = mx + tl.log(s_row)
-    entropy = lse - t_row / s_row
+    t_row = tl.sum(scale * (t + s * delta), axis=0)  # sum exp(u - mx) * (u - mx)
+    log_s = tl.log(s_row)  # logsumexp(u) = mx + log_s
+    entropy = log_s - t_row / s_row
     tl.store(entropy_ptr + row, entropy)
-    tl.store(lse_ptr + row, lse)
+    tl.store(stats_ptr + row * 3, c)
+    tl.store(stats_ptr + row * 3 + 1, mx)
+    tl.store(stats_ptr + row * 3 + 2, log_s)
     if HAS_LABELS:
         label = tl.load(labels_ptr + row).to(tl.int64)
         ok = (label >= 0) & (label < V)
         zl = tl.load(row_ptr + tl.where(ok, label, 0), mask=ok, other=float("nan"))
-        tl.store(logprob_ptr + row, zl.to(tl.float32) * inv_t - lse)
+        tl.store(logprob_ptr + row, ((zl.to(tl.float32) - c) * inv_t - mx) - log_s)
 
 
 @triton.jit
@@ -98,7 +115,7 @@ def _entropy_bwd_kernel(
     stride_row,
     labels_ptr,
     entropy_ptr,
-    lse_ptr,
+    stats_ptr,
     g_entropy_ptr,
     g_logprob_ptr,
     grad_ptr,
@@ -114,15 +131,17 @@ def _entropy_bwd_kernel(
     out_ptr = grad_ptr + row * stride_grad_row
     cols = tl.arange(0, BLOCK)
 
-    lse = tl.load(lse_ptr + row)
+    c = tl.load(stats_ptr + row * 3)
+    mx = tl.load(stats_ptr + row * 3 + 1)
+    log_s = tl.load(stats_ptr + row * 3 + 2)
     if HAS_G_ENTROPY:
-        g_h = tl.load(g_entropy_ptr + row).to(tl.float32)
-        spx = lse - tl.load(entropy_ptr + row)  # sum p * x
+        g_h = tl.load(g_entropy_ptr + row)
+        mean_u = log_s - tl.load(entropy_ptr + row)  # sum p * (u - mx)
     else:
         g_h = 0.0
-        spx = 0.0
+        mean_u = 0.0
     if HAS_G_LOGPROB:
-        g_lp = tl.load(g_logprob_ptr + row).to(tl.float32)
+        g_lp = tl.load(g_logprob_ptr + row)
         label = tl.load(labels_ptr + row).to(tl.int64)
     else:
         g_lp = 0.0
@@ -131,12 +150,12 @@ def _entropy_bwd_kernel(
     for start in range(0, V, BLOCK):
         offs = start + cols
         inb = offs < V
-        z = tl.load(row_ptr + offs, mask=inb, other=float("-inf"))
-        x = z.to(tl.float32) * inv_t
-        p = tl.exp(x - lse)  # 0 for -inf entries
+        z = tl.load(row_ptr + offs, mask=inb, other=float("-inf")).to(tl.float32)
+        u = (z - c) * inv_t - mx  # bitwise the forward's u - mx: exactly 0 at the maximum
+        p = tl.exp(u - log_s)  # 0 for -inf entries
         if HAS_G_ENTROPY:
-            # -inf entries: p = 0 and the (x - spx) factor is taken as 0, never 0 * inf
-            centred = tl.where(x == float("-inf"), 0.0, x - spx)
+            # -inf entries: p = 0 and the (u - mean) factor is taken as 0, never 0 * inf
+            centred = tl.where(u == float("-inf"), 0.0, u - mean_u)
             inner = g_h * centred + g_lp
         else:
             inner = tl.zeros([BLOCK], tl.float32) + g_lp
@@ -178,18 +197,20 @@ def entropy_forward(
 ):
     """Run the forward kernel on a 2-D ``logits[N, V]`` (last dim contiguous, rows may be strided).
 
-    Returns ``(entropy, logprob, lse)``, each float32 ``[N]``; ``logprob`` is an empty tensor when
-    ``labels`` is None. ``block`` overrides the block size (tests).
+    Returns ``(entropy, logprob, stats)``: float32 ``[N]``, ``[N]`` (empty when ``labels`` is None)
+    and ``[N, 3]``, the per-row statistics of the backward ``(c, mx, log_s)``: shift ``c`` in logit
+    units, ``mx = max((z - c) / T)`` and ``log_s = log sum exp((z - c) / T - mx)``, so that
+    ``logsumexp(z / T) = c / T + mx + log_s``. ``block`` overrides the block size (tests).
     """
     assert logits.dim() == 2 and (logits.stride(1) == 1 or logits.shape[1] <= 1)
     n, v = logits.shape
     dev = logits.device
     entropy = torch.empty(n, dtype=torch.float32, device=dev)
-    lse = torch.empty(n, dtype=torch.float32, device=dev)
+    stats = torch.empty((n, 3), dtype=torch.float32, device=dev)
     has_labels = labels is not None
     logprob = torch.empty(n if has_labels else 0, dtype=torch.float32, device=dev)
     if n == 0:
-        return entropy, logprob, lse
+        return entropy, logprob, stats
     cfg_block, warps = launch_config(v, logits.element_size(), _interpreted(logits))
     if block is not None:
         cfg_block = block
@@ -199,21 +220,21 @@ def entropy_forward(
         labels if has_labels else entropy,  # dummy pointer, never read
         entropy,
         logprob if has_labels else entropy,
-        lse,
+        stats,
         v,
         1.0 / float(temperature),
         HAS_LABELS=has_labels,
         BLOCK=cfg_block,
         num_warps=warps,
     )
-    return entropy, logprob, lse
+    return entropy, logprob, stats
 
 
 def entropy_backward(
     logits: torch.Tensor,
     labels: Optional[torch.Tensor],
     entropy: torch.Tensor,
-    lse: torch.Tensor,
+    stats: torch.Tensor,
     g_entropy: Optional[torch.Tensor],
     g_logprob: Optional[torch.Tensor],
     temperature: float,
@@ -235,11 +256,11 @@ def entropy_backward(
     _entropy_bwd_kernel[(n,)](
         logits,
         logits.stride(0),
-        labels if has_glp else lse,
+        labels if has_glp else entropy,
         entropy,
-        lse,
-        g_entropy if has_gh else lse,
-        g_logprob if has_glp else lse,
+        stats,
+        g_entropy if has_gh else entropy,
+        g_logprob if has_glp else entropy,
         grad,
         grad.stride(0),
         v,
