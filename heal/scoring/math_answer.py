@@ -84,14 +84,35 @@ def _latex_to_sympy_text(s: str) -> str:
     return s.replace("{", "(").replace("}", ")")
 
 
+_SAFE_NAMES = {"sqrt", "pi", "sin", "cos", "tan", "log", "ln", "exp", "e", "i", "I", "E"}
+
+
+def _safe_for_sympy(expr: str) -> bool:
+    """Only plain arithmetic reaches sympy's parser (it evaluates Python): no attribute access,
+    no dunder names, no unknown multi-letter names, no towers of powers or huge literals."""
+    if len(expr) > 200 or "__" in expr or re.search(r"\*\*[^+\-/]*\*\*", expr):
+        return False  # (a power tower like 9**9**9 would run for ever)
+    if not re.fullmatch(r"[0-9A-Za-z+\-*/(). ]*", expr) or re.search(r"[A-Za-z_)]\s*\.", expr):
+        return False
+    if any(len(d) > 30 for d in re.findall(r"\d+", expr)):
+        return False
+    return all(len(w) == 1 or w in _SAFE_NAMES for w in re.findall(r"[A-Za-z]+", expr))
+
+
 def _fallback_equal(gold: str, pred: str) -> bool:
     if _normalise(gold) == _normalise(pred):
         return True
+    g_txt, p_txt = _latex_to_sympy_text(gold), _latex_to_sympy_text(pred)
+    if not (_safe_for_sympy(g_txt) and _safe_for_sympy(p_txt)):
+        return False
     try:
         import sympy
+        from sympy.parsing.sympy_parser import (implicit_multiplication_application, parse_expr,
+                                                standard_transformations)
 
-        g = sympy.sympify(_latex_to_sympy_text(gold))
-        p = sympy.sympify(_latex_to_sympy_text(pred))
+        tr = standard_transformations + (implicit_multiplication_application,)
+        g = parse_expr(g_txt, transformations=tr, evaluate=True)
+        p = parse_expr(p_txt, transformations=tr, evaluate=True)
         return bool(sympy.simplify(g - p) == 0)
     except Exception:
         return False

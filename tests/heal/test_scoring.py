@@ -7,7 +7,10 @@ import pytest
 from heal import scoring
 from heal.scoring import compute_score, resolve_checker
 from heal.scoring.choice import AMBIGUOUS, check_choice, extract_boxed, extract_choice
-from heal.scoring.math_answer import check_math, check_physics, leading_number, math_equal
+from heal.scoring.math_answer import HAS_MATH_VERIFY, check_math, check_physics, leading_number, math_equal
+
+# unboxed answers are found by math-verify only (the fallback needs a \boxed{})
+needs_mv = pytest.mark.skipif(not HAS_MATH_VERIFY, reason="needs math-verify")
 
 
 # ---------------------------------------------------------------- multiple choice
@@ -92,7 +95,7 @@ def test_extract_boxed_balanced_and_last():
         ("\\boxed{(x+1)^2}", "x^2+2x+1", 1.0),
         ("\\boxed{2\\sqrt{2}}", "\\sqrt{8}", 1.0),
         ("\\boxed{41}", "42", 0.0),
-        ("The answer is 42.", "42", 1.0),  # no box: math-verify reads the final expression
+        pytest.param("The answer is 42.", "42", 1.0, marks=needs_mv),  # no box: math-verify reads the final expression
         ("I give up.", "42", 0.0),
         ("\\boxed{3 \\text{ or } 4}", "3", 0.0),  # several answers
         ("\\boxed{1} then finally \\boxed{2}", "2", 1.0),  # last box wins
@@ -126,6 +129,8 @@ def test_math_fallback_without_math_verify(monkeypatch):
     assert math_answer.check_math("\\boxed{\\frac{1}{2}}", "0.5") == 1.0
     assert math_answer.check_math("\\boxed{2 \\cdot 3}", "6") == 1.0
     assert math_answer.check_math("\\boxed{7}", "6") == 0.0
+    assert math_answer.check_math("\\boxed{(x+1)^2}", "x^2+2x+1") == 1.0
+    assert math_answer.check_math("\\boxed{2\\sqrt{2}}", "\\sqrt{8}") == 1.0
     assert math_answer.check_math("6", "6") == 0.0  # no box, no math-verify: no answer
 
 
@@ -142,7 +147,7 @@ def test_math_equal_rejects_empty():
         ("\\boxed{9.81\\ \\mathrm{m/s^2}}", "9.8 m/s^2", 1.0),
         ("\\boxed{12 N}", "15 N", 0.0),
         ("\\boxed{\\frac{1}{2}}", "0.5", 1.0),
-        ("no box 9.8", "9.8", 1.0),  # math-verify finds the final number
+        pytest.param("no box 9.8", "9.8", 1.0, marks=needs_mv),  # math-verify finds the final number
         ("nothing", "9.8", 0.0),
     ],
 )
@@ -213,6 +218,7 @@ def test_pathological_responses_are_handled_quickly(text):
     assert extract_boxed(text) is None
 
 
+@needs_mv
 def test_unboxed_alternatives_on_the_last_line_score_zero():
     assert check_math("It could be 3, 4, 5 or 42", "42") == 0.0
     assert check_math("So x = 42", "42") == 1.0
@@ -222,3 +228,14 @@ def test_verl_loads_compute_score_by_package_path():
     import_utils = pytest.importorskip("verl.utils.import_utils")
     fn = import_utils.load_extern_object("pkg://heal.scoring", "compute_score")
     assert fn is compute_score
+
+
+def test_fallback_never_evaluates_code_or_power_towers(monkeypatch):
+    from heal.scoring import math_answer
+
+    monkeypatch.setattr(math_answer, "HAS_MATH_VERIFY", False)
+    for bad in ["\\boxed{__import__('os').system('echo pwned')}", "\\boxed{x.real}", "\\boxed{9^{9^{9^{9}}}}",
+                "\\boxed{" + "9" * 50 + "}"]:
+        assert math_answer.check_math(bad, "1") == 0.0
+    assert not math_answer._safe_for_sympy("foo(1)")
+    assert math_answer._safe_for_sympy("x**2+y**2")
