@@ -128,15 +128,18 @@ def shape_scores(
     reward = torch.zeros(bsz, dtype=torch.float32)
     metrics: Dict[str, float] = {}
     if idx.size:
-        sel = torch.as_tensor(idx, dtype=torch.long)
+        ent_rows, mask_rows = entropy.detach().float(), mask
+        if idx.size != bsz:  # leave verl's padding rows out (copies only in that case)
+            sel = torch.as_tensor(idx, dtype=torch.long, device=entropy.device)
+            ent_rows, mask_rows = ent_rows[sel], mask_rows[sel.to(mask.device)]
         result, metrics = eda_step(
-            entropy.detach().float().cpu()[sel],
-            mask.cpu()[sel],
+            ent_rows,
+            mask_rows,
             [sources[i] for i in idx],
             [uids[i] for i in idx] if uids is not None else None,
             eda_cfg,
         )
-        reward[sel] = result.reward.to(torch.float32).cpu()
+        reward[torch.as_tensor(idx, dtype=torch.long)] = result.reward.to(torch.float32).cpu()
 
     acc = scores.clone()
     bonus = (eda_cfg.weight * reward).to(device=scores.device)
