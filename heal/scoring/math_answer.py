@@ -26,7 +26,7 @@ from typing import Optional
 
 from heal.scoring.choice import extract_boxed
 
-__all__ = ["check_math", "check_physics", "math_equal", "leading_number", "HAS_MATH_VERIFY"]
+__all__ = ["check_math", "check_physics", "math_equal", "leading_number", "too_costly", "HAS_MATH_VERIFY"]
 
 MAX_TAIL_CHARS = 2000
 MAX_ANSWER_CHARS = 500
@@ -119,6 +119,32 @@ def _fallback_equal(gold: str, pred: str) -> bool:
 
 
 _OR_RE = re.compile(r"\bor\b|\\lor\b")
+_FACTORIAL_RE = re.compile(r"(?:\d{4,}|[)}\]])\s*!|!\s*!\s*!")
+_BIG_EXP_RE = re.compile(r"(?:\^|\*\*)\s*\{?\s*[-+]?\d{5,}")
+
+
+def _exponents(s: str):
+    """The exponent text after each ``^`` (a braced group or one token)."""
+    for m in re.finditer(r"\^|\*\*", s):
+        rest = s[m.end():].lstrip()
+        if rest.startswith("{"):
+            depth, j = 0, 0
+            for j, ch in enumerate(rest):
+                depth += ch == "{"
+                depth -= ch == "}"
+                if depth == 0:
+                    break
+            yield rest[1:j]
+        else:
+            yield rest[:1] if rest[:1] != "(" else rest[: rest.find(")") + 1 if ")" in rest else len(rest)]
+
+
+def too_costly(expr: str) -> bool:
+    """True for answers whose exact evaluation could stall the process (power towers, huge
+    exponents or factorials): bigint arithmetic holds the GIL, so no timeout could stop it."""
+    if _FACTORIAL_RE.search(expr) or _BIG_EXP_RE.search(expr):
+        return True
+    return any("^" in e or "**" in e for e in _exponents(expr))
 
 
 def math_equal(gold: str, pred: str) -> bool:
@@ -132,6 +158,8 @@ def math_equal(gold: str, pred: str) -> bool:
         return True
     if _OR_RE.search(pred) and not _OR_RE.search(gold):
         return False  # "3 or 4": several different answers in the final statement
+    if too_costly(pred):
+        return False  # (equal strings were accepted above)
     if HAS_MATH_VERIFY:
         got = _mv_equal(f"${gold}$", f"${pred}$")
         if got is not None:
@@ -169,6 +197,8 @@ def check_math(solution_str: str, ground_truth, extra_info=None) -> float:
     last_line = tail.strip().rsplit("\n", 1)[-1]
     if _OR_RE.search(last_line) and not _OR_RE.search(gold):
         return 0.0  # "it could be 3 or 42": several different answers in the final statement
+    if too_costly(tail):
+        return 0.0
     got = _mv_equal(f"${gold}$", tail)
     return 1.0 if got else 0.0
 

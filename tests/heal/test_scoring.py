@@ -239,3 +239,19 @@ def test_fallback_never_evaluates_code_or_power_towers(monkeypatch):
         assert math_answer.check_math(bad, "1") == 0.0
     assert not math_answer._safe_for_sympy("foo(1)")
     assert math_answer._safe_for_sympy("x**2+y**2")
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("answer", ["9^{9^{9^{9}}}", "10^{10^{10}}", "(10^{100})!", "9!!!!", "2^{1000000000}"])
+def test_answers_that_would_stall_bigint_arithmetic_score_zero_in_threads(answer):
+    # exact evaluation of these holds the GIL for minutes; they must be refused before parsing
+    from heal.scoring.math_answer import too_costly
+
+    assert too_costly(answer)
+    out = []
+    t = threading.Thread(target=lambda: out.append(check_math(f"\\boxed{{{answer}}}", "1")))
+    t.start()
+    t.join()
+    assert out == [0.0]
+    assert check_math(f"\\boxed{{{answer}}}", answer) == 1.0  # the same string still matches
+    assert not too_costly("10^{100}") and not too_costly("x^2+2x+1") and not too_costly("5!")
