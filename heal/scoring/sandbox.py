@@ -13,10 +13,12 @@ code at scale use a container or a sandbox service):
 * no network: the process runs inside a new network namespace (``unshare -rn``) when the
   machine allows it (:func:`network_namespace_available`), and in every case an audit hook
   (:func:`sys.addaudithook`, which code cannot remove) refuses socket creation / connection,
-  process creation (``subprocess``, ``os.system``, ``os.fork``, ``os.exec*``), ``ctypes``,
-  opening files outside the working directory (read access to the standard library and
-  ``/dev/null`` / ``/dev/urandom`` stays allowed) and path operations (listdir, remove,
-  rename, chdir ...) outside the working directory.
+  process creation (``subprocess``, ``os.system``, ``os.fork``, ``os.exec*``, importing
+  ``_posixsubprocess``), ``ctypes``, ``gc`` object walks, raising rlimits, links, ``chdir``, opening files
+  outside the working directory (read access to the standard library and ``/dev/urandom``
+  stays allowed) and path operations (listdir, remove, rename ...) outside it. The hook is a
+  closure over captured builtins, so rebinding globals or builtins does not switch it off;
+  paths must be exact ``str`` / ``bytes`` / ``pathlib`` objects.
 
 Outputs are read back truncated to ``max_output_bytes``.
 """
@@ -98,7 +100,7 @@ def _make_hook(root, ro_roots, ro_files, path_types):
                     "os.forkpty", "pty.", "os.kill", "os.killpg", "os.chroot", "os.setuid", "os.setgid",
                     "os.symlink", "os.link", "os.chdir", "os.fchdir", "gc.get_", "sys.remote_exec",
                     "webbrowser.", "urllib.", "http.", "ftplib.", "smtplib.", "poplib.", "imaplib.",
-                    "nntplib.", "telnetlib.", "_posixsubprocess")
+                    "nntplib.", "telnetlib.", "_posixsubprocess", "resource.setrlimit", "resource.prlimit")
     BLOCK_EXACT = frozenset({"os.system", "os.popen", "os.startfile"})
     BLOCK_IMPORTS = frozenset({"_posixsubprocess", "_ctypes", "_xxsubinterpreters", "_testcapi",
                                "_testinternalcapi", "_tracemalloc"})
