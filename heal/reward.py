@@ -209,8 +209,8 @@ def add_to_last_token(token_scores, bonus, response_mask) -> "torch.Tensor":
     if bonus.shape != (bsz,):
         raise ValueError(f"bonus must have shape [B]=[{bsz}], got {tuple(bonus.shape)}")
     mask = response_mask.to(device=token_scores.device) != 0
-    pos = torch.arange(1, width + 1, device=token_scores.device)
-    last = (mask * pos).amax(dim=1) - 1  # -1 for an empty row
+    pos = torch.arange(1, width + 1, device=token_scores.device, dtype=torch.int32)
+    last = (mask * pos).amax(dim=1).to(torch.int64) - 1  # -1 for an empty row
     rows = (last >= 0).nonzero().squeeze(1)
     out = token_scores.clone()
     out[rows, last[rows]] += bonus[rows].to(out.dtype)
