@@ -62,19 +62,30 @@ class TransformersBackend:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
         texts = [render_prompt(self.tokenizer, p) for p in prompts]
         device = next(self.model.parameters()).device
         out: List[List[Completion]] = []
         starts = range(0, len(texts), self.prompts_per_batch)
-        bar = tqdm(starts, desc="generate", unit="batch", disable=not self.progress or len(texts) == 0)
-        for start in bar:
+        # one tick per decoding step of each batch (a stopping criterion that never stops)
+        bar = tqdm(total=len(starts) * int(max_new_tokens), desc=f"generate ({len(texts)} prompts x {n})",
+                   unit="step", disable=not self.progress or len(texts) == 0)
+
+        class _Tick(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kw):
+                bar.update(1)
+                return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+        for b, start in enumerate(starts):
             chunk = texts[start : start + self.prompts_per_batch]
             enc = self.tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
             enc = {k: v.to(device) for k, v in enc.items()}
             if seed is not None:
                 torch.manual_seed(int(seed) + start)
             kwargs = dict(max_new_tokens=int(max_new_tokens), num_return_sequences=int(n),
-                          pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.stop_ids or None)
+                          pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.stop_ids or None,
+                          stopping_criteria=StoppingCriteriaList([_Tick()]))
             if temperature > 0:
                 kwargs.update(do_sample=True, temperature=float(temperature), top_k=0, top_p=1.0)
             else:
@@ -96,4 +107,6 @@ class TransformersBackend:
                     text = self.tokenizer.decode(gen, skip_special_tokens=True)
                     row.append(Completion(start + i, j, prompt_ids, gen, text, finished))
                 out.append(row)
+            bar.update((b + 1) * int(max_new_tokens) - bar.n)  # batches that stopped early
+        bar.close()
         return out
