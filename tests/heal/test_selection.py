@@ -258,3 +258,25 @@ def test_select_config_names_the_field(tmp_path):
     assert main(["select", "--config", str(cfg), "--output", "x.parquet", "--model", "m"]) == 2
     cfg.write_text("engine: sglang\n")
     assert main(["select", "--config", str(cfg)]) == 2
+
+
+def test_heal_select_cli_end_to_end(tiny, tmp_path):
+    import pandas as pd
+
+    from heal.cli import main
+
+    model, tok = tiny
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    pd.DataFrame(_rows(4)).to_parquet(tmp_path / "pool.parquet")
+    cfg = tmp_path / "select.yaml"
+    cfg.write_text(f"input: {tmp_path / 'pool.parquet'}\nsamples: 2\nmax_new_tokens: 5\ntemperature: 1.0\n")
+    out = tmp_path / "top.parquet"
+    argv = ["select", "--config", str(cfg), "--model", str(tmp_path / "model"), "--output", str(out),
+            "--k", "2", "--device", "cpu", "--no-progress"]
+    assert main(argv + ["--limit", "1"]) == 0 and not out.exists()
+    assert main(argv) == 0
+    assert len(pd.read_parquet(out)) == 2
+    assert (tmp_path / "top.report.md").exists() and (tmp_path / "top.report.png").exists()
+    lines = open(str(out) + ".cache.jsonl").read().splitlines()
+    assert len(lines) == 1 + 4  # header + each question once: the resumed run redid nothing
