@@ -138,6 +138,7 @@ def use_fused_entropy() -> None:
     global _enabled
     import verl.utils.torch_functional as verl_F
 
+    _op(), _entropy_op()  # fail here, not in the middle of a training step, if heal_kernels is unusable
     with _lock:
         for name in _NAMES:
             _originals.setdefault(name, getattr(verl_F, name))
