@@ -213,6 +213,7 @@ def trainer_config():
                 "actor_rollout_ref.actor.ppo_mini_batch_size=4",
                 "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4",
                 "actor_rollout_ref.model.path=/nonexistent",
+                "actor_rollout_ref.rollout.temperature=0.7",
             ],
         )
 
@@ -279,13 +280,35 @@ class _MemoryTQ:
         return list_of_dict_to_tensordict([{f: r[f] for f in names} for r in rows])
 
 
-def test_compute_advantage_shapes_scores_before_grpo(trainer_config, monkeypatch):
-    """The trainer's real ``_compute_advantage``: heal's shaping, then verl's own GRPO on the shaped
-    scores; the accuracy score survives under ``acc_scores``."""
+class _FakeActorWorkerGroup:
+    """Stands in for the actor worker group: answers compute_log_prob the way verl's engine does,
+    with full-sequence (prompt + response) nested entropies and log-probs written to the TQ."""
+
+    def __init__(self, tq, full_entropy, full_log_probs):
+        self.tq, self.full_entropy, self.full_log_probs = tq, full_entropy, full_log_probs
+        self.extra_info = None
+
+    def compute_log_prob(self, batch):
+        from tensordict import TensorDict
+
+        self.extra_info = dict(batch.extra_info)
+        nested = lambda xs: torch.nested.as_nested_tensor(xs, layout=torch.jagged)  # noqa: E731
+        fields = TensorDict(
+            {"entropy": nested(self.full_entropy), "log_probs": nested(self.full_log_probs)}, batch_size=len(batch)
+        )
+        self.tq.kv_batch_put(batch.keys, batch.partition_id, fields=fields)
+        return batch
+
+
+def test_old_log_prob_pass_then_shaping_then_grpo(trainer_config, monkeypatch):
+    """The trainer's real ``_compute_old_log_prob`` (entropies requested at the rollout temperature)
+    and ``_compute_advantage`` (heal's shaping, then verl's own GRPO on the shaped scores); the
+    accuracy score survives under ``acc_scores``."""
     import transfer_queue
     from transfer_queue import KVBatchMeta
 
     from heal.integrations.verl.trainer import HealPPOTrainerSync
+    from verl.utils.tensordict_utils import list_of_dict_to_tensordict
 
     tq = _MemoryTQ()
     monkeypatch.setattr(transfer_queue, "kv_batch_get", tq.kv_batch_get)
@@ -294,26 +317,34 @@ def test_compute_advantage_shapes_scores_before_grpo(trainer_config, monkeypatch
     entropy, mask, scores, acc, lengths, uids, sources = _trajectories(n_prompts=4, n=4, seed=3)
     B = entropy.shape[0]
     keys = [f"{uids[i]}_{i % 4}_0" for i in range(B)]
-    fields = []
+    g = torch.Generator().manual_seed(11)
+    prompt_lens = torch.randint(3, 9, (B,), generator=g)
+    fields, full_entropy, full_lp = [], [], []
     for i in range(B):
-        L = int(lengths[i])
+        L, P = int(lengths[i]), int(prompt_lens[i])
         fields.append(
             {
                 "response_mask": mask[i, :L].clone(),
                 "rm_scores": scores[i, :L].clone(),
-                "entropy": entropy[i, :L].clone(),
-                "old_log_probs": -torch.rand(L),
+                "responses": torch.ones(L, dtype=torch.long),
+                "rollout_log_probs": -torch.rand(L, generator=g),  # rollout.calculate_log_probs (verl default)
                 "uid": uids[i],
                 "data_source": sources[i],
             }
         )
-    from verl.utils.tensordict_utils import list_of_dict_to_tensordict
-
+        # engine output over prompt + response; response token t's entropy sits at position P - 1 + t
+        full_entropy.append(torch.cat([torch.full((P - 1,), 9.0), entropy[i, :L], torch.full((1,), 9.0)]))
+        full_lp.append(-torch.rand(P + L, generator=g))
     tq.kv_batch_put(keys, "train", fields=list_of_dict_to_tensordict(fields))
     trainer = HealPPOTrainerSync(trainer_config)
+    trainer.actor_rollout_wg = _FakeActorWorkerGroup(tq, full_entropy, full_lp)
     batch = KVBatchMeta(partition_id="train", keys=keys, tags=[{} for _ in keys])
     metrics = {}
     trainer.timing_raw = {}
+    batch = trainer._compute_old_log_prob(batch, metrics)
+    # verl asks the actor for entropies in the old-log-prob pass, at the rollout temperature
+    assert trainer.actor_rollout_wg.extra_info["calculate_entropy"] is True
+    assert trainer.actor_rollout_wg.extra_info["temperature"] == 0.7
     trainer._compute_advantage(batch, metrics)
 
     result, _ = eda_step(entropy, mask, sources, uids, trainer.heal_settings.eda)
@@ -321,18 +352,18 @@ def test_compute_advantage_shapes_scores_before_grpo(trainer_config, monkeypatch
     got_shaped = torch.stack([tq.rows[("train", k)]["rm_scores"].sum() for k in keys])
     got_eda = torch.stack([torch.as_tensor(tq.rows[("train", k)]["eda_reward"]) for k in keys])
     assert torch.equal(got_acc, acc)
-    assert torch.equal(got_eda, result.reward)
+    assert torch.equal(got_eda, result.reward)  # EDA saw exactly the response-aligned entropies
     assert torch.allclose(got_shaped, acc + result.reward)
     for i, k in enumerate(keys):  # bonus sits on the last response token
         assert float(tq.rows[("train", k)]["rm_scores"][-1]) == pytest.approx(float(acc[i] + result.reward[i]))
 
     # verl's GRPO ran on the shaped score: advantage = (r - mean_group) / (std_group + eps)
     shaped = acc + result.reward
-    for g in range(4):
-        idx = [i for i in range(B) if uids[i] == f"p{g}"]
+    for g_ in range(4):
+        idx = [i for i in range(B) if uids[i] == f"p{g_}"]
         r = shaped[idx]
         want = (r - r.mean()) / (r.std() + 1e-6)
         got = torch.stack([tq.rows[("train", keys[i])]["advantages"][0] for i in idx])
         assert torch.allclose(got, want, atol=1e-5)
-    assert "eda/rate_target" in metrics and "heal/time_s" in metrics
+    assert "eda/rate_target" in metrics and "heal/time_s" in metrics and "actor/entropy" in metrics
     assert "heal_eda" in trainer.timing_raw
