@@ -12,9 +12,11 @@ Methods, all in one process on the same batch:
 * the reference-style loop (``F.interpolate`` + two softmaxes + ``F.kl_div`` + ``.item()`` per pair,
   float32 as the reference implementation ran it) timed on ``--ref-pairs`` random pairs and
   extrapolated to all pairs;
-* the best vectorised PyTorch baseline we could write: columns sorted by length, rows in blocks,
-  a padded gather of both aligned sequences and ``log_softmax`` over the aligned length; on the
-  CPU it runs ``--baseline-rows`` random rows against every column and is extrapolated.
+* the best vectorised PyTorch baseline we could write: columns sorted by length, one row at a time
+  against cache-sized blocks of columns, a padded gather of both aligned sequences and
+  ``log_softmax`` over the aligned length; on the CPU it runs ``--baseline-rows`` random rows
+  against every column and is extrapolated (heal's torch backend too), with torch's default thread
+  count and single-threaded, the faster reported.
 
 Reported per method: median wall time (measured, or extrapolated where marked), time per pair,
 speed-up per pair over the reference loop, aligned elements per second (sum over pairs of
@@ -79,7 +81,7 @@ def reference_pair_kl(a, b) -> float:
     return -F.kl_div(log_q, p, reduction="sum").item()
 
 
-def baseline_grouped(values, cu, groups, num_groups, rows, *, block_elems: int = 1 << 22):
+def baseline_grouped(values, cu, groups, num_groups, rows, *, block_elems: int = 1 << 18):
     """Vectorised PyTorch baseline: ``[len(rows), num_groups]`` max of ``-KL(P_i || P_j)`` (self excluded).
 
     Columns sorted by length; for a block of rows x columns the aligned index of both sides is
@@ -195,8 +197,8 @@ def run(args) -> int:
             sub = torch.randperm(bsz, generator=torch.Generator().manual_seed(args.seed + 1))[:nrows]
             # rows x all columns: same pairs as the grouped op does for those rows
             fn = lambda: _torch_rows(pw, values, cu, groups, sub)  # noqa: E731
-            t = harness.time_fn(fn, device, warmup=0, iters=1, max_seconds=1)
-            record("heal torch backend", t["median_ms"], nrows * (bsz - 1), True, harness.peak_memory_bytes(fn, device), f"{nrows} rows")
+            ms, threads = _best_threads(harness, fn, device)
+            record("heal torch backend", ms, nrows * (bsz - 1), True, harness.peak_memory_bytes(fn, device), f"{nrows} rows, {threads} threads")
             results["torch_rows"] = (sub, fn())
             continue
         fn = lambda be=be: pw.grouped_max_similarity(values, cu, groups, 2, backend=be)  # noqa: E731
@@ -220,9 +222,13 @@ def run(args) -> int:
     nrows = args.baseline_rows or (bsz if device.type == "cuda" else 32)
     sub = torch.randperm(bsz, generator=torch.Generator().manual_seed(args.seed + 2))[:nrows].to(device)
     fn = lambda: baseline_grouped(values, cu, groups, 2, sub)  # noqa: E731
-    t = harness.time_fn(fn, device, warmup=1 if device.type == "cuda" else 0, iters=3 if device.type == "cuda" else 1)
+    if device.type == "cuda":
+        ms, threads = harness.time_fn(fn, device, warmup=1, iters=3)["median_ms"], None
+    else:
+        ms, threads = _best_threads(harness, fn, device)
     mem = harness.peak_memory_bytes(fn, device)
-    base_row = record("vectorised PyTorch baseline", t["median_ms"], nrows * (bsz - 1), nrows < bsz, mem, f"{nrows} rows")
+    note = f"{nrows} rows" + (f", {threads} threads" if threads else "")
+    base_row = record("vectorised PyTorch baseline", ms, nrows * (bsz - 1), nrows < bsz, mem, note)
     base_out = fn()
     diffs = {}
     if heal_out is not None:
@@ -328,28 +334,30 @@ def run(args) -> int:
     return 0
 
 
-def _torch_rows(pw, values, cu, groups, rows):
-    """heal's torch path for ``rows`` x all columns (grouped max, self excluded)."""
+def _best_threads(harness, fn, device):
+    """CPU: time ``fn`` once with torch's default thread count and once single-threaded; the best.
+
+    Many small torch ops with intra-op threads stall badly on a busy machine (each op waits for
+    every thread); the baselines get whichever setting is faster.
+    """
     import torch
 
+    default = torch.get_num_threads()
+    best = None
+    for threads in sorted({default, 1}, reverse=True):
+        torch.set_num_threads(threads)
+        try:
+            ms = harness.time_fn(fn, device, warmup=0, iters=1)["median_ms"]
+        finally:
+            torch.set_num_threads(default)
+        if best is None or ms < best[0]:
+            best = (ms, threads)
+    return best
+
+
+def _torch_rows(pw, values, cu, groups, rows):
+    """heal's torch path (grouped max, self excluded) for ``rows`` x all columns."""
     vals, cu64 = pw._validate_packed(values, cu)
     st = pw.seq_stats(vals, cu64)
-    bsz = cu64.numel() - 1
-    out = torch.full((rows.numel(), 2), -float("inf"))
-    cols = torch.arange(bsz)
-    step = 4
-    for r0 in range(0, rows.numel(), step):
-        rr = rows[r0 : r0 + step]
-        pi = rr.unsqueeze(1).expand(-1, bsz).reshape(-1)
-        pj = cols.unsqueeze(0).expand(rr.numel(), -1).reshape(-1)
-        # chunks of pairs bounded by the torch path's tile budget
-        sims = torch.empty(pi.numel(), dtype=torch.float64)
-        chunk = max(1, pw._TORCH_TILE_ELEMENTS // max(1, st.max_len))
-        for c0 in range(0, pi.numel(), chunk):
-            sims[c0 : c0 + chunk] = pw._kl_pairs_torch(st, pi[c0 : c0 + chunk], pj[c0 : c0 + chunk], False)
-        sims = sims.reshape(rr.numel(), bsz).to(torch.float32)
-        sims[torch.arange(rr.numel()), rr] = -float("inf")
-        out[r0 : r0 + step] = torch.full((rr.numel(), 2), -float("inf")).scatter_reduce(
-            1, groups.unsqueeze(0).expand(rr.numel(), -1), sims, reduce="amax"
-        )
-    return out
+    out = pw._grouped_torch(st, cu64, "kl", False, groups, 2, True, None, rows=rows)
+    return out[rows]

@@ -52,7 +52,7 @@ KL_DIRECTIONS = ("scored_first", "short_first")
 HTI_TOP_FRACTION = 0.2
 
 # elements (pairs x aligned positions) handled per tile by the torch path: bounds its memory
-_TORCH_TILE_ELEMENTS = 1 << 21
+_TORCH_TILE_ELEMENTS = 1 << 17
 _PAD = 8  # zeros after the packed values: the C++ kernel's 8-wide loads, the torch path's sentinel
 
 
@@ -306,16 +306,24 @@ def _pl_block(angle, r, rows: torch.Tensor, cols: torch.Tensor, lengths) -> torc
 
 
 class _TileSource:
-    """Yields ``(rows, cols, sims float64 [R, C])`` tiles covering all pairs (or only ``rows`` given)."""
+    """Yields ``(rows, cols, sims [R, C])`` tiles covering every (row, column) pair, rows restricted
+    to ``rows`` when given. Rows and columns are visited in length order so that a tile's pairs have
+    similar aligned lengths (little padding); a tile holds at most ``_TORCH_TILE_ELEMENTS`` aligned
+    positions (cache-sized: many small passes over big tiles are memory-bound)."""
 
-    def __init__(self, st: SeqStats, cu: torch.Tensor, metric: str, short_first: bool):
+    def __init__(self, st: SeqStats, cu: torch.Tensor, metric: str, short_first: bool, rows=None):
         self.st, self.metric, self.short_first = st, metric, short_first
         if metric == "pl":
             self.pl = _pl_stats(st, cu)
-        dev = st.x.device
-        # sort by length so a tile's pairs have similar aligned widths (little padding)
         self.order = torch.argsort(st.lengths, stable=True)
         self.sorted_len = st.lengths[self.order].cpu()
+        if rows is None:
+            self.row_order, self.row_len = self.order, self.sorted_len
+        else:
+            rows = rows.to(st.lengths.device)
+            ro = torch.argsort(st.lengths[rows], stable=True)
+            self.row_order = rows[ro]
+            self.row_len = st.lengths[self.row_order].cpu()
 
     def _col_block(self, c0: int, nrows: int, row_max: int) -> int:
         """Most columns from ``c0`` whose tile stays within ``_TORCH_TILE_ELEMENTS``."""
@@ -335,22 +343,21 @@ class _TileSource:
         bsz = order.numel()
         if bsz == 0:
             return
+        nrows = self.row_order.numel()
         if self.metric == "pl":
             step = max(1, _TORCH_TILE_ELEMENTS // max(bsz, 1))
             cols = torch.arange(bsz, device=order.device)
-            for r0 in range(0, bsz, step):
-                rows = torch.arange(r0, min(bsz, r0 + step), device=order.device)
+            for r0 in range(0, nrows, step):
+                rows = self.row_order[r0 : r0 + step]
                 yield rows, cols, _pl_block(*self.pl, rows, cols, st.lengths)
             return
-        slen = self.sorted_len
         rb = 16
-        for r0 in range(0, bsz, rb):
-            r1 = min(bsz, r0 + rb)
-            rows = order[r0:r1]
-            row_max = int(slen[r1 - 1])
+        for r0 in range(0, nrows, rb):
+            r1 = min(nrows, r0 + rb)
+            rows = self.row_order[r0:r1]
+            row_max = int(self.row_len[r1 - 1])
             c0 = 0
             while c0 < bsz:
-                # width of a tile: min(row_max, col_max) (kl) or max(row_max, col_max) (hti)
                 cb = self._col_block(c0, r1 - r0, row_max)
                 c1 = min(bsz, c0 + cb)
                 cols = order[c0:c1]
@@ -372,11 +379,13 @@ def _pairwise_torch(st, cu, metric, short_first) -> torch.Tensor:
     return out
 
 
-def _grouped_torch(st, cu, metric, short_first, groups, num_groups, exclude_self, pids) -> torch.Tensor:
+def _grouped_torch(st, cu, metric, short_first, groups, num_groups, exclude_self, pids, rows=None) -> torch.Tensor:
+    """The grouped max on the torch path; ``rows`` (optional) restricts the scored rows: the result
+    is then ``[B, num_groups]`` with only those rows filled (the others stay ``-inf``)."""
     bsz = st.lengths.numel()
     dev = st.x.device
     out = torch.full((bsz, num_groups), -math.inf, dtype=torch.float32, device=dev)
-    for rows, cols, sims in _TileSource(st, cu, metric, short_first).tiles():
+    for rows, cols, sims in _TileSource(st, cu, metric, short_first, rows).tiles():
         ok = ~torch.isnan(sims)
         if exclude_self:
             ok &= rows.unsqueeze(1) != cols.unsqueeze(0)
