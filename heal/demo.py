@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-__all__ = ["DemoConfig", "find_smollm2_gguf", "load_model", "load_builtin", "BUILTIN_SETS", "run_demo",
+__all__ = ["DemoConfig", "auto_threads", "find_smollm2_gguf", "load_model", "load_builtin", "BUILTIN_SETS", "run_demo",
            "TARGET_SOURCE", "GENERAL_SOURCE"]
 
 BUILTIN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "builtin")
@@ -150,6 +150,20 @@ def load_builtin(name: str) -> List[Dict[str, Any]]:
 # ---------------------------------------------------------------------------------------------
 
 
+def auto_threads() -> int:
+    """CPU threads for torch: the cores this process may use minus the current load (at least 1).
+
+    On a busy machine several spinning OpenMP threads fight the other processes for the cores and
+    run many times slower than one thread; on an idle machine every core is used.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        load = 0.0
+    return max(1, min(cores, int(cores - load + 0.5)))
+
+
 def _fmt(x: float, nd: int = 3) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "n/a"
@@ -196,7 +210,7 @@ def run_demo(
     t_start = time.perf_counter()
     cpu_start = time.process_time()
     timings: Dict[str, float] = {}
-    threads = cfg.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    threads = cfg.threads or auto_threads()
     old_threads = torch.get_num_threads()
     torch.set_num_threads(max(1, int(threads)))
     try:
@@ -322,7 +336,7 @@ def _summarise(trajs: Sequence[Dict[str, Any]], dmat) -> Dict[str, Any]:
 
 def _report_markdown(cfg, model_name, rows, target_rows, general_rows, trajs, stats, chosen, summary, timings,
                      threads) -> str:
-    from heal.selection import _question_text
+    from heal.selection import _question_text, _rank_key
 
     L: List[str] = ["# HEAL demo report", ""]
     L += [f"Model: **{model_name}**, {cfg.samples} samples per question at temperature {cfg.temperature}, "
@@ -355,7 +369,7 @@ def _report_markdown(cfg, model_name, rows, target_rows, general_rows, trajs, st
           "(full table in [selection.md](selection.md)).", "",
           "| rank | question | Acc | Uncertainty | Diversity | score | kept |", "|---:|---|---:|---:|---:|---:|:---:|"]
     keep = {s.key for s in chosen}
-    for rank, s in enumerate(sorted(stats, key=lambda s: (-s.score, s.index)), 1):
+    for rank, s in enumerate(sorted(stats, key=_rank_key), 1):
         L.append(f"| {rank} | {_question_text(general_rows[s.index], 60)} | {s.acc:.2f} | {s.uncertainty:.2f} | "
                  f"{s.diversity:.3f} | {s.score:.3f} | {'yes' if s.key in keep else ''} |")
     L += ["", "![selection](selection.png)", ""]

@@ -9,7 +9,8 @@ For a candidate general question ``x`` with ``N`` sampled trajectories ``y_1..y_
   ``k = max(1, ceil(0.2 * len))`` highest-entropy tokens of one trajectory. **An empty trajectory
   contributes 0** to that mean (it still counts in ``N``), so questions that make the model stop at
   once are not favoured;
-* score ``c(x) = Uncertainty(x) * Diversity(x)``; keep the top ``K`` (ties: the earlier row wins).
+* score ``c(x) = Uncertainty(x) * Diversity(x)``; keep the top ``K`` (ties: higher Diversity, then the
+  earlier row).
 
 Entropies are exact full-vocabulary entropies at the sampling temperature (:mod:`heal.rollout`).
 
@@ -128,11 +129,16 @@ def question_stats(key: str, index: int, accs: Sequence[float], entropies: Seque
                          accs=[float(a) for a in accs])
 
 
+def _rank_key(s: "QuestionStats"):
+    return (-s.score, -s.diversity, s.index)
+
+
 def select_top_k(stats: Sequence[QuestionStats], k: int) -> List[QuestionStats]:
-    """The ``k`` highest scores, best first; equal scores keep the lower ``index`` first."""
+    """The ``k`` highest scores, best first. Equal scores (common at ``c = 0``: a question the model
+    always or never solves) go to the higher Diversity, then to the lower ``index``."""
     if k < 0:
         raise ValueError(f"k must be >= 0, got {k}")
-    return sorted(stats, key=lambda s: (-s.score, s.index))[:k]
+    return sorted(stats, key=_rank_key)[:k]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,7 +326,7 @@ def write_selection_report(stats: Sequence[QuestionStats], chosen: Sequence[Ques
               "## Per question (best first)", "",
               "| rank | row | chosen | Acc | Uncertainty | Diversity | score | mean tokens | question |",
               "|---:|---:|:---:|---:|---:|---:|---:|---:|---|"]
-    for rank, s in enumerate(sorted(stats, key=lambda s: (-s.score, s.index)), 1):
+    for rank, s in enumerate(sorted(stats, key=_rank_key), 1):
         q = ""
         if rows is not None:
             q = _question_text(rows[s.index])

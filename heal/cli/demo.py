@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--top-k", dest="top_k", type=int, default=d.top_k, help=f"general questions kept by the selection (default {d.top_k})")
     a("--min-length", dest="min_length", type=int, default=d.min_length,
       help=f"responses of at most this many tokens get no EDA reward (default {d.min_length}; the paper: 50)")
-    a("--threads", type=int, default=None, help="torch CPU threads (default: the cores this process may use)")
+    a("--threads", type=int, default=None, help="torch CPU threads (default: the cores this process may use minus the machine's load, >= 1)")
     a("--model-path", dest="model_path", default=None, metavar="PATH",
       help="a local .gguf file or transformers model folder instead of the bundled SmolLM2")
     a("--no-progress", dest="progress", action="store_false", help="no progress bars")

@@ -92,6 +92,9 @@ def test_select_top_k_order_and_ties():
     stats = [mk(0, 0.1), mk(1, 0.9), mk(2, 0.5), mk(3, 0.9), mk(4, 0.0)]
     assert [s.index for s in S.select_top_k(stats, 3)] == [1, 3, 2]
     assert [s.index for s in S.select_top_k(stats, 10)] == [1, 3, 2, 0, 4]
+    # equal scores (c = 0: always right / always wrong) -> higher diversity first
+    z = lambda i, d: S.QuestionStats(key=str(i), index=i, acc=1.0, uncertainty=0, diversity=d, score=0.0, n=1, mean_tokens=1)
+    assert [s.index for s in S.select_top_k([z(0, 1.0), z(1, 3.0), z(2, 2.0), z(3, 3.0)], 3)] == [1, 3, 2]
     assert S.select_top_k(stats, 0) == []
     with pytest.raises(ValueError, match="k must"):
         S.select_top_k(stats, -1)
