@@ -25,13 +25,8 @@ heal_run() {  # heal_run CONFIG_NAME "train,files" [overrides...]
     local config_name="$1" train_files="$2"
     shift 2
     : "${VAL_FILES:?set VAL_FILES to the validation parquet file(s)}"
-    local config_path reward_fn
-    { read -r config_path; read -r reward_fn; } < <(python -c '
-import importlib.util
-from heal.integrations.verl.config_dir import config_dir
-print(config_dir())
-print(importlib.util.find_spec("heal.scoring").origin)')
-    export HEAL_REWARD_FN_PATH="$reward_fn"
+    local config_path
+    config_path="$(python -c 'from heal.integrations.verl.config_dir import config_dir; print(config_dir())')"
     local args=(
         --config-path="$config_path"
         --config-name="$config_name"

@@ -88,6 +88,13 @@ def test_paper_hyperparameters(composed):
     assert (ea.policy_loss.entropy_adv_alpha, ea.policy_loss.entropy_adv_kappa) == (0.4, 2.0) and ea.calculate_entropy
     assert cfgs["paper_heal"].trainer.v1.trainer_mode == "heal_sync"
     assert cfgs["paper_grpo"].trainer.v1.trainer_mode == "sync"
+    for name in CONFIG_NAMES[1:]:
+        assert cfgs[name].reward.custom_reward_function.path == "pkg://heal.scoring"
+    from verl.utils.import_utils import load_extern_object
+
+    from heal.scoring import compute_score
+
+    assert load_extern_object("pkg://heal.scoring", "compute_score") is compute_score  # how verl loads it
 
 
 def test_heal_blocks(composed):
