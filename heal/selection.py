@@ -264,10 +264,9 @@ def score_questions(
     cache = SelectionCache(cache_path, settings)
     keys = [question_key(r) for r in rows]
     todo = [i for i, k in enumerate(keys) if cache.get(k) is None]
+    bar = tqdm(total=len(rows), initial=len(rows) - len(todo), desc="select", unit="question", disable=not progress)
     if stop_after is not None:
         todo = todo[: max(0, int(stop_after))]
-    bar = tqdm(total=len(rows), initial=len(rows) - len([i for i, k in enumerate(keys) if cache.get(k) is None]),
-               desc="select", unit="question", disable=not progress)
     try:
         for start in range(0, len(todo), questions_per_batch):
             chunk = todo[start : start + questions_per_batch]
