@@ -53,6 +53,7 @@ HTI_TOP_FRACTION = 0.2
 
 # elements (pairs x aligned positions) handled per tile by the torch path: bounds its memory
 _TORCH_TILE_ELEMENTS = 1 << 17
+_TRITON_MAX_GROUPS = 64  # the Triton kernel keeps a running max per group in registers; beyond: torch path
 _PAD = 8  # zeros after the packed values: the C++ kernel's 8-wide loads, the torch path's sentinel
 
 
@@ -446,7 +447,7 @@ def _run(values, cu_seqlens, metric, kl_direction, backend, grouped_args=None):
             ext = _cpu_ext()
             if ext is not None:
                 return _run_cpu_ext(ext, st, short_first, grouped_args is not None and (groups, num_groups, exclude_self, pids))
-        elif name == "triton":
+        elif name == "triton" and (grouped_args is None or num_groups <= _TRITON_MAX_GROUPS):
             from heal_kernels.triton import pairwise as tri
 
             if grouped_args is None:

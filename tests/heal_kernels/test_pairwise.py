@@ -198,6 +198,18 @@ def test_backends_agree(request):
         assert torch.equal(results["cpu"][:, grp], exp)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_many_groups(backend, request, monkeypatch):
+    """One group per trajectory (and more groups than the Triton kernel keeps in registers)."""
+    needs(backend, request)
+    values, cu = pack([3, 5, 1, 8, 2, 6])
+    groups = torch.tensor([0, 1, 2, 3, 4, 6])
+    expected = ref.grouped_max_similarity(values, cu, groups, 7, exclude_self=False)
+    close(pw.grouped_max_similarity(values, cu, groups, 7, exclude_self=False, backend=backend), expected)
+    monkeypatch.setattr(pw, "_TRITON_MAX_GROUPS", 4)
+    close(pw.grouped_max_similarity(values, cu, groups, 7, exclude_self=False, backend=backend), expected)
+
+
 def test_cpu_larger_batch_matches_torch(request):
     """A batch big enough for several OpenMP chunks and AVX2 blocks (plus ragged tails)."""
     request.getfixturevalue("cpu_ext")
