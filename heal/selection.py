@@ -248,6 +248,10 @@ def score_questions(
     at once. ``stop_after``: stop after scoring that many *new* questions (for tests and for
     chunked runs); the returned list then holds only the questions scored so far.
     ``on_question`` is called for each newly scored question.
+
+    Sampling is seeded per generate call from ``seed`` and the first question of the call, so a
+    run is reproducible for the same ``questions_per_batch``; a resumed run batches the remaining
+    questions differently and so draws other (equally valid) samples for them.
     """
     from tqdm.auto import tqdm
 
