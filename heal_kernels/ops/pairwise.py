@@ -52,7 +52,7 @@ KL_DIRECTIONS = ("scored_first", "short_first")
 HTI_TOP_FRACTION = 0.2
 
 # elements (pairs x aligned positions) handled per tile by the torch path: bounds its memory
-_TORCH_TILE_ELEMENTS = 1 << 17
+_TORCH_TILE_ELEMENTS = 1 << 16
 _TRITON_MAX_GROUPS = 64  # the Triton kernel keeps a running max per group in registers; beyond: torch path
 _PAD = 8  # zeros after the packed values: the C++ kernel's 8-wide loads, the torch path's sentinel
 
@@ -156,6 +156,21 @@ class SeqStats:
     lengths: torch.Tensor  # int64 [B]
     mx: torch.Tensor  # float64 [B], max (0 for empty)
     max_len: int
+    _padded: Optional[tuple] = None
+
+    def padded(self):
+        """``(x, e)`` as zero-padded ``[B, max_len + 1]`` float32 matrices (torch path; built once)."""
+        if self._padded is None:
+            bsz = self.lengths.numel()
+            dev = self.x.device
+            pos = torch.arange(self.max_len + 1, device=dev)
+            mask = pos.unsqueeze(0) < self.lengths.unsqueeze(1)
+            xp = torch.zeros(bsz, self.max_len + 1, dtype=torch.float32, device=dev)
+            ep = torch.zeros_like(xp)
+            xp[mask] = self.x[: self.total]
+            ep[mask] = self.e[: self.total]
+            self._padded = (xp, ep)
+        return self._padded
 
 
 def _segment_sum(prefix: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
@@ -200,8 +215,9 @@ def seq_stats(values: torch.Tensor, cu: torch.Tensor) -> SeqStats:
 def _kl_pairs_torch(st: SeqStats, pi: torch.Tensor, pj: torch.Tensor, short_first: bool) -> torch.Tensor:
     """``-KL`` for the pairs ``(pi[k], pj[k])`` (row scored), float32; NaN where a side is empty.
 
-    The formula of the module docstring over a ``[pairs, max aligned length]`` tile; positions past
-    a pair's aligned length read a zero sentinel, so no masking pass is needed.
+    The formula of the module docstring over a ``[pairs, max aligned length]`` tile, reading rows of
+    the zero-padded ``[B, max_len + 1]`` matrices (positions past a pair's aligned length read zeros,
+    so no masking pass is needed).
     """
     dev = pi.device
     mi, mj = st.lengths[pi], st.lengths[pj]
@@ -218,17 +234,19 @@ def _kl_pairs_torch(st: SeqStats, pi: torch.Tensor, pj: torch.Tensor, short_firs
     width = int(nl.max()) if nl.numel() else 0
     if total == 0 or width == 0:
         return torch.full(pi.shape, math.nan, dtype=torch.float32, device=dev)
-    x, e = st.x, st.e  # x[total] = e[total] = 0: the sentinel
+    xp, ep = st.padded()  # [B, max_len + 1], zeros past each sequence's end
     t = torch.arange(width, device=dev)
     scale = ms.clamp(min=1).to(torch.float32) / nl.clamp(min=1).to(torch.float32)
     src = (t.to(torch.float32).unsqueeze(0) * scale.unsqueeze(1)).to(torch.int64)  # trunc == floor (>= 0)
     src = torch.minimum(src, (ms - 1).clamp(min=0).unsqueeze(1))
     valid = t.unsqueeze(0) < torch.where(empty, torch.zeros_like(nl), nl).unsqueeze(1)
-    sentinel = torch.full((), total, dtype=torch.int64, device=dev)
-    sidx = torch.where(valid, src + st.starts[s_idx].unsqueeze(1), sentinel)
-    lidx = torch.where(valid, t.unsqueeze(0) + st.starts[l_idx].unsqueeze(1), sentinel)
-    es, xs = e[sidx], x[sidx]
-    el, xl = e[lidx], x[lidx]
+    ms_max = int(ms.max())
+    # positions past the aligned length read column ms_max of the short rows: zero for all of them
+    src = torch.where(valid, src, torch.full((), ms_max, dtype=torch.int64, device=dev))
+    es = torch.gather(ep[s_idx, : ms_max + 1], 1, src)
+    xs = torch.gather(xp[s_idx, : ms_max + 1], 1, src)
+    el = ep[l_idx, :width]  # zeros past each long sequence's end
+    xl = xp[l_idx, :width]
     zs = es.sum(1).to(torch.float64)
     zl = el.sum(1).to(torch.float64)
     w = torch.where(case_long.unsqueeze(1), el, es)
