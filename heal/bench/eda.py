@@ -81,7 +81,7 @@ def reference_pair_kl(a, b) -> float:
     return -F.kl_div(log_q, p, reduction="sum").item()
 
 
-def baseline_grouped(values, cu, groups, num_groups, rows, *, block_elems: int = 1 << 18):
+def baseline_grouped(values, cu, groups, num_groups, rows, *, block_elems=None):
     """Vectorised PyTorch baseline: ``[len(rows), num_groups]`` max of ``-KL(P_i || P_j)`` (self excluded).
 
     Columns sorted by length; for a block of rows x columns the aligned index of both sides is
@@ -92,6 +92,8 @@ def baseline_grouped(values, cu, groups, num_groups, rows, *, block_elems: int =
     import torch
 
     dev = values.device
+    if block_elems is None:  # cache-sized on the CPU; big blocks (few launches) on a GPU
+        block_elems = 1 << 24 if dev.type == "cuda" else 1 << 18
     lens = (cu[1:] - cu[:-1]).to(torch.int64)
     bsz = lens.numel()
     max_len = int(lens.max())
