@@ -21,13 +21,17 @@ With ``e = exp(x - M_seq)`` precomputed once per element (``M_seq`` the sequence
 * ``P = softmax(S')``, ``Q = softmax(L)``:
   ``KL = sum_t e_S'(t) (S'_t - L_t) / Z_S' + (M_L - M_S) + log(Z_L / Z_S')``
 
-One pass over the aligned positions per pair, no ``exp`` or ``log`` per element, float32 sums; two
-identical sequences give exactly 0. Memory: ``O(total)`` precompute plus a bounded tile.
+One pass over the aligned positions per pair, no ``exp`` or ``log`` per element, float32 sums
+(folded into float64); two identical sequences give exactly 0 on the C++ and Triton backends.
+Memory: ``O(total)`` precompute, ``O(B * max_len)`` padded rows (torch path) and a bounded tile;
+nothing ``B x B x T``, and the grouped op never holds ``[B, B]``. Results are deterministic: every
+pair is reduced in a fixed order and the group max is order-free.
 
 Backends (:func:`heal_kernels._backend.resolve_backend`): ``triton`` (CUDA, or the Triton
 interpreter), ``cpu`` (the C++/OpenMP extension in ``csrc/pairwise.cpp``, built on first use; the
-torch path when it cannot be built) and ``torch`` (tiles of pairs, float64, memory-bounded). The
-``hti`` and ``pl`` metrics run the torch path on every backend (they are not the hot path).
+torch path when it cannot be built) and ``torch`` (length-sorted, cache-sized tiles of pairs). The
+``hti`` and ``pl`` metrics run the torch path on every backend (they are not the hot path), and so
+does a Triton grouped op with more than 64 groups.
 """
 
 from __future__ import annotations
@@ -208,7 +212,7 @@ def seq_stats(values: torch.Tensor, cu: torch.Tensor) -> SeqStats:
 
 
 # ---------------------------------------------------------------------------------------------
-# torch path: tiles of pairs, float64
+# torch path: length-sorted tiles of pairs
 # ---------------------------------------------------------------------------------------------
 
 
