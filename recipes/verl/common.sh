@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
 # Shared launcher for the HEAL paper's verl runs. Sourced by the recipe scripts; not run directly.
 #
-# Environment (paths are verl-format parquet files, e.g. written by `heal data ...`):
-#   TARGET_TRAIN     target-domain training data (few-shot: the 32 sampled questions)   [Few-shot, Hybrid, HEAL, baselines]
-#   GENERAL_TRAIN    general-domain training data (e.g. the 384 selected CommonsenseQA questions) [Hybrid, Only-General, HEAL, baselines]
+# Environment (verl-format parquet files; see recipes/verl/README.md, section "Data"):
+#   HYBRID_TRAIN     hybrid file from `heal mix` (K target + general questions in every batch,
+#                    row order = batch order)                 [Hybrid, HEAL, every entropy baseline]
+#   FEWSHOT_TRAIN    few-shot file from `heal mix --general-per-batch 0` (target questions only,
+#                    row order = batch order)                 [Few-shot]
+#   GENERAL_TRAIN    general-domain data (e.g. the 384 selected CommonsenseQA questions) [Only-General]
 #   VAL_FILES        validation data, comma-separated list of parquet files           (required)
+#   BATCH_SIZE       prompts per training batch for HYBRID_TRAIN / FEWSHOT_TRAIN (default: the
+#                    batch size `heal mix` stored in the file; also the PPO mini-batch)
 #   MODEL_PATH       policy to train                            (default Qwen/Qwen3-1.7B-Base)
 #   GENERAL_SOURCES  data_source names of the general data, comma-separated (default commonsense_qa)
 #   N_GPUS           GPUs on the node                           (default 8)
@@ -53,3 +58,70 @@ heal_run() {  # heal_run CONFIG_NAME "train,files" [overrides...]
 }
 
 need() { : "${!1:?set $1 (see recipes/verl/README.md)}"; }
+
+# The `heal mix` commands that write the ordered training files (paths are placeholders).
+HEAL_MIX_HYBRID="heal mix --target target32.parquet --general general384.parquet --k 32 --general-per-batch 96 --output hybrid.parquet"
+HEAL_MIX_FEWSHOT="heal mix --target target32.parquet --k 32 --repeat 4 --general-per-batch 0 --output fewshot.parquet"
+
+_heal_mix_batch_size() {  # _heal_mix_batch_size VAR FILE MAKE_CMD -> prints the batch size (BATCH_SIZE or the file's)
+    python - "$1" "$2" "$3" "${BATCH_SIZE:-}" <<'PY'
+import json, sys
+var, path, make, override = sys.argv[1:5]
+def fail(msg):
+    sys.exit(f"{msg}\nmake it with: {make}   (see recipes/verl/README.md, section Data)")
+if override:
+    if not override.isdigit() or int(override) < 1:
+        sys.exit(f"BATCH_SIZE must be a positive integer, got {override!r}")
+meta = None
+if "://" not in path:
+    import pyarrow.parquet as pq
+    try:
+        schema = pq.read_schema(path)
+    except Exception as e:
+        fail(f"{var}={path} is not a readable parquet file ({e})")
+    raw = (schema.metadata or {}).get(b"heal.mix")
+    meta = json.loads(raw) if raw else None
+if override:
+    batch = int(override)
+    if meta is not None and meta["batch_size"] != batch:
+        print(f"warning: BATCH_SIZE={batch} but {path} was mixed for batches of {meta['batch_size']}: "
+              "its batches will not line up with the training batches", file=sys.stderr)
+elif meta is not None:
+    batch = int(meta["batch_size"])
+elif "://" in path:
+    batch = 128
+    print(f"note: cannot read {path} here; assuming heal mix batches of 128 (set BATCH_SIZE otherwise)",
+          file=sys.stderr)
+else:
+    fail(f"{var}={path} was not written by `heal mix` (no 'heal.mix' metadata), so its batch size is "
+         "unknown; set BATCH_SIZE to it, or")
+if meta is not None and meta["rows"] % batch:
+    print(f"warning: {path} has {meta['rows']} rows, not a multiple of {batch}: verl drops the last "
+          "incomplete batch", file=sys.stderr)
+print(batch)
+PY
+}
+
+heal_run_mixed() {  # heal_run_mixed CONFIG_NAME VAR MAKE_CMD [overrides...]: train on a `heal mix` file in its order
+    local config_name="$1" var="$2" make="$3" file batch
+    shift 3
+    file="${!var:-}"
+    if [[ -z "$file" ]]; then
+        echo "set $var to the parquet file written by: $make   (see recipes/verl/README.md, section Data)" >&2
+        exit 1
+    fi
+    if [[ "$file" != *://* && ! -f "$file" ]]; then
+        echo "$var=$file does not exist; make it with: $make   (see recipes/verl/README.md, section Data)" >&2
+        exit 1
+    fi
+    batch="$(_heal_mix_batch_size "$var" "$file" "$make")" || exit 1
+    # The file's row order is the batch order: no shuffling, batches of the mix's size (one PPO update
+    # per batch, as in the paper), and no length filter (verl's filter drops rows, which would shift
+    # every later batch; verl 0.9.1's agent loop left-truncates a prompt longer than max_prompt_length).
+    heal_run "$config_name" "$file" \
+        "data.shuffle=False" \
+        "data.train_batch_size=$batch" \
+        "actor_rollout_ref.actor.ppo_mini_batch_size=$batch" \
+        "data.filter_overlong_prompts=False" \
+        "$@"
+}

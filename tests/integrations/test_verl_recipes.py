@@ -1,7 +1,13 @@
-"""recipes/verl/*.sh: the arguments they pass to verl compose into the intended configs."""
+"""recipes/verl/*.sh: the arguments they pass to verl compose into the intended configs.
+
+The hybrid/few-shot recipes read real (tiny) `heal mix` files written here, so the batch size they
+take from the file, the order-keeping settings and the error messages are all checked end to end.
+"""
 
 import os
 import pathlib
+import re
+import shlex
 import subprocess
 
 import pytest
@@ -13,20 +19,65 @@ from omegaconf import OmegaConf  # noqa: E402
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 RECIPES = ROOT / "recipes" / "verl"
 SCRIPTS = sorted(p.name for p in RECIPES.glob("*.sh") if p.name != "common.sh")
+README = (RECIPES / "README.md").read_text()
 
-ENV = {
-    "HEAL_RECIPE_DRY_RUN": "1",
-    "TARGET_TRAIN": "/data/medqa_32.parquet",
-    "GENERAL_TRAIN": "/data/csqa_384.parquet",
-    "VAL_FILES": "/data/val_a.parquet,/data/val_b.parquet",
-}
+HYBRID_RECIPES = [
+    ("hybrid.sh", "paper_grpo"), ("heal.sh", "paper_heal"), ("entropy_loss.sh", "paper_entropy_loss"),
+    ("high_entropy_tokens.sh", "paper_high_entropy_tokens"), ("clip_higher.sh", "paper_clip_higher"),
+    ("kl_cov.sh", "paper_kl_cov"), ("clip_cov.sh", "paper_clip_cov"),
+    ("entropy_advantage.sh", "paper_entropy_advantage"),
+]
 
 
-def _dry_run(script, extra_env=None, args=()):
-    env = dict(os.environ, **ENV, **(extra_env or {}))
-    proc = subprocess.run(["bash", str(RECIPES / script), *args], env=env, capture_output=True, text=True, timeout=60)
+def _row(source, i):
+    return {
+        "data_source": source,
+        "prompt": [{"role": "user", "content": f"{source} question {i}?"}],
+        "ability": "multiple_choice",
+        "reward_model": {"style": "rule", "ground_truth": "A"},
+        "extra_info": {"index": i},
+    }
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Target (32), general (384) and the `heal mix` files the README's commands write."""
+    from heal.data.io import write_parquet_rows
+    from heal.data.mix import MixConfig, mix_files
+
+    d = tmp_path_factory.mktemp("recipe_data")
+    target, general = str(d / "med32.parquet"), str(d / "csqa384.parquet")
+    write_parquet_rows([_row("medqa", i) for i in range(32)], target)
+    write_parquet_rows([_row("commonsense_qa", i) for i in range(384)], general)
+    paths = {"target": target, "general": general}
+    for name, kw in {
+        "hybrid": dict(general=[general], k=32, general_per_batch=96),
+        "fewshot": dict(k=32, repeat=4, general_per_batch=0),
+        "small": dict(general=[general], k=8, general_per_batch=24),  # batches of 32
+    }.items():
+        paths[name] = str(d / f"{name}.parquet")
+        mix_files(MixConfig(target=[target], output=paths[name], **kw))
+    return paths
+
+
+def _env(data, extra_env=None):
+    env = dict(os.environ, HEAL_RECIPE_DRY_RUN="1", VAL_FILES="/data/val_a.parquet,/data/val_b.parquet",
+               HYBRID_TRAIN=data["hybrid"], FEWSHOT_TRAIN=data["fewshot"], GENERAL_TRAIN=data["general"])
+    for key in ("BATCH_SIZE", "FUSED_ENTROPY", "GENERAL_SOURCES", "TOTAL_EPOCHS", "EXPERIMENT"):
+        env.pop(key, None)
+    env.update(extra_env or {})
+    return env
+
+
+def _run(script, env, args=()):
+    return subprocess.run(["bash", str(RECIPES / script), *args], env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def _dry_run(script, data, extra_env=None, args=()):
+    proc = _run(script, _env(data, extra_env), args)
     assert proc.returncode == 0, proc.stderr
-    return proc.stdout.splitlines()
+    return proc.stdout.splitlines(), proc.stderr
 
 
 def _compose(lines):
@@ -39,46 +90,122 @@ def _compose(lines):
         return name, compose(config_name=name, overrides=overrides)
 
 
+def _assert_ordered(cfg, train_file, batch):
+    assert list(cfg.data.train_files) == [train_file]
+    assert cfg.data.shuffle is False
+    assert cfg.data.train_batch_size == batch and cfg.actor_rollout_ref.actor.ppo_mini_batch_size == batch
+    assert cfg.data.filter_overlong_prompts is False
+
+
 def test_every_recipe_is_listed_and_parses():
-    expected = {
-        "fewshot.sh", "hybrid.sh", "only_general.sh", "heal.sh", "entropy_loss.sh", "high_entropy_tokens.sh",
-        "clip_higher.sh", "kl_cov.sh", "clip_cov.sh", "entropy_advantage.sh",
-    }
+    expected = {s for s, _ in HYBRID_RECIPES} | {"fewshot.sh", "only_general.sh"}
     assert set(SCRIPTS) == expected
-    readme = (RECIPES / "README.md").read_text()
     for script in SCRIPTS:
         assert subprocess.run(["bash", "-n", str(RECIPES / script)]).returncode == 0
-        assert script in readme, f"{script} missing from recipes/verl/README.md"
+        assert script in README, f"{script} missing from recipes/verl/README.md"
 
 
-def test_heal_recipe_composes_with_sources_and_fused_entropy():
+@pytest.mark.parametrize("script,config", HYBRID_RECIPES)
+def test_hybrid_recipes_train_on_the_mix_in_order(script, config, data):
+    lines, _ = _dry_run(script, data, {"FUSED_ENTROPY": "1"})
+    name, cfg = _compose(lines)
+    assert name == config
+    _assert_ordered(cfg, data["hybrid"], 128)
+    assert list(cfg.data.val_files) == ["/data/val_a.parquet", "/data/val_b.parquet"]
+    if script == "heal.sh":
+        assert cfg.trainer.v1.trainer_mode == "heal_sync" and cfg.heal.fused_entropy is True
+    else:
+        assert cfg.trainer.v1.trainer_mode == "sync"
+        env_vars = OmegaConf.select(cfg, "ray_kwargs.ray_init.runtime_env.env_vars")
+        assert env_vars is not None and str(env_vars.HEAL_FUSED_ENTROPY) == "1"  # reaches every Ray worker
+
+
+def test_heal_recipe_composes_with_sources_and_overrides(data):
     from heal.integrations.verl.settings import HealSettings
 
-    lines = _dry_run("heal.sh", {"GENERAL_SOURCES": "commonsense_qa,openbookqa", "FUSED_ENTROPY": "1"}, ["trainer.total_epochs=7"])
+    lines, _ = _dry_run("heal.sh", data, {"GENERAL_SOURCES": "commonsense_qa,openbookqa", "FUSED_ENTROPY": "1"},
+                        ["trainer.total_epochs=7"])
     name, cfg = _compose(lines)
-    assert name == "paper_heal" and cfg.trainer.v1.trainer_mode == "heal_sync"
-    assert list(cfg.data.train_files) == [ENV["TARGET_TRAIN"], ENV["GENERAL_TRAIN"]]
-    assert list(cfg.data.val_files) == ["/data/val_a.parquet", "/data/val_b.parquet"]
-    assert cfg.trainer.total_epochs == 7
+    assert name == "paper_heal" and cfg.trainer.total_epochs == 7
     s = HealSettings.from_config(cfg)
     assert s.eda.general_sources == ("commonsense_qa", "openbookqa") and s.fused_entropy
 
 
-@pytest.mark.parametrize(
-    "script,config,n_files",
-    [("only_general.sh", "paper_grpo", 1), ("fewshot.sh", "paper_grpo", 1), ("kl_cov.sh", "paper_kl_cov", 2)],
-)
-def test_baseline_recipes_compose(script, config, n_files):
-    lines = _dry_run(script, {"FUSED_ENTROPY": "1"})
+def test_fewshot_recipe_takes_the_repeated_target_file(data):
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(data["fewshot"]).to_pylist()
+    assert len(rows) == 128 and {r["data_source"] for r in rows} == {"medqa"}
+    assert len({r["prompt"][0]["content"] for r in rows}) == 32  # each of the 32 questions 4 times
+    lines, _ = _dry_run("fewshot.sh", data)
     name, cfg = _compose(lines)
-    assert name == config and len(cfg.data.train_files) == n_files
-    assert cfg.trainer.v1.trainer_mode == "sync"
-    env_vars = OmegaConf.select(cfg, "ray_kwargs.ray_init.runtime_env.env_vars")
-    assert env_vars is not None and str(env_vars.HEAL_FUSED_ENTROPY) == "1"  # reaches every Ray worker
+    assert name == "paper_grpo" and cfg.trainer.v1.trainer_mode == "sync"
+    _assert_ordered(cfg, data["fewshot"], 128)
 
 
-def test_missing_data_path_fails_naming_the_variable():
-    env = dict(os.environ, HEAL_RECIPE_DRY_RUN="1", VAL_FILES="/v.parquet")
-    env.pop("TARGET_TRAIN", None)
-    proc = subprocess.run(["bash", str(RECIPES / "fewshot.sh")], env=env, capture_output=True, text=True)
-    assert proc.returncode != 0 and "TARGET_TRAIN" in proc.stderr
+def test_only_general_recipe_keeps_verl_shuffling(data):
+    lines, _ = _dry_run("only_general.sh", data)
+    name, cfg = _compose(lines)
+    assert name == "paper_grpo" and list(cfg.data.train_files) == [data["general"]]
+    assert cfg.data.shuffle is True and cfg.data.train_batch_size == 128
+
+
+def test_batch_size_comes_from_the_mix_and_batch_size_overrides_it(data):
+    lines, err = _dry_run("hybrid.sh", data, {"HYBRID_TRAIN": data["small"]})
+    _assert_ordered(_compose(lines)[1], data["small"], 32)
+    assert "warning" not in err
+    lines, err = _dry_run("kl_cov.sh", data, {"BATCH_SIZE": "64"})
+    _assert_ordered(_compose(lines)[1], data["hybrid"], 64)
+    assert "BATCH_SIZE=64" in err and "128" in err  # says the override does not match the mix
+    proc = _run("kl_cov.sh", _env(data, {"BATCH_SIZE": "0"}))
+    assert proc.returncode != 0 and "BATCH_SIZE must be a positive integer" in proc.stderr
+
+
+@pytest.mark.parametrize("script,var,mix_flags", [
+    ("heal.sh", "HYBRID_TRAIN", "--general-per-batch 96"),
+    ("clip_higher.sh", "HYBRID_TRAIN", "--general-per-batch 96"),
+    ("fewshot.sh", "FEWSHOT_TRAIN", "--repeat 4 --general-per-batch 0"),
+])
+def test_missing_training_file_fails_with_the_heal_mix_command(script, var, mix_flags, data, tmp_path):
+    env = _env(data)
+    env.pop(var)
+    proc = _run(script, env)
+    assert proc.returncode != 0 and not proc.stdout
+    assert var in proc.stderr and "heal mix" in proc.stderr and mix_flags in proc.stderr
+    proc = _run(script, _env(data, {var: str(tmp_path / "nope.parquet")}))
+    assert proc.returncode != 0 and "does not exist" in proc.stderr and mix_flags in proc.stderr
+
+
+def test_file_not_from_heal_mix_needs_batch_size(data):
+    proc = _run("hybrid.sh", _env(data, {"HYBRID_TRAIN": data["target"]}))
+    assert proc.returncode != 0 and "BATCH_SIZE" in proc.stderr and "heal mix" in proc.stderr
+    lines, _ = _dry_run("hybrid.sh", data, {"HYBRID_TRAIN": data["target"], "BATCH_SIZE": "32"})
+    _assert_ordered(_compose(lines)[1], data["target"], 32)
+
+
+def test_missing_general_file_names_the_variable(data):
+    env = _env(data)
+    env.pop("GENERAL_TRAIN")
+    proc = _run("only_general.sh", env)
+    assert proc.returncode != 0 and "GENERAL_TRAIN" in proc.stderr
+
+
+def _readme_heal_commands():
+    block = "\n".join(re.findall(r"```bash\n(.*?)```", README, flags=re.S)).replace("\\\n", " ")
+    return [shlex.split(line.split("#")[0]) for line in block.splitlines() if line.strip().startswith("heal ")]
+
+
+def test_readme_heal_commands_parse_with_the_real_cli():
+    from heal.cli import build_parser
+
+    commands = _readme_heal_commands()
+    assert {c[1] for c in commands} >= {"prepare", "select", "mix"}
+    mixes = [" ".join(c) for c in commands if c[1] == "mix"]
+    assert any("--k 32 --general-per-batch 96" in m for m in mixes)
+    assert any("--k 32 --repeat 4 --general-per-batch 0" in m for m in mixes)
+    parser = build_parser()
+    for cmd in commands:
+        try:
+            parser.parse_args(cmd[1:])
+        except SystemExit:  # argparse reports the bad flag on stderr
+            pytest.fail(f"README command does not parse: {' '.join(cmd)}")
