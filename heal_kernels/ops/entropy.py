@@ -61,11 +61,9 @@ def _shifted_rows(zc: torch.Tensor, buf: torch.Tensor, shift: Optional[torch.Ten
     Returns ``(u, shift)``. The subtraction happens in logit units before the scaling, so it is
     (nearly) exact: ``u`` carries no rounding at the scale of ``|z|``.
     """
-    u = buf[: zc.shape[0]]
-    u.copy_(zc)
     if shift is None:
-        shift = u.amax(dim=-1)
-    u.sub_(shift.unsqueeze(1))
+        shift = zc.amax(dim=-1).to(torch.float32)
+    u = torch.sub(zc, shift.unsqueeze(1), out=buf[: zc.shape[0]])
     if inv_t != 1.0:
         u.mul_(inv_t)
     return u, shift
@@ -98,7 +96,7 @@ def _torch_forward(z: torch.Tensor, labels: Optional[torch.Tensor], temperature:
         if labels is not None:
             logprob[i : i + r] = u.gather(1, labels[i : i + r].unsqueeze(1)).squeeze(1) - log_s
         # -inf entries have e = 0: make 0 * u = 0, not NaN (NaN entries stay NaN)
-        mean = u.clamp_(min=-_FLT_MAX).mul_(e).sum(dim=-1).div_(s)
+        mean = torch.linalg.vecdot(e, u.clamp_(min=-_FLT_MAX)).div_(s)
         entropy[i : i + r] = log_s - mean
         stats[i : i + r, 0] = c
         stats[i : i + r, 2] = log_s
@@ -153,6 +151,42 @@ def _torch_backward(
     return grad
 
 
+_CPP_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def _cpp_forward(z: torch.Tensor, labels: Optional[torch.Tensor], temperature: float):
+    """The C++/OpenMP forward (``csrc/entropy.cpp``): one parallel region over the rows, each row
+    converted once into a float scratch row and reduced in two in-cache passes. ``None`` when the
+    extension is unavailable (no compiler, ``HEAL_KERNELS_NO_BUILD=1``) or the dtype is not handled."""
+    if z.device.type != "cpu" or z.dtype not in _CPP_DTYPES:
+        return None
+    from heal_kernels.cpu import load_extension
+
+    ext = load_extension("heal_entropy", ["entropy.cpp"])
+    if ext is None:
+        return None
+    n, v = z.shape
+    f32 = dict(dtype=torch.float32, device=z.device)
+    entropy = torch.empty(n, **f32)
+    stats = torch.empty((n, 3), **f32)
+    logprob = torch.empty(n if labels is not None else 0, **f32)
+    if n:
+        ext.forward(
+            z.data_ptr(),
+            _CPP_DTYPES[z.dtype],
+            n,
+            v,
+            z.stride(0),
+            float(temperature),
+            labels.data_ptr() if labels is not None else 0,
+            entropy.data_ptr(),
+            logprob.data_ptr() if labels is not None else 0,
+            stats.data_ptr(),
+            torch.get_num_threads(),
+        )
+    return entropy, logprob, stats
+
+
 # ---------------------------------------------------------------------------------------------
 # custom ops
 # ---------------------------------------------------------------------------------------------
@@ -171,6 +205,10 @@ def _entropy_fwd(
         from heal_kernels.triton.entropy import entropy_forward
 
         return entropy_forward(logits, labels, temperature)
+    if backend == "cpu":
+        out = _cpp_forward(logits, labels, temperature)
+        if out is not None:
+            return out
     return _torch_forward(logits, labels, temperature)
 
 

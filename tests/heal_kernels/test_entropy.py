@@ -1,6 +1,7 @@
 """heal_kernels.token_entropy / entropy_and_logprobs against the float64 reference.
 
-Every case runs on each backend present: the chunked-torch CPU path, the Triton kernels under the
+Every case runs on each backend present: the CPU path (C++ forward, ``csrc/entropy.cpp``, and the
+chunked-torch backward), the pure chunked-torch path, the Triton kernels under the
 Triton interpreter on CPU tensors (small shapes; the interpreter is slow) and the Triton kernels on
 CUDA when a GPU is present. Comparisons are made on the same input values (bf16/fp16 inputs are
 upcast before the reference): entropy and log-probs within 1e-4 absolute or 1e-5 relative,
@@ -29,7 +30,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # (device, backend): the CPU path, the Triton interpreter on CPU, Triton on CUDA
 TARGETS = [
-    pytest.param(("cpu", "cpu"), id="cpu"),
+    pytest.param(("cpu", "cpu"), id="cpu"),  # C++ forward (chunked torch when it cannot build)
+    pytest.param(("cpu", "torch"), id="torch"),  # chunked torch
     pytest.param(
         ("cpu", "triton"),
         id="triton-interp",
@@ -132,9 +134,10 @@ def test_temperature(target, temperature):
     run_and_compare(z, make_labels((5,), 300, device), temperature)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
 @pytest.mark.parametrize("vocab", [32000, 151936])
-def test_large_vocab_cpu(vocab, monkeypatch):
-    monkeypatch.setenv("HEAL_KERNELS_BACKEND", "cpu")
+def test_large_vocab_cpu(vocab, backend, monkeypatch):
+    monkeypatch.setenv("HEAL_KERNELS_BACKEND", backend)
     z = torch.randn(3, vocab) * 4
     z[1] = z[1].to(torch.bfloat16).float()
     run_and_compare(z, make_labels((3,), vocab, "cpu"), 0.7)
@@ -391,6 +394,30 @@ def test_bad_input():
 def test_device_mismatch_cuda():
     with pytest.raises(ValueError, match="labels"):
         entropy_and_logprobs(torch.randn(3, 10, device="cuda"), torch.zeros(3, dtype=torch.long))
+
+
+def test_cpu_extension_builds_and_agrees(monkeypatch):
+    """The C++ forward is what the CPU backend runs when a compiler is present; it matches the
+    chunked-torch path."""
+    from heal_kernels.cpu import load_extension
+    from heal_kernels.ops.entropy import _cpp_forward, _torch_forward
+
+    if load_extension("heal_entropy", ["entropy.cpp"]) is None:
+        pytest.skip("no C++ toolchain: the CPU backend runs the chunked-torch path")
+    for dtype in DTYPES:
+        z = (torch.randn(7, 3001) * 5).to(dtype)
+        z[1, ::2] = -math.inf
+        z[3] = -math.inf
+        z[4, 9] = math.nan
+        z[5, 0] = math.inf
+        labels = torch.randint(0, 3001, (7,))
+        a = _cpp_forward(z, labels, 0.6)
+        b = _torch_forward(z, labels, 0.6)
+        for x, y in zip(a[:2], b[:2]):  # entropy, log-probs: NaN on the same (bad) rows
+            assert torch.equal(torch.isnan(x), torch.isnan(y)) and torch.allclose(x, y, atol=1e-5, equal_nan=True)
+        good = [0, 1, 2, 6]  # the saved statistics agree on good rows and are non-finite on bad ones
+        assert torch.allclose(a[2][good], b[2][good], atol=1e-5)
+        assert not torch.isfinite(a[2][[3, 4, 5]]).all(dim=1).any()
 
 
 def test_public_names():

@@ -1,0 +1,229 @@
+// heal_kernels CPU kernel: token entropy + label log-probs from logits, forward (DESIGN.md 3.1).
+//
+// One OpenMP parallel region over the rows; per row (kept in a float scratch row in L1/L2):
+//   pass 1: convert to float, c = max(z) (NaN noticed);
+//   pass 2: u = (z - c) / T, e = exp(u), S = sum e, M = sum e * u (double accumulators);
+//   entropy = log S - M / S, logprob = (z[label] - c) / T - log S, stats = (c, 0, log S).
+// -inf entries have e = 0 and add nothing to M (never 0 * inf). A row with a NaN, a +inf or only
+// -inf entries gets NaN entropy / log-prob and non-finite stats. Labels are validated in Python;
+// out-of-range labels still give NaN here rather than an out-of-bounds read.
+// Inputs are raw addresses (the Python side checks dtype, shape, device and contiguity).
+#include <pybind11/pybind11.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define HEAL_AVX2 1
+#endif
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace {
+
+inline float bf16_to_f32(uint16_t h) {
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline float f16_to_f32(uint16_t h) {
+  uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1fu;
+  uint32_t mant = h & 0x3ffu;
+  uint32_t u;
+  if (exp == 0) {
+    if (mant == 0) {
+      u = sign;
+    } else {  // subnormal half -> normal float
+      int e = -1;
+      do {
+        ++e;
+        mant <<= 1;
+      } while (!(mant & 0x400u));
+      mant &= 0x3ffu;
+      u = sign | (static_cast<uint32_t>(127 - 15 - e) << 23) | (mant << 13);
+    }
+  } else if (exp == 31) {
+    u = sign | 0x7f800000u | (mant << 13);
+  } else {
+    u = sign | ((exp + 127 - 15) << 23) | (mant << 13);
+  }
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+struct F32 {
+  using T = float;
+  static inline float load(const float* p, int64_t i) { return p[i]; }
+};
+struct BF16 {
+  using T = uint16_t;
+  static inline float load(const uint16_t* p, int64_t i) { return bf16_to_f32(p[i]); }
+};
+struct F16 {
+  using T = uint16_t;
+  static inline float load(const uint16_t* p, int64_t i) { return f16_to_f32(p[i]); }
+};
+
+// exp(u) for u <= 0, branch-free so that the loop vectorises (no libm call): Cody-Waite
+// reduction u = k ln2 + r, |r| <= ln2 / 2, degree-6 polynomial (about 2 ulp), 2^k by exponent
+// bits; 0 below -87 (and for -inf).
+__attribute__((always_inline)) inline float exp_nonpos(float u) {
+  const float uc = u < -87.0f ? -87.0f : u;
+  const float k = (uc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  float r = uc - k * 0.693145751953125f;
+  r = r - k * 1.428606765330187045e-06f;
+  float p = 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const float scale = __builtin_bit_cast(float, (static_cast<int32_t>(k) + 127) << 23);
+  return u < -87.0f ? 0.0f : p * scale;
+}
+
+#ifdef HEAL_AVX2
+// 8 lanes of exp_nonpos
+inline __m256 exp_nonpos8(__m256 u) {
+  const __m256 lo = _mm256_set1_ps(-87.0f);
+  const __m256 under = _mm256_cmp_ps(u, lo, _CMP_LT_OQ);  // also -inf
+  const __m256 uc = _mm256_max_ps(u, lo);
+  const __m256 k = _mm256_round_ps(_mm256_mul_ps(uc, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693145751953125f), uc);
+  r = _mm256_fnmadd_ps(k, _mm256_set1_ps(1.428606765330187045e-06f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 720.0f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(bits)));
+}
+
+inline float hsum8(__m256 v) {
+  __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  a = _mm_add_ps(a, _mm_movehl_ps(a, a));
+  a = _mm_add_ss(a, _mm_movehdup_ps(a));
+  return _mm_cvtss_f32(a);
+}
+#endif
+
+constexpr int64_t kSumBlock = 1024;  // float partial sums per block, double across blocks
+
+template <class L>
+void forward_rows(uintptr_t logits, int64_t n, int64_t v, int64_t stride_row, double temperature,
+                  uintptr_t labels, uintptr_t entropy, uintptr_t logprob, uintptr_t stats, int num_threads) {
+  using T = typename L::T;
+  const T* z = reinterpret_cast<const T*>(logits);
+  const int64_t* lab = reinterpret_cast<const int64_t*>(labels);
+  float* ent = reinterpret_cast<float*>(entropy);
+  float* lp = reinterpret_cast<float*>(logprob);
+  float* st = reinterpret_cast<float*>(stats);
+  const float inv_t = static_cast<float>(1.0 / temperature);
+  const float ninf = -std::numeric_limits<float>::infinity();
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+
+#pragma omp parallel num_threads(num_threads)
+  {
+    std::vector<float> buf(static_cast<size_t>(v));
+    float* x = buf.data();
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < n; ++r) {
+      const T* row = z + r * stride_row;
+      float c = ninf;
+      int nans = 0;
+#pragma omp simd reduction(max : c) reduction(+ : nans)
+      for (int64_t i = 0; i < v; ++i) {
+        const float zi = L::load(row, i);
+        x[i] = zi;
+        nans += zi != zi;
+        c = zi > c ? zi : c;
+      }
+      float log_s = nan, h = nan, lpr = nan;
+      if (nans == 0 && std::isfinite(c)) {
+        // 8 independent float accumulators (one AVX register; the compiler vectorises the
+        // j-loop without reassociating), folded into double every kSumBlock elements
+        double s = 0.0, m = 0.0;
+        for (int64_t b = 0; b < v; b += kSumBlock) {
+          const int64_t end = b + kSumBlock < v ? b + kSumBlock : v;
+          float sb[8] = {0, 0, 0, 0, 0, 0, 0, 0}, mb[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+          int64_t i = b;
+#ifdef HEAL_AVX2
+          {
+            const __m256 cv = _mm256_set1_ps(c), tv = _mm256_set1_ps(inv_t), zero = _mm256_setzero_ps();
+            __m256 vs = zero, vm = zero;
+            for (; i + 8 <= end; i += 8) {
+              const __m256 u = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), cv), tv);
+              const __m256 e = exp_nonpos8(u);
+              vs = _mm256_add_ps(vs, e);
+              // e * u, with 0 where e == 0 (never 0 * -inf)
+              vm = _mm256_add_ps(vm, _mm256_and_ps(_mm256_cmp_ps(e, zero, _CMP_GT_OQ), _mm256_mul_ps(e, u)));
+            }
+            sb[0] = hsum8(vs);
+            mb[0] = hsum8(vm);
+          }
+#endif
+          for (; i + 8 <= end; i += 8) {
+            for (int j = 0; j < 8; ++j) {
+              const float u = (x[i + j] - c) * inv_t;  // exact subtraction, then the scaling; u <= 0
+              const float e = exp_nonpos(u);           // 0 for -inf entries
+              sb[j] += e;
+              mb[j] += e > 0.0f ? e * u : 0.0f;
+            }
+          }
+          for (; i < end; ++i) {
+            const float u = (x[i] - c) * inv_t;
+            const float e = exp_nonpos(u);
+            sb[0] += e;
+            mb[0] += e > 0.0f ? e * u : 0.0f;
+          }
+          for (int j = 0; j < 8; ++j) {
+            s += sb[j];
+            m += mb[j];
+          }
+        }
+        log_s = static_cast<float>(std::log(s));
+        h = static_cast<float>(std::log(s) - m / s);
+        if (lab) {
+          const int64_t k = lab[r];
+          lpr = (k >= 0 && k < v) ? (x[k] - c) * inv_t - log_s : nan;
+        }
+      }
+      ent[r] = h;
+      if (lab) lp[r] = lpr;
+      st[3 * r] = c;
+      st[3 * r + 1] = 0.0f;
+      st[3 * r + 2] = log_s;
+    }
+  }
+}
+
+// dtype: 0 float32, 1 bfloat16, 2 float16
+void forward(uintptr_t logits, int dtype, int64_t n, int64_t v, int64_t stride_row, double temperature,
+             uintptr_t labels, uintptr_t entropy, uintptr_t logprob, uintptr_t stats, int num_threads) {
+  pybind11::gil_scoped_release release;
+  if (dtype == 0)
+    forward_rows<F32>(logits, n, v, stride_row, temperature, labels, entropy, logprob, stats, num_threads);
+  else if (dtype == 1)
+    forward_rows<BF16>(logits, n, v, stride_row, temperature, labels, entropy, logprob, stats, num_threads);
+  else
+    forward_rows<F16>(logits, n, v, stride_row, temperature, labels, entropy, logprob, stats, num_threads);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &forward, "entropy + label log-probs forward over rows (raw addresses)");
+}
