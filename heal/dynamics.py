@@ -113,7 +113,7 @@ def pack_nested(nested: torch.Tensor) -> Packed:
         raise TypeError(f"nested must be a torch nested tensor, got {type(nested).__name__}")
     if nested.dim() != 2:
         raise ValueError(f"nested must hold 1-D components (nested dim 2), got dim {nested.dim()}")
-    if nested.layout == torch.jagged and nested._lengths is None:
+    if nested.layout == torch.jagged and nested.lengths() is None:
         # contiguous jagged tensor: its buffer and offsets already are the packed form
         values = nested.values()
         offsets = nested.offsets()

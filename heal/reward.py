@@ -21,7 +21,8 @@ The rules, for trajectory ``i`` with similarity ``s`` (larger = more similar, se
   ``s_target >= s_general`` (a tie gives 1) and it has at least one target neighbour (no target in
   the batch: 0). ``general_reward="none"``: generals get 0.
 * a trajectory with at most ``min_length`` tokens (so every empty one) gets 0, but still serves
-  as a neighbour of the others.
+  as a neighbour of the others. An empty trajectory has no similarity to anything: it is nobody's
+  neighbour and its own ``s_target`` / ``s_general`` are ``-inf``.
 
 This module imports torch lazily so that ``import heal`` stays cheap for the command line.
 """
