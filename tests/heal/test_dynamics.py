@@ -83,6 +83,13 @@ def test_pack_nested(layout):
     assert torch.equal(values, ref_values) and torch.equal(cu, ref_cu)
 
 
+def test_pack_nested_jagged_view_with_holes():
+    base = torch.arange(12.0).reshape(3, 4)
+    nt = torch.nested.narrow(base, dim=1, start=0, length=torch.tensor([2, 4, 1]), layout=torch.jagged)
+    values, cu = pack_nested(nt)
+    assert values.tolist() == [0.0, 1.0, 4.0, 5.0, 6.0, 7.0, 8.0] and cu.tolist() == [0, 2, 6, 7]
+
+
 def test_pack_nested_rejects_dense():
     with pytest.raises(TypeError, match="nested"):
         pack_nested(torch.zeros(2, 3))
