@@ -161,6 +161,22 @@ def test_batch_size_comes_from_the_mix_and_batch_size_overrides_it(data):
     assert proc.returncode != 0 and "BATCH_SIZE must be a positive integer" in proc.stderr
 
 
+def _validate(cfg):
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
+    from verl.utils.config import validate_config
+
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg))
+    OmegaConf.resolve(cfg)
+    validate_config(config=cfg, use_reference_policy=need_reference_policy(cfg), use_critic=need_critic(cfg))
+
+
+@pytest.mark.parametrize("script,batch", [("heal.sh", None), ("fewshot.sh", None), ("hybrid.sh", "32")])
+def test_verls_startup_validation_accepts_the_recipes(script, batch, data):
+    """verl's main_ppo validates batch sizes against GPUs and rollouts before starting Ray."""
+    lines, _ = _dry_run(script, data, {"BATCH_SIZE": batch} if batch else {})
+    _validate(_compose(lines)[1])
+
+
 @pytest.mark.parametrize("script,var,mix_flags", [
     ("heal.sh", "HYBRID_TRAIN", "--general-per-batch 96"),
     ("clip_higher.sh", "HYBRID_TRAIN", "--general-per-batch 96"),
