@@ -8,15 +8,18 @@ Public API::
 With ``x = logits / temperature`` and ``p = softmax(x)`` over the last dimension:
 ``entropy = logsumexp(x) - sum(p * x)`` and ``logprob = x[label] - logsumexp(x)``. Both outputs are
 differentiable w.r.t. ``logits`` for any mix of upstream gradients; the backward recomputes ``p``
-from ``logits`` and two saved per-row floats and never stores a ``[N, V]`` tensor besides the
+from ``logits`` and four saved per-row floats and never stores a ``[N, V]`` tensor besides the
 gradient itself.
 
 Implementation: two ``torch.library`` custom ops, ``heal::entropy_fwd`` and ``heal::entropy_bwd``,
 with fake (meta) implementations, so the functions trace under ``torch.compile(fullgraph=True)``,
 and ``torch.library.register_autograd`` tying them together. Dispatch follows
 :func:`heal_kernels._backend.resolve_backend`: CUDA tensors run the Triton kernels
-(:mod:`heal_kernels.triton.entropy`); CPU tensors run a memory-bounded chunked-torch
-implementation (blocks of rows with two float32 temporaries of at most ~4 MB each); with
+(:mod:`heal_kernels.triton.entropy`); CPU tensors (backend ``cpu``) run the C++/OpenMP kernels of
+``csrc/entropy.cpp`` (one parallel region over the rows, AVX2 when available, built on first use by
+:func:`heal_kernels.cpu.load_extension`), falling back to a memory-bounded chunked-torch
+implementation (blocks of rows with two float32 temporaries of at most ~4 MB each) when no
+compiler is present; backend ``torch`` forces the chunked-torch path; with
 ``HEAL_KERNELS_BACKEND=triton`` and ``TRITON_INTERPRET=1`` CPU tensors run the Triton kernels under
 the interpreter (tests).
 
@@ -156,8 +159,9 @@ _CPP_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 def _cpp_forward(z: torch.Tensor, labels: Optional[torch.Tensor], temperature: float):
     """The C++/OpenMP forward (``csrc/entropy.cpp``): one parallel region over the rows, each row
-    converted once into a float scratch row and reduced in two in-cache passes. ``None`` when the
-    extension is unavailable (no compiler, ``HEAL_KERNELS_NO_BUILD=1``) or the dtype is not handled."""
+    converted once into a float scratch row and reduced in two in-cache passes (AVX2 when the
+    compiler targets it). ``None`` when the extension is unavailable (no compiler,
+    ``HEAL_KERNELS_NO_BUILD=1``) or the dtype is not handled."""
     if z.device.type != "cpu" or z.dtype not in _CPP_DTYPES:
         return None
     from heal_kernels.cpu import load_extension
@@ -185,6 +189,40 @@ def _cpp_forward(z: torch.Tensor, labels: Optional[torch.Tensor], temperature: f
             torch.get_num_threads(),
         )
     return entropy, logprob, stats
+
+
+def _cpp_backward(z, labels, entropy, stats, g_entropy, g_logprob, temperature):
+    """The C++/OpenMP backward (``csrc/entropy.cpp``) or ``None`` when unavailable."""
+    if z.device.type != "cpu" or z.dtype not in _CPP_DTYPES:
+        return None
+    from heal_kernels.cpu import load_extension
+
+    ext = load_extension("heal_entropy", ["entropy.cpp"])
+    if ext is None:
+        return None
+    n, v = z.shape
+    grad = torch.empty((n, v), dtype=z.dtype, device=z.device)
+    has_glp = g_logprob is not None and labels is not None
+    if n == 0 or (g_entropy is None and not has_glp):
+        return grad.zero_()
+    entropy = entropy.contiguous()
+    stats = stats.contiguous()
+    ok = ext.backward(
+        z.data_ptr(),
+        _CPP_DTYPES[z.dtype],
+        n,
+        v,
+        z.stride(0),
+        float(temperature),
+        labels.data_ptr() if has_glp else 0,
+        entropy.data_ptr(),
+        stats.data_ptr(),
+        g_entropy.data_ptr() if g_entropy is not None else 0,
+        g_logprob.data_ptr() if has_glp else 0,
+        grad.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return grad if ok else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,6 +278,10 @@ def _entropy_bwd(
         from heal_kernels.triton.entropy import entropy_backward
 
         return entropy_backward(logits, labels, entropy, stats, g_entropy, g_logprob, temperature)
+    if backend == "cpu":
+        grad = _cpp_backward(logits, labels, entropy, stats, g_entropy, g_logprob, temperature)
+        if grad is not None:
+            return grad
     return _torch_backward(logits, labels, entropy, stats, g_entropy, g_logprob, temperature)
 
 
