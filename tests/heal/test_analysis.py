@@ -114,6 +114,9 @@ def test_heatmap_entropy_dynamics_and_curves(tmp_path):
     c = plots.plot_entropy_curves(metrics, str(tmp_path / "c.png"), smooth=3)
     assert _is_png(c)
     assert plots.entropy_metric_keys({0: {"actor/entropy": 1.0}}) == ["actor/entropy"]
+    # the keys heal.reward.eda_step reports
+    step_keys = {0: {"eda/entropy_mean_target": 0.3, "eda/entropy_mean_general": 0.5, "eda/rate_target": 0.2}}
+    assert plots.entropy_metric_keys(step_keys) == ["eda/entropy_mean_general", "eda/entropy_mean_target"]
     with pytest.raises(ValueError, match="not in the log"):
         plots.plot_entropy_curves(metrics, str(tmp_path / "x.png"), keys=["nope"])
     with pytest.raises(ValueError, match="no entropy metrics"):
