@@ -374,7 +374,9 @@ class _TileSource:
                 rows = self.row_order[r0 : r0 + step]
                 yield rows, cols, _pl_block(*self.pl, rows, cols, st.lengths)
             return
-        rb = 16
+        # a full batch: blocks of 16 length-neighbouring rows; a sparse row subset: one row per tile
+        # (its rows' lengths are spread out, so blocks would pad to the longest)
+        rb = 16 if nrows == bsz else 1
         for r0 in range(0, nrows, rb):
             r1 = min(nrows, r0 + rb)
             rows = self.row_order[r0:r1]
