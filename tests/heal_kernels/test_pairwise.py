@@ -327,3 +327,26 @@ def test_csrc_is_found():
     from heal_kernels.cpu import csrc_dir
 
     assert (csrc_dir() / "pairwise.cpp").is_file()
+
+
+@pytest.mark.cuda
+def test_cuda_triton_matches_cpu_at_scale():
+    """On a GPU: the compiled Triton kernel (real block sizes) against the torch path on the CPU."""
+    g = torch.Generator().manual_seed(11)
+    lengths = torch.randint(1, 3100, (96,), generator=g).tolist()
+    values, cu = pack(lengths, dist="exponential", gen=g)
+    groups = (torch.rand(96, generator=g) < 0.25).long()
+    pids = torch.arange(96) // 8
+    for kl_direction in DIRECTIONS:
+        exp_full = pw.pairwise_similarity(values, cu, kl_direction=kl_direction, backend="torch")
+        full = pw.pairwise_similarity(values.cuda(), cu.cuda(), kl_direction=kl_direction)
+        torch.testing.assert_close(full.cpu(), exp_full, rtol=RTOL, atol=1e-5, equal_nan=True)
+        exp = pw.grouped_max_similarity(values, cu, groups, 2, prompt_ids=pids, kl_direction=kl_direction, backend="torch")
+        out = pw.grouped_max_similarity(
+            values.cuda(), cu.cuda(), groups.cuda(), 2, prompt_ids=pids.cuda(), kl_direction=kl_direction
+        )
+        torch.testing.assert_close(out.cpu(), exp, rtol=RTOL, atol=1e-5)
+        again = pw.grouped_max_similarity(
+            values.cuda(), cu.cuda(), groups.cuda(), 2, prompt_ids=pids.cuda(), kl_direction=kl_direction
+        )
+        assert torch.equal(out, again)
