@@ -67,21 +67,6 @@ def make_batch(batch: int, rollouts: int, min_len: int, max_len: int, general_fr
     return entropy, mask, data_sources, uids, token_scores, lens
 
 
-def reference_pair_kl(a, b) -> float:
-    """One pair as the reference implementation computes it (float32, scored first)."""
-    import torch
-    import torch.nn.functional as F
-
-    n = max(a.numel(), b.numel())
-    if a.numel() < n:
-        a = F.interpolate(a.view(1, 1, -1), size=n, mode="nearest").view(-1)
-    if b.numel() < n:
-        b = F.interpolate(b.view(1, 1, -1), size=n, mode="nearest").view(-1)
-    p = torch.softmax(a, dim=0)
-    log_q = torch.log_softmax(b, dim=0)
-    return -F.kl_div(log_q, p, reduction="sum").item()
-
-
 def run(args) -> int:
     import os
     import time
@@ -90,6 +75,7 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from heal.bench import harness
+    from heal.bench.eda import reference_pair_kl
     from heal.dynamics import pack_padded
     from heal.reward import EDAConfig, add_to_last_token, eda_step
     from heal_kernels import grouped_max_similarity
