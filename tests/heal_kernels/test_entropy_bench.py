@@ -23,3 +23,17 @@ def test_bench_entropy_tiny(tmp_path, capsys):
     assert doc["bytes_floor"]["forward"] == 64 * 500 * 4
     assert (tmp_path / "entropy-cpu.md").read_text().startswith("# Token entropy")
     assert (tmp_path / "entropy-cpu.png").stat().st_size > 0
+
+
+def test_microbench_cpu_forward(benchmark, monkeypatch):
+    """pytest-benchmark micro-benchmark of the CPU forward (runs once when benchmarks are disabled,
+    as in the default addopts; `pytest --benchmark-enable -k microbench` times it)."""
+    import torch
+
+    from heal_kernels import entropy_and_logprobs
+
+    monkeypatch.setenv("HEAL_KERNELS_BACKEND", "cpu")
+    z = torch.randn(256, 32000)
+    labels = torch.randint(0, 32000, (256,))
+    ent, lp = benchmark(entropy_and_logprobs, z, labels, 0.7)
+    assert ent.shape == (256,) and lp.shape == (256,) and torch.isfinite(ent).all()
