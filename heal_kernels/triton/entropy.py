@@ -30,12 +30,17 @@ load ``-inf``. A NaN anywhere in a row makes that row's outputs NaN; a row of on
 has NaN entropy. Labels outside ``[0, V)`` are never dereferenced: their
 log-prob is NaN (the Python entry point rejects them before launching).
 
+An alternative forward with scalar running statistics and one block-wide max / sum per block
+(the classic online softmax, :func:`_entropy_fwd_block_kernel`) is selected with
+``HEAL_ENTROPY_FWD=block``, to compare the two layouts on a GPU; both are tested.
+
 Block sizes are fixed heuristics of ``V`` and the element size (:func:`launch_config`); the
 same single configuration runs under the Triton interpreter (``TRITON_INTERPRET=1``).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -107,6 +112,60 @@ def _entropy_fwd_kernel(
         ok = (label >= 0) & (label < V)
         zl = tl.load(row_ptr + tl.where(ok, label, 0), mask=ok, other=float("nan"))
         tl.store(logprob_ptr + row, ((zl.to(tl.float32) - c) * inv_t - mx) - log_s)
+
+
+@triton.jit
+def _entropy_fwd_block_kernel(
+    logits_ptr,
+    stride_row,
+    labels_ptr,
+    entropy_ptr,
+    logprob_ptr,
+    stats_ptr,
+    V,
+    inv_t,
+    HAS_LABELS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Alternative forward (``HEAL_ENTROPY_FWD=block``): scalar running statistics merged with a
+    block-wide max / sum per block (the classic online softmax). Same outputs as the per-lane
+    kernel; kept to compare the two layouts on a GPU."""
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * stride_row
+    cols = tl.arange(0, BLOCK)
+    neg_inf = float("-inf")
+    z0 = tl.load(row_ptr).to(tl.float32)
+    c = tl.where(z0 == neg_inf, 0.0, z0)
+
+    m = tl.max(tl.full([BLOCK], neg_inf, tl.float32), axis=0)  # running max (a -inf scalar)
+    s = tl.sum(tl.zeros([BLOCK], tl.float32), axis=0)  # sum exp(u - m)
+    t = tl.sum(tl.zeros([BLOCK], tl.float32), axis=0)  # sum exp(u - m) * (u - m)
+    for start in range(0, V, BLOCK):
+        offs = start + cols
+        z = tl.load(row_ptr + offs, mask=offs < V, other=neg_inf).to(tl.float32)
+        u = (z - c) * inv_t
+        m_new = tl.maximum(m, tl.max(u, axis=0))
+        m_safe = tl.where(m_new == neg_inf, 0.0, m_new)
+        e = tl.exp(u - m_safe)  # 0 for -inf entries
+        w = tl.where(e > 0.0, u - m_safe, 0.0)  # never 0 * -inf
+        old = m != neg_inf
+        delta = tl.where(old, m - m_safe, 0.0)
+        alpha = tl.where(old, tl.exp(delta), 0.0)
+        t = alpha * (t + s * delta) + tl.sum(e * w, axis=0)
+        s = alpha * s + tl.sum(e, axis=0)
+        m = m_new
+
+    log_s = tl.log(s)
+    entropy = log_s - t / s
+    tl.store(entropy_ptr + row, entropy)
+    tl.store(stats_ptr + row * 3, c)
+    tl.store(stats_ptr + row * 3 + 1, m)
+    tl.store(stats_ptr + row * 3 + 2, log_s)
+    if HAS_LABELS:
+        label = tl.load(labels_ptr + row).to(tl.int64)
+        ok = (label >= 0) & (label < V)
+        zl = tl.load(row_ptr + tl.where(ok, label, 0), mask=ok, other=float("nan"))
+        tl.store(logprob_ptr + row, ((zl.to(tl.float32) - c) * inv_t - m) - log_s)
 
 
 @triton.jit
@@ -189,11 +248,21 @@ def _interpreted(t: torch.Tensor) -> bool:
     return t.device.type != "cuda"
 
 
+def forward_variant() -> str:
+    """``lane`` (default: per-lane statistics, :func:`_entropy_fwd_kernel`) or ``block``
+    (block-wide reductions, :func:`_entropy_fwd_block_kernel`), from ``HEAL_ENTROPY_FWD``."""
+    name = os.environ.get("HEAL_ENTROPY_FWD", "lane").strip().lower()
+    if name not in ("lane", "block"):
+        raise ValueError(f"HEAL_ENTROPY_FWD must be 'lane' or 'block', got {name!r}")
+    return name
+
+
 def entropy_forward(
     logits: torch.Tensor,
     labels: Optional[torch.Tensor],
     temperature: float,
     block: Optional[int] = None,
+    variant: Optional[str] = None,
 ):
     """Run the forward kernel on a 2-D ``logits[N, V]`` (last dim contiguous, rows may be strided).
 
@@ -214,7 +283,8 @@ def entropy_forward(
     cfg_block, warps = launch_config(v, logits.element_size(), _interpreted(logits))
     if block is not None:
         cfg_block = block
-    _entropy_fwd_kernel[(n,)](
+    kernel = _entropy_fwd_block_kernel if (variant or forward_variant()) == "block" else _entropy_fwd_kernel
+    kernel[(n,)](
         logits,
         logits.stride(0),
         labels if has_labels else entropy,  # dummy pointer, never read

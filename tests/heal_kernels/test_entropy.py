@@ -239,8 +239,10 @@ def test_all_negative_and_large_logits(target):
     assert torch.allclose(ent.cpu(), torch.full((3,), math.log(777)), atol=1e-5)
 
 
-def test_vocab_not_a_multiple_of_block_triton(monkeypatch):
-    """The Triton kernels with a tiny block: many blocks per row, a partial last block."""
+@pytest.mark.parametrize("variant", ["lane", "block"])
+def test_vocab_not_a_multiple_of_block_triton(variant):
+    """The Triton kernels with a tiny block: many blocks per row, a partial last block (both
+    forward layouts)."""
     if not (HAS_CUDA or INTERPRET):
         pytest.skip("needs CUDA or the Triton interpreter")
     from heal_kernels.triton.entropy import entropy_backward, entropy_forward
@@ -250,7 +252,7 @@ def test_vocab_not_a_multiple_of_block_triton(monkeypatch):
         z = torch.randn(4, vocab, device=device) * 3 - 20
         z[2, ::3] = -math.inf if vocab > 1 else z[2, ::3]
         labels = torch.randint(0, vocab, (4,), device=device)
-        ent, lp, stats = entropy_forward(z, labels, 0.7, block=16)
+        ent, lp, stats = entropy_forward(z, labels, 0.7, block=16, variant=variant)
         ref_ent, ref_lp = reference.entropy_and_logprobs(z.cpu(), labels.cpu(), 0.7)
         assert_close_values(ent, ref_ent, f"entropy V={vocab}")
         assert_close_values(lp, ref_lp, f"logprobs V={vocab}")
