@@ -5,9 +5,11 @@
 * :func:`pairwise_similarity`, :func:`grouped_max_similarity` -- all-pairs interpolated
   softmax-KL (or HTI / PL) between ragged entropy sequences, with the EDA reductions fused in.
 
-CUDA tensors run Triton kernels; CPU tensors run C++ / chunked-torch kernels. Set
-``HEAL_TRITON_INTERPRET=1`` (with ``TRITON_INTERPRET=1``) to run the Triton kernels on CPU tensors
-under the Triton interpreter (tests).
+CUDA tensors run Triton kernels; CPU tensors run C++/OpenMP kernels (built on first use, cached
+in ``TORCH_EXTENSIONS_DIR``) or, without a compiler or with ``HEAL_KERNELS_NO_BUILD=1``, chunked
+pure-torch code. ``HEAL_KERNELS_BACKEND=auto|triton|cpu|torch`` overrides the choice
+(:mod:`heal_kernels._backend`); ``triton`` on CPU tensors needs ``TRITON_INTERPRET=1`` set before
+triton is imported (the Triton interpreter; slow, for tests).
 """
 
 from heal_kernels.ops.entropy import entropy_and_logprobs, token_entropy

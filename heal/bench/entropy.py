@@ -189,7 +189,7 @@ def run(args) -> int:
             row["fwd_ms"] = t["median_ms"]
             # (CPU) the profiler replays a whole call: skipped for baselines slower than 5 s a call
             slow = not gpu and row["fwd_ms"] > 5000
-            row["fwd_peak_mb"] = None if slow else _mb(_peak_memory(forward, device))
+            row["fwd_peak_mb"] = None if slow else _mb(harness.peak_memory_bytes(forward, device))
             if has_bwd:
                 zg = z.detach().clone().requires_grad_(True)
 
@@ -200,7 +200,7 @@ def run(args) -> int:
                 t = harness.time_fn(fwd_bwd, device, warmup=warmup(name), iters=iters, max_seconds=max_seconds)
                 row["fwdbwd_ms"] = t["median_ms"]
                 slow = not gpu and row["fwdbwd_ms"] > 5000
-                row["fwdbwd_peak_mb"] = None if slow else _mb(_peak_memory(fwd_bwd, device))
+                row["fwdbwd_peak_mb"] = None if slow else _mb(harness.peak_memory_bytes(fwd_bwd, device))
                 del zg
         except torch.cuda.OutOfMemoryError as exc:  # noqa: F841 - the big baselines may not fit
             row["note"] = "out of memory"
@@ -244,35 +244,6 @@ def run(args) -> int:
 
 def _mb(nbytes):
     return None if nbytes is None else nbytes / 2**20
-
-
-def _peak_memory(fn, device):
-    """Peak extra bytes allocated while ``fn`` runs.
-
-    CUDA: :func:`heal.bench.harness.peak_memory_bytes`. CPU: the profiler's allocation events,
-    each counted once (``self_cpu_memory_usage``: nested ops do not count their children's
-    allocations again), replayed in time order.
-    """
-    from heal.bench import harness
-
-    if device.type == "cuda":
-        return harness.peak_memory_bytes(fn, device)
-    try:
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            fn()
-        events = sorted(
-            (e for e in prof.events() if getattr(e, "self_cpu_memory_usage", 0)),
-            key=lambda e: e.time_range.start,
-        )
-        live = peak = 0
-        for e in events:
-            live += e.self_cpu_memory_usage
-            peak = max(peak, live)
-        return int(peak)
-    except Exception:
-        return None
 
 
 def _rates(row, fwd_bytes, fwdbwd_bytes, copy_gbps, log_softmax_ms):

@@ -106,10 +106,11 @@ def time_fn(
 
 
 def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> Optional[int]:
-    """Peak device memory allocated *beyond what was allocated before* while ``fn`` runs (CUDA).
+    """Peak bytes allocated *beyond what was allocated before* while ``fn`` runs.
 
-    On CPU returns the peak extra bytes seen by torch's CPU allocator profiler when available,
-    else ``None``.
+    CUDA: the caching allocator's peak statistics. CPU: the profiler's allocation events, each
+    counted once (``self_cpu_memory_usage``: a nested op does not count its children's allocations
+    again), replayed in time order; ``None`` when the profiler gives nothing usable.
     """
     if device.type == "cuda":
         synchronize(device)
@@ -123,14 +124,13 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> Optiona
 
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             fn()
-        # walk allocation events in order, tracking live bytes
-        live = peak = 0
         events = sorted(
-            (e for e in prof.events() if getattr(e, "cpu_memory_usage", 0)),
+            (e for e in prof.events() if getattr(e, "self_cpu_memory_usage", 0)),
             key=lambda e: e.time_range.start,
         )
+        live = peak = 0
         for e in events:
-            live += e.cpu_memory_usage
+            live += e.self_cpu_memory_usage
             peak = max(peak, live)
         return int(peak)
     except Exception:
