@@ -32,16 +32,13 @@ _CACHE: dict = {}
 
 
 def csrc_dir() -> Path:
-    """Folder holding the C++ sources: package data ``heal_kernels.csrc`` or the repo's ``csrc/``."""
-    try:
-        from importlib.resources import files
-
-        d = Path(str(files("heal_kernels.csrc")))
+    """Folder holding the C++ sources: ``heal_kernels/csrc`` in an installed wheel (package data
+    ``heal_kernels.csrc``), else the source tree's top-level ``csrc/`` (editable installs)."""
+    here = Path(__file__).resolve().parents[1]
+    for d in (here / "csrc", here.parent / "csrc"):
         if d.is_dir() and any(d.glob("*.cpp")):
             return d
-    except Exception:
-        pass
-    return Path(__file__).resolve().parents[2] / "csrc"
+    return here.parent / "csrc"
 
 
 def _cpu_fingerprint() -> str:
