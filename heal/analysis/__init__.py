@@ -7,7 +7,13 @@ entropy curves over training steps, selection reports.
 Imports are lazy (matplotlib / torch load when a figure is drawn).
 """
 
-from heal.analysis.logs import load_metrics, load_rollout_dump, parse_console_line, write_rollout_dump
+from heal.analysis.logs import (
+    append_rollout_dump,
+    load_metrics,
+    load_rollout_dump,
+    parse_console_line,
+    write_rollout_dump,
+)
 from heal.analysis.plots import (
     distance_matrix,
     domain_order,
@@ -20,7 +26,7 @@ from heal.analysis.plots import (
 )
 
 __all__ = [
-    "load_metrics", "load_rollout_dump", "write_rollout_dump", "parse_console_line",
+    "load_metrics", "load_rollout_dump", "write_rollout_dump", "append_rollout_dump", "parse_console_line",
     "distance_matrix", "domain_order", "plot_distance_heatmap", "plot_distance_heatmaps_by_step",
     "plot_entropy_dynamics", "plot_entropy_curves", "entropy_metric_keys", "plot_selection",
 ]

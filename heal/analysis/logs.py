@@ -7,7 +7,10 @@ Metrics log (``heal plot curves``), one JSON object per line, any of:
 * verl's file logger (``trainer.logger=['file']``, ``VERL_FILE_LOGGER_PATH``):
   ``{"step": 12, "data": {"actor/entropy": 0.5, ...}}``;
 * verl's console logger lines pasted into a text file: ``step:12 - actor/entropy:0.5 - ...``
-  (lines not of that form are skipped).
+  (lines not of that form are skipped);
+* TRL's ``trainer_state.json`` (written with each checkpoint, ``out/checkpoint-*/trainer_state.json``):
+  one JSON document ``{"log_history": [{"step": 12, "eda/entropy_mean_target": 0.41, ...}, ...]}``
+  (entries without a ``step`` are skipped).
 
 Non-numeric values are ignored. Several records for one step are merged (later keys win).
 
@@ -18,6 +21,10 @@ Rollout dump (``heal plot heatmap`` / ``heal plot dynamics``), one JSON object p
 
 ``entropy`` (per-token entropies of the response, required) and ``data_source`` (required) ;
 ``step`` defaults to 0; ``uid`` (prompt id), ``acc`` and anything else are optional and kept.
+
+:func:`write_rollout_dump` writes a whole dump (overwrites); :func:`append_rollout_dump` appends one
+training step's trajectories, which is what the verl (``heal.rollout_dump``) and TRL
+(``heal_rollout_dump``) integrations call once per step.
 """
 
 from __future__ import annotations
@@ -26,9 +33,11 @@ import json
 import math
 import os
 import re
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import IO, Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
-__all__ = ["load_metrics", "load_rollout_dump", "write_rollout_dump", "parse_console_line"]
+__all__ = [
+    "load_metrics", "load_rollout_dump", "write_rollout_dump", "append_rollout_dump", "parse_console_line",
+]
 
 _CONSOLE_RE = re.compile(r"^\s*step:(\d+)\s*-\s*(.*)$")
 
@@ -60,11 +69,39 @@ def parse_console_line(line: str) -> Optional[Dict[str, float]]:
     return rec
 
 
+def _trainer_state_history(path: str) -> Optional[list]:
+    """TRL/transformers ``trainer_state.json``'s ``log_history``, or None if ``path`` is not one."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if not text.lstrip().startswith("{") or '"log_history"' not in text:
+        return None
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        return None  # a JSON-lines file (several documents)
+    if not isinstance(obj, Mapping) or "log_history" not in obj:
+        return None
+    if not isinstance(obj["log_history"], list):
+        raise ValueError(f"{path}: 'log_history' must be a list of records")
+    return obj["log_history"]
+
+
 def load_metrics(path: str) -> Dict[int, Dict[str, float]]:
     """``{step: {metric: value}}`` from a metrics log (see the module docstring), steps ascending."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"metrics log not found: {path}")
     out: Dict[int, Dict[str, float]] = {}
+    history = _trainer_state_history(path)
+    if history is not None:
+        for entry in history:
+            if not isinstance(entry, Mapping) or "step" not in entry:
+                continue
+            rec = {k: _number(v) for k, v in entry.items() if k != "step"}
+            clean = {k: v for k, v in rec.items() if v is not None and math.isfinite(v)}
+            out.setdefault(int(entry["step"]), {}).update(clean)
+        if not out:
+            raise ValueError(f"{path}: no metrics records found (log_history has no entry with a 'step')")
+        return dict(sorted(out.items()))
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             line = line.strip()
@@ -118,14 +155,77 @@ def load_rollout_dump(path: str) -> List[Dict[str, Any]]:
     return out
 
 
-def write_rollout_dump(path: str, records: Iterable[Mapping[str, Any]]) -> str:
-    """Write records (each with ``entropy`` and ``data_source``) as a rollout dump JSONL."""
+def _write_records(f: IO[str], records: Iterable[Mapping[str, Any]]) -> int:
+    """Validate and write rollout records as JSON lines (entropies rounded to 6 decimals)."""
+    n = 0
+    for rec in records:
+        if "entropy" not in rec or "data_source" not in rec:
+            raise ValueError("every rollout record needs 'entropy' and 'data_source'")
+        rec = dict(rec)
+        rec["entropy"] = [round(float(x), 6) for x in rec["entropy"]]
+        f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        n += 1
+    return n
+
+
+def _open_dump(path: str, mode: str) -> IO[str]:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for rec in records:
-            if "entropy" not in rec or "data_source" not in rec:
-                raise ValueError("every rollout record needs 'entropy' and 'data_source'")
-            rec = dict(rec)
-            rec["entropy"] = [round(float(x), 6) for x in rec["entropy"]]
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    return open(path, mode, encoding="utf-8")
+
+
+def write_rollout_dump(path: str, records: Iterable[Mapping[str, Any]]) -> str:
+    """Write records (each with ``entropy`` and ``data_source``) as a rollout dump JSONL (overwrites)."""
+    with _open_dump(path, "w") as f:
+        _write_records(f, records)
     return path
+
+
+def _plain(value: Any) -> Any:
+    """JSON-friendly scalar: tensors / numpy scalars -> Python numbers (floats rounded to 6 decimals)."""
+    if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:
+        value = value.item()
+    if isinstance(value, float):
+        return round(value, 6) if math.isfinite(value) else None
+    if isinstance(value, (bool, int, str)) or value is None:
+        return value
+    return str(value)
+
+
+def append_rollout_dump(
+    path: str,
+    step: int,
+    entropies: Sequence[Any],
+    data_sources: Sequence[str],
+    **columns: Sequence[Any],
+) -> int:
+    """Append one training step's trajectories to the rollout dump at ``path``; return the count.
+
+    ``entropies``: one 1-D sequence per trajectory (a tensor, array or list of the response's valid
+    tokens only). ``data_sources``: one name per trajectory. Every keyword (e.g. ``uid``, ``acc``,
+    ``eda_reward``, ``s_target``) is a per-trajectory column of the same length, stored under its
+    name (tensors and numpy values become Python numbers, floats rounded to 6 decimals, NaN/inf
+    become null). Writes one JSON line per trajectory (``{"step": step, "data_source": ...,
+    "entropy": [...], ...}``), creating parent directories; call it once per step.
+    """
+    n = len(entropies)
+    if len(data_sources) != n:
+        raise ValueError(f"data_sources has {len(data_sources)} entries for {n} trajectories")
+    for name, col in columns.items():
+        if len(col) != n:
+            raise ValueError(f"column {name!r} has {len(col)} entries for {n} trajectories")
+    cols = {name: (col.tolist() if hasattr(col, "tolist") else list(col)) for name, col in columns.items()}
+
+    def records():
+        for i in range(n):
+            ent = entropies[i]
+            if hasattr(ent, "detach"):
+                ent = ent.detach().float().cpu()
+            ent = ent.tolist() if hasattr(ent, "tolist") else list(ent)
+            if not isinstance(ent, list):
+                raise ValueError(f"entropies[{i}] must be 1-D")
+            rec = {"step": int(step), "data_source": str(data_sources[i]), "entropy": ent}
+            rec.update((name, _plain(col[i])) for name, col in cols.items())
+            yield rec
+
+    with _open_dump(path, "a") as f:
+        return _write_records(f, records())

@@ -14,8 +14,10 @@ DESCRIPTION = """\
 
 Metrics log: JSON lines {"step": N, "eda/entropy_target": x, ...} (heal.reward.eda_step metrics
 with the step), verl's file logger lines {"step": N, "data": {...}}, or verl console lines
-"step:N - key:value - ...". Rollout dump: JSON lines {"step": N, "data_source": "...",
-"entropy": [floats], ...} (heal demo writes one: rollouts.jsonl). See heal.analysis.logs."""
+"step:N - key:value - ...", or TRL's checkpoint-*/trainer_state.json (its log_history).
+Rollout dump: JSON lines {"step": N, "data_source": "...", "entropy": [floats], ...} (written by
+heal demo, by verl with heal.rollout_dump=PATH, by TRL with heal_rollout_dump=PATH).
+See heal.analysis.logs."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub.required = True
 
     c = sub.add_parser("curves", help="entropy (or any metric) per domain over training steps")
-    c.add_argument("log", metavar="METRICS.jsonl", help="metrics log (JSONL or verl console text)")
+    c.add_argument("log", metavar="METRICS.jsonl", help="metrics log (JSONL, verl console text, or TRL trainer_state.json)")
     c.add_argument("--keys", nargs="+", default=None, metavar="KEY",
                    help="metric keys to draw (default: eda/entropy_<domain> keys, else actor/entropy)")
     c.add_argument("--smooth", type=int, default=1, metavar="W", help="moving-average window (default 1: raw)")

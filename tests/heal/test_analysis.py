@@ -71,6 +71,54 @@ def test_rollout_dump_roundtrip_and_errors(tmp_path):
         logs.load_rollout_dump(str(tmp_path / "bad.jsonl"))
 
 
+def test_append_rollout_dump_per_step(tmp_path):
+    p = str(tmp_path / "sub" / "dir" / "r.jsonl")  # parent dirs are created
+    ents = [torch.tensor([0.1234567, 2.0]), np.array([], dtype=np.float32), [1.0, 0.5, 0.25]]
+    n = logs.append_rollout_dump(p, 3, ents, ["math", "csqa", "math"], uid=["a", "b", "a"],
+                                 acc=torch.tensor([1.0, 0.0, 1.0]), s_target=np.array([0.5, float("nan"), -1.25]))
+    assert n == 3
+    assert logs.append_rollout_dump(p, 4, [torch.tensor([3.0])], ["csqa"], uid=["c"], acc=[0.0], s_target=[0.0]) == 1
+    back = logs.load_rollout_dump(p)
+    assert [r["step"] for r in back] == [3, 3, 3, 4]  # appended, not overwritten
+    assert back[0] == {"step": 3, "data_source": "math", "entropy": [0.123457, 2.0], "uid": "a", "acc": 1.0,
+                       "s_target": 0.5}
+    assert back[1]["entropy"] == [] and back[1]["s_target"] is None  # NaN -> null
+    assert back[2]["entropy"] == [1.0, 0.5, 0.25] and back[3]["data_source"] == "csqa"
+    with pytest.raises(ValueError, match="data_sources"):
+        logs.append_rollout_dump(p, 5, ents, ["math"])
+    with pytest.raises(ValueError, match="'acc'"):
+        logs.append_rollout_dump(p, 5, ents, ["a", "b", "c"], acc=[1.0])
+    with pytest.raises(ValueError, match="1-D"):
+        logs.append_rollout_dump(p, 5, [torch.tensor(1.0)], ["a"])
+    assert len(logs.load_rollout_dump(p)) == 4  # failed calls wrote nothing
+
+
+def test_load_metrics_trl_trainer_state(tmp_path):
+    from heal.cli import main
+
+    state = {
+        "global_step": 3,
+        "log_history": [
+            {"step": 1, "eda/entropy_mean_target": 0.41, "eda/entropy_mean_general": 0.6, "loss": 0.1, "epoch": 0.5},
+            {"step": 2, "eda/entropy_mean_target": 0.38, "eda/entropy_mean_general": float("nan")},
+            {"train_runtime": 12.0},  # no step: skipped
+            {"step": 3, "eda/entropy_mean_target": 0.35, "eda/entropy_mean_general": 0.62},
+        ],
+    }
+    p = tmp_path / "checkpoint-3" / "trainer_state.json"
+    p.parent.mkdir()
+    p.write_text(json.dumps(state, indent=2))
+    m = logs.load_metrics(str(p))
+    assert list(m) == [1, 2, 3]
+    assert m[1] == {"eda/entropy_mean_target": 0.41, "eda/entropy_mean_general": 0.6, "loss": 0.1, "epoch": 0.5}
+    assert m[2] == {"eda/entropy_mean_target": 0.38}
+    assert main(["plot", "curves", str(p), "--output", str(tmp_path / "c.png")]) == 0
+    assert _is_png(str(tmp_path / "c.png"))
+    p.write_text(json.dumps({"log_history": [{"train_runtime": 1.0}]}))
+    with pytest.raises(ValueError, match="no metrics"):
+        logs.load_metrics(str(p))
+
+
 # ------------------------------------------------------------------ maths behind the heatmap
 
 
