@@ -38,6 +38,9 @@ GENERAL = "commonsense_qa"
         ({"general_sources": [GENERAL], "fused_entropy": 1}, "heal.fused_entropy"),
         ({"general_sources": [GENERAL], "enable": "true"}, "heal.enable"),
         ({"general_sources": [GENERAL], "wieght": 1.0}, "wieght"),
+        ({"general_sources": [GENERAL], "rollout_dump": 3}, "heal.rollout_dump"),
+        ({"general_sources": [GENERAL], "rollout_dump": ""}, "heal.rollout_dump"),
+        ({"general_sources": [GENERAL], "rollout_dump": "/"}, "heal.rollout_dump"),
     ],
 )
 def test_heal_block_errors_name_the_key(block, key):
@@ -49,7 +52,7 @@ def test_heal_block_parses_omegaconf_and_defaults():
     from omegaconf import OmegaConf
 
     s = HealSettings.from_block(OmegaConf.create({"general_sources": [GENERAL, "gsm8k_general"], "weight": 0.5}))
-    assert s.enable and not s.fused_entropy and s.rollout_topk_field is None
+    assert s.enable and not s.fused_entropy and s.rollout_topk_field is None and s.rollout_dump is None
     assert s.eda.general_sources == (GENERAL, "gsm8k_general") and s.eda.weight == 0.5
     assert s.eda.min_length == 50 and s.eda.metric == "kl" and s.eda.entropy_source == "actor"
     off = HealSettings.from_block({"enable": False})
@@ -113,13 +116,17 @@ def _dataproto(entropy, mask, scores, uids, sources, entropy_key="entropy", scor
 
 
 @pytest.mark.parametrize("entropy_key,score_key", [("entropy", "rm_scores"), ("entropys", "token_level_scores")])
-def test_shape_scores_on_dataproto(entropy_key, score_key):
+def test_shape_scores_on_dataproto(entropy_key, score_key, tmp_path):
+    from heal.analysis.logs import load_rollout_dump
     from heal.integrations.verl.trainer import shape_scores
 
     entropy, mask, scores, acc, lengths, uids, sources = _trajectories(seed=1)
-    settings = HealSettings.from_block({"general_sources": [GENERAL], "weight": 0.5, "min_length": 50})
+    dump = str(tmp_path / "dumps" / "rollouts.jsonl")
+    settings = HealSettings.from_block(
+        {"general_sources": [GENERAL], "weight": 0.5, "min_length": 50, "rollout_dump": dump}
+    )
     data = _dataproto(entropy, mask, scores.clone(), uids, sources, entropy_key, score_key)
-    metrics = shape_scores(data, settings, score_key=score_key)
+    metrics = shape_scores(data, settings, score_key=score_key, step=7)
 
     result, ref_metrics = eda_step(entropy, mask, sources, uids, settings.eda)
     B = entropy.shape[0]
@@ -136,6 +143,22 @@ def test_shape_scores_on_dataproto(entropy_key, score_key):
               "eda/time_s", "heal/acc_score_target_mean", "heal/acc_score_general_mean", "heal/eda_bonus_mean"):
         assert k in metrics
     assert 0.0 < float(result.reward.sum()) < B  # the fixture exercises both outcomes
+
+    # heal.rollout_dump: one record per trajectory, entropies = the masked input
+    recs = load_rollout_dump(dump)
+    assert len(recs) == B and {r["step"] for r in recs} == {7}
+    for i, r in enumerate(recs):
+        assert r["data_source"] == sources[i] and r["uid"] == uids[i]
+        want = entropy[i][mask[i].bool()]
+        assert len(r["entropy"]) == int(lengths[i])
+        torch.testing.assert_close(torch.tensor(r["entropy"]), want, rtol=0, atol=1e-6)
+        assert r["acc"] == float(acc[i]) and r["eda_reward"] == float(result.reward[i])
+        for key, col in (("s_target", result.s_target), ("s_general", result.s_general)):
+            v = float(col[i])
+            assert r[key] is None if not math.isfinite(v) else r[key] == pytest.approx(v, abs=1e-6)
+    shape_scores(_dataproto(entropy, mask, scores.clone(), uids, sources, entropy_key, score_key), settings,
+                 score_key=score_key, step=8)
+    assert [r["step"] for r in load_rollout_dump(dump)] == [7] * B + [8] * B  # appended per step
 
 
 def test_shape_scores_rewards_a_target_that_moves_like_general():
@@ -157,7 +180,7 @@ def test_shape_scores_rewards_a_target_that_moves_like_general():
     assert float(data.batch["rm_scores"][0, -1]) == 1.0
 
 
-def test_shape_scores_padding_rows_are_left_out():
+def test_shape_scores_padding_rows_are_left_out(tmp_path):
     from heal.integrations.verl.trainer import shape_scores
 
     entropy, mask, scores, acc, lengths, uids, sources = _trajectories(seed=2)
@@ -168,8 +191,12 @@ def test_shape_scores_padding_rows_are_left_out():
     scores = torch.cat([scores, torch.zeros(2, scores.shape[1])])
     data = _dataproto(entropy, mask, scores.clone(), uids + uids[:2], sources + sources[:2])
     settings = HealSettings.from_block({"general_sources": [GENERAL]})
+    settings.rollout_dump = str(tmp_path / "r.jsonl")
     shape_scores(data, settings, row_mask=[True] * B + [False] * 2)
     result, _ = eda_step(entropy[:B], mask[:B], sources, uids, settings.eda)
+    from heal.analysis.logs import load_rollout_dump
+
+    assert len(load_rollout_dump(settings.rollout_dump)) == B  # padding rows are not dumped
     assert torch.equal(data.batch["eda_reward"][:B], result.reward)
     assert data.batch["eda_reward"][B:].tolist() == [0.0, 0.0]
     assert torch.equal(data.batch["rm_scores"][B:], scores[B:])
@@ -300,7 +327,7 @@ class _FakeActorWorkerGroup:
         return batch
 
 
-def test_old_log_prob_pass_then_shaping_then_grpo(trainer_config, monkeypatch):
+def test_old_log_prob_pass_then_shaping_then_grpo(trainer_config, monkeypatch, tmp_path):
     """The trainer's real ``_compute_old_log_prob`` (entropies requested at the rollout temperature)
     and ``_compute_advantage`` (heal's shaping, then verl's own GRPO on the shaped scores); the
     accuracy score survives under ``acc_scores``."""
@@ -336,7 +363,12 @@ def test_old_log_prob_pass_then_shaping_then_grpo(trainer_config, monkeypatch):
         full_entropy.append(torch.cat([torch.full((P - 1,), 9.0), entropy[i, :L], torch.full((1,), 9.0)]))
         full_lp.append(-torch.rand(P + L, generator=g))
     tq.kv_batch_put(keys, "train", fields=list_of_dict_to_tensordict(fields))
-    trainer = HealPPOTrainerSync(trainer_config)
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.create(OmegaConf.to_container(trainer_config))
+    config.heal.rollout_dump = str(tmp_path / "rollouts.jsonl")
+    trainer = HealPPOTrainerSync(config)
+    trainer.global_steps = 5
     trainer.actor_rollout_wg = _FakeActorWorkerGroup(tq, full_entropy, full_lp)
     batch = KVBatchMeta(partition_id="train", keys=keys, tags=[{} for _ in keys])
     metrics = {}
@@ -367,3 +399,11 @@ def test_old_log_prob_pass_then_shaping_then_grpo(trainer_config, monkeypatch):
         assert torch.allclose(got, want, atol=1e-5)
     assert "eda/rate_target" in metrics and "heal/time_s" in metrics and "actor/entropy" in metrics
     assert "heal_eda" in trainer.timing_raw
+
+    from heal.analysis.logs import load_rollout_dump  # heal.rollout_dump, written on the driver
+
+    recs = load_rollout_dump(str(tmp_path / "rollouts.jsonl"))
+    assert [r["step"] for r in recs] == [5] * B and [r["uid"] for r in recs] == uids
+    for i, r in enumerate(recs):  # the response-aligned entropies of the valid tokens
+        torch.testing.assert_close(torch.tensor(r["entropy"]), entropy[i][mask[i].bool()], rtol=0, atol=1e-6)
+        assert r["acc"] == float(acc[i]) and r["eda_reward"] == float(result.reward[i])

@@ -14,6 +14,7 @@ Keys (defaults in ``heal/integrations/verl/config/heal_trainer.yaml``)::
       entropy_source: actor         # actor (exact, old-log-prob pass) | rollout_topk (reproduction)
       rollout_topk_field: null      # rollout_topk only: TransferQueue field with [T, k] top-k log-probs
       fused_entropy: false          # actor workers compute entropy/log-probs with heal's fused op
+      rollout_dump: null            # a path: append each step's trajectories (entropies, scores) as JSONL
 
 Every error is a ``ValueError`` whose message starts with the full key, e.g. ``heal.weight``.
 """
@@ -21,6 +22,7 @@ Every error is a ``ValueError`` whose message starts with the full key, e.g. ``h
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
@@ -28,7 +30,7 @@ from heal.reward import EDAConfig
 
 __all__ = ["HealSettings", "INTEGRATION_KEYS", "ROLLOUT_TOPK_MISSING"]
 
-INTEGRATION_KEYS = ("enable", "fused_entropy", "rollout_topk_field")
+INTEGRATION_KEYS = ("enable", "fused_entropy", "rollout_topk_field", "rollout_dump")
 
 ROLLOUT_TOPK_MISSING = (
     "heal.entropy_source='rollout_topk' needs each response token's top-k log-probs from the rollout engine, "
@@ -66,6 +68,7 @@ class HealSettings:
     enable: bool = True
     fused_entropy: bool = False
     rollout_topk_field: Optional[str] = None
+    rollout_dump: Optional[str] = None
 
     @classmethod
     def from_block(cls, block: Any, *, prefix: str = "heal") -> "HealSettings":
@@ -82,6 +85,12 @@ class HealSettings:
         topk_field = block.pop("rollout_topk_field", None)
         if topk_field is not None and (not isinstance(topk_field, str) or not topk_field):
             raise ValueError(f"{prefix}.rollout_topk_field must be a non-empty string or null, got {topk_field!r}")
+        dump = block.pop("rollout_dump", None)
+        if dump is not None:
+            if not isinstance(dump, str) or not dump:
+                raise ValueError(f"{prefix}.rollout_dump must be a file path (JSONL) or null, got {dump!r}")
+            if os.path.isdir(dump):
+                raise ValueError(f"{prefix}.rollout_dump={dump!r} is a directory; give a file path, e.g. {dump}/rollouts.jsonl")
 
         known = [f.name for f in dataclasses.fields(EDAConfig)]
         unknown = [k for k in block if k not in known]
@@ -104,7 +113,7 @@ class HealSettings:
                     raise ValueError(f"{prefix}.{err}") from None
         if eda is not None and eda.entropy_source == "rollout_topk" and topk_field is None and enable:
             raise ValueError(ROLLOUT_TOPK_MISSING)
-        return cls(eda=eda, enable=enable, fused_entropy=fused, rollout_topk_field=topk_field)
+        return cls(eda=eda, enable=enable, fused_entropy=fused, rollout_topk_field=topk_field, rollout_dump=dump)
 
     @classmethod
     def from_config(cls, config: Any) -> "HealSettings":

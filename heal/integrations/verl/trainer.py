@@ -19,6 +19,10 @@ Select it with ``trainer.v1.trainer_mode=heal_sync`` (verl's default ``trainer.u
    ``eda/time_s``) plus ``heal/acc_score_{target,general}_mean``, ``heal/eda_bonus_mean`` and
    ``heal/time_s`` (the whole step including TransferQueue traffic); verl logs ``timing_s/heal_eda``.
    ``critic/score/*`` (computed by verl from ``rm_scores``) is then the shaped score.
+4. With ``heal.rollout_dump=PATH`` the driver appends every step's trajectories to the JSONL rollout
+   dump at ``PATH`` (:func:`heal.analysis.logs.append_rollout_dump`): ``step`` (verl's global step),
+   ``data_source``, ``uid``, ``entropy`` (the valid response tokens), ``acc`` (accuracy score),
+   ``eda_reward``, ``s_target``, ``s_general`` -- the input of ``heal plot heatmap|dynamics``.
 
 The trainer reports its ``trainer_mode`` as ``"sync"`` to verl's base class, so every code path verl
 reserves for the sync trainer (replay buffer, checkpointing, prompt submission) stays the same.
@@ -87,6 +91,7 @@ def shape_scores(
     *,
     score_key: str = "rm_scores",
     row_mask: Optional[Sequence[bool]] = None,
+    step: int = 0,
 ) -> Dict[str, float]:
     """Add ``settings.eda.weight * r_EDA`` to ``data.batch[score_key]`` in place; return metrics.
 
@@ -97,7 +102,8 @@ def shape_scores(
     ``row_mask`` is False (verl's padding rows) are left out of the EDA comparison and unchanged.
 
     Writes ``acc_scores`` (copy of the unshaped scores), the shaped ``score_key`` and
-    ``eda_reward`` (``float32[B]``, 0/1, 0 for rows left out).
+    ``eda_reward`` (``float32[B]``, 0/1, 0 for rows left out). With ``settings.rollout_dump`` set,
+    appends the compared rows to that rollout dump under ``step`` (see the module docstring).
     """
     eda_cfg = settings.eda
     if eda_cfg is None:
@@ -155,8 +161,29 @@ def shape_scores(
     metrics["heal/acc_score_target_mean"] = float(seq_acc[is_tgt].mean()) if bool(is_tgt.any()) else nan
     metrics["heal/acc_score_general_mean"] = float(seq_acc[is_gen].mean()) if bool(is_gen.any()) else nan
     metrics["heal/eda_bonus_mean"] = float(bonus.float().cpu()[torch.as_tensor(rows)].mean()) if idx.size else nan
+    if settings.rollout_dump and idx.size:
+        _dump_rollouts(settings.rollout_dump, step, ent_rows, mask_rows, idx, sources, uids, seq_acc, reward, result)
     metrics["heal/shaping_time_s"] = time.perf_counter() - t0
     return metrics
+
+
+def _dump_rollouts(path, step, ent_rows, mask_rows, idx, sources, uids, seq_acc, reward, result) -> None:
+    """Append the compared rows (``ent_rows`` / ``mask_rows`` hold rows ``idx`` of the batch)."""
+    from heal.analysis.logs import append_rollout_dump
+
+    ent_cpu = ent_rows.detach().float().cpu()
+    valid = mask_rows.detach().cpu().bool()
+    sel = torch.as_tensor(idx, dtype=torch.long)
+    columns = {
+        "uid": [str(uids[i]) for i in idx] if uids is not None else [str(i) for i in idx],
+        "acc": seq_acc[sel],
+        "eda_reward": reward[sel],
+        "s_target": result.s_target.detach().float().cpu(),
+        "s_general": result.s_general.detach().float().cpu(),
+    }
+    append_rollout_dump(
+        path, int(step), [ent_cpu[j][valid[j]] for j in range(len(idx))], [sources[i] for i in idx], **columns
+    )
 
 
 class HealPPOTrainerSync(PPOTrainerSync):
@@ -218,7 +245,9 @@ class HealPPOTrainerSync(PPOTrainerSync):
         }
         data = DataProto(batch=td.to_padded_tensor(), non_tensor_batch=non_tensor)
         row_mask = [not tag.get("is_padding", False) for tag in batch.tags]
-        step_metrics = shape_scores(data, self.heal_settings, score_key="rm_scores", row_mask=row_mask)
+        step_metrics = shape_scores(
+            data, self.heal_settings, score_key="rm_scores", row_mask=row_mask, step=int(getattr(self, "global_steps", 0))
+        )
 
         out = {
             "rm_scores": response_to_nested(data.batch["rm_scores"], response_mask),
