@@ -83,7 +83,7 @@ def trained(tmp_path_factory):
     trainer = HEALGRPOTrainer(
         model=model,
         reward_funcs=exact_answer_reward,
-        args=_config(tmp_path),
+        args=_config(tmp_path, heal_rollout_dump=str(tmp_path / "dump" / "rollouts.jsonl")),
         train_dataset=toy_dataset(n=16, seed=0),
         processing_class=tokenizer,
     )
@@ -98,6 +98,7 @@ def trained(tmp_path_factory):
             trainer.model, last["input_ids"], last["attention_mask"], last["logits_to_keep"]
         )
         last["advantages"] = out["advantages"].detach().cpu().clone()
+        last["global_step"] = trainer.state.global_step
         records.append(last)
         return out
 
@@ -141,6 +142,27 @@ def test_eda_reward_reached_the_advantages(trained):
             acc_only = _grpo_advantages(rpf[:, 0].clone(), NUM_GENERATIONS)
             assert not torch.allclose(rec["advantages"], acc_only, atol=1e-3)
     assert saw_nonzero_eda, "precondition: the seeded batches must give EDA rewards that differ within a group"
+
+
+def test_rollout_dump_per_step(trained):
+    """heal_rollout_dump: one line per completion per step, entropies = the masked EDA input."""
+    from heal.analysis.logs import load_rollout_dump
+
+    trainer, records, _, _ = trained
+    dump = load_rollout_dump(trainer.args.heal_rollout_dump)
+    n = len(records[0]["data_sources"])
+    assert len(dump) == sum(len(r["data_sources"]) for r in records) == 2 * n
+    for k, rec in enumerate(records):
+        rows = dump[k * n : (k + 1) * n]
+        assert {r["step"] for r in rows} == {rec["global_step"]}
+        assert [r["data_source"] for r in rows] == rec["data_sources"]
+        assert [r["uid"] for r in rows] == rec["uids"]
+        mask = rec["mask"].bool()
+        for i, r in enumerate(rows):
+            torch.testing.assert_close(torch.tensor(r["entropy"]), rec["entropy"][i][mask[i]], rtol=0, atol=1e-6)
+            assert r["eda_reward"] == float(rec["eda_reward"][i])
+            assert r["acc"] == pytest.approx(float(rec["rewards_per_func"][i, 0]), abs=1e-6)
+    assert [r["step"] for r in dump[::n]] == [0, 1]
 
 
 def test_weights_changed(trained):
@@ -256,6 +278,10 @@ def test_config_validation(tmp_path):
         _config(tmp_path, heal_metric="cosine")
     with pytest.raises(ValueError, match="heal_entropy_batch_size"):
         _config(tmp_path, heal_entropy_batch_size=0)
+    with pytest.raises(ValueError, match="heal_rollout_dump"):
+        _config(tmp_path, heal_rollout_dump="")
+    with pytest.raises(ValueError, match="heal_rollout_dump"):
+        _config(tmp_path, heal_rollout_dump=str(tmp_path))
     cfg = _config(tmp_path, heal_general_sources="a,b").heal_eda_config()
     assert cfg.general_sources == ("a", "b") and cfg.weight == HEAL_WEIGHT and cfg.min_length == 3
 

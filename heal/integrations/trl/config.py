@@ -8,6 +8,7 @@ is built, with a ``ValueError`` naming the field.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -62,6 +63,12 @@ class HEALGRPOConfig(GRPOConfig):
             Rows per chunk of the no-grad forward that computes the completion entropies
             (each chunk materialises ``[rows, completion_len, vocab]`` logits). Defaults to
             ``per_device_train_batch_size``.
+        heal_rollout_dump (`str`, *optional*):
+            Path of a JSONL rollout dump: after each training EDA step the main process appends one
+            line per completion of the gathered batch (``step`` = ``state.global_step``,
+            ``data_source``, ``uid``, ``entropy`` over the completion's model tokens, ``acc`` = the
+            weighted sum of the other reward functions, ``eda_reward``, ``s_target``, ``s_general``),
+            the input of ``heal plot heatmap`` / ``heal plot dynamics``. Default: off.
     """
 
     heal_general_sources: list[str] = field(
@@ -89,6 +96,11 @@ class HEALGRPOConfig(GRPOConfig):
         default=None, metadata={"help": "Rows per chunk of the entropy forward (default: per-device batch size)."}
     )
 
+    heal_rollout_dump: Optional[str] = field(
+        default=None,
+        metadata={"help": "JSONL file to append each step's completions (entropies, rewards) to, for heal plot."},
+    )
+
     def __post_init__(self):
         super().__post_init__()
         if isinstance(self.heal_general_sources, str):
@@ -97,6 +109,14 @@ class HEALGRPOConfig(GRPOConfig):
             raise ValueError("heal_data_source_key must be a non-empty column name")
         if self.heal_entropy_batch_size is not None and self.heal_entropy_batch_size < 1:
             raise ValueError(f"heal_entropy_batch_size must be a positive integer, got {self.heal_entropy_batch_size}")
+        if self.heal_rollout_dump is not None:
+            if not isinstance(self.heal_rollout_dump, str) or not self.heal_rollout_dump:
+                raise ValueError(f"heal_rollout_dump must be a file path or None, got {self.heal_rollout_dump!r}")
+            if os.path.isdir(self.heal_rollout_dump):
+                raise ValueError(
+                    f"heal_rollout_dump={self.heal_rollout_dump!r} is a directory; give a file path, "
+                    f"e.g. {os.path.join(self.heal_rollout_dump, 'rollouts.jsonl')}"
+                )
         self.heal_eda_config()  # validates
 
     def heal_eda_config(self):

@@ -26,6 +26,9 @@ What it changes in TRL's step (``_generate_and_score_completions``), and nothing
    ``eda/entropy_forward_time_s``, the time of the forward that produced the entropies, and
    ``eda/entropy_shared_pass``, 1 when it was TRL's old-log-prob pass) go through TRL's metrics,
    averaged per logging step.
+4. With ``heal_rollout_dump=PATH`` the main process appends every training EDA step's completions
+   to that JSONL rollout dump (:func:`heal.analysis.logs.append_rollout_dump`; ``step`` =
+   ``state.global_step`` when the batch was generated), for ``heal plot heatmap|dynamics``.
 
 80/20 (update only the top-20% high-entropy tokens, "Beyond the 80/20 rule"): TRL has it
 natively, ``GRPOConfig(top_entropy_quantile=0.2)``; it combines with HEAL unchanged.
@@ -356,6 +359,9 @@ class HEALGRPOTrainer(GRPOTrainer):
         metrics["eda/entropy_shared_pass"] = 1.0 if entropy_pass == "old_logp_pass" else 0.0
         for name, value in metrics.items():
             self._metrics[mode][name].append(float(value))
+        dump = getattr(self.args, "heal_rollout_dump", None)
+        if dump and mode == "train" and self.accelerator.is_main_process:
+            self._heal_dump_rollouts(dump, ent_all, mask_all, data_sources, uids, rewards_per_func, eda_reward, result)
         self.heal_last_batch = {
             "entropy": entropy.detach().cpu(),
             "mask": mask.detach().cpu(),
@@ -371,3 +377,23 @@ class HEALGRPOTrainer(GRPOTrainer):
         }
         return rewards_per_func
 
+    def _heal_dump_rollouts(self, path, entropy, mask, data_sources, uids, rewards_per_func, eda_reward, result):
+        """Append the gathered batch to the rollout dump ``path`` (main process only)."""
+        from heal.analysis.logs import append_rollout_dump
+
+        others = [i for i in range(rewards_per_func.size(1)) if i != self._heal_reward_index]
+        weights = self.reward_weights[others].to(rewards_per_func.device, rewards_per_func.dtype)
+        acc = (rewards_per_func[:, others] * weights).nansum(dim=1).detach().float().cpu()
+        ent = entropy.detach().float().cpu()
+        valid = mask.detach().cpu().bool()
+        append_rollout_dump(
+            path,
+            int(self.state.global_step),
+            [ent[i][valid[i]] for i in range(ent.size(0))],
+            data_sources,
+            uid=uids,
+            acc=acc,
+            eda_reward=eda_reward.detach().float().cpu(),
+            s_target=torch.as_tensor(result.s_target).detach().float().cpu(),
+            s_general=torch.as_tensor(result.s_general).detach().float().cpu(),
+        )
