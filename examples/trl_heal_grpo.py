@@ -10,6 +10,10 @@ Everything is built in code (no model hub, no network). With a real model, swap 
 Add ``--top-entropy-quantile 0.2`` to combine HEAL with TRL's 80/20 high-entropy-token rule.
 Several processes: ``torchrun --standalone --nproc_per_node 2 examples/trl_heal_grpo.py`` (EDA
 then compares trajectories across the whole gathered batch).
+
+Each step's completions (entropies, rewards) go to ``<output-dir>/rollouts.jsonl`` and the metrics
+to ``<output-dir>/checkpoint-<steps>/trainer_state.json``; the run ends by printing the two
+``heal plot`` commands that draw them.
 """
 
 from __future__ import annotations
@@ -65,7 +69,9 @@ def main(argv=None) -> int:
         top_entropy_quantile=args.top_entropy_quantile,
         shuffle_dataset=False,  # the toy dataset alternates target/general: every batch holds both
         logging_steps=1,
-        save_strategy="no",
+        save_strategy="steps",  # one checkpoint at the end: its trainer_state.json feeds heal plot curves
+        save_steps=args.steps,
+        save_only_model=True,
         report_to="none",
         bf16=False,
         use_cpu=True,
@@ -75,6 +81,7 @@ def main(argv=None) -> int:
         heal_general_sources=[GENERAL_SOURCE],
         heal_weight=args.heal_weight,
         heal_min_length=args.heal_min_length,
+        heal_rollout_dump=os.path.join(args.output_dir, "rollouts.jsonl"),
     )
     trainer = HEALGRPOTrainer(
         model=model,
@@ -107,6 +114,10 @@ def main(argv=None) -> int:
     for k in keys:
         cells = "".join(f" {h.get(k, math.nan):11.4g}" for h in rows)
         print(f"{k:34s}{cells}")
+    state = os.path.join(args.output_dir, f"checkpoint-{trainer.state.global_step}", "trainer_state.json")
+    print("\nPlots:")
+    print(f"  heal plot curves {state}")
+    print(f"  heal plot heatmap {config.heal_rollout_dump}")
     return 0 if rows else 1
 
 

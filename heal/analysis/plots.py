@@ -224,12 +224,15 @@ def plot_entropy_dynamics(entropies: Sequence[Sequence[float]], domains: Sequenc
 
 
 _ENTROPY_KEY_RE = re.compile(r"^eda/entropy(?:_mean)?_(\w+)$")
+# eda/entropy_* keys that are not a domain's entropy (the TRL integration's timing / pass flag)
+_NOT_DOMAIN_ENTROPY = ("eda/entropy_forward_time_s", "eda/entropy_shared_pass")
 
 
 def entropy_metric_keys(metrics: Mapping[int, Mapping[str, float]]) -> List[str]:
     """Default curves: ``eda/entropy_<domain>`` / ``eda/entropy_mean_<domain>`` keys, else
     ``actor/entropy`` (verl's mean policy entropy) when present."""
-    keys = sorted({k for rec in metrics.values() for k in rec if _ENTROPY_KEY_RE.match(k)})
+    keys = sorted({k for rec in metrics.values() for k in rec
+                   if _ENTROPY_KEY_RE.match(k) and k not in _NOT_DOMAIN_ENTROPY})
     if not keys:
         keys = sorted({k for rec in metrics.values() for k in rec if k in ("actor/entropy", "actor/entropy_loss")})
     return keys

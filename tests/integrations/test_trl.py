@@ -154,7 +154,7 @@ def test_rollout_dump_per_step(trained):
     assert len(dump) == sum(len(r["data_sources"]) for r in records) == 2 * n
     for k, rec in enumerate(records):
         rows = dump[k * n : (k + 1) * n]
-        assert {r["step"] for r in rows} == {rec["global_step"]}
+        assert {r["step"] for r in rows} == {rec["global_step"] + 1}  # generated before that optimizer step
         assert [r["data_source"] for r in rows] == rec["data_sources"]
         assert [r["uid"] for r in rows] == rec["uids"]
         mask = rec["mask"].bool()
@@ -162,7 +162,10 @@ def test_rollout_dump_per_step(trained):
             torch.testing.assert_close(torch.tensor(r["entropy"]), rec["entropy"][i][mask[i]], rtol=0, atol=1e-6)
             assert r["eda_reward"] == float(rec["eda_reward"][i])
             assert r["acc"] == pytest.approx(float(rec["rewards_per_func"][i, 0]), abs=1e-6)
-    assert [r["step"] for r in dump[::n]] == [0, 1]
+    assert [r["step"] for r in dump[::n]] == [1, 2]
+    # the same step axis as the eda/* metrics TRL logs (heal plot curves on trainer_state.json)
+    logged = sorted(h["step"] for h in trainer.state.log_history if "eda/rate_target" in h)
+    assert logged == [1, 2]
 
 
 def test_weights_changed(trained):

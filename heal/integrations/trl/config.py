@@ -65,10 +65,11 @@ class HEALGRPOConfig(GRPOConfig):
             ``per_device_train_batch_size``.
         heal_rollout_dump (`str`, *optional*):
             Path of a JSONL rollout dump: after each training EDA step the main process appends one
-            line per completion of the gathered batch (``step`` = ``state.global_step``,
-            ``data_source``, ``uid``, ``entropy`` over the completion's model tokens, ``acc`` = the
-            weighted sum of the other reward functions, ``eda_reward``, ``s_target``, ``s_general``),
-            the input of ``heal plot heatmap`` / ``heal plot dynamics``. Default: off.
+            line per completion of the gathered batch: ``step`` (``state.global_step + 1``, the step
+            under which TRL logs the batch's ``eda/*`` metrics), ``data_source``, ``uid``,
+            ``entropy`` over the completion's model tokens, ``acc`` (the weighted sum of the other
+            reward functions), ``eda_reward``, ``s_target``, ``s_general``. The input of
+            ``heal plot heatmap`` / ``heal plot dynamics``. Default: off.
     """
 
     heal_general_sources: list[str] = field(

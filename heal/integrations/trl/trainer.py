@@ -27,8 +27,10 @@ What it changes in TRL's step (``_generate_and_score_completions``), and nothing
    ``eda/entropy_shared_pass``, 1 when it was TRL's old-log-prob pass) go through TRL's metrics,
    averaged per logging step.
 4. With ``heal_rollout_dump=PATH`` the main process appends every training EDA step's completions
-   to that JSONL rollout dump (:func:`heal.analysis.logs.append_rollout_dump`; ``step`` =
-   ``state.global_step`` when the batch was generated), for ``heal plot heatmap|dynamics``.
+   to that JSONL rollout dump (:func:`heal.analysis.logs.append_rollout_dump`), for ``heal plot
+   heatmap|dynamics``. ``step`` = ``state.global_step + 1``: the first optimizer step the batch
+   trains, which is also the ``step`` under which TRL logs this batch's ``eda/*`` metrics in
+   ``log_history`` (so dumps and ``heal plot curves`` share one step axis, as with verl).
 
 80/20 (update only the top-20% high-entropy tokens, "Beyond the 80/20 rule"): TRL has it
 natively, ``GRPOConfig(top_entropy_quantile=0.2)``; it combines with HEAL unchanged.
@@ -388,7 +390,7 @@ class HEALGRPOTrainer(GRPOTrainer):
         valid = mask.detach().cpu().bool()
         append_rollout_dump(
             path,
-            int(self.state.global_step),
+            int(self.state.global_step) + 1,  # generation runs before the step's optimizer update
             [ent[i][valid[i]] for i in range(ent.size(0))],
             data_sources,
             uid=uids,
