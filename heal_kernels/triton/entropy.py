@@ -51,6 +51,24 @@ __all__ = ["entropy_forward", "entropy_backward", "launch_config"]
 
 
 @triton.jit
+def _store_row(row, row_ptr, labels_ptr, entropy_ptr, logprob_ptr, stats_ptr, V, c, inv_t, mx, s, t,
+               HAS_LABELS: tl.constexpr):
+    """Epilogue of both forward layouts: from the row's ``s = sum exp(u - mx)`` and
+    ``t = sum exp(u - mx) * (u - mx)`` (``u = (z - c) / T``) store the entropy, the per-row
+    statistics ``(c, mx, log s)`` the backward recomputes ``p`` from, and the label's log-prob."""
+    log_s = tl.log(s)  # logsumexp(u) = mx + log_s
+    tl.store(entropy_ptr + row, log_s - t / s)
+    tl.store(stats_ptr + row * 3, c)
+    tl.store(stats_ptr + row * 3 + 1, mx)
+    tl.store(stats_ptr + row * 3 + 2, log_s)
+    if HAS_LABELS:
+        label = tl.load(labels_ptr + row).to(tl.int64)
+        ok = (label >= 0) & (label < V)
+        zl = tl.load(row_ptr + tl.where(ok, label, 0), mask=ok, other=float("nan"))
+        tl.store(logprob_ptr + row, ((zl.to(tl.float32) - c) * inv_t - mx) - log_s)
+
+
+@triton.jit
 def _entropy_fwd_kernel(
     logits_ptr,
     stride_row,
@@ -101,17 +119,8 @@ def _entropy_fwd_kernel(
     scale = tl.where(live, tl.exp(delta), 0.0)
     s_row = tl.sum(s * scale, axis=0)
     t_row = tl.sum(scale * (t + s * delta), axis=0)  # sum exp(u - mx) * (u - mx)
-    log_s = tl.log(s_row)  # logsumexp(u) = mx + log_s
-    entropy = log_s - t_row / s_row
-    tl.store(entropy_ptr + row, entropy)
-    tl.store(stats_ptr + row * 3, c)
-    tl.store(stats_ptr + row * 3 + 1, mx)
-    tl.store(stats_ptr + row * 3 + 2, log_s)
-    if HAS_LABELS:
-        label = tl.load(labels_ptr + row).to(tl.int64)
-        ok = (label >= 0) & (label < V)
-        zl = tl.load(row_ptr + tl.where(ok, label, 0), mask=ok, other=float("nan"))
-        tl.store(logprob_ptr + row, ((zl.to(tl.float32) - c) * inv_t - mx) - log_s)
+    _store_row(row, row_ptr, labels_ptr, entropy_ptr, logprob_ptr, stats_ptr, V, c, inv_t, mx, s_row, t_row,
+               HAS_LABELS)
 
 
 @triton.jit
@@ -155,17 +164,7 @@ def _entropy_fwd_block_kernel(
         s = alpha * s + tl.sum(e, axis=0)
         m = m_new
 
-    log_s = tl.log(s)
-    entropy = log_s - t / s
-    tl.store(entropy_ptr + row, entropy)
-    tl.store(stats_ptr + row * 3, c)
-    tl.store(stats_ptr + row * 3 + 1, m)
-    tl.store(stats_ptr + row * 3 + 2, log_s)
-    if HAS_LABELS:
-        label = tl.load(labels_ptr + row).to(tl.int64)
-        ok = (label >= 0) & (label < V)
-        zl = tl.load(row_ptr + tl.where(ok, label, 0), mask=ok, other=float("nan"))
-        tl.store(logprob_ptr + row, ((zl.to(tl.float32) - c) * inv_t - m) - log_s)
+    _store_row(row, row_ptr, labels_ptr, entropy_ptr, logprob_ptr, stats_ptr, V, c, inv_t, m, s, t, HAS_LABELS)
 
 
 @triton.jit
