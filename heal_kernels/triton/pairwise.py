@@ -80,7 +80,10 @@ def _kl_rows_kernel(
         nl_c = tl.maximum(nl, 1)
         ms_c = tl.maximum(ms, 1)
         scale = ms_c.to(tl.float32) / nl_c.to(tl.float32)
-        ok = jmask & (m_j > 0) & (m_i > 0)
+        # broadcast the row's length before comparing: a scalar int1 combined with a block int1
+        # is not portable (Triton 3.9's interpreter turns it into an int32 mask that loads reject)
+        row_len = tl.zeros([BLOCK_J], tl.int32) + m_i
+        ok = jmask & (m_j > 0) & (row_len > 0)
         n_max = tl.max(tl.where(ok, nl, 0), axis=0)
         acc = tl.zeros([BLOCK_J, BLOCK_T], tl.float32)
         zs = tl.zeros([BLOCK_J, BLOCK_T], tl.float32)
