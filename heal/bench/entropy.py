@@ -19,8 +19,6 @@ and on CUDA the device-to-device copy bandwidth measured in the same run, with e
 percentage of it. Results: ``benchmarks/results/entropy-<device>.{json,md,png}``.
 
 Defaults: CUDA ``[16384, 151936]`` bfloat16, T = 0.7; CPU ``[4096, 32000]`` float32, T = 0.7.
-On CUDA, ``HEAL_ENTROPY_FWD=block`` times the alternative Triton forward layout (recorded in the
-JSON as ``triton_forward_variant``).
 """
 
 from __future__ import annotations
@@ -230,7 +228,6 @@ def run(args) -> int:
         "heal_fwd_over_log_softmax": (heal.get("fwd_ms") or float("nan")) / base["log_softmax"],
         "torch_compile": compile_note,
         "heal_backend": "triton" if gpu else "cpu (C++ when it builds, else chunked torch)",
-        "triton_forward_variant": os.environ.get("HEAL_ENTROPY_FWD", "lane") if gpu else None,
         "results": results,
         "speedup_vs_heal": speedups,
     }

@@ -15,14 +15,13 @@ group in registers and writes ``[num_groups]`` once per row: no ``[B, B]`` buffe
 
 from __future__ import annotations
 
-import math
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from heal_kernels.triton._launch import launch
+
+FP_FUSION = True  # passed at every launch
 
 
 @triton.jit
@@ -151,11 +150,13 @@ def _prepare(st):
     )
 
 
-def _launch(st, short_first, full, groups=None, num_groups=1, exclude_self=True, pids=None):
+def launch_spec(st, short_first, full, groups=None, num_groups=1, exclude_self=True, pids=None, device=None):
+    """``(kernel, grid, args, kwargs, out)`` of one launch (shared with :mod:`.aot`); ``device``
+    overrides the device that picks the tile sizes (the AOT list passes ``cuda``)."""
     p = _prepare(st)
     bsz = st.lengths.numel()
     dev = p["dev"]
-    bj, bt, bg = _blocks(dev, num_groups)
+    bj, bt, bg = _blocks(device or dev, num_groups)
     if full:
         out = torch.empty((bsz, bsz), dtype=torch.float32, device=dev)
         groups32 = torch.zeros(1, dtype=torch.int32, device=dev)
@@ -164,18 +165,8 @@ def _launch(st, short_first, full, groups=None, num_groups=1, exclude_self=True,
         groups32 = groups.to(torch.int32)
     pid_t = pids if pids is not None else torch.zeros(1, dtype=torch.int64, device=dev)
     x, e = p["x"], p["e"]  # padded: never empty
-    _kl_rows_kernel[(bsz,)](
-        x,
-        e,
-        p["starts"],
-        p["lens"],
-        p["mx"],
-        p["order"],
-        groups32,
-        pid_t,
-        out,
-        bsz,
-        num_groups,
+    args = (x, e, p["starts"], p["lens"], p["mx"], p["order"], groups32, pid_t, out, bsz, num_groups)
+    kwargs = dict(
         SHORT_FIRST=bool(short_first),
         FULL=bool(full),
         EXCLUDE_SELF=bool(exclude_self),
@@ -183,7 +174,16 @@ def _launch(st, short_first, full, groups=None, num_groups=1, exclude_self=True,
         BLOCK_J=bj,
         BLOCK_T=bt,
         BLOCK_G=bg,
+        num_warps=4,
+        num_stages=1,
+        enable_fp_fusion=FP_FUSION,
     )
+    return _kl_rows_kernel, (bsz,), args, kwargs, out
+
+
+def _launch(st, short_first, full, groups=None, num_groups=1, exclude_self=True, pids=None):
+    kernel, grid, args, kwargs, out = launch_spec(st, short_first, full, groups, num_groups, exclude_self, pids)
+    launch(kernel, grid, args, kwargs)
     return out
 
 
@@ -195,3 +195,8 @@ def pairwise_kl(st, short_first: bool) -> torch.Tensor:
 def grouped_max_kl(st, short_first: bool, groups, num_groups: int, exclude_self: bool, pids) -> torch.Tensor:
     """Float32 ``[B, num_groups]``: per-row max of ``-KL`` over each group's eligible columns."""
     return _launch(st, short_first, False, groups, num_groups, exclude_self, pids)
+
+
+def positions_per_iteration(kwargs) -> int:
+    """Aligned pair positions one trip of the hot loop covers (for the static model)."""
+    return int(kwargs["BLOCK_J"]) * int(kwargs["BLOCK_T"])

@@ -1,0 +1,398 @@
+"""Every Triton kernel specialisation heal launches, compiled ahead of time for CUDA targets.
+
+No GPU is needed: Triton compiles for any ``GPUTarget`` on a CPU machine, and the Linux triton
+wheel ships ``ptxas``, ``cuobjdump`` and ``nvdisasm``. This module
+
+* lists the launched variants (:func:`variants`): each carries the kernel, the example arguments
+  exactly as the launcher passes them (CPU tensors stand in for CUDA ones, with the launcher's
+  dtypes, sizes and 16-byte alignment) and the launch keyword arguments (constexprs, ``num_warps``,
+  ``num_stages``, ``enable_fp_fusion``). The arguments come from the launchers' own
+  ``*_launch_spec`` functions at the benchmark shapes, so Triton's binder specialises them exactly
+  as a real launch would (16-byte divisibility, i32 / i64);
+* compiles a variant for ``sm_XX`` (:func:`compile_variant`) and reads the cubin
+  (:func:`analyse`): registers, stack / local memory, ``LDL`` / ``STL`` in the SASS, theoretical
+  occupancy, the hot loop's SASS instructions per element, approximate ``div.full.f32`` in PTX.
+
+``python -m heal_kernels.triton.aot [--arch 80 90 100] [--jobs 2] [--json out.json]`` compiles every
+variant, prints one line each and exits 1 when a gate fails (a compile error, a spill, approximate
+division in a pairwise kernel). It must run without ``TRITON_INTERPRET`` (the test suite starts it
+in a subprocess with a fresh ``TRITON_CACHE_DIR``).
+
+Adding a kernel: give its launcher a ``*_launch_spec`` function returning
+``(kernel, grid, args, kwargs)``, launch through :func:`heal_kernels.triton._launch.launch`, and
+yield its specialisations from a ``_<family>_variants()`` generator listed in :func:`variants`
+(name prefix = the family, e.g. ``linear_fwd``); the launch-recording test then checks it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional
+
+import torch
+
+ARCHS = (80, 90, 100)
+# benchmark shapes (heal bench entropy on CUDA: [16384, 151936] bf16; heal bench eda: B=1024)
+BENCH_VOCAB = 151936
+SMALL_VOCABS = (1000, 300, 100)  # the other launch_config classes (4, 2 and 1 warps)
+EDA_BATCH, EDA_MIN_LEN, EDA_MAX_LEN = 1024, 64, 3072
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+@dataclass
+class Variant:
+    """One launched specialisation of a kernel."""
+
+    name: str
+    kernel: object  # the triton JITFunction
+    args: tuple  # positional arguments as the launcher passes them
+    kwargs: dict  # constexprs, num_warps, num_stages, enable_fp_fusion
+    elements_per_thread_per_iteration: float  # elements (or aligned pair positions) per thread per hot-loop trip
+    family: str = ""  # entropy_fwd / entropy_bwd / pairwise
+    bytes_per_element: float = 0.0  # HBM bytes per element (entropy; 0 for pairwise)
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def num_warps(self) -> int:
+        return int(self.kwargs.get("num_warps", 4))
+
+
+def kernel_key(kernel, args, kwargs) -> tuple:
+    """What identifies a specialisation independently of sizes: the kernel's name, the dtypes of its
+    tensor arguments and its constexpr flags (block sizes and launch options excluded)."""
+    name = getattr(getattr(kernel, "fn", kernel), "__name__", str(kernel))
+    types = tuple(str(a.dtype) if isinstance(a, torch.Tensor) else type(a).__name__ for a in args)
+    flags = tuple(
+        sorted((k, v) for k, v in kwargs.items() if isinstance(v, bool) and k not in ("enable_fp_fusion",))
+    )
+    return name, types, flags
+
+
+def _threads(kwargs) -> int:
+    return 32 * int(kwargs.get("num_warps", 4))
+
+
+def _entropy_variants() -> Iterator[Variant]:
+    from heal_kernels.triton import entropy as ent
+
+    rows = 4
+    temperature = 0.7
+    for vocab in (BENCH_VOCAB,) + SMALL_VOCABS:
+        dtypes = (torch.bfloat16, torch.float16, torch.float32) if vocab == BENCH_VOCAB else (torch.bfloat16,)
+        for dtype in dtypes:
+            logits = torch.empty(rows, vocab, dtype=dtype)
+            labels = torch.zeros(rows, dtype=torch.int64)
+            entropy = torch.empty(rows)
+            stats = torch.empty(rows, 3)
+            es = logits.element_size()
+            lab_opts = (True, False) if vocab == BENCH_VOCAB else (True,)
+            for with_labels in lab_opts:
+                logprob = torch.empty(rows if with_labels else 0)
+                kernel, _, args, kwargs = ent.forward_launch_spec(
+                    logits, labels if with_labels else None, entropy, logprob, stats, temperature, interpreted=False
+                )
+                tag = "labels" if with_labels else "nolabels"
+                yield Variant(
+                    name=f"entropy_fwd_{_DTYPE_NAMES[dtype]}_{tag}_V{vocab}_B{kwargs['BLOCK']}_w{kwargs['num_warps']}",
+                    kernel=kernel,
+                    args=args,
+                    kwargs=kwargs,
+                    elements_per_thread_per_iteration=kwargs["BLOCK"] / _threads(kwargs),
+                    family="entropy_fwd",
+                    bytes_per_element=float(es),
+                    meta=dict(vocab=vocab, dtype=_DTYPE_NAMES[dtype]),
+                )
+            grad = torch.empty(rows, vocab, dtype=dtype)
+            g = torch.empty(rows)
+            flag_sets = ((True, True), (True, False), (False, True)) if vocab == BENCH_VOCAB else ((True, True),)
+            for has_gh, has_glp in flag_sets:
+                kernel, _, args, kwargs = ent.backward_launch_spec(
+                    logits, labels, entropy, stats, g if has_gh else None, g if has_glp else None, grad,
+                    temperature, interpreted=False,
+                )
+                tag = {(True, True): "gH_gLP", (True, False): "gH", (False, True): "gLP"}[(has_gh, has_glp)]
+                yield Variant(
+                    name=f"entropy_bwd_{_DTYPE_NAMES[dtype]}_{tag}_V{vocab}_B{kwargs['BLOCK']}_w{kwargs['num_warps']}",
+                    kernel=kernel,
+                    args=args,
+                    kwargs=kwargs,
+                    elements_per_thread_per_iteration=kwargs["BLOCK"] / _threads(kwargs),
+                    family="entropy_bwd",
+                    bytes_per_element=2.0 * es,
+                    meta=dict(vocab=vocab, dtype=_DTYPE_NAMES[dtype]),
+                )
+
+
+def eda_batch(seed: int = 0):
+    """The EDA benchmark's batch (``heal bench eda`` defaults): packed float32 values, int32
+    ``cu_seqlens``, int64 groups, lengths."""
+    from heal.bench.eda import make_batch
+
+    values, cu, groups, lens = make_batch(EDA_BATCH, EDA_MIN_LEN, EDA_MAX_LEN, 0.25, seed, "cpu")
+    return values, cu, groups, lens
+
+
+def _pairwise_variants() -> Iterator[Variant]:
+    from heal_kernels.ops import pairwise as pw
+    from heal_kernels.triton import pairwise as tri
+
+    values, cu, groups, lens = eda_batch()
+    st = pw.seq_stats(values, cu.to(torch.int64))
+    pids = torch.arange(EDA_BATCH, dtype=torch.int64) // 8
+    cuda = torch.device("cuda")
+    for short_first in (False, True):
+        direction = "short_first" if short_first else "scored_first"
+        kernel, _, args, kwargs, _ = tri.launch_spec(st, short_first, True, device=cuda)
+        yield _pairwise_variant(f"pairwise_full_fp32_{direction}", kernel, args, kwargs, "full", lens)
+        for exclude_self in (True, False):
+            for with_pids in (False, True):
+                kernel, _, args, kwargs, _ = tri.launch_spec(
+                    st, short_first, False, groups, 2, exclude_self, pids if with_pids else None, device=cuda
+                )
+                tag = ("exself" if exclude_self else "inself") + ("_pid" if with_pids else "")
+                yield _pairwise_variant(f"pairwise_grouped_fp32_{direction}_{tag}", kernel, args, kwargs, "grouped",
+                                        lens)
+
+
+def _pairwise_variant(name, kernel, args, kwargs, mode, lens) -> Variant:
+    from heal_kernels.triton import pairwise as tri
+
+    per_iter = tri.positions_per_iteration(kwargs)
+    return Variant(
+        name=f"{name}_J{kwargs['BLOCK_J']}_T{kwargs['BLOCK_T']}_w{kwargs['num_warps']}",
+        kernel=kernel,
+        args=args,
+        kwargs=kwargs,
+        elements_per_thread_per_iteration=per_iter / _threads(kwargs),
+        family="pairwise",
+        meta=dict(mode=mode, lengths=lens.tolist()),
+    )
+
+
+def variants() -> List[Variant]:
+    """Every kernel specialisation the launchers can use, at the benchmark shapes."""
+    return list(_entropy_variants()) + list(_pairwise_variants())
+
+
+# ---------------------------------------------------------------------------------------------
+# compiling and reading the cubin
+# ---------------------------------------------------------------------------------------------
+
+
+def _bin(name: str) -> str:
+    import triton
+
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+    if not path.exists():
+        raise FileNotFoundError(f"{name} not found in the triton wheel ({path})")
+    return str(path)
+
+
+def compile_variant(v: Variant, arch: int):
+    """Compile ``v`` for ``sm_<arch>`` through Triton's own binder (the launch's specialisation)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    fn = v.kernel
+    if not hasattr(fn, "params"):
+        raise RuntimeError("the kernels are interpreted (TRITON_INTERPRET=1); compile in a process without it")
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, spec, opts = binder(*v.args, **v.kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, dict(v.kwargs), bound, spec, opts)
+    return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+
+
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+
+
+def parse_sass(sass: str):
+    """``[(address, predicate, opcode, operands)]`` of the SASS listing (one function)."""
+    out = []
+    for line in sass.splitlines():
+        m = _SASS_LINE.search(line)
+        if m:
+            out.append((int(m.group(1), 16), (m.group(2) or "").strip(), m.group(3), m.group(4).strip()))
+    return out
+
+
+def hot_loop(instrs):
+    """The innermost loop: the backward branch whose body (from its target to the branch) contains
+    no other backward branch; the longest such body if several. ``None`` when there is no loop."""
+    loops = []
+    for addr, _pred, op, operands in instrs:
+        if op.startswith("BRA"):
+            m = re.search(r"0x([0-9a-f]+)", operands)
+            if m and int(m.group(1), 16) <= addr:
+                loops.append((int(m.group(1), 16), addr))
+    inner = [lp for lp in loops if not any(o != lp and lp[0] <= o[0] and o[1] <= lp[1] for o in loops)]
+    if not inner:
+        return None
+    start, end = max(inner, key=lambda lp: lp[1] - lp[0])
+    body = [i for i in instrs if start <= i[0] <= end and i[2] != "NOP"]
+    return start, end, body
+
+
+def _classify(op: str) -> str:
+    base = op.split(".")[0]
+    if base in ("FADD", "FMUL", "FFMA", "FMNMX", "FSEL", "FSETP", "FSET", "FCHK"):
+        return "fp32"
+    if base == "MUFU":
+        return "mufu"
+    if base in ("LDG", "STG", "LDS", "STS", "LDL", "STL", "LD", "ST", "LDGSTS", "ATOM", "RED"):
+        return "memory"
+    if base in ("F2F", "F2FP", "PRMT", "I2F", "F2I", "I2FP", "F2IP"):
+        return "convert"
+    if base in ("BRA", "BAR", "EXIT", "BSYNC", "BSSY", "WARPSYNC", "SHFL", "VOTE", "S2R", "S2UR", "CS2R"):
+        return "control"
+    return "int"
+
+
+def occupancy(regs: int, shared: int, num_warps: int, arch: int) -> int:
+    """Theoretical resident warps per SM from registers (256-register allocation units per warp),
+    shared memory and the 64-warp / 32-block limits (sm_80: 64 warps, 164 KB; sm_90/100: 228 KB)."""
+    max_warps = 64
+    regs_per_warp = math.ceil(max(regs, 1) * 32 / 256) * 256
+    by_regs = (65536 // regs_per_warp) // num_warps
+    smem = (164 if arch == 80 else 228) * 1024
+    by_smem = smem // max(shared + 1024, 1)  # 1 KB reserved per block
+    blocks = max(0, min(32, max_warps // num_warps, by_regs, by_smem))
+    return blocks * num_warps
+
+
+def analyse(v: Variant, arch: int) -> Dict:
+    """Compile ``v`` for ``sm_<arch>`` and read the cubin: a dict of figures and gate failures."""
+    rec: Dict = dict(name=v.name, arch=f"sm_{arch}", family=v.family, num_warps=v.num_warps)
+    try:
+        k = compile_variant(v, arch)
+    except Exception as exc:  # noqa: BLE001 - the gate reports every compile error
+        rec["error"] = f"compile error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        return rec
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "k.cubin"
+        cubin.write_bytes(k.asm["cubin"])
+        usage = subprocess.run([_bin("cuobjdump"), "--dump-resource-usage", str(cubin)], capture_output=True,
+                               text=True, check=True).stdout
+        sass = subprocess.run([_bin("cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True,
+                              check=True).stdout
+    m = re.search(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)", usage)
+    regs, stack, shared, local = (int(x) for x in m.groups()) if m else (k.n_regs, -1, -1, -1)
+    instrs = parse_sass(sass)
+    ldl_stl = sum(1 for i in instrs if i[2].split(".")[0] in ("LDL", "STL"))
+    loop = hot_loop(instrs)
+    rec.update(regs=regs, stack_bytes=stack, local_bytes=local, shared_bytes=shared, ldl_stl=ldl_stl,
+               spill_bytes=max(stack, 0) + max(local, 0), sass_instructions=len(instrs))
+    rec["warps_per_sm"] = occupancy(regs, max(shared, 0), v.num_warps, arch)
+    if loop is not None:
+        start, end, body = loop
+        mix: Dict[str, int] = {}
+        for i in body:
+            c = _classify(i[2])
+            mix[c] = mix.get(c, 0) + 1
+        rec["hot_loop_instructions"] = len(body)
+        rec["hot_loop_mix"] = mix
+        rec["elements_per_thread_per_iteration"] = v.elements_per_thread_per_iteration
+        rec["instructions_per_element"] = round(len(body) / v.elements_per_thread_per_iteration, 3)
+    ptx = k.asm["ptx"]
+    rec["approx_f32_division"] = len(re.findall(r"\bdiv\.(?:full|approx)\.f32", ptx))
+    failures = []
+    if rec["spill_bytes"] > 0 or ldl_stl:
+        failures.append(f"spills: stack {stack} B, local {local} B, {ldl_stl} LDL/STL")
+    if v.family == "pairwise" and rec["approx_f32_division"]:
+        failures.append(f"{rec['approx_f32_division']} approximate f32 division(s) in the PTX")
+    if loop is None:
+        failures.append("no hot loop found in the SASS")
+    rec["failures"] = failures
+    return rec
+
+
+def accepted_archs(archs=ARCHS) -> List[int]:
+    """The architectures the installed Triton compiles for (sm_100 needs a recent Triton)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+
+    ok = []
+    for arch in archs:
+        try:
+            backend = make_backend(GPUTarget("cuda", arch, 32))
+            backend.parse_options({})
+        except Exception:  # noqa: BLE001
+            continue
+        ok.append(arch)
+    return ok
+
+
+def _work(job):
+    idx, arch = job
+    return analyse(variants_cached()[idx], arch)
+
+
+_CACHE: List[Variant] = []
+
+
+def variants_cached() -> List[Variant]:
+    if not _CACHE:
+        _CACHE.extend(variants())
+    return _CACHE
+
+
+def compile_all(archs=ARCHS, jobs: int = 1, only: Optional[str] = None, progress=True) -> List[Dict]:
+    """:func:`analyse` every variant (whose name contains ``only``) for every accepted arch."""
+    vs = variants_cached()
+    archs = accepted_archs(archs)
+    todo = [(i, a) for a in archs for i, v in enumerate(vs) if only is None or only in v.name]
+    if jobs > 1:
+        import multiprocessing as mp
+
+        with mp.get_context("fork").Pool(jobs) as pool:
+            it = pool.imap(_work, todo)
+            return _collect(it, len(todo), progress)
+    return _collect(map(_work, todo), len(todo), progress)
+
+
+def _collect(it, total, progress):
+    out = []
+    for n, rec in enumerate(it, 1):
+        out.append(rec)
+        if progress:
+            flag = "FAIL " + "; ".join(rec.get("failures", [])) if rec.get("failures") or rec.get("error") else "ok"
+            if rec.get("error"):
+                flag = "FAIL " + rec["error"]
+            print(f"[{n}/{total}] {rec['arch']} {rec['name']}: regs {rec.get('regs')}, "
+                  f"{rec.get('instructions_per_element')} instr/elem, {flag}", file=sys.stderr, flush=True)
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="compile every launched Triton variant for CUDA targets (no GPU needed)")
+    parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), help="SM versions (default 80 90 100)")
+    parser.add_argument("--jobs", type=int, default=1, help="parallel compile processes (default 1)")
+    parser.add_argument("--only", default=None, help="only variants whose name contains this")
+    parser.add_argument("--json", default=None, help="write the records here")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        parser.error("unset TRITON_INTERPRET: the kernels must be compiled, not interpreted")
+    recs = compile_all(args.arch, args.jobs, args.only)
+    if args.json:
+        Path(args.json).write_text(json.dumps(recs, indent=1))
+    bad = [r for r in recs if r.get("error") or r.get("failures")]
+    for r in bad:
+        print(f"GATE FAILED {r['arch']} {r['name']}: {r.get('error') or '; '.join(r['failures'])}")
+    print(f"{len(recs)} compiles, {len(bad)} failed, archs {sorted({r['arch'] for r in recs})}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
