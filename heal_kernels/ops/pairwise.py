@@ -160,6 +160,7 @@ class SeqStats:
     lengths: torch.Tensor  # int64 [B]
     mx: torch.Tensor  # float64 [B], max (0 for empty)
     max_len: int
+    zsum: Optional[torch.Tensor] = None  # float64 [B], sum of e over each sequence
     _padded: Optional[tuple] = None
 
     def padded(self):
@@ -198,7 +199,8 @@ def seq_stats(values: torch.Tensor, cu: torch.Tensor) -> SeqStats:
     if values.numel():
         mx = mx.scatter_reduce(0, seg, x64, reduce="amax", include_self=True)
     mx = torch.where(lengths > 0, mx, torch.zeros_like(mx))
-    e = torch.exp(x64 - mx[seg]).to(torch.float32)
+    e64 = torch.exp(x64 - mx[seg])
+    e = e64.to(torch.float32)
     pad = values.new_zeros(_PAD)
     return SeqStats(
         x=torch.cat([values, pad]),
@@ -208,6 +210,7 @@ def seq_stats(values: torch.Tensor, cu: torch.Tensor) -> SeqStats:
         lengths=lengths.contiguous(),
         mx=mx.contiguous(),
         max_len=int(lengths.max()) if bsz else 0,
+        zsum=_segment_sum(_prefix(e), cu),
     )
 
 

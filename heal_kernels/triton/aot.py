@@ -161,6 +161,14 @@ def _pairwise_variants() -> Iterator[Variant]:
                 tag = ("exself" if exclude_self else "inself") + ("_pid" if with_pids else "")
                 yield _pairwise_variant(f"pairwise_grouped_fp32_{direction}_{tag}", kernel, args, kwargs, "grouped",
                                         lens)
+    # batches of 2^22 values or more keep the index rule's min(., m - 1) (the EDA default path)
+    saved = tri.CLAMP_FREE_TOTAL
+    tri.CLAMP_FREE_TOTAL = 0
+    try:
+        kernel, _, args, kwargs, _ = tri.launch_spec(st, False, False, groups, 2, True, None, device=cuda)
+    finally:
+        tri.CLAMP_FREE_TOTAL = saved
+    yield _pairwise_variant("pairwise_grouped_fp32_scored_first_exself_clamp", kernel, args, kwargs, "grouped", lens)
 
 
 def _pairwise_variant(name, kernel, args, kwargs, mode, lens) -> Variant:
@@ -228,20 +236,57 @@ def parse_sass(sass: str):
     return out
 
 
-def hot_loop(instrs):
-    """The innermost loop: the backward branch whose body (from its target to the branch) contains
-    no other backward branch; the longest such body if several. ``None`` when there is no loop."""
+def _loops(instrs):
+    """``(target, branch_address)`` of every backward branch."""
     loops = []
     for addr, _pred, op, operands in instrs:
         if op.startswith("BRA"):
             m = re.search(r"0x([0-9a-f]+)", operands)
             if m and int(m.group(1), 16) <= addr:
                 loops.append((int(m.group(1), 16), addr))
+    return loops
+
+
+def _body(instrs, lp):
+    return [i for i in instrs if lp[0] <= i[0] <= lp[1] and i[2] != "NOP"]
+
+
+def loop_structure(instrs) -> Dict:
+    """The loops of a kernel's SASS: ``hot`` (among the innermost loops, i.e. backward branches whose
+    body from target to branch holds no other backward branch, those without predicated global loads
+    -- a kernel's unmasked main loop rather than its masked tail -- the longest), ``tail`` (the
+    longest other innermost loop, e.g. a masked remainder loop) and ``outer_overhead`` (instructions
+    of the smallest loop enclosing the hot loop that lie outside its inner loops: per-tile work)."""
+    loops = _loops(instrs)
     inner = [lp for lp in loops if not any(o != lp and lp[0] <= o[0] and o[1] <= lp[1] for o in loops)]
     if not inner:
+        return {}
+
+    def masked(lp):
+        return any(i[1] and i[2].startswith("LDG") for i in _body(instrs, lp))
+
+    unmasked = [lp for lp in inner if not masked(lp)]
+    hot = max(unmasked or inner, key=lambda lp: lp[1] - lp[0])
+    others = [lp for lp in inner if lp != hot]
+    out = {"hot": (hot, _body(instrs, hot))}
+    if others:
+        tail = max(others, key=lambda lp: lp[1] - lp[0])
+        out["tail"] = (tail, _body(instrs, tail))
+    outer = [lp for lp in loops if lp != hot and lp[0] <= hot[0] and hot[1] <= lp[1]]
+    if outer:
+        enc = min(outer, key=lambda lp: lp[1] - lp[0])
+        nested = [lp for lp in loops if lp != enc and enc[0] <= lp[0] and lp[1] <= enc[1]]
+        rest = [i for i in _body(instrs, enc) if not any(lp[0] <= i[0] <= lp[1] for lp in nested)]
+        out["outer_overhead"] = len(rest)
+    return out
+
+
+def hot_loop(instrs):
+    """``(start, end, body)`` of the hot loop (see :func:`loop_structure`), ``None`` without loops."""
+    hot = loop_structure(instrs).get("hot")
+    if hot is None:
         return None
-    start, end = max(inner, key=lambda lp: lp[1] - lp[0])
-    body = [i for i in instrs if start <= i[0] <= end and i[2] != "NOP"]
+    (start, end), body = hot
     return start, end, body
 
 
@@ -291,6 +336,7 @@ def analyse(v: Variant, arch: int) -> Dict:
     regs, stack, shared, local = (int(x) for x in m.groups()) if m else (k.n_regs, -1, -1, -1)
     instrs = parse_sass(sass)
     ldl_stl = sum(1 for i in instrs if i[2].split(".")[0] in ("LDL", "STL"))
+    structure = loop_structure(instrs)
     loop = hot_loop(instrs)
     rec.update(regs=regs, stack_bytes=stack, local_bytes=local, shared_bytes=shared, ldl_stl=ldl_stl,
                spill_bytes=max(stack, 0) + max(local, 0), sass_instructions=len(instrs))
@@ -305,6 +351,11 @@ def analyse(v: Variant, arch: int) -> Dict:
         rec["hot_loop_mix"] = mix
         rec["elements_per_thread_per_iteration"] = v.elements_per_thread_per_iteration
         rec["instructions_per_element"] = round(len(body) / v.elements_per_thread_per_iteration, 3)
+        if "tail" in structure:
+            rec["tail_loop_instructions"] = len(structure["tail"][1])
+        if "outer_overhead" in structure:
+            rec["outer_loop_overhead_instructions"] = structure["outer_overhead"]
+        rec["kwargs"] = {k: val for k, val in v.kwargs.items() if isinstance(val, (bool, int, float))}
     ptx = k.asm["ptx"]
     rec["approx_f32_division"] = len(re.findall(r"\bdiv\.(?:full|approx)\.f32", ptx))
     failures = []
