@@ -353,7 +353,10 @@ def _flatten_logits(logits) -> Tuple[torch.Tensor, Tuple[int, ...]]:
     return z, lead
 
 
-def _flatten_labels(labels, logits: torch.Tensor, lead, vocab: int) -> torch.Tensor:
+def _flatten_labels(labels, logits: torch.Tensor, lead, vocab: int, check: bool = True) -> torch.Tensor:
+    """Labels as a contiguous int64 ``[N]``. Their range is checked on the CPU always and on CUDA
+    only with ``check`` (reading ``min`` / ``max`` back is a device-to-host sync); unchecked CUDA
+    labels outside ``[0, V)`` are never dereferenced: their log-prob is NaN."""
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
@@ -365,7 +368,7 @@ def _flatten_labels(labels, logits: torch.Tensor, lead, vocab: int) -> torch.Ten
     flat = labels.reshape(-1)
     if flat.dtype != torch.int64:
         flat = flat.to(torch.int64)
-    if flat.numel() and not torch.compiler.is_compiling():
+    if flat.numel() and not torch.compiler.is_compiling() and (check or flat.device.type != "cuda"):
         lo, hi = int(flat.min()), int(flat.max())
         if lo < 0 or hi >= vocab:
             bad = lo if lo < 0 else hi
@@ -388,7 +391,7 @@ def _raise_bad_rows(entropy: torch.Tensor, stats: torch.Tensor, lead) -> None:
 def _run(logits, labels, temperature, check):
     z, lead = _flatten_logits(logits)
     t = _check_temperature(temperature)
-    lab = None if labels is None else _flatten_labels(labels, logits, lead, z.shape[1])
+    lab = None if labels is None else _flatten_labels(labels, logits, lead, z.shape[1], check)
     backend = resolve_backend(z.device)
     entropy, logprob, stats = torch.ops.heal.entropy_fwd(z, lab, t, backend)
     if check:
@@ -432,7 +435,10 @@ def entropy_and_logprobs(
             ``[0, V)``.
         temperature: finite number > 0 (logits are divided by it).
         check: when True, raise ``ValueError`` naming the first row without a valid distribution
-            (NaN or ``+inf`` entry, or all entries ``-inf``). Costs one small device-to-host sync.
+            (NaN or ``+inf`` entry, or all entries ``-inf``), and on CUDA also check that the labels
+            lie in ``[0, V)``. Costs small device-to-host syncs. With False (the default) the CUDA
+            path never synchronises with the host: an out-of-range label then gives a NaN
+            log-prob instead of an error (CPU labels are always checked).
 
     Returns:
         ``(entropy, logprobs)``, both float32 of shape ``logits.shape[:-1]`` and differentiable
@@ -442,7 +448,7 @@ def entropy_and_logprobs(
     Raises:
         TypeError: non-floating ``logits``, non-integer ``labels``, non-numeric ``temperature``.
         ValueError: ``temperature`` <= 0 or not finite; ``labels`` of the wrong shape, on another
-            device, or outside ``[0, V)``; a bad row with ``check=True``.
+            device, or outside ``[0, V)`` (CUDA: only with ``check=True``); a bad row with ``check=True``.
     """
     if labels is None:
         raise TypeError("labels must be an integer tensor; use token_entropy(logits) for the entropy alone")

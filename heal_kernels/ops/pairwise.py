@@ -73,8 +73,11 @@ def _check_metric(metric: str, kl_direction: str) -> None:
         raise ValueError(f"kl_direction must be one of {KL_DIRECTIONS}, got {kl_direction!r}")
 
 
-def _validate_packed(values: torch.Tensor, cu_seqlens: torch.Tensor):
-    """Check a packed batch; return ``(values float32 contiguous, cu_seqlens int64 contiguous)``."""
+def _validate_packed(values: torch.Tensor, cu_seqlens: torch.Tensor, check: bool = True):
+    """Check a packed batch; return ``(values float32 contiguous, cu_seqlens int64 contiguous)``.
+
+    Types, shapes and devices are always checked; the contents (offsets, finite values) only with
+    ``check`` or on the CPU: reading them back is a device-to-host sync on CUDA."""
     if not isinstance(values, torch.Tensor):
         raise TypeError(f"values must be a torch.Tensor, got {type(values).__name__}")
     if not isinstance(cu_seqlens, torch.Tensor):
@@ -93,6 +96,8 @@ def _validate_packed(values: torch.Tensor, cu_seqlens: torch.Tensor):
     if cu_seqlens.numel() < 1:
         raise ValueError("cu_seqlens must have at least one entry (B + 1 offsets)")
     cu = cu_seqlens.to(torch.int64).contiguous()
+    if not check and values.device.type == "cuda":
+        return values.to(torch.float32).contiguous(), cu
     cu_cpu = cu.cpu()
     if int(cu_cpu[0]) != 0:
         raise ValueError(f"cu_seqlens must start at 0, got {int(cu_cpu[0])}")
@@ -116,7 +121,7 @@ def _validate_packed(values: torch.Tensor, cu_seqlens: torch.Tensor):
     return vals, cu
 
 
-def _validate_groups(groups, num_groups, prompt_ids, bsz: int, device: torch.device):
+def _validate_groups(groups, num_groups, prompt_ids, bsz: int, device: torch.device, check: bool = True):
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
         raise ValueError(f"num_groups must be a positive int, got {num_groups!r}")
     if not isinstance(groups, torch.Tensor):
@@ -128,7 +133,7 @@ def _validate_groups(groups, num_groups, prompt_ids, bsz: int, device: torch.dev
     if tuple(groups.shape) != (bsz,):
         raise ValueError(f"groups must have shape [B]=[{bsz}], got {tuple(groups.shape)}")
     g = groups.to(torch.int64).contiguous()
-    if bsz and (bool((g < 0).any()) or bool((g >= num_groups).any())):
+    if bsz and (check or device.type != "cuda") and (bool((g < 0).any()) or bool((g >= num_groups).any())):
         raise ValueError(f"groups must lie in [0, num_groups={num_groups}), got values in [{int(g.min())}, {int(g.max())}]")
     pids = None
     if prompt_ids is not None:
@@ -159,9 +164,16 @@ class SeqStats:
     starts: torch.Tensor  # int64 [B]
     lengths: torch.Tensor  # int64 [B]
     mx: torch.Tensor  # float64 [B], max (0 for empty)
-    max_len: int
     zsum: Optional[torch.Tensor] = None  # float64 [B], sum of e over each sequence
     _padded: Optional[tuple] = None
+    _max_len: Optional[int] = None
+
+    @property
+    def max_len(self) -> int:
+        """Longest sequence (read back on first use: a device-to-host sync on CUDA; the Triton path never asks)."""
+        if self._max_len is None:
+            self._max_len = int(self.lengths.max()) if self.lengths.numel() else 0
+        return self._max_len
 
     def padded(self):
         """``(x, e)`` as zero-padded ``[B, max_len + 1]`` float32 matrices (torch path; built once)."""
@@ -193,7 +205,7 @@ def _prefix(v: torch.Tensor) -> torch.Tensor:
 def seq_stats(values: torch.Tensor, cu: torch.Tensor) -> SeqStats:
     bsz = cu.numel() - 1
     lengths = cu[1:] - cu[:-1]
-    seg = torch.repeat_interleave(torch.arange(bsz, device=values.device), lengths)
+    seg = torch.repeat_interleave(torch.arange(bsz, device=values.device), lengths, output_size=values.numel())
     x64 = values.to(torch.float64)
     mx = torch.full((bsz,), -math.inf, dtype=torch.float64, device=values.device)
     if values.numel():
@@ -209,7 +221,6 @@ def seq_stats(values: torch.Tensor, cu: torch.Tensor) -> SeqStats:
         starts=cu[:-1].contiguous(),
         lengths=lengths.contiguous(),
         mx=mx.contiguous(),
-        max_len=int(lengths.max()) if bsz else 0,
         zsum=_segment_sum(_prefix(e), cu),
     )
 
@@ -459,13 +470,13 @@ def _run_cpu_ext(ext, st: SeqStats, short_first: bool, grouped) -> torch.Tensor:
     return out
 
 
-def _run(values, cu_seqlens, metric, kl_direction, backend, grouped_args=None):
+def _run(values, cu_seqlens, metric, kl_direction, backend, grouped_args=None, check=True):
     _check_metric(metric, kl_direction)
-    vals, cu = _validate_packed(values, cu_seqlens)
+    vals, cu = _validate_packed(values, cu_seqlens, check)
     bsz = cu.numel() - 1
     if grouped_args is not None:
         groups, num_groups, exclude_self, prompt_ids = grouped_args
-        groups, pids = _validate_groups(groups, num_groups, prompt_ids, bsz, vals.device)
+        groups, pids = _validate_groups(groups, num_groups, prompt_ids, bsz, vals.device, check)
     name = resolve_backend(vals.device, backend)
     st = seq_stats(vals, cu)
     short_first = kl_direction == "short_first"
@@ -516,11 +527,18 @@ def grouped_max_similarity(
     metric: str = "kl",
     kl_direction: str = "scored_first",
     backend: Optional[str] = None,
+    check: bool = True,
 ) -> torch.Tensor:
     """Float32 ``[B, num_groups]``: for each row ``i`` the max of ``s(seq_i, seq_j)`` over the columns
     ``j`` with ``groups[j] == g``, skipping ``j == i`` (``exclude_self``), ``prompt_ids[j] ==
     prompt_ids[i]`` (when given) and empty sequences; ``-inf`` where no column is eligible and for
     empty rows. Never builds the ``[B, B]`` matrix; deterministic. Other arguments as in
     :func:`pairwise_similarity`.
+
+    ``check=False`` skips the checks that read tensor contents (``cu_seqlens`` offsets, finite
+    values, group ids in range) on CUDA, so that the Triton path (``metric="kl"``) never
+    synchronises with the host; wrong contents then give wrong numbers instead of an error. CPU
+    inputs are always checked.
     """
-    return _run(values, cu_seqlens, metric, kl_direction, backend, (groups, num_groups, bool(exclude_self), prompt_ids))
+    return _run(values, cu_seqlens, metric, kl_direction, backend, (groups, num_groups, bool(exclude_self), prompt_ids),
+                check=bool(check))

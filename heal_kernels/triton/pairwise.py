@@ -43,15 +43,15 @@ MAX_TOTAL = 2**31 - 2**16  # int32 offsets (positions + padding) stay below 2^31
 
 
 @triton.jit
-def _pair_step(xe_ptr, s_idx, l_idx, zs, acc_l, acc_s, MASKED: tl.constexpr, valid):
+def _pair_step(s_ptrs, l_ptrs, zs, acc_l, acc_s, MASKED: tl.constexpr, valid):
     """One ``[P, T]`` block of aligned positions: gathers ``(x, e)`` of both sides (one 8-byte load
     each) and accumulates ``Z_S'``, ``sum e_L (L - S')`` and ``sum e_S' (L - S')``."""
     if MASKED:
-        vs = tl.load(xe_ptr + s_idx, mask=valid, other=0)
-        vl = tl.load(xe_ptr + l_idx, mask=valid, other=0)
+        vs = tl.load(s_ptrs, mask=valid, other=0)
+        vl = tl.load(l_ptrs, mask=valid, other=0)
     else:
-        vs = tl.load(xe_ptr + s_idx)
-        vl = tl.load(xe_ptr + l_idx)
+        vs = tl.load(s_ptrs)
+        vl = tl.load(l_ptrs)
     # low 32 bits: x, high 32 bits: e (bit casts of the two halves; no arithmetic)
     xs = vs.to(tl.int32).to(tl.float32, bitcast=True)
     es = (vs >> 32).to(tl.int32).to(tl.float32, bitcast=True)
@@ -135,6 +135,9 @@ def _kl_rows_kernel(
         n_max = tl.max(nl, axis=0)
         n_min = tl.min(tl.where(ok, nl, n_max), axis=0)
         n_full = (n_min // BLOCK_T) * BLOCK_T  # positions every live pair of the tile has
+        # per-pair base pointers: the loop adds only the position (one 64-bit address op per load)
+        base_s = xe_ptr + start_s
+        base_l = xe_ptr + start_l
         zs = tl.zeros([P, BLOCK_T], tl.float32)
         acc_l = tl.zeros([P, BLOCK_T], tl.float32)
         acc_s = tl.zeros([P, BLOCK_T], tl.float32)
@@ -145,15 +148,15 @@ def _kl_rows_kernel(
             src = (tf[None, :] * scale[:, None]).to(tl.int32)  # trunc = floor (>= 0)
             if CLAMP_SRC:  # the rule's min(., m - 1): a no-op while every length is below 2^22 (see _prepare)
                 src = tl.minimum(src, ms_c[:, None] - 1)
-            zs, acc_l, acc_s = _pair_step(xe_ptr, start_s[:, None] + src, start_l[:, None] + t[None, :], zs, acc_l,
-                                          acc_s, False, None)
+            zs, acc_l, acc_s = _pair_step(base_s[:, None] + src, base_l[:, None] + t[None, :], zs, acc_l, acc_s,
+                                          False, None)
         for t0 in range(n_full, n_max, BLOCK_T):  # the ragged end: at most a few blocks
             t = t0 + offs_t
             tf = tf0 + t0
             valid = t[None, :] < nl[:, None]
             src = tl.minimum((tf[None, :] * scale[:, None]).to(tl.int32), ms_c[:, None] - 1)
-            zs, acc_l, acc_s = _pair_step(xe_ptr, start_s[:, None] + src, start_l[:, None] + t[None, :], zs, acc_l,
-                                          acc_s, True, valid)
+            zs, acc_l, acc_s = _pair_step(base_s[:, None] + src, base_l[:, None] + t[None, :], zs, acc_l, acc_s,
+                                          True, valid)
         # P = L: KL = sum e_L (L - S') / Z_L + (M_S - M_L) + log Z_S' - log Z_L
         # P = S': KL = -sum e_S' (L - S') / Z_S' + (M_L - M_S) + log Z_L - log Z_S'
         a = tl.where(case_long, tl.sum(acc_l, axis=1), -tl.sum(acc_s, axis=1))
