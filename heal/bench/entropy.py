@@ -109,7 +109,6 @@ def _errors(fwd, z, labels, temperature, rows: int = 32):
 
 
 def run(args) -> int:
-    import os
     import time
 
     import torch

@@ -202,6 +202,13 @@ def _markdown(arch: int, doc: dict) -> str:
             fr.append(f"{100 * p:.0f}" if p is not None else "-")
         lines.append(f"| {r['name']} | {r['regs']} | {r['spill_bytes']} | {r['warps_per_sm']} | "
                      f"{_fmt(r.get('instructions_per_element'))} | " + " | ".join(fr) + " |")
+    meas = doc.get("measured")
+    if meas:
+        lines += ["", f"## Measured on {meas.get('device')} (same commit)", "",
+                  f"- EDA grouped op, full batch: {_fmt(meas.get('eda_ms'), 3)} ms measured vs the predictions above",
+                  f"- entropy forward {meas.get('entropy_shape')} {meas.get('entropy_dtype')}: "
+                  f"{_fmt(meas.get('entropy_fwd_pct_copy'), 0)}% of the measured copy bandwidth "
+                  f"(forward + backward {_fmt(meas.get('entropy_fwdbwd_pct_copy'), 0)}%)"]
     lines += ["", "Instructions per element: SASS instructions of the hot loop (the unmasked main loop, from its "
               "label to its backward branch) divided by the elements (pairwise: aligned pair positions) one thread "
               "handles per trip.", ""]
@@ -256,13 +263,25 @@ def build(archs, jobs=1, only=None, progress=True) -> dict:
 
 
 def _load_measured(paths) -> dict:
+    """Measured figures of a GPU run: the EDA grouped op's full-batch time (``heal bench eda``) and
+    heal's forward / forward+backward as a percentage of the measured copy bandwidth (``heal bench
+    entropy``)."""
     got = {}
     for p in paths:
         doc = json.loads(Path(p).read_text())
-        for r in doc.get("results", []):
-            name = r.get("method") or r.get("variant") or ""
-            if "triton" in str(name).lower() and "ms" in r:
-                got["eda_ms"] = r["ms"]
+        env = doc.get("environment", {})
+        if env.get("device_type") != "cuda":
+            continue
+        got["device"] = env.get("device")
+        for r in doc.get("rows", []):  # heal bench eda
+            if str(r.get("method", "")).startswith("heal") and "grouped" in str(r.get("method", "")):
+                got["eda_ms"] = r.get("full_batch_ms")
+        for r in doc.get("results", []):  # heal bench entropy
+            if r.get("variant") == "heal":
+                got["entropy_fwd_pct_copy"] = r.get("fwd_pct_copy")
+                got["entropy_fwdbwd_pct_copy"] = r.get("fwdbwd_pct_copy")
+                got["entropy_shape"] = doc.get("shape")
+                got["entropy_dtype"] = doc.get("dtype")
     return got
 
 

@@ -143,6 +143,7 @@ SASS = """
         /*00c0*/               @P3 BRA 0x20 ;
         /*00d0*/                   STL [R1], R6 ;
         /*00e0*/                   EXIT ;
+        /*00f0*/                   BRA 0xf0;
 """
 
 
@@ -150,7 +151,7 @@ def test_sass_loop_reading():
     """The hot loop is the unmasked innermost loop (NOPs not counted), the masked one is the tail,
     and the enclosing loop's own instructions are the per-tile overhead."""
     instrs = aot.parse_sass(SASS)
-    assert len(instrs) == 15 and instrs[7][1:3] == ("@P0", "BRA")
+    assert len(instrs) == 16 and instrs[7][1:3] == ("@P0", "BRA")
     s = aot.loop_structure(instrs)
     (start, end), body = s["hot"]
     assert (start, end) == (0x30, 0x70) and len(body) == 4  # FADD LDG FFMA BRA

@@ -350,3 +350,24 @@ def test_cuda_triton_matches_cpu_at_scale():
             values.cuda(), cu.cuda(), groups.cuda(), 2, prompt_ids=pids.cuda(), kl_direction=kl_direction
         )
         assert torch.equal(out, again)
+
+
+def test_triton_clamped_index_rule_and_check_false(monkeypatch):
+    """The Triton kernel's path for batches of 2^22+ values (it keeps min(src, m - 1)) gives the same
+    numbers, and check=False changes nothing on the CPU (CPU inputs are always checked)."""
+    import os
+
+    from heal_kernels.triton import pairwise as tri
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("runs the Triton kernel on CPU tensors through the interpreter")
+    lengths = [1, 3, 6, 6, 12, 0, 5, 17, 9]
+    values, cu = pack(lengths)
+    groups = torch.tensor([0, 1, 0, 1, 1, 0, 0, 1, 0])
+    expected = ref.grouped_max_similarity(values, cu, groups, 2)
+    monkeypatch.setattr(tri, "CLAMP_FREE_TOTAL", 0)
+    out = pw.grouped_max_similarity(values, cu, groups, 2, backend="triton", check=False)
+    close(out, expected)
+    close(pw.pairwise_similarity(values, cu, backend="triton"), ref.pairwise_similarity(values, cu))
+    with pytest.raises(ValueError, match="groups must lie"):
+        pw.grouped_max_similarity(values, cu, groups + 5, 2, backend="torch", check=False)
