@@ -141,24 +141,22 @@ def _kl_rows_kernel(
         zs = tl.zeros([P, BLOCK_T], tl.float32)
         acc_l = tl.zeros([P, BLOCK_T], tl.float32)
         acc_s = tl.zeros([P, BLOCK_T], tl.float32)
-        # loop-carried position (float, exact below 2^24) and long-side pointers: no index maths
-        # for the long side and no int-to-float conversion per trip
-        tf = offs_t.to(tl.float32)
-        l_ptrs = base_l[:, None] + offs_t[None, :]
-        for _ in range(0, n_full // BLOCK_T):
+        tf0 = offs_t.to(tl.float32)
+        for t0 in range(0, n_full, BLOCK_T):
+            t = t0 + offs_t
+            tf = tf0 + t0  # exact below 2^24
             src = (tf[None, :] * scale[:, None]).to(tl.int32)  # trunc = floor (>= 0)
             if CLAMP_SRC:  # the rule's min(., m - 1): a no-op while every length is below 2^22 (see _prepare)
                 src = tl.minimum(src, ms_c[:, None] - 1)
-            zs, acc_l, acc_s = _pair_step(base_s[:, None] + src, l_ptrs, zs, acc_l, acc_s, False, None)
-            tf += BLOCK_T
-            l_ptrs += BLOCK_T
-        nl_f = nl.to(tl.float32)
-        for _ in range(n_full // BLOCK_T, tl.cdiv(n_max, BLOCK_T)):  # the ragged end: at most a few blocks
-            valid = tf[None, :] < nl_f[:, None]
+            zs, acc_l, acc_s = _pair_step(base_s[:, None] + src, base_l[:, None] + t[None, :], zs, acc_l, acc_s,
+                                          False, None)
+        for t0 in range(n_full, n_max, BLOCK_T):  # the ragged end: at most a few blocks
+            t = t0 + offs_t
+            tf = tf0 + t0
+            valid = t[None, :] < nl[:, None]
             src = tl.minimum((tf[None, :] * scale[:, None]).to(tl.int32), ms_c[:, None] - 1)
-            zs, acc_l, acc_s = _pair_step(base_s[:, None] + src, l_ptrs, zs, acc_l, acc_s, True, valid)
-            tf += BLOCK_T
-            l_ptrs += BLOCK_T
+            zs, acc_l, acc_s = _pair_step(base_s[:, None] + src, base_l[:, None] + t[None, :], zs, acc_l, acc_s,
+                                          True, valid)
         # P = L: KL = sum e_L (L - S') / Z_L + (M_S - M_L) + log Z_S' - log Z_L
         # P = S': KL = -sum e_S' (L - S') / Z_S' + (M_L - M_S) + log Z_L - log Z_S'
         a = tl.where(case_long, tl.sum(acc_l, axis=1), -tl.sum(acc_s, axis=1))
