@@ -344,7 +344,7 @@ def _report_markdown(cfg, model_name, rows, target_rows, general_rows, trajs, st
     if env:
         L += [f"Environment: {env}. `heal env` prints the full environment (attach it to bug reports).", ""]
     L += [f"Model: **{model_name}**, {cfg.samples} samples per question at temperature {cfg.temperature}, "
-          f"at most {cfg.max_new_tokens} new tokens, seed {cfg.seed}, {threads} CPU threads. "
+          f"at most {cfg.max_new_tokens} new tokens, seed {cfg.seed}, {threads} CPU thread{'s' if threads != 1 else ''}. "
           f"Target domain: {len(target_rows)} math questions; general domain: {len(general_rows)} "
           "commonsense multiple-choice questions (heal/data/builtin). Entropies: exact full-vocabulary "
           "token entropies at the sampling temperature (teacher-forced pass, `heal_kernels.token_entropy`).", ""]
