@@ -32,7 +32,8 @@ Two layers, the first one enforced by the kernel:
    creation (``subprocess``, ``os.system``, ``os.fork``, ``os.exec*``, ``os.kill``, ...),
    ``ctypes``, ``gc`` object walks, raising rlimits, links, ``chdir``, ``sqlite3.connect``, new
    subinterpreters (``cpython.PyInterpreterState_New``), trace / profile functions and access to
-   frames through tracebacks and generators (``tb_frame``, ``gi_frame``, ...); imports of
+   frames through tracebacks (``tb_frame``: ``traceback.format_exc()`` fails; uncaught exceptions
+   still print); imports of
    ``_posixsubprocess``, ``_xxsubinterpreters`` / ``_interpreters``, ``_ctypes``, ``_cffi_backend``,
    ``_posixshmem``, ``_sqlite3`` and the test modules, matched on the last dotted component of the
    module name and on the file name of an extension loaded by path; opening files outside the
@@ -69,6 +70,7 @@ import glob
 import json
 import math
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -79,6 +81,8 @@ import time
 import warnings
 from typing import Dict, List, Optional, Tuple
 
+from heal.scoring.seccomp import seccomp_filter
+
 __all__ = [
     "RunResult", "run_python", "isolation_status", "resolve_isolation", "SandboxUnavailableError",
     "network_namespace_available", "bubblewrap_available", "ISOLATION_MODES", "ISOLATION_ENV",
@@ -86,7 +90,9 @@ __all__ = [
 
 ISOLATION_MODES = ("auto", "bubblewrap", "audit-hook-only")
 ISOLATION_ENV = "HEAL_SANDBOX_ISOLATION"
-SANDBOX_UID = 65534  # "nobody" inside the sandbox's user namespace
+SANDBOX_UID = 65534  # "nobody" inside the sandbox's user namespace (caller not root)
+# caller root: each run drops to a uid of its own drawn from this range (no user namespace)
+_DROP_UID_BASE, _DROP_UID_SPAN = 2_000_000_000, 100_000_000
 
 INSTALL_HINT = (
     "install bubblewrap (Debian/Ubuntu: `apt-get install bubblewrap`; Fedora: `dnf install bubblewrap`) "
@@ -100,6 +106,14 @@ _WRAPPER = r'''
 def _main():
     import sys, os, resource, json
     cfg = json.loads(sys.argv[1])
+    if cfg["drop_to"]:
+        # kernel isolation started by root: become a fresh unprivileged uid (all capabilities go)
+        uid, gid = cfg["drop_to"]
+        os.setgroups([])
+        os.setgid(gid)
+        os.setuid(uid)
+        if os.getuid() != uid or os.geteuid() != uid or os.getgid() != gid:
+            raise SystemExit("sandbox: could not drop privileges")
 
     def lim(which, value):
         try:
@@ -204,7 +218,9 @@ def _make_hook(root, ro_roots, ro_files, stat):
                                "_posixshmem", "_sqlite3", "_testcapi", "_testinternalcapi", "_testmultiphase",
                                "_testsinglephase", "_testimportmultiple", "_testclinic", "_testbuffer",
                                "_tracemalloc", "_lsprof", "xxsubtype", "xxlimited", "xxlimited_35"})
-    FRAME_ATTRS = frozenset({"tb_frame", "gi_frame", "cr_frame", "ag_frame", "f_back"})
+    # the hook calls no code of the program, so the only way to one of its frames is the traceback
+    # of an exception it raised (generator / coroutine frames, which asyncio reads, are the program's)
+    FRAME_ATTRS = frozenset({"tb_frame"})
     NO_PATH_ARGS = frozenset({"os.putenv", "os.unsetenv", "os.sched_setaffinity"})
     READ_EVENTS = frozenset({"os.listdir", "os.scandir", "os.getxattr", "os.listxattr", "glob.glob",
                              "glob.glob/2"})
@@ -242,6 +258,11 @@ def _make_hook(root, ro_roots, ro_files, stat):
             if len_(args) > 1 and type_(args[1]) is str_ and args[1] in FRAME_ATTRS:
                 raise PermissionError_("sandbox: access to frames (%s) is blocked" % args[1])
             return
+        elif event == "socket.__new__":
+            # AF_UNIX only (asyncio's self-pipe is a socketpair); connect / bind / sendto stay refused
+            if len_(args) > 1 and type_(args[1]) is int_ and args[1] == 1:
+                return
+            raise PermissionError_("sandbox: %s is blocked" % event)
         elif event in BLOCK_EXACT or event.startswith(BLOCK_PREFIX):
             raise PermissionError_("sandbox: %s is blocked" % event)
         elif event.startswith(("os.", "shutil.", "glob.")) and event not in NO_PATH_ARGS:
@@ -392,11 +413,34 @@ def _layout() -> Tuple[Tuple[str, ...], Tuple[str, ...], Tuple[str, ...]]:
     return tuple(binds), tuple(hidden), tuple(notes)
 
 
-def _bubblewrap_argv(bwrap: str, src_dir: str, disk_bytes: int, info_fd: Optional[int]) -> List[str]:
+def _parents(path: str) -> List[str]:
+    out = []
+    d = os.path.dirname(path)
+    while d not in ("/", ""):
+        out.append(d)
+        d = os.path.dirname(d)
+    return out
+
+
+def _bubblewrap_argv(bwrap: str, src_dir: str, disk_bytes: int, info_fd: Optional[int], seccomp_fd: Optional[int],
+                     privileged: bool) -> List[str]:
+    """bubblewrap's command line. ``privileged`` (the caller is root): no user namespace (bubblewrap
+    would map the sandbox's uid to root outside, which the kernel exempts from ``RLIMIT_NPROC``);
+    the wrapper instead drops to a fresh unprivileged uid (it keeps only CAP_SETUID / CAP_SETGID to
+    do so, and has none left after). Otherwise uid 65534 in a new user namespace, with no further
+    user namespaces allowed."""
     binds, hidden, _ = _layout()
-    argv = [bwrap, "--unshare-all", "--unshare-user", "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID),
-            "--disable-userns", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
-            "--hostname", "sandbox", "--proc", "/proc", "--dev", "/dev"]
+    if privileged:
+        argv = [bwrap, "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try",
+                "--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
+    else:
+        argv = [bwrap, "--unshare-all", "--unshare-user", "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID),
+                "--disable-userns", "--assert-userns-disabled", "--cap-drop", "ALL"]
+    argv += ["--die-with-parent", "--new-session", "--hostname", "sandbox", "--proc", "/proc", "--dev", "/dev"]
+    # parent folders of the binds, traversable by the sandbox's uid (bubblewrap would make them 0700)
+    parents = sorted({d for path in binds for d in _parents(path)}, key=lambda d: (d.count("/"), d))
+    for d in parents:
+        argv += ["--perms", "0755", "--dir", d]
     for path in binds:
         argv += ["--ro-bind", path, path]
     for path in hidden:
@@ -404,10 +448,12 @@ def _bubblewrap_argv(bwrap: str, src_dir: str, disk_bytes: int, info_fd: Optiona
     small = str(min(disk_bytes, 1 << 20))
     argv += ["--perms", "1777", "--size", small, "--tmpfs", "/dev/shm",
              "--perms", "1777", "--size", small, "--tmpfs", "/tmp",
-             "--perms", "0700", "--size", str(disk_bytes), "--tmpfs", "/work",
-             "--ro-bind", src_dir, "/heal", "--chdir", "/work"]
+             "--perms", "1777", "--size", str(disk_bytes), "--tmpfs", "/work",
+             "--ro-bind", src_dir, "/heal", "--remount-ro", "/", "--chdir", "/work"]
     if info_fd is not None:
         argv += ["--info-fd", str(info_fd)]
+    if seccomp_fd is not None:
+        argv += ["--seccomp", str(seccomp_fd)]
     return argv
 
 
@@ -434,7 +480,7 @@ def _bubblewrap_probe() -> Tuple[bool, str]:
     return False, f"bubblewrap is installed but a trial sandbox failed: {reason}"
 
 
-_TRIAL = "import os\nassert os.getuid() == %d and not os.path.exists('/etc')\nprint('ok')" % SANDBOX_UID
+_TRIAL = "import os\nassert os.getuid() != 0 and not os.path.exists('/etc')\nprint('ok')"
 
 
 def resolve_isolation(isolation: Optional[str] = None) -> str:
@@ -539,6 +585,9 @@ def _run(code, stdin, *, isolation, timeout_s, memory_mb, max_output_bytes, mode
          disk_mb, max_processes, audit_hook=True) -> RunResult:
     # audit_hook=False runs the program under the kernel layer alone (for tests of that layer)
     kernel = isolation == "bubblewrap"
+    # started by root, the sandbox drops to a uid of its own (see _bubblewrap_argv)
+    privileged = kernel and os.geteuid() == 0
+    uid = _DROP_UID_BASE + secrets.randbelow(_DROP_UID_SPAN) if privileged else None
     with tempfile.TemporaryDirectory(prefix="heal-sandbox-") as top:
         src_dir = os.path.join(top, "src")
         io_dir = os.path.join(top, "io")
@@ -572,16 +621,24 @@ def _run(code, stdin, *, isolation, timeout_s, memory_mb, max_output_bytes, mode
             "mode": mode,
             "fn_name": fn_name,
             "hook": bool(audit_hook),
+            "drop_to": [uid, uid] if privileged else None,
         }
         cmd = [_interpreter() if kernel else sys.executable, "-I", "-S", "-c", _WRAPPER, json.dumps(cfg)]
         env = {"PATH": "/usr/bin:/bin", "HOME": root, "LANG": "C.UTF-8", "PYTHONHASHSEED": "0",
                "OMP_NUM_THREADS": "1"}
-        info_r = info_w = None
+        info_r = info_w = filter_r = None
         pass_fds: Tuple[int, ...] = ()
         if kernel:
             info_r, info_w = os.pipe()
             pass_fds = (info_w,)
-            cmd = _bubblewrap_argv(shutil.which("bwrap"), src_dir, int(disk_mb) << 20, info_w) + cmd
+            bpf = seccomp_filter()
+            if bpf is not None:
+                filter_r, filter_w = os.pipe()
+                with os.fdopen(filter_w, "wb") as fw:  # a few hundred bytes: fits the pipe's buffer
+                    fw.write(bpf)
+                pass_fds += (filter_r,)
+            cmd = _bubblewrap_argv(shutil.which("bwrap"), src_dir, int(disk_mb) << 20, info_w, filter_r,
+                                   privileged) + cmd
         elif isolate_network and network_namespace_available():
             cmd = [shutil.which("unshare"), "-rn", "--"] + cmd
         timed_out = False
@@ -591,9 +648,10 @@ def _run(code, stdin, *, isolation, timeout_s, memory_mb, max_output_bytes, mode
                     cmd, stdin=fin, stdout=fout, stderr=ferr, cwd=top if kernel else root, env=env,
                     start_new_session=True, close_fds=True, pass_fds=pass_fds,
                 )
-                if info_w is not None:
-                    os.close(info_w)
-                    info_w = None
+                for fd in (info_w, filter_r):
+                    if fd is not None:
+                        os.close(fd)
+                info_w = filter_r = None
                 try:
                     # small allowance for interpreter start-up on a loaded machine
                     returncode = proc.wait(timeout=timeout_s + (1.0 if kernel else 0.5))
@@ -608,7 +666,7 @@ def _run(code, stdin, *, isolation, timeout_s, memory_mb, max_output_bytes, mode
                 if kernel:
                     _reap_sandbox(info_r)
         finally:
-            for fd in (info_r, info_w):
+            for fd in (info_r, info_w, filter_r):
                 if fd is not None:
                     os.close(fd)
         stdout, truncated = _read_capped(out_path, max_output_bytes)
