@@ -2,8 +2,11 @@
 
 The program is the **last** fenced code block of the response (```` ```python ````, ```` ```py ````
 or a bare ```` ``` ````); a response without one scores 0. Each test runs in its own sandboxed
-process (:func:`heal.scoring.sandbox.run_python`: time, memory and output limits, no network, no
-files outside a fresh temporary folder).
+process (:func:`heal.scoring.sandbox.run_python`: kernel isolation through bubblewrap, with an audit
+hook as a second layer; time, memory, output, disk and process limits; no network, no host files but
+the interpreter's standard library, read-only). Where the machine has no kernel isolation, scoring
+raises :class:`heal.scoring.sandbox.SandboxUnavailableError` unless ``isolation="audit-hook-only"``
+is chosen explicitly (``CodeCheckConfig.isolation`` or ``HEAL_SANDBOX_ISOLATION``).
 
 Test cases (``ground_truth``: a dict or its JSON string), as :mod:`heal.data.convert` writes them:
 
@@ -28,7 +31,7 @@ import re
 import time
 from typing import List, Optional, Tuple
 
-from heal.scoring.sandbox import run_python
+from heal.scoring.sandbox import ISOLATION_MODES, run_python
 
 __all__ = ["CodeCheckConfig", "DEFAULT_CODE_CONFIG", "extract_code", "parse_tests", "outputs_match",
            "run_tests", "check_code"]
@@ -36,8 +39,8 @@ __all__ = ["CodeCheckConfig", "DEFAULT_CODE_CONFIG", "extract_code", "parse_test
 
 @dataclasses.dataclass
 class CodeCheckConfig:
-    """Limits and scoring of :func:`check_code` (any field can be overridden per row through
-    ``extra_info`` keys of the same name).
+    """Limits and scoring of :func:`check_code` (any field but ``isolation`` can be overridden per
+    row through ``extra_info`` keys of the same name: a data row cannot weaken the sandbox).
 
     ``score``: ``"all"`` (1.0 only when every test passes; the paper's binary accuracy reward,
     stops at the first failure) or ``"fraction"`` (the share of tests passed).
@@ -49,6 +52,9 @@ class CodeCheckConfig:
     max_tests: Optional[int] = None  # run at most this many tests (the first ones)
     total_timeout_s: float = 60.0  # stop running further tests after this much wall time
     score: str = "all"
+    # sandbox layer: None = HEAL_SANDBOX_ISOLATION or "auto" (kernel isolation, refuse without it);
+    # "audit-hook-only" opts in to the weak mode (see heal.scoring.sandbox)
+    isolation: Optional[str] = None
 
     def validate(self) -> "CodeCheckConfig":
         if not self.timeout_s > 0:
@@ -59,6 +65,8 @@ class CodeCheckConfig:
             raise ValueError(f"score must be 'all' or 'fraction', got {self.score!r}")
         if self.max_tests is not None and self.max_tests < 1:
             raise ValueError(f"max_tests must be >= 1, got {self.max_tests}")
+        if self.isolation is not None and self.isolation not in ISOLATION_MODES:
+            raise ValueError(f"isolation must be one of {', '.join(ISOLATION_MODES)} or None, got {self.isolation!r}")
         return self
 
 
@@ -166,6 +174,7 @@ def run_tests(code: str, ground_truth, config: CodeCheckConfig = DEFAULT_CODE_CO
         res = run_python(
             code, inp, timeout_s=config.timeout_s, memory_mb=config.memory_mb,
             max_output_bytes=config.max_output_bytes, mode="call" if fn_name else "stdin", fn_name=fn_name,
+            isolation=config.isolation,
         )
         passed = res.ok and (_json_match(res.stdout, exp) if fn_name else outputs_match(res.stdout, exp))
         results.append(passed)
@@ -178,7 +187,7 @@ def _config_for(extra_info) -> CodeCheckConfig:
     if not extra_info or not hasattr(extra_info, "get"):
         return DEFAULT_CODE_CONFIG
     overrides = {f.name: extra_info.get(f.name) for f in dataclasses.fields(CodeCheckConfig)
-                 if extra_info.get(f.name) is not None}
+                 if f.name != "isolation" and extra_info.get(f.name) is not None}
     return dataclasses.replace(DEFAULT_CODE_CONFIG, **overrides) if overrides else DEFAULT_CODE_CONFIG
 
 

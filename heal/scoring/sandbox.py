@@ -422,6 +422,11 @@ def _parents(path: str) -> List[str]:
     return out
 
 
+def _user_namespace_mode() -> bool:
+    """Kernel isolation through a user namespace (caller not root) rather than a dropped uid (root)."""
+    return os.geteuid() != 0
+
+
 def _bubblewrap_argv(bwrap: str, src_dir: str, disk_bytes: int, info_fd: Optional[int], seccomp_fd: Optional[int],
                      privileged: bool) -> List[str]:
     """bubblewrap's command line. ``privileged`` (the caller is root): no user namespace (bubblewrap
@@ -586,7 +591,7 @@ def _run(code, stdin, *, isolation, timeout_s, memory_mb, max_output_bytes, mode
     # audit_hook=False runs the program under the kernel layer alone (for tests of that layer)
     kernel = isolation == "bubblewrap"
     # started by root, the sandbox drops to a uid of its own (see _bubblewrap_argv)
-    privileged = kernel and os.geteuid() == 0
+    privileged = kernel and not _user_namespace_mode()
     uid = _DROP_UID_BASE + secrets.randbelow(_DROP_UID_SPAN) if privileged else None
     with tempfile.TemporaryDirectory(prefix="heal-sandbox-") as top:
         src_dir = os.path.join(top, "src")

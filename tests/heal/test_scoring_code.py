@@ -182,6 +182,25 @@ def test_run_python_argument_errors():
         run_python(b"print(1)")
     with pytest.raises(ValueError, match="score"):
         CodeCheckConfig(score="most").validate()
+    with pytest.raises(ValueError, match="isolation"):
+        CodeCheckConfig(isolation="none").validate()
+
+
+def test_isolation_is_not_taken_from_the_data_row(monkeypatch):
+    from heal.scoring import sandbox
+    from heal.scoring.code import _config_for
+
+    assert _config_for({"isolation": "audit-hook-only", "timeout_s": 1.5}).isolation is None
+    # and a config's choice reaches run_python: without kernel isolation, auto refuses, the opt-in runs
+    monkeypatch.setattr(sandbox, "_bubblewrap_probe", lambda: (False, "bubblewrap (`bwrap`) is not installed"))
+    monkeypatch.delenv(sandbox.ISOLATION_ENV, raising=False)
+    good = fenced("a, b = map(int, input().split())\nprint(a + b)")
+    with pytest.raises(sandbox.SandboxUnavailableError):
+        check_code(good, ADD, config=FAST)
+    monkeypatch.setattr(sandbox, "_warned_once", [])
+    with pytest.warns(RuntimeWarning, match="not a security boundary"):
+        weak = CodeCheckConfig(**{**FAST.__dict__, "isolation": "audit-hook-only"})
+        assert check_code(good, ADD, config=weak) == 1.0
 
 
 def test_hook_cannot_be_switched_off_from_the_program():

@@ -254,6 +254,31 @@ print(json.dumps(out))
 
 
 @needs_kernel
+@pytest.mark.skipif(sandbox.seccomp_filter() is None, reason="no seccomp filter for this architecture")
+def test_kernel_layer_seccomp_filter(canary):
+    r = kernel_only(ATTEMPT + '''
+import socket, threading
+attempt("seccomp", lambda: [l.split()[1] for l in open("/proc/self/status") if l.startswith("Seccomp:")][0])
+attempt("inet", lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+attempt("inet6", lambda: socket.socket(socket.AF_INET6, socket.SOCK_DGRAM))
+attempt("netlink", lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_RAW))
+attempt("unix", lambda: socket.socket(socket.AF_UNIX, socket.SOCK_STREAM).close())
+attempt("mkfifo_work", lambda: os.mkfifo("/work/fifo"))
+attempt("pidfd_self", lambda: os.pidfd_open(os.getpid()))
+attempt("unshare", lambda: os.unshare(os.CLONE_NEWUSER) if hasattr(os, "unshare") else "no os.unshare")
+t = threading.Thread(target=lambda: out.__setitem__("thread", "ran"))
+t.start(); t.join()
+print(json.dumps(out))
+''', canary)
+    out = _json(r)
+    assert out["seccomp"] == "'2'"  # filter mode
+    for key in ("inet", "inet6", "netlink", "mkfifo_work", "pidfd_self"):
+        assert out[key].startswith("refused: PermissionError"), (key, out[key])
+    assert out["unix"] == "None" and out["thread"] == "ran"  # AF_UNIX and threads (clone3 -> clone) work
+    assert out["unshare"] in ("'no os.unshare'",) or out["unshare"].startswith("refused: PermissionError")
+
+
+@needs_kernel
 @pytest.mark.parametrize("parent", ["exits", "hangs"])
 def test_kernel_layer_no_process_outlives_the_run(canary, parent):
     # a double-forked child in a new session (survives killpg) that would sleep on; the parent
@@ -513,6 +538,23 @@ def test_default_is_kernel_isolation_with_the_hook():
     uid = int(r.stdout.strip())
     assert uid == sandbox.SANDBOX_UID or uid >= sandbox._DROP_UID_BASE
     assert "PermissionError: sandbox:" in r.stderr  # the hook's refusal, on top of the kernel's
+
+
+@needs_kernel
+def test_user_namespace_variant(monkeypatch):
+    # what a non-root caller gets (uid 65534 in a user namespace, no nested user namespaces);
+    # started by root here, so only the view is checked (the kernel exempts root's uid from RLIMIT_NPROC)
+    monkeypatch.setattr(sandbox, "_user_namespace_mode", lambda: True)
+    r = sandbox._run("import os, json\nprint(json.dumps([os.getuid(), sorted(os.listdir('/')), "
+                     "[l.split()[1] for l in open('/proc/self/status') if l.startswith('CapEff')][0]]))",
+                     "", isolation="bubblewrap", timeout_s=3.0, memory_mb=256, max_output_bytes=4096, mode="stdin",
+                     fn_name=None, isolate_network=True, disk_mb=4, max_processes=16, audit_hook=False)
+    assert r.ok, r.stderr
+    uid, root, caps = json.loads(r.stdout)
+    assert uid == sandbox.SANDBOX_UID and caps == "0000000000000000"
+    assert "etc" not in root and "work" in root and "heal" in root
+    r = run_python(LEGIT, "1\n2\n", timeout_s=10.0, memory_mb=512)
+    assert r.ok, r.stderr[-2000:]
 
 
 # ------------------------------------------------------------------ no silent weak mode
