@@ -71,6 +71,7 @@ import json
 import math
 import os
 import secrets
+import select
 import shutil
 import signal
 import subprocess
@@ -91,6 +92,8 @@ __all__ = [
 ISOLATION_MODES = ("auto", "bubblewrap", "audit-hook-only")
 ISOLATION_ENV = "HEAL_SANDBOX_ISOLATION"
 SANDBOX_UID = 65534  # "nobody" inside the sandbox's user namespace (caller not root)
+# the most a sandbox + interpreter may take to start before the program's wall-clock limit begins
+STARTUP_TIMEOUT_S = 30.0
 # caller root: each run drops to a uid of its own drawn from this range (no user namespace)
 _DROP_UID_BASE, _DROP_UID_SPAN = 2_000_000_000, 100_000_000
 
@@ -103,16 +106,18 @@ INSTALL_HINT = (
 
 # The wrapper runs in the child before the untrusted code: limits, stubs, then the audit hook, then exec.
 _WRAPPER = r'''
+# Only built-in modules until the program runs (`os`, `json`, `pathlib`, `signal` each cost
+# milliseconds to import, and most programs never touch them).
 def _main():
-    import sys, os, resource, json
-    cfg = json.loads(sys.argv[1])
+    import sys, posix, resource
+    cfg = eval(sys.argv[1], {"__builtins__": {}})  # a dict of literals written by the parent
     if cfg["drop_to"]:
         # kernel isolation started by root: become a fresh unprivileged uid (all capabilities go)
         uid, gid = cfg["drop_to"]
-        os.setgroups([])
-        os.setgid(gid)
-        os.setuid(uid)
-        if os.getuid() != uid or os.geteuid() != uid or os.getgid() != gid:
+        posix.setgroups([])
+        posix.setgid(gid)
+        posix.setuid(uid)
+        if posix.getuid() != uid or posix.geteuid() != uid or posix.getgid() != gid:
             raise SystemExit("sandbox: could not drop privileges")
 
     def lim(which, value):
@@ -124,22 +129,26 @@ def _main():
                 resource.setrlimit(which, (value, hard))
 
     lim(resource.RLIMIT_CORE, 0)
-    lim(resource.RLIMIT_CPU, int(cfg["cpu_s"]))
-    lim(resource.RLIMIT_FSIZE, int(cfg["fsize"]))
+    lim(resource.RLIMIT_CPU, cfg["cpu_s"])
+    lim(resource.RLIMIT_FSIZE, cfg["fsize"])
     if cfg["mem_bytes"]:
-        lim(resource.RLIMIT_AS, int(cfg["mem_bytes"]))
+        lim(resource.RLIMIT_AS, cfg["mem_bytes"])
     if cfg["nproc"]:
-        lim(resource.RLIMIT_NPROC, int(cfg["nproc"]))
-    root = os.path.realpath(cfg["root"])
+        lim(resource.RLIMIT_NPROC, cfg["nproc"])
     with open(cfg["src"], encoding="utf-8", errors="replace") as f:
         src = f.read()
     mode, fn_name = cfg["mode"], cfg["fn_name"]
-    call_input = sys.stdin.read() if mode == "call" else ""
+    if mode == "call":
+        import json
+        call_input = sys.stdin.read()
     code = compile(src, "solution.py", "exec")
     if cfg["hook"]:
-        _second_layer(root, cfg)
+        _second_layer(cfg)
+    ready_fd = cfg["ready_fd"]
     del cfg, src, f
     user_globals = {"__name__": "__main__", "__builtins__": __builtins__}
+    posix.write(ready_fd, b"1")  # the parent's wall clock starts now
+    posix.close(ready_fd)
     if mode == "stdin":
         exec(code, user_globals)
         sys.stdout.flush()
@@ -158,9 +167,10 @@ def _main():
     real_stdout.flush()
 
 
-def _second_layer(root, cfg):
+def _second_layer(cfg):
     # stubs the audit hook relies on, then the hook
-    import sys, os, io, pathlib, posix, signal
+    import sys, posix, _signal, io
+    import types  # reads a traceback's tb_frame when first imported, which the hook refuses
 
     # `import subprocess` / `import asyncio` need a _posixsubprocess module: a stub whose fork_exec
     # refuses. The real one can then only be loaded anew, which the hook refuses.
@@ -171,26 +181,49 @@ def _second_layer(root, cfg):
 
     stub.fork_exec = fork_exec
     sys.modules["_posixsubprocess"] = stub
-    # these raise no audit event
-    for mod, names in ((os, ("mknod", "mkfifo", "pidfd_open", "setpriority")),
-                       (posix, ("mknod", "mkfifo", "pidfd_open", "setpriority")),
-                       (signal, ("pidfd_send_signal",))):
+    # these raise no audit event; `os` and `signal` take their functions from these modules when
+    # first imported (checked for modules already imported)
+    for mod, names in ((posix, ("mknod", "mkfifo", "pidfd_open", "setpriority")),
+                       (_signal, ("pidfd_send_signal",)),
+                       (sys.modules.get("os"), ("mknod", "mkfifo", "pidfd_open", "setpriority")),
+                       (sys.modules.get("signal"), ("pidfd_send_signal",))):
         for name in names:
-            if hasattr(mod, name):
+            if mod is not None and hasattr(mod, name):
                 delattr(mod, name)
 
-    # the hook refuses path objects (their __fspath__ could differ from what it is shown): let
-    # pathlib hand open() the str it converts to, which is then both checked and opened
-    _io_open, _fspath = io.open, os.fspath
+    # The hook refuses path objects (their __fspath__ could differ from what it is shown). When the
+    # program imports pathlib, Path.open is made to hand io.open the str it converts to, which is
+    # then both checked and opened. (A program that undoes this only gets its path objects refused.)
+    _io_open, _fspath = io.open, posix.fspath
 
     def path_open(self, mode="r", buffering=-1, encoding=None, errors=None, newline=None):
         if "b" not in mode:
             encoding = io.text_encoding(encoding)
         return _io_open(_fspath(self), mode, buffering, encoding, errors, newline)
 
-    pathlib.Path.open = path_open
-    sys.addaudithook(_make_hook(root, tuple(os.path.realpath(p) for p in cfg["ro_roots"]),
-                                frozenset(cfg["ro_files"]), posix.stat))
+    class PathlibPatch:
+        @staticmethod
+        def find_spec(name, path=None, target=None):
+            if name != "pathlib":
+                return None
+            sys.meta_path.remove(PathlibPatch)
+            for finder in sys.meta_path:
+                spec = finder.find_spec(name, path, target)
+                if spec is not None:
+                    break
+            else:
+                return None
+            exec_module = spec.loader.exec_module
+
+            def patched_exec_module(module):
+                exec_module(module)
+                module.Path.open = path_open
+
+            spec.loader.exec_module = patched_exec_module
+            return spec
+
+    sys.meta_path.insert(0, PathlibPatch)
+    sys.addaudithook(_make_hook(cfg["root"], tuple(cfg["ro_roots"]), frozenset(cfg["ro_files"]), posix.stat))
 
 
 def _make_hook(root, ro_roots, ro_files, stat):
@@ -605,16 +638,19 @@ def _run(code, stdin, *, isolation, timeout_s, memory_mb, max_output_bytes, mode
             os.chmod(os.path.join(src_dir, "solution.py"), 0o644)
             root, src = "/work", "/heal/solution.py"
         else:
-            root = os.path.join(top, "work")
+            root = os.path.join(os.path.realpath(top), "work")
             os.mkdir(root)
             src = os.path.join(src_dir, "solution.py")
         in_path, out_path, err_path = (os.path.join(io_dir, n) for n in ("stdin", "stdout", "stderr"))
+        # the wrapper writes to this pipe right before the program starts: the wall-clock limit
+        # counts from there, not from the start of a sandbox / interpreter on a loaded machine
+        ready_r, ready_w = os.pipe()
         with open(in_path, "w", encoding="utf-8") as f:
             f.write(stdin)
         cfg = {
             "root": root,
             "src": src,
-            "ro_roots": [_stdlib_dir()],
+            "ro_roots": [_stdlib_dir()],  # real paths
             "ro_files": ["/dev/urandom", "/dev/null"],
             "cpu_s": int(math.ceil(timeout_s)) + 1,
             # room for the truncation check: one byte more than we keep
@@ -627,15 +663,16 @@ def _run(code, stdin, *, isolation, timeout_s, memory_mb, max_output_bytes, mode
             "fn_name": fn_name,
             "hook": bool(audit_hook),
             "drop_to": [uid, uid] if privileged else None,
+            "ready_fd": ready_w,
         }
-        cmd = [_interpreter() if kernel else sys.executable, "-I", "-S", "-c", _WRAPPER, json.dumps(cfg)]
+        cmd = [_interpreter() if kernel else sys.executable, "-I", "-S", "-c", _WRAPPER, repr(cfg)]
         env = {"PATH": "/usr/bin:/bin", "HOME": root, "LANG": "C.UTF-8", "PYTHONHASHSEED": "0",
                "OMP_NUM_THREADS": "1"}
         info_r = info_w = filter_r = None
-        pass_fds: Tuple[int, ...] = ()
+        pass_fds: Tuple[int, ...] = (ready_w,)
         if kernel:
             info_r, info_w = os.pipe()
-            pass_fds = (info_w,)
+            pass_fds += (info_w,)
             bpf = seccomp_filter()
             if bpf is not None:
                 filter_r, filter_w = os.pipe()
@@ -653,13 +690,17 @@ def _run(code, stdin, *, isolation, timeout_s, memory_mb, max_output_bytes, mode
                     cmd, stdin=fin, stdout=fout, stderr=ferr, cwd=top if kernel else root, env=env,
                     start_new_session=True, close_fds=True, pass_fds=pass_fds,
                 )
-                for fd in (info_w, filter_r):
+                for fd in (ready_w, info_w, filter_r):
                     if fd is not None:
                         os.close(fd)
-                info_w = filter_r = None
+                ready_w = info_w = filter_r = None
                 try:
-                    # small allowance for interpreter start-up on a loaded machine
-                    returncode = proc.wait(timeout=timeout_s + (1.0 if kernel else 0.5))
+                    # start-up (sandbox + interpreter + wrapper), then the program's own wall time;
+                    # the pipe also turns readable (EOF) when the process ends before the program starts
+                    ready, _, _ = select.select([ready_r], [], [], STARTUP_TIMEOUT_S)
+                    if not ready:
+                        raise subprocess.TimeoutExpired(cmd, STARTUP_TIMEOUT_S)
+                    returncode = proc.wait(timeout=timeout_s)
                 except subprocess.TimeoutExpired:
                     timed_out, returncode = True, None
                 finally:
@@ -671,7 +712,7 @@ def _run(code, stdin, *, isolation, timeout_s, memory_mb, max_output_bytes, mode
                 if kernel:
                     _reap_sandbox(info_r)
         finally:
-            for fd in (info_r, info_w, filter_r):
+            for fd in (ready_r, ready_w, info_r, info_w, filter_r):
                 if fd is not None:
                     os.close(fd)
         stdout, truncated = _read_capped(out_path, max_output_bytes)
