@@ -64,6 +64,7 @@ Outputs are read back truncated to ``max_output_bytes``.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import functools
 import glob
@@ -94,6 +95,9 @@ ISOLATION_ENV = "HEAL_SANDBOX_ISOLATION"
 SANDBOX_UID = 65534  # "nobody" inside the sandbox's user namespace (caller not root)
 # the most a sandbox + interpreter may take to start before the program's wall-clock limit begins
 STARTUP_TIMEOUT_S = 30.0
+# sandboxes started ahead of their jobs (per kind), unless HEAL_SANDBOX_POOL says otherwise
+POOL_ENV = "HEAL_SANDBOX_POOL"
+DEFAULT_POOL_SIZE = 4
 # caller root: each run drops to a uid of its own drawn from this range (no user namespace)
 _DROP_UID_BASE, _DROP_UID_SPAN = 2_000_000_000, 100_000_000
 
@@ -119,6 +123,16 @@ def _main():
         posix.setuid(uid)
         if posix.getuid() != uid or posix.geteuid() != uid or posix.getgid() != gid:
             raise SystemExit("sandbox: could not drop privileges")
+    # A sandbox may be started ahead of its job (the pool): wait for the parent's go, then read the
+    # job (limits, mode, ...) it wrote next to the program. EOF instead of go: not needed, exit.
+    if posix.read(cfg["go_fd"], 1) != b"1":
+        raise SystemExit(0)
+    posix.close(cfg["go_fd"])
+    with open(cfg["job"], encoding="utf-8") as f:
+        cfg.update(eval(f.read(), {"__builtins__": {}}))
+    fd = posix.open(cfg["stdin"], posix.O_RDONLY)
+    posix.dup2(fd, 0)
+    posix.close(fd)
 
     def lim(which, value):
         try:
@@ -509,7 +523,7 @@ def _bubblewrap_probe() -> Tuple[bool, str]:
         return False, "bubblewrap (`bwrap`) is not installed"
     try:
         res = _run(_TRIAL, "", isolation="bubblewrap", timeout_s=10.0, memory_mb=None, max_output_bytes=4096,
-                   mode="stdin", fn_name=None, isolate_network=True, disk_mb=1, max_processes=16)
+                   mode="stdin", fn_name=None, isolate_network=True, disk_mb=1, max_processes=16, pool=0)
     except OSError as exc:
         return False, f"bubblewrap could not start: {exc}"
     if res.ok and res.stdout.strip() == "ok":
@@ -619,105 +633,244 @@ def _gone(pid: int) -> bool:
     return state in (b"Z", b"X")
 
 
+class _Sandbox:
+    """One sandboxed interpreter, started ahead of its job and used for exactly one run.
+
+    Layout of its temporary folder: ``src/`` (``solution.py``, ``stdin``, ``job``: written by the
+    parent when the job comes; bound read-only at ``/heal`` under kernel isolation), ``io/``
+    (``stdout``, ``stderr``: the child's fds 1 and 2) and, without kernel isolation, ``work/``.
+    The wrapper waits on the *go* pipe, reads the job, then writes to the *ready* pipe right before
+    the program starts: the wall-clock limit counts from there, not from the start of a sandbox /
+    interpreter on a loaded machine.
+    """
+
+    def __init__(self, key):
+        isolation, privileged, disk_mb, isolate_network = key
+        kernel = isolation == "bubblewrap"
+        self.key, self.kernel = key, kernel
+        self.top = tempfile.mkdtemp(prefix="heal-sandbox-")
+        self.proc = None
+        self.go_w = self.ready_r = self.info_r = None
+        child_fds: List[int] = []
+        try:
+            top = os.path.realpath(self.top)
+            src_dir, io_dir = os.path.join(top, "src"), os.path.join(top, "io")
+            os.mkdir(src_dir, 0o755)
+            os.chmod(src_dir, 0o755)  # whatever the umask: the sandbox's uid must read it
+            os.mkdir(io_dir, 0o700)
+            for name in ("solution.py", "stdin", "job"):
+                with open(os.path.join(src_dir, name), "w"):
+                    pass
+                os.chmod(os.path.join(src_dir, name), 0o644)
+            self.src_dir, self.out_path, self.err_path = src_dir, os.path.join(io_dir, "stdout"), os.path.join(io_dir, "stderr")
+            inside = "/heal" if kernel else src_dir
+            if kernel:
+                root = "/work"
+            else:
+                root = os.path.join(top, "work")
+                os.mkdir(root)
+            go_r, self.go_w = os.pipe()
+            self.ready_r, ready_w = os.pipe()
+            child_fds += [go_r, ready_w]
+            uid = _DROP_UID_BASE + secrets.randbelow(_DROP_UID_SPAN) if privileged else None
+            cfg = {
+                "root": root, "src": inside + "/solution.py", "stdin": inside + "/stdin", "job": inside + "/job",
+                "ro_roots": [_stdlib_dir()],  # real paths
+                "ro_files": ["/dev/urandom", "/dev/null"],
+                "drop_to": [uid, uid] if privileged else None,
+                "go_fd": go_r, "ready_fd": ready_w,
+            }
+            cmd = [_interpreter() if kernel else sys.executable, "-I", "-S", "-c", _WRAPPER, repr(cfg)]
+            if kernel:
+                self.info_r, info_w = os.pipe()
+                child_fds.append(info_w)
+                filter_r = None
+                bpf = seccomp_filter()
+                if bpf is not None:
+                    filter_r, filter_w = os.pipe()
+                    child_fds.append(filter_r)
+                    with os.fdopen(filter_w, "wb") as fw:  # a few hundred bytes: fits the pipe's buffer
+                        fw.write(bpf)
+                cmd = _bubblewrap_argv(shutil.which("bwrap"), src_dir, int(disk_mb) << 20, info_w, filter_r,
+                                       privileged) + cmd
+            elif isolate_network and network_namespace_available():
+                cmd = [shutil.which("unshare"), "-rn", "--"] + cmd
+            env = {"PATH": "/usr/bin:/bin", "HOME": root, "LANG": "C.UTF-8", "PYTHONHASHSEED": "0",
+                   "OMP_NUM_THREADS": "1"}
+            with open(self.out_path, "wb") as fout, open(self.err_path, "wb") as ferr:
+                self.proc = subprocess.Popen(
+                    cmd, stdin=subprocess.DEVNULL, stdout=fout, stderr=ferr, cwd=src_dir if kernel else root,
+                    env=env, start_new_session=True, close_fds=True, pass_fds=tuple(child_fds),
+                )
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            for fd in child_fds:
+                os.close(fd)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def run(self, code: str, stdin: str, job: dict, timeout_s: float, max_output_bytes: int) -> RunResult:
+        for name, text in (("solution.py", code), ("stdin", stdin), ("job", repr(job))):
+            with open(os.path.join(self.src_dir, name), "w", encoding="utf-8") as f:
+                f.write(text)
+        timed_out = False
+        try:
+            try:
+                os.write(self.go_w, b"1")
+            except BrokenPipeError:
+                pass  # it died before its job: its stderr says why
+            os.close(self.go_w)
+            self.go_w = None
+            # start-up (whatever is left of it), then the program's own wall time; the pipe also turns
+            # readable (EOF) when the process ends before the program starts
+            ready, _, _ = select.select([self.ready_r], [], [], STARTUP_TIMEOUT_S)
+            if not ready:
+                raise subprocess.TimeoutExpired("sandbox", STARTUP_TIMEOUT_S)
+            returncode = self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            timed_out, returncode = True, None
+        finally:
+            self._stop()
+        stdout, truncated = _read_capped(self.out_path, max_output_bytes)
+        stderr, _ = _read_capped(self.err_path, max_output_bytes)
+        return RunResult(returncode, stdout, stderr, timed_out, truncated, self.key[0])
+
+    def _stop(self) -> None:
+        if self.proc is not None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            self.proc.wait()
+            if self.info_r is not None:
+                _reap_sandbox(self.info_r)
+
+    def close(self) -> None:
+        """Stop the process (if any), release the pipes and remove the folder."""
+        self._stop()
+        for name in ("go_w", "ready_r", "info_r"):
+            fd = getattr(self, name)
+            if fd is not None:
+                os.close(fd)
+                setattr(self, name, None)
+        shutil.rmtree(self.top, ignore_errors=True)
+
+
+class _Pool:
+    """Sandboxes started ahead of their jobs, ``size`` per kind (isolation, uid mode, disk size,
+    network flag), by one long-lived daemon thread: bubblewrap's ``--die-with-parent`` follows the
+    thread that started it, so sandboxes must not be started by short-lived worker threads."""
+
+    def __init__(self):
+        self.cond = threading.Condition()
+        self.ready: Dict[tuple, List[_Sandbox]] = {}
+        self.sizes: Dict[tuple, int] = {}
+        self.thread: Optional[threading.Thread] = None
+        self.pid = os.getpid()
+
+    def take(self, key, size: int) -> Optional[_Sandbox]:
+        with self.cond:
+            self.sizes[key] = max(size, self.sizes.get(key, 0))
+            queue = self.ready.setdefault(key, [])
+            sandbox = None
+            while queue:
+                candidate = queue.pop(0)
+                if candidate.alive():
+                    sandbox = candidate
+                    break
+                candidate.close()
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._fill, name="heal-sandbox-pool", daemon=True)
+                self.thread.start()
+            self.cond.notify()
+        return sandbox
+
+    def _fill(self) -> None:
+        while True:
+            with self.cond:
+                todo = [(k, n - len(self.ready.get(k, []))) for k, n in self.sizes.items()]
+                todo = [(k, n) for k, n in todo if n > 0]
+                if not todo:
+                    self.cond.wait()
+                    continue
+            for key, n in todo:
+                for _ in range(n):
+                    try:
+                        sandbox = _Sandbox(key)
+                    except OSError:
+                        time.sleep(0.5)  # out of processes / files: try later; runs start their own
+                        continue
+                    with self.cond:
+                        self.ready.setdefault(key, []).append(sandbox)
+
+    def close(self) -> None:
+        with self.cond:
+            sandboxes = [sb for queue in self.ready.values() for sb in queue]
+            self.ready.clear()
+            self.sizes.clear()
+        for sandbox in sandboxes:
+            sandbox.close()
+
+
+_pool = _Pool()
+atexit.register(lambda: _pool.close() if _pool.pid == os.getpid() else None)
+
+
+def _forget_pool_in_child() -> None:
+    # a forked child must never hand out its parent's sandboxes
+    global _pool
+    _pool = _Pool()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_in_child)
+
+
+def _pool_size(isolation: str) -> int:
+    value = os.environ.get(POOL_ENV, "").strip()
+    if not value:
+        return DEFAULT_POOL_SIZE
+    try:
+        size = int(value)
+    except ValueError:
+        raise ValueError(f"{POOL_ENV} must be an integer >= 0, got {value!r}") from None
+    if size < 0:
+        raise ValueError(f"{POOL_ENV} must be an integer >= 0, got {value!r}")
+    return size
+
+
 def _run(code, stdin, *, isolation, timeout_s, memory_mb, max_output_bytes, mode, fn_name, isolate_network,
-         disk_mb, max_processes, audit_hook=True) -> RunResult:
-    # audit_hook=False runs the program under the kernel layer alone (for tests of that layer)
+         disk_mb, max_processes, audit_hook=True, pool=None) -> RunResult:
+    # audit_hook=False runs the program under the kernel layer alone (for tests of that layer);
+    # pool: sandboxes started ahead (None: HEAL_SANDBOX_POOL, default DEFAULT_POOL_SIZE; 0: none)
     kernel = isolation == "bubblewrap"
     # started by root, the sandbox drops to a uid of its own (see _bubblewrap_argv)
     privileged = kernel and not _user_namespace_mode()
-    uid = _DROP_UID_BASE + secrets.randbelow(_DROP_UID_SPAN) if privileged else None
-    with tempfile.TemporaryDirectory(prefix="heal-sandbox-") as top:
-        src_dir = os.path.join(top, "src")
-        io_dir = os.path.join(top, "io")
-        os.mkdir(src_dir)
-        os.mkdir(io_dir)
-        with open(os.path.join(src_dir, "solution.py"), "w", encoding="utf-8") as f:
-            f.write(code)
-        if kernel:
-            os.chmod(src_dir, 0o755)
-            os.chmod(os.path.join(src_dir, "solution.py"), 0o644)
-            root, src = "/work", "/heal/solution.py"
-        else:
-            root = os.path.join(os.path.realpath(top), "work")
-            os.mkdir(root)
-            src = os.path.join(src_dir, "solution.py")
-        in_path, out_path, err_path = (os.path.join(io_dir, n) for n in ("stdin", "stdout", "stderr"))
-        # the wrapper writes to this pipe right before the program starts: the wall-clock limit
-        # counts from there, not from the start of a sandbox / interpreter on a loaded machine
-        ready_r, ready_w = os.pipe()
-        with open(in_path, "w", encoding="utf-8") as f:
-            f.write(stdin)
-        cfg = {
-            "root": root,
-            "src": src,
-            "ro_roots": [_stdlib_dir()],  # real paths
-            "ro_files": ["/dev/urandom", "/dev/null"],
-            "cpu_s": int(math.ceil(timeout_s)) + 1,
-            # room for the truncation check: one byte more than we keep
-            "fsize": int(max_output_bytes) + 1,
-            "mem_bytes": int(memory_mb) * (1 << 20) if memory_mb else 0,
-            # RLIMIT_NPROC counts per uid in the sandbox's own user namespace; outside one it would
-            # count every process of the caller's uid (or nothing, for root)
-            "nproc": int(max_processes) if kernel else 0,
-            "mode": mode,
-            "fn_name": fn_name,
-            "hook": bool(audit_hook),
-            "drop_to": [uid, uid] if privileged else None,
-            "ready_fd": ready_w,
-        }
-        cmd = [_interpreter() if kernel else sys.executable, "-I", "-S", "-c", _WRAPPER, repr(cfg)]
-        env = {"PATH": "/usr/bin:/bin", "HOME": root, "LANG": "C.UTF-8", "PYTHONHASHSEED": "0",
-               "OMP_NUM_THREADS": "1"}
-        info_r = info_w = filter_r = None
-        pass_fds: Tuple[int, ...] = (ready_w,)
-        if kernel:
-            info_r, info_w = os.pipe()
-            pass_fds += (info_w,)
-            bpf = seccomp_filter()
-            if bpf is not None:
-                filter_r, filter_w = os.pipe()
-                with os.fdopen(filter_w, "wb") as fw:  # a few hundred bytes: fits the pipe's buffer
-                    fw.write(bpf)
-                pass_fds += (filter_r,)
-            cmd = _bubblewrap_argv(shutil.which("bwrap"), src_dir, int(disk_mb) << 20, info_w, filter_r,
-                                   privileged) + cmd
-        elif isolate_network and network_namespace_available():
-            cmd = [shutil.which("unshare"), "-rn", "--"] + cmd
-        timed_out = False
-        try:
-            with open(in_path, "rb") as fin, open(out_path, "wb") as fout, open(err_path, "wb") as ferr:
-                proc = subprocess.Popen(
-                    cmd, stdin=fin, stdout=fout, stderr=ferr, cwd=top if kernel else root, env=env,
-                    start_new_session=True, close_fds=True, pass_fds=pass_fds,
-                )
-                for fd in (ready_w, info_w, filter_r):
-                    if fd is not None:
-                        os.close(fd)
-                ready_w = info_w = filter_r = None
-                try:
-                    # start-up (sandbox + interpreter + wrapper), then the program's own wall time;
-                    # the pipe also turns readable (EOF) when the process ends before the program starts
-                    ready, _, _ = select.select([ready_r], [], [], STARTUP_TIMEOUT_S)
-                    if not ready:
-                        raise subprocess.TimeoutExpired(cmd, STARTUP_TIMEOUT_S)
-                    returncode = proc.wait(timeout=timeout_s)
-                except subprocess.TimeoutExpired:
-                    timed_out, returncode = True, None
-                finally:
-                    try:
-                        os.killpg(proc.pid, signal.SIGKILL)
-                    except (ProcessLookupError, PermissionError):
-                        pass
-                    proc.wait()
-                if kernel:
-                    _reap_sandbox(info_r)
-        finally:
-            for fd in (ready_r, ready_w, info_r, info_w, filter_r):
-                if fd is not None:
-                    os.close(fd)
-        stdout, truncated = _read_capped(out_path, max_output_bytes)
-        stderr, _ = _read_capped(err_path, max_output_bytes)
-    return RunResult(returncode, stdout, stderr, timed_out, truncated, isolation)
+    key = (isolation, privileged, int(disk_mb) if kernel else 0, bool(isolate_network) and not kernel)
+    size = _pool_size(isolation) if pool is None else int(pool)
+    sandbox = _pool.take(key, size) if size > 0 else None
+    if sandbox is None:
+        sandbox = _Sandbox(key)
+    job = {
+        "cpu_s": int(math.ceil(timeout_s)) + 1,
+        # room for the truncation check: one byte more than we keep
+        "fsize": int(max_output_bytes) + 1,
+        "mem_bytes": int(memory_mb) * (1 << 20) if memory_mb else 0,
+        # RLIMIT_NPROC counts per uid (inside the sandbox's user namespace, or the fresh uid of a
+        # root-started sandbox); in the audit-hook-only mode it would count every process of the
+        # caller's uid (or nothing, for root)
+        "nproc": int(max_processes) if kernel else 0,
+        "mode": mode,
+        "fn_name": fn_name,
+        "hook": bool(audit_hook),
+    }
+    try:
+        return sandbox.run(code, stdin, job, timeout_s, max_output_bytes)
+    finally:
+        sandbox.close()
 
 
 def _reap_sandbox(info_r: int) -> None:
