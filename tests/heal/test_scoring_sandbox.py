@@ -557,6 +557,21 @@ def test_user_namespace_variant(monkeypatch):
     assert r.ok, r.stderr[-2000:]
 
 
+@pytest.mark.parametrize("isolation", HOOK_MODES)
+def test_pooled_sandboxes_are_fresh_for_every_run(isolation, monkeypatch):
+    monkeypatch.setenv(sandbox.POOL_ENV, "2")
+    write = "open('left-behind.txt', 'w').write('x')\nimport os\nprint(sorted(os.listdir('.')))"
+    outs = [run_python(write, timeout_s=2.0, isolation=isolation).stdout.strip() for _ in range(3)]
+    assert outs == ["['left-behind.txt']"] * 3  # nothing of a previous run is left
+    unpooled = sandbox._run(write, "", isolation=sandbox.resolve_isolation(isolation), timeout_s=2.0, memory_mb=256,
+                            max_output_bytes=4096, mode="stdin", fn_name=None, isolate_network=True, disk_mb=64,
+                            max_processes=64, pool=0)
+    assert unpooled.stdout.strip() == outs[0]
+    monkeypatch.setenv(sandbox.POOL_ENV, "many")
+    with pytest.raises(ValueError, match="HEAL_SANDBOX_POOL"):
+        run_python("print(1)", isolation=isolation)
+
+
 # ------------------------------------------------------------------ no silent weak mode
 def test_refuses_without_kernel_isolation(monkeypatch):
     monkeypatch.setattr(sandbox, "_bubblewrap_probe", lambda: (False, "bubblewrap (`bwrap`) is not installed"))
