@@ -3,65 +3,86 @@
 Two layers, the first one enforced by the kernel:
 
 1. **Kernel isolation (primary layer), through bubblewrap** (``bwrap``; Debian/Ubuntu package
-   ``bubblewrap``). Each run gets fresh user, mount, pid, network, IPC, UTS and cgroup
-   namespaces and runs as uid/gid 65534 inside its user namespace, with every capability dropped
-   and no further user namespaces allowed (``--disable-userns``). It sees a new root holding only:
+   ``bubblewrap``). Each run gets fresh mount, pid, network, IPC, UTS (and cgroup) namespaces and
+   runs as an unprivileged uid with no capabilities:
+
+   * caller not root: a new user namespace too, uid/gid 65534 inside it (mapped to the caller's
+     uid), no nested user namespaces (``--disable-userns``);
+   * caller root (bubblewrap would map the sandbox's uid to root outside, and the kernel exempts
+     root's uid from ``RLIMIT_NPROC``): no user namespace; the wrapper keeps only CAP_SETUID /
+     CAP_SETGID to drop, before anything else, to a fresh uid/gid of its own drawn from
+     [2e9, 2.1e9), with no supplementary groups, after which it has no capabilities at all
+     (``no_new_privs`` is set by bubblewrap). Where that variant cannot start (root without
+     CAP_SYS_ADMIN, e.g. some containers) but user namespaces work, root gets the first variant,
+     in which ``max_processes`` does not hold (:func:`isolation_status` notes it).
+
+   It sees a new, read-only root holding only:
 
    * the interpreter binary, its standard library (``site-packages`` / ``dist-packages`` inside it
      hidden by empty mounts: no venv, no third-party packages, no project files) and the shared
      libraries the interpreter and the standard extension modules need (found with ``ldd``; the
      libraries of ``_ctypes``, ``_sqlite3``, ``_ssl``, ``_tkinter``, ``_curses``, ``readline``,
-     ``nis``, ``_dbm`` / ``_gdbm`` and ``_crypt`` are left out, so those modules cannot load), all
-     read-only;
-   * ``/heal/solution.py`` (read-only) and a private, size-limited tmpfs working directory
-     ``/work`` (``disk_mb``), which is also ``HOME`` and the current directory;
-   * fresh ``/proc`` (of its own pid namespace), a minimal ``/dev`` and small private
-     ``/dev/shm`` and ``/tmp`` tmpfs mounts.
+     ``nis``, ``_dbm`` / ``_gdbm`` and ``_crypt`` are left out, so those modules cannot load);
+   * ``/heal`` (read-only: ``solution.py``, its stdin, the job's settings) and a private,
+     size-limited tmpfs working directory ``/work`` (``disk_mb``), also ``HOME`` and the current
+     directory;
+   * fresh ``/proc`` (of its own pid namespace), a minimal ``/dev``, and 1 MiB private ``/dev/shm``
+     and ``/tmp`` tmpfs mounts.
 
    There are no host files, no host Unix sockets (filesystem or abstract), no network interface
    but a down loopback, and no other process of the host to see or signal. ``RLIMIT_NPROC``
-   (``max_processes``, counted per uid inside the user namespace) caps processes and threads.
-   bubblewrap runs with ``--die-with-parent`` and ``--new-session``; the sandbox's pid 1 is
-   killed when the run ends or times out, and the kernel then kills every process left in the
-   pid namespace, so nothing outlives :func:`run_python` (it waits until the pid namespace is
-   gone). The uid 65534 inside maps to the uid of the caller outside (bubblewrap's mapping), with
-   no capabilities: what it may write is only its tmpfs mounts.
+   (``max_processes``) caps processes and threads. A seccomp filter
+   (:mod:`heal.scoring.seccomp`, x86-64) refuses inet / netlink / packet sockets, ``ptrace``,
+   ``pidfd_*``, ``mknod``, ``unshare`` / ``setns`` / namespace flags of ``clone``, mounts,
+   ``bpf``, ``io_uring``, ``perf_event_open``, ``userfaultfd``, keys, modules and the like.
+   bubblewrap runs with ``--die-with-parent`` and ``--new-session``; when the run ends or times
+   out the sandbox's pid 1 is killed, the kernel then kills every process left in its pid
+   namespace, and :func:`run_python` returns only once that namespace is gone: nothing outlives it.
 
 2. **An audit hook (second layer)**, installed by a small wrapper before the code runs
-   (:func:`sys.addaudithook`, which code cannot remove). It refuses socket creation, process
+   (:func:`sys.addaudithook`, which code cannot remove). It refuses socket creation (but
+   ``AF_UNIX`` socket pairs, which ``asyncio`` needs; connect / bind / sendto are refused), process
    creation (``subprocess``, ``os.system``, ``os.fork``, ``os.exec*``, ``os.kill``, ...),
    ``ctypes``, ``gc`` object walks, raising rlimits, links, ``chdir``, ``sqlite3.connect``, new
    subinterpreters (``cpython.PyInterpreterState_New``), trace / profile functions and access to
    frames through tracebacks (``tb_frame``: ``traceback.format_exc()`` fails; uncaught exceptions
-   still print); imports of
-   ``_posixsubprocess``, ``_xxsubinterpreters`` / ``_interpreters``, ``_ctypes``, ``_cffi_backend``,
-   ``_posixshmem``, ``_sqlite3`` and the test modules, matched on the last dotted component of the
-   module name and on the file name of an extension loaded by path; opening files outside the
-   working directory (reading the standard library and ``/dev/urandom`` stays allowed, reading a
-   directory outside the working directory does not, so ``dir_fd`` cannot point outside it) and
-   path operations (listdir, remove, rename, mkdir ...) outside it. Paths must be exact ``str``
-   / ``bytes`` (``pathlib.Path.open`` / ``read_text`` / ``write_text`` are adapted to pass a
-   ``str``; other path objects are refused, so ``__fspath__`` cannot show the hook one path and
-   the kernel another). ``subprocess`` and ``asyncio`` import (``_posixsubprocess`` is replaced by
-   a stub whose ``fork_exec`` refuses); ``os.mknod`` / ``os.mkfifo`` are removed. The hook is one
-   function whose state is immutable values in its own closure cells, reachable from no frame.
-   On its own it is **not** a security boundary (CPython has too many ways around an audit hook);
-   it narrows what code can try and makes refusals readable (``PermissionError: sandbox: ...``).
+   still print); imports of ``_posixsubprocess``, ``_xxsubinterpreters`` / ``_interpreters``,
+   ``_ctypes``, ``_cffi_backend``, ``_posixshmem``, ``_sqlite3`` and the test modules, matched on
+   the last dotted component of the module name and on the file name of an extension loaded by
+   path, and any native extension from outside the read-only standard library; opening files
+   outside the working directory (reading the standard library and ``/dev/urandom`` stays
+   allowed, opening a directory outside the working directory does not, so no ``dir_fd`` can
+   point outside it) and path operations (listdir, remove, rename, mkdir ...) outside it. Paths
+   must be exact ``str`` / ``bytes`` (``pathlib.Path.open`` / ``read_text`` / ``write_text`` are
+   adapted to pass a ``str``; other path objects are refused, so ``__fspath__`` cannot show the
+   hook one path and the kernel another). ``import subprocess`` / ``import asyncio`` work
+   (``_posixsubprocess`` is a stub whose ``fork_exec`` refuses); ``os.mknod``, ``os.mkfifo``,
+   ``os.pidfd_open``, ``os.setpriority`` and ``signal.pidfd_send_signal`` (no audit events) are
+   removed. The hook is one function whose state is immutable values in its own closure cells,
+   reachable from no frame. On its own it is **not** a security boundary (CPython has too many
+   ways around an audit hook); it narrows what code can try and makes refusals readable
+   (``PermissionError: sandbox: ...``).
 
 Both layers apply ``setrlimit`` before the code runs: CPU seconds, address space (memory), file
-size (stdout/stderr go to files and cannot grow past ``max_output_bytes``), no core files, and a
-wall-clock timeout is enforced by the parent. The environment is replaced by a minimal one.
+size (stdout/stderr go to files and cannot grow past ``max_output_bytes``), no core files; the
+parent enforces the wall-clock limit, counted from the moment the program starts (the wrapper
+says so through a pipe), so a slow sandbox start on a loaded machine does not eat into it (start-up
+itself may take up to ``STARTUP_TIMEOUT_S``). The environment is replaced by a minimal one.
+
+**Pool.** Starting a sandbox (namespaces, mounts, interpreter) costs tens of milliseconds, mostly
+waiting on the kernel, so ``HEAL_SANDBOX_POOL`` (default 4) sandboxes per kind are started ahead
+of their jobs by a daemon thread; each waits for its program and is used for exactly one run,
+then torn down (0: start one per run). ``heal bench sandbox`` measures both.
 
 **No silent weak mode.** ``isolation="auto"`` (the default; or the ``HEAL_SANDBOX_ISOLATION``
 environment variable) uses bubblewrap and raises :class:`SandboxUnavailableError`, naming what is
 missing and how to get it, when the machine cannot provide it. ``isolation="audit-hook-only"``
 opts in to the audit hook alone (plus a private network namespace through ``unshare -rn`` when
 available), with a warning once per process. :func:`isolation_status` reports which layer is
-active (``heal env`` prints it).
+active, what is missing and how to get it.
 
 Outputs are read back truncated to ``max_output_bytes``.
 """
-
 from __future__ import annotations
 
 import atexit
@@ -470,8 +491,15 @@ def _parents(path: str) -> List[str]:
 
 
 def _user_namespace_mode() -> bool:
-    """Kernel isolation through a user namespace (caller not root) rather than a dropped uid (root)."""
-    return os.geteuid() != 0
+    """Kernel isolation through a user namespace (caller not root, or root where only that works:
+    e.g. without CAP_SYS_ADMIN) rather than a per-run dropped uid (root)."""
+    if os.geteuid() != 0:
+        return True
+    _bubblewrap_probe()
+    return bool(_probed_userns)
+
+
+_probed_userns: List[bool] = []  # root only: the trial needed the user-namespace variant
 
 
 def _bubblewrap_argv(bwrap: str, src_dir: str, disk_bytes: int, info_fd: Optional[int], seccomp_fd: Optional[int],
@@ -521,15 +549,23 @@ def _bubblewrap_probe() -> Tuple[bool, str]:
     bwrap = shutil.which("bwrap")
     if bwrap is None:
         return False, "bubblewrap (`bwrap`) is not installed"
-    try:
-        res = _run(_TRIAL, "", isolation="bubblewrap", timeout_s=10.0, memory_mb=None, max_output_bytes=4096,
-                   mode="stdin", fn_name=None, isolate_network=True, disk_mb=1, max_processes=16, pool=0)
-    except OSError as exc:
-        return False, f"bubblewrap could not start: {exc}"
-    if res.ok and res.stdout.strip() == "ok":
-        return True, ""
-    reason = (res.stderr.strip().splitlines() or [f"exit status {res.returncode}"])[-1]
-    return False, f"bubblewrap is installed but a trial sandbox failed: {reason}"
+    reasons = []
+    # root: the per-run uid first (RLIMIT_NPROC holds), else a user namespace
+    for privileged in ((True, False) if os.geteuid() == 0 else (False,)):
+        try:
+            sandbox = _Sandbox(("bubblewrap", privileged, 1, False))
+        except OSError as exc:
+            return False, f"bubblewrap could not start: {exc}"
+        try:
+            res = sandbox.run(_TRIAL, "", _job(10.0, None, 4096, "stdin", None, 16, True, True), 10.0, 4096)
+        finally:
+            sandbox.close()
+        if res.ok and res.stdout.strip() == "ok":
+            if os.geteuid() == 0 and not privileged:
+                _probed_userns.append(True)
+            return True, ""
+        reasons.append((res.stderr.strip().splitlines() or [f"exit status {res.returncode}"])[-1])
+    return False, f"bubblewrap is installed but a trial sandbox failed: {' / '.join(reasons)}"
 
 
 _TRIAL = "import os\nassert os.getuid() != 0 and not os.path.exists('/etc')\nprint('ok')"
@@ -601,17 +637,35 @@ def isolation_status() -> Dict[str, object]:
     else:
         active = "bubblewrap" if usable else None
     binds, hidden, notes = _layout() if usable else ((), (), ())
+    notes = list(notes)
+    uid_mode = None
+    if usable:
+        if _user_namespace_mode():
+            uid_mode = "uid 65534 in a user namespace"
+            if os.geteuid() == 0:
+                notes.append("started by root in a user namespace: the sandbox's uid maps to root outside, which "
+                             "the kernel exempts from RLIMIT_NPROC (max_processes does not hold)")
+        else:
+            uid_mode = "a fresh unprivileged uid per run (no user namespace)"
+    bpf = seccomp_filter()
+    try:
+        pool = _pool_size("bubblewrap")
+    except ValueError as exc:
+        pool = str(exc)
     return {
         "active": active,
         "requested": requested,
         "kernel_isolation": usable,
         "bubblewrap": {"path": bwrap, "version": version, "usable": usable, "why_not": reason or None},
+        "uid": uid_mode,
+        "seccomp": f"{len(bpf) // 8}-instruction filter" if bpf is not None else "none (not x86-64 Linux)",
+        "pool_size": pool,
         "network_namespace": network_namespace_available(),
         "audit_hook": True,
         "interpreter": _interpreter(),
         "read_only_binds": list(binds),
         "hidden": list(hidden),
-        "notes": list(notes),
+        "notes": notes,
         "missing": [] if usable else [reason],
         "how_to_get": "" if usable else INSTALL_HINT,
     }
@@ -842,19 +896,9 @@ def _pool_size(isolation: str) -> int:
     return size
 
 
-def _run(code, stdin, *, isolation, timeout_s, memory_mb, max_output_bytes, mode, fn_name, isolate_network,
-         disk_mb, max_processes, audit_hook=True, pool=None) -> RunResult:
-    # audit_hook=False runs the program under the kernel layer alone (for tests of that layer);
-    # pool: sandboxes started ahead (None: HEAL_SANDBOX_POOL, default DEFAULT_POOL_SIZE; 0: none)
-    kernel = isolation == "bubblewrap"
-    # started by root, the sandbox drops to a uid of its own (see _bubblewrap_argv)
-    privileged = kernel and not _user_namespace_mode()
-    key = (isolation, privileged, int(disk_mb) if kernel else 0, bool(isolate_network) and not kernel)
-    size = _pool_size(isolation) if pool is None else int(pool)
-    sandbox = _pool.take(key, size) if size > 0 else None
-    if sandbox is None:
-        sandbox = _Sandbox(key)
-    job = {
+def _job(timeout_s, memory_mb, max_output_bytes, mode, fn_name, max_processes, kernel, audit_hook) -> dict:
+    """The per-run settings the wrapper reads after its go."""
+    return {
         "cpu_s": int(math.ceil(timeout_s)) + 1,
         # room for the truncation check: one byte more than we keep
         "fsize": int(max_output_bytes) + 1,
@@ -867,6 +911,21 @@ def _run(code, stdin, *, isolation, timeout_s, memory_mb, max_output_bytes, mode
         "fn_name": fn_name,
         "hook": bool(audit_hook),
     }
+
+
+def _run(code, stdin, *, isolation, timeout_s, memory_mb, max_output_bytes, mode, fn_name, isolate_network,
+         disk_mb, max_processes, audit_hook=True, pool=None) -> RunResult:
+    # audit_hook=False runs the program under the kernel layer alone (for tests of that layer);
+    # pool: sandboxes started ahead (None: HEAL_SANDBOX_POOL, default DEFAULT_POOL_SIZE; 0: none)
+    kernel = isolation == "bubblewrap"
+    # started by root, the sandbox drops to a uid of its own (see _bubblewrap_argv)
+    privileged = kernel and not _user_namespace_mode()
+    key = (isolation, privileged, int(disk_mb) if kernel else 0, bool(isolate_network) and not kernel)
+    size = _pool_size(isolation) if pool is None else int(pool)
+    sandbox = _pool.take(key, size) if size > 0 else None
+    if sandbox is None:
+        sandbox = _Sandbox(key)
+    job = _job(timeout_s, memory_mb, max_output_bytes, mode, fn_name, max_processes, kernel, audit_hook)
     try:
         return sandbox.run(code, stdin, job, timeout_s, max_output_bytes)
     finally:

@@ -326,8 +326,13 @@ attempt("disk", lambda: fill("/work"))
 print(json.dumps(out))
 ''', canary, max_processes=16, disk_mb=1)
     out = _json(r)
-    assert out["fork_bomb"].startswith("refused: BlockingIOError"), out["fork_bomb"]
-    assert out["forked"] < 16
+    if os.geteuid() == 0 and sandbox._user_namespace_mode():
+        # root without the per-run uid variant: the kernel exempts the mapped uid (root) from
+        # RLIMIT_NPROC, and isolation_status says so
+        assert any("RLIMIT_NPROC" in n for n in isolation_status()["notes"])
+    else:
+        assert out["fork_bomb"].startswith("refused: BlockingIOError"), out["fork_bomb"]
+        assert out["forked"] < 16
     assert "No space left on device" in out["disk"], out["disk"]
 
 
@@ -570,6 +575,30 @@ def test_pooled_sandboxes_are_fresh_for_every_run(isolation, monkeypatch):
     monkeypatch.setenv(sandbox.POOL_ENV, "many")
     with pytest.raises(ValueError, match="HEAL_SANDBOX_POOL"):
         run_python("print(1)", isolation=isolation)
+
+
+@needs_kernel
+@pytest.mark.skipif(os.geteuid() != 0, reason="the per-run uid variant is for callers that are root")
+def test_root_falls_back_to_the_user_namespace_variant(monkeypatch):
+    real_argv = sandbox._bubblewrap_argv
+
+    def argv(*args):
+        out = real_argv(*args)
+        return out + ["--this-option-does-not-exist"] if args[-1] else out  # the per-run uid variant fails
+
+    monkeypatch.setattr(sandbox, "_bubblewrap_argv", argv)
+    monkeypatch.setattr(sandbox, "_probed_userns", [])
+    sandbox._bubblewrap_probe.cache_clear()
+    try:
+        assert sandbox._bubblewrap_probe() == (True, "")
+        assert sandbox._user_namespace_mode()
+        r = run_python("import os\nprint(os.getuid())", timeout_s=3.0)
+        assert r.ok and r.stdout.strip() == str(sandbox.SANDBOX_UID)
+    finally:
+        sandbox._bubblewrap_probe.cache_clear()
+        monkeypatch.undo()
+        sandbox._pool.close()
+    assert not sandbox._user_namespace_mode()
 
 
 # ------------------------------------------------------------------ no silent weak mode
