@@ -646,3 +646,21 @@ def test_isolation_status_reports_the_layer():
         assert not any("site-packages" in b or "dist-packages" in b for b in binds)
     else:
         assert status["missing"] and status["how_to_get"]
+
+
+def test_bench_sandbox_tiny(tmp_path, capsys):
+    import argparse
+
+    from heal.bench import sandbox as bench
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--runs", "2", "--workers", "1", "--pool", "1", "--out-dir", str(tmp_path)])
+    assert bench.run(args) == 0
+    doc = json.loads((tmp_path / "sandbox-cpu.json").read_text())
+    assert doc["benchmark"] == "sandbox" and all(r["failed"] == 0 for r in doc["rows"])
+    paths = {r["path"] for r in doc["rows"]}
+    assert "process-only" in paths and (("kernel" in paths) == KERNEL)
+    assert (tmp_path / "sandbox-cpu.md").read_text().startswith("# Code sandbox throughput")
+    with pytest.raises(ValueError, match="workers"):
+        bench.run(parser.parse_args(["--workers", "0"]))
