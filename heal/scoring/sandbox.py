@@ -60,7 +60,8 @@ Two layers, the first one enforced by the kernel:
    ``os.pidfd_open``, ``os.setpriority`` and ``signal.pidfd_send_signal`` (no audit events) are
    removed. The hook is one function whose state is immutable values in its own closure cells,
    reachable from no frame. On its own it is **not** a security boundary (CPython has too many
-   ways around an audit hook); it narrows what code can try and makes refusals readable
+   ways around an audit hook: hand-made bytecode through ``code.replace`` or ``marshal``, which
+   the standard library itself uses and so cannot be refused, reads and writes memory); it narrows what code can try and makes refusals readable
    (``PermissionError: sandbox: ...``).
 
 Both layers apply ``setrlimit`` before the code runs: CPU seconds, address space (memory), file
@@ -258,10 +259,11 @@ def _second_layer(cfg):
             return spec
 
     sys.meta_path.insert(0, PathlibPatch)
-    sys.addaudithook(_make_hook(cfg["root"], tuple(cfg["ro_roots"]), frozenset(cfg["ro_files"]), posix.stat))
+    sys.addaudithook(_make_hook(cfg["root"], tuple(cfg["ro_roots"]), tuple(cfg["ro_hidden"]), frozenset(cfg["ro_files"]),
+                                posix.stat))
 
 
-def _make_hook(root, ro_roots, ro_files, stat):
+def _make_hook(root, ro_roots, ro_hidden, ro_files, stat):
     # The hook is ONE function: its state lives in its own closure cells and holds only immutable
     # values and captured builtins, so rebinding a global or builtin does not reach it, and there
     # is no helper function whose __closure__ a frame could hand out. Paths are normalised as
@@ -295,6 +297,9 @@ def _make_hook(root, ro_roots, ro_files, stat):
     PLAIN_ARGS = frozenset({int_, float_, bool_, NoneType_, tuple_, list, dict})
     root_slash = root.rstrip("/") + "/"
     ro_slash = tuple_(r.rstrip("/") + "/" for r in ro_roots)
+    # third-party packages inside the standard library's folder (site-packages): not readable, and
+    # no native code from there
+    hidden_slash = tuple_(r.rstrip("/") + "/" for r in ro_hidden) or ("\0",)
 
     def hook(event, args):
         if event == "open":
@@ -317,7 +322,8 @@ def _make_hook(root, ro_roots, ro_files, stat):
                     raise PermissionError_("sandbox: loading %s is blocked" % filename)
                 # a native extension: only the read-only standard library's own (one written into
                 # the working directory could be anything)
-                if not filename.startswith(ro_slash) or "/../" in filename or "/./" in filename:
+                if not filename.startswith(ro_slash) or filename.startswith(hidden_slash) or "/../" in filename \
+                        or "/./" in filename or "//" in filename:
                     raise PermissionError_("sandbox: loading native code from %s is blocked" % filename)
             elif filename is not None:
                 raise PermissionError_("sandbox: import with a file name of type other than str is blocked")
@@ -369,7 +375,8 @@ def _make_hook(root, ro_roots, ro_files, stat):
             p = "/" + "/".join(parts)
             if p == root or p.startswith(root_slash) or p == "/dev/null":
                 continue
-            if not write and (p in ro_files or p.startswith(ro_slash)):
+            if not write and (p in ro_files or (p.startswith(ro_slash) and not p.startswith(hidden_slash)
+                                                and p + "/" not in hidden_slash)):
                 # reading the standard library is fine; opening a directory outside the working
                 # directory would give a dir_fd to open (or create) things relative to it
                 if event != "open":
@@ -435,6 +442,14 @@ def _stdlib_dir() -> str:
     return os.path.realpath(os.path.dirname(os.__file__))
 
 
+def _hidden_dirs() -> Tuple[str, ...]:
+    """Third-party package folders inside the standard library's folder (a pyenv / python.org
+    build keeps ``site-packages`` there): hidden by kernel isolation, refused by the audit hook."""
+    stdlib = _stdlib_dir()
+    return tuple(os.path.join(stdlib, n) for n in ("site-packages", "dist-packages")
+                 if os.path.isdir(os.path.join(stdlib, n)))
+
+
 # standard extension modules whose libraries stay out of the sandbox (so they cannot load there)
 _EXCLUDED_EXTENSIONS = ("_ctypes", "_sqlite3", "_ssl", "_tkinter", "_curses", "_curses_panel", "readline",
                         "nis", "_dbm", "_gdbm", "_crypt")
@@ -447,11 +462,7 @@ def _layout() -> Tuple[Tuple[str, ...], Tuple[str, ...], Tuple[str, ...]]:
     stdlib = _stdlib_dir()
     notes: List[str] = []
     binds = [py, stdlib]
-    hidden = []
-    for name in ("site-packages", "dist-packages"):
-        d = os.path.join(stdlib, name)
-        if os.path.isdir(d):
-            hidden.append(d)
+    hidden = list(_hidden_dirs())
     # the shared libraries of the interpreter and of the standard extension modules we allow
     dynload = [p for p in glob.glob(os.path.join(stdlib, "lib-dynload", "*.so"))
                if os.path.basename(p).split(".")[0] not in _EXCLUDED_EXTENSIONS]
@@ -730,6 +741,7 @@ class _Sandbox:
             cfg = {
                 "root": root, "src": inside + "/solution.py", "stdin": inside + "/stdin", "job": inside + "/job",
                 "ro_roots": [_stdlib_dir()],  # real paths
+                "ro_hidden": list(_hidden_dirs()),
                 "ro_files": ["/dev/urandom", "/dev/null"],
                 "drop_to": [uid, uid] if privileged else None,
                 "go_fd": go_r, "ready_fd": ready_w,

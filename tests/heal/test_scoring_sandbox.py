@@ -392,6 +392,20 @@ print(pathlib.Path("decoy").read_text())
 import _cffi_backend
 print("imported")
 ''',
+    # ... or any native extension / file of the base interpreter's site-packages (inside its stdlib
+    # folder on pyenv / python.org builds)
+    "site_packages_native": '''
+import importlib.machinery, importlib.util
+spec = importlib.machinery.PathFinder.find_spec("_cffi_backend", ["{stdlib}/site-packages", "/usr/lib/python3/dist-packages"])
+spec = spec or importlib.util.spec_from_file_location("_cffi_backend", "{stdlib}/site-packages/_cffi_backend.so")
+m = importlib.util.module_from_spec(spec)
+print("loaded", m)
+''',
+    "site_packages_listing": '''
+import os
+print(os.listdir("{stdlib}/site-packages"))
+print(open("{stdlib}/site-packages/README.txt").read())
+''',
     # 6. a native extension written into the working directory and imported
     "native_extension_in_workdir": '''
 import importlib.util
