@@ -985,7 +985,9 @@ def run_python(
     ``mode="call"``: call function ``fn_name`` (``Solution().fn_name`` when the code defines a
     class ``Solution``) with the JSON values on the lines of ``stdin`` as arguments; ``stdout``
     is the JSON of the return value.
-    ``timeout_s``: wall-clock limit (the CPU-time limit is its ceiling + 1 s).
+    ``timeout_s``: wall-clock limit of the program, counted from when it starts (sandbox and
+    interpreter start-up are not counted, up to ``STARTUP_TIMEOUT_S``); the CPU-time limit is its
+    ceiling + 1 s.
     ``memory_mb``: address-space limit (None: unlimited). ``max_output_bytes``: the largest
     stdout / stderr kept (a program writing more is stopped by the file-size limit).
     ``isolation``: ``"auto"`` (default, or ``HEAL_SANDBOX_ISOLATION``) / ``"bubblewrap"``: kernel
@@ -995,6 +997,9 @@ def run_python(
     ``RLIMIT_NPROC`` inside the sandbox, threads included (kernel isolation).
     ``isolate_network``: in the audit-hook-only mode, also run in a private network namespace
     when available (kernel isolation always has its own).
+    Each call gets a fresh sandbox; ``HEAL_SANDBOX_POOL`` of them (default 4) are started ahead of
+    their jobs by a background thread. ``RunResult.isolation`` names the layer that ran the code.
+    Thread-safe (verl scores from thread pools).
     """
     if not isinstance(code, str):
         raise TypeError(f"code must be a str, got {type(code).__name__}")
