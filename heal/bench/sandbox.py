@@ -16,7 +16,9 @@ Paths, side by side in one process:
   of :func:`heal.scoring.sandbox.run_python`).
 
 Each cell runs ``--runs`` programs from ``W`` threads at once (``--workers``); runs/s is the wall
-rate, latency the median per run. The machine's 1-minute load average is recorded: other
+rate, latency the median per run. Last, the code checker's own path from one caller:
+:func:`heal.scoring.code.run_tests` on rows of 8 test cases of the ``test case`` program, its
+tests one after another (``parallel_tests=1``) and 4 at once (the default), default isolation. The machine's 1-minute load average is recorded: other
 processes share the cores. Results: ``benchmarks/results/sandbox-cpu.{json,md,png}``.
 """
 
@@ -41,6 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs", type=int, default=40, help="programs per cell (default 40)")
     parser.add_argument("--workers", default="1,2,4", help="concurrent callers (threads), comma-separated (default 1,2,4)")
     parser.add_argument("--pool", type=int, default=4, help="sandboxes started ahead for the 'kernel + pool' path (default 4)")
+    parser.add_argument("--checker-rows", type=int, default=5,
+                        help="rows of 8 tests for the run_tests measurement (default 5; 0 skips it)")
     parser.add_argument("--timeout-s", type=float, default=5.0, help="wall-clock limit per program (default 5)")
     parser.add_argument("--out-dir", default=None, help="results folder (default benchmarks/results)")
     parser.add_argument("--no-write", action="store_true", help="print the table only, write no files")
@@ -77,8 +81,8 @@ def run(args) -> int:
         raise ValueError(f"--workers must be comma-separated integers, got {args.workers!r}") from None
     if not workers or min(workers) < 1:
         raise ValueError(f"--workers must be integers >= 1, got {args.workers!r}")
-    if args.runs < 1 or args.pool < 1 or not args.timeout_s > 0:
-        raise ValueError("need --runs >= 1, --pool >= 1 and --timeout-s > 0")
+    if args.runs < 1 or args.pool < 1 or args.checker_rows < 0 or not args.timeout_s > 0:
+        raise ValueError("need --runs >= 1, --pool >= 1, --checker-rows >= 0 and --timeout-s > 0")
 
     status = sandbox.isolation_status()
     paths = [("process-only", "audit-hook-only", 0)]
@@ -116,6 +120,27 @@ def run(args) -> int:
                 "median_ms": statistics.median(lat) * 1e3, "p90_ms": lat[int(0.9 * (len(lat) - 1))] * 1e3,
                 "failed": sum(not ok for _, ok in results), "load_1min": os.getloadavg()[0],
             })
+    # the checker's path: rows of 8 tests, one caller
+    from heal.scoring.code import CodeCheckConfig, run_tests
+
+    inputs, outputs = [], []
+    for seed in range(8):
+        i, o = _test_case(seed)
+        inputs.append(i)
+        outputs.append(o)
+    gt = {"inputs": inputs, "outputs": outputs}
+    rows_checker = []
+    n_rows = args.checker_rows
+    if status["kernel_isolation"] and n_rows > 0:
+        for parallel in (1, 4):
+            cfg = CodeCheckConfig(timeout_s=args.timeout_s, parallel_tests=parallel)
+            run_tests(TEST_CASE, gt, cfg)  # warm-up
+            t0 = time.perf_counter()
+            ok = [all(run_tests(TEST_CASE, gt, cfg)) for _ in range(n_rows)]
+            wall = time.perf_counter() - t0
+            rows_checker.append({"path": f"run_tests, parallel_tests={parallel}", "rows": n_rows, "tests_per_s": 8 * n_rows / wall,
+                                 "row_ms": wall / n_rows * 1e3, "failed_rows": ok.count(False),
+                                 "load_1min": os.getloadavg()[0]})
     sandbox._pool.close()
     load_after = os.getloadavg()[0]
 
@@ -164,6 +189,14 @@ def run(args) -> int:
             f"Target >= 30 trivial runs/s on this machine: best kernel-isolated rate {best_kernel:.1f} runs/s "
             f"({'met' if best_kernel >= 30 else 'NOT met'}); with {min(workers)} caller: {best_kernel_1:.1f} runs/s.",
         ]
+    if rows_checker:
+        lines += [
+            "",
+            "The code checker from one caller (kernel isolation, default pool): rows of 8 test cases of the "
+            "`test case` program.",
+            "",
+            harness.markdown_table(rows_checker, ["path", "rows", "tests_per_s", "row_ms", "failed_rows", "load_1min"]),
+        ]
     md = "\n".join(lines)
     print(md)
     if not args.no_write:
@@ -172,6 +205,7 @@ def run(args) -> int:
             "isolation_status": {k: status[k] for k in ("active", "kernel_isolation", "bubblewrap", "read_only_binds")},
             "rows": rows,
             "overhead": summary,
+            "checker": rows_checker,
             "best_kernel_trivial_runs_per_s": best_kernel,
             "load_average_1min": [load_before, load_after],
             "logical_cpus": ncpu,

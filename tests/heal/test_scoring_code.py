@@ -254,3 +254,16 @@ def test_concurrent_checks_from_threads():
     with ThreadPoolExecutor(4) as pool:
         scores = list(pool.map(lambda _: check_code(good, ADD, config=FAST), range(4)))
     assert scores == [1.0] * 4
+
+
+def test_parallel_tests_give_the_sequential_results():
+    gt = json.dumps({"inputs": [f"{i}\n" for i in range(6)], "outputs": ["0\n", "1\n", "2\n", "9\n", "4\n", "9\n"]})
+    code = "print(int(input()))"
+    for score in ("all", "fraction"):
+        seq = run_tests(code, gt, CodeCheckConfig(**{**FAST.__dict__, "score": score, "parallel_tests": 1}))
+        par = run_tests(code, gt, CodeCheckConfig(**{**FAST.__dict__, "score": score, "parallel_tests": 4}))
+        assert seq == par, score
+    assert seq == [True, True, True, False, True, False]  # fraction: every test
+    assert run_tests(code, gt, CodeCheckConfig(**{**FAST.__dict__, "parallel_tests": 4})) == [True, True, True, False]
+    with pytest.raises(ValueError, match="parallel_tests"):
+        CodeCheckConfig(parallel_tests=0).validate()

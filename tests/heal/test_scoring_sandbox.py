@@ -686,10 +686,11 @@ def test_bench_sandbox_tiny(tmp_path, capsys):
 
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
-    args = parser.parse_args(["--runs", "2", "--workers", "1", "--pool", "1", "--out-dir", str(tmp_path)])
+    args = parser.parse_args(["--runs", "2", "--workers", "1", "--pool", "1", "--checker-rows", "1", "--out-dir", str(tmp_path)])
     assert bench.run(args) == 0
     doc = json.loads((tmp_path / "sandbox-cpu.json").read_text())
     assert doc["benchmark"] == "sandbox" and all(r["failed"] == 0 for r in doc["rows"])
+    assert all(r["failed_rows"] == 0 for r in doc["checker"]) and len(doc["checker"]) == (2 if KERNEL else 0)
     paths = {r["path"] for r in doc["rows"]}
     assert "process-only" in paths and (("kernel" in paths) == KERNEL)
     assert (tmp_path / "sandbox-cpu.md").read_text().startswith("# Code sandbox throughput")
