@@ -7,6 +7,7 @@ hook as a second layer; time, memory, output, disk and process limits; no networ
 the interpreter's standard library, read-only). Where the machine has no kernel isolation, scoring
 raises :class:`heal.scoring.sandbox.SandboxUnavailableError` unless ``isolation="audit-hook-only"``
 is chosen explicitly (``CodeCheckConfig.isolation`` or ``HEAL_SANDBOX_ISOLATION``).
+A row's tests run ``CodeCheckConfig.parallel_tests`` (default 4) at a time.
 
 Test cases (``ground_truth``: a dict or its JSON string), as :mod:`heal.data.convert` writes them:
 
