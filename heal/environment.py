@@ -29,6 +29,9 @@ SWITCHES = {
     "HEAL_KERNELS_NO_BUILD": "1: never build the C++ extensions (the pure-torch CPU path runs)",
     "HEAL_KERNELS_VERBOSE_BUILD": "1: print the C++ compiler's output while building",
     "HEAL_FUSED_ENTROPY": "1: verl's entropy / log-prob functions replaced by heal's fused op",
+    "HEAL_SANDBOX_ISOLATION": "auto|bubblewrap|audit-hook-only: the code sandbox's layer (default auto: "
+                              "kernel isolation, refuse without it)",
+    "HEAL_SANDBOX_POOL": "code sandboxes started ahead of their jobs (default 4; 0: none)",
     "TRITON_INTERPRET": "1: Triton kernels run in the interpreter (CPU tensors; tests)",
     "TORCH_EXTENSIONS_DIR": "where the C++ extensions are built and cached",
     "CXX": "the C++ compiler used to build the extensions (default c++)",
