@@ -481,6 +481,24 @@ signal.pidfd_send_signal(os.pidfd_open({pid}), signal.SIGKILL)
 import os
 os.setpriority(os.PRIO_PROCESS, {pid}, 19)
 ''',
+    # 10. a host Unix socket (a network namespace does not cover filesystem sockets), abstract ones, TCP
+    "unix_socket": '''
+import socket
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect("{unix}")
+print("connected")
+''',
+    "unix_abstract": '''
+import socket
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect("\\0{abstract}")
+print("connected")
+''',
+    "tcp": '''
+import socket
+socket.create_connection(("127.0.0.1", {port}), timeout=0.5)
+print("connected")
+''',
     # 10. process creation of any kind
     "fork": '''
 import os
@@ -510,7 +528,7 @@ def test_audit_hook_refuses_each_known_escape(canary, isolation, name):
     r = run_python(_fill(HOOK_ATTEMPTS[name], c), timeout_s=2.0, memory_mb=256, isolation=isolation)
     assert r.returncode not in (0, None), (name, r.stdout, r.stderr[-1500:])
     assert canary["token"] not in r.stdout + r.stderr
-    assert "loaded" not in r.stdout and "created" not in r.stdout and "imported" not in r.stdout
+    assert not any(w in r.stdout for w in ("loaded", "created", "imported", "connected"))
     # refused by the hook (or the attribute it would use removed), not by an accident of the test
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("PermissionError: sandbox:") or (
