@@ -15,7 +15,10 @@ post-import hooks (:mod:`heal.integrations.verl._hooks`), that
 * when ``verl.trainer.ppo.v1.trainer_sync`` is imported, the trainer mode ``heal_sync`` is registered
   in ``verl.trainer.ppo.v1.trainer_base.TRAINER_REGISTRY``;
 * when ``verl.workers.utils.losses`` is imported, its ``ppo_loss`` is wrapped so that heal's entropy
-  losses see the update pass's entropy (a pass-through for every other loss mode);
+  losses see the update pass's entropy (detached) and, with ``actor.entropy_coeff == 0``, verl's
+  ``0 * entropy_loss`` term is skipped (:mod:`heal.integrations.verl.entropy_graph`);
+* when ``verl.workers.engine.fsdp.transformer_impl`` is imported, the FSDP engine computes that
+  entropy under ``no_grad`` when ``entropy_coeff == 0`` (no entropy graph is built);
 * if ``HEAL_FUSED_ENTROPY=1`` is set in the process environment, verl's entropy/log-prob functions
   are routed to heal's fused op (:mod:`heal.integrations.verl.fused_entropy`).
 
@@ -58,6 +61,12 @@ def _on_losses(module) -> None:
     install_ppo_loss_wrapper(module)
 
 
+def _on_fsdp_engine(module) -> None:
+    from heal.integrations.verl.entropy_graph import install_no_grad_entropy
+
+    install_no_grad_entropy(module)
+
+
 def install() -> None:
     """Arrange the registrations listed in the module docstring (idempotent, cheap)."""
     global _installed
@@ -67,6 +76,7 @@ def install() -> None:
     when_imported("verl.trainer.ppo.core_algos", _on_core_algos)
     when_imported("verl.trainer.ppo.v1.trainer_sync", _on_trainer_sync)
     when_imported("verl.workers.utils.losses", _on_losses)
+    when_imported("verl.workers.engine.fsdp.transformer_impl", _on_fsdp_engine)
     try:
         from heal.integrations.verl.fused_entropy import env_requests_fused_entropy, use_fused_entropy
 
