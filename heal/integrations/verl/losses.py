@@ -9,11 +9,14 @@ Registered in ``verl.trainer.ppo.core_algos.POLICY_LOSS_REGISTRY`` by heal's ver
         M_t = [H_t >= H_(k)],  k = ceil(rho * N_valid)   (H_(k): the k-th largest valid entropy)
         L   = -(1 / N_HE) * sum_t M_t * min(r_t A_t, clip(r_t) A_t)
 
-    The top-``rho`` set is taken over the tokens of one loss call (a verl micro-batch; the
-    original implementation selects per micro-batch too). Ties at the threshold are all kept.
+    Where the top-``rho`` set is taken is ``policy_loss.high_entropy_scope``: ``batch`` (the paper's
+    rule) uses the mask the ``heal_sync`` driver computed over the whole batch and shipped through
+    the TransferQueue (``heal.high_entropy_scope: batch``, the default there); ``micro_batch`` (the
+    default of the loss on its own, e.g. under verl's plain trainer; the 80/20 authors' code) takes it
+    over the tokens of one loss call. Ties at the threshold are all kept.
     With ``loss_agg_mode=token-mean`` and verl's global token count (``batch_num_tokens``) the
-    normaliser is that global count times this call's selected fraction, which is the global
-    ``N_HE`` when every micro-batch selects the same fraction. Other aggregation modes apply
+    normaliser is the batch's ``N_HE`` shipped with the mask (``batch``), or that global count times
+    this call's selected fraction (``micro_batch``). Other aggregation modes apply
     verl's ``agg_loss`` to the masked loss. ``rho`` = ``policy_loss.high_entropy_ratio``
     (default 0.2).
 
@@ -31,7 +34,9 @@ loss_agg_mode, config, rollout_is_weights) -> (loss, metrics)`` plus an optional
 ``entropy`` (``[B, T]``, the current policy's token entropy). verl's ``ppo_loss`` does not pass
 entropy to policy losses; heal's plugin wraps ``verl.workers.utils.losses.ppo_loss`` (transparently:
 it only publishes ``model_output["entropy"]``, padded like ``log_prob``, for the duration of the
-call, and only when one of these two modes is selected), and the loss reads it from there. verl
+call, and only when one of these two modes is selected), and the loss reads it from there; with
+``entropy_coeff == 0`` the entropy reaches the loss detached and verl's ``0 * entropy_loss`` term is
+skipped, so no entropy graph is kept (:mod:`heal.integrations.verl.entropy_graph`). verl
 computes that entropy in the update pass only when asked: set
 ``actor_rollout_ref.actor.calculate_entropy=true`` (the recipes do). Without it these losses raise
 a ``RuntimeError`` that says so.

@@ -24,12 +24,25 @@ Select it with ``trainer.v1.trainer_mode=heal_sync`` (verl's default ``trainer.u
    ``data_source``, ``uid``, ``entropy`` (the valid response tokens), ``acc`` (accuracy score),
    ``eda_reward``, ``s_target``, ``s_general`` -- the input of ``heal plot heatmap|dynamics``.
 
+5. Multi-turn conversations: verl stores every output of a conversation (keys ``{uid}_{session}_{index}``)
+   and its GRPO scores only the final one; heal likewise compares and rewards final outputs only
+   (:func:`final_output_rows`); earlier outputs keep their scores and get ``eda_reward = 0``.
+6. ``heal.entropy_temperature: 1.0`` with a rollout temperature other than 1: after the old-log-prob
+   pass the actor runs one more forward pass at T=1 (no loss, no update) whose entropies go to
+   ``heal_eda_entropy``; the EDA uses them, the update keeps the rollout-temperature ``entropy``.
+   ``heal/entropy_temperature`` is logged and the rollout dump records it.
+7. ``heal.high_entropy_scope: batch`` with policy loss ``high_entropy_tokens`` (also with
+   ``heal.enable: false``): the top-``rho`` entropy tokens of the whole batch (old-log-prob entropies)
+   are shipped per token through the TransferQueue (``heal_high_entropy_mask`` and the batch's count
+   ``heal_high_entropy_total``), which the loss uses; start-up refuses an off-policy update.
+
 The trainer reports its ``trainer_mode`` as ``"sync"`` to verl's base class, so every code path verl
 reserves for the sync trainer (replay buffer, checkpointing, prompt submission) stays the same.
 
 The ``heal:`` block is validated when the trainer is built (:class:`HealSettings`), before any
 worker starts. ``heal.fused_entropy: true`` makes every actor worker use heal's fused
-entropy/log-prob op (:mod:`heal.integrations.verl.fused_entropy`).
+entropy/log-prob op (:mod:`heal.integrations.verl.fused_entropy`); where the configured engine or
+path cannot use it, start-up logs that once, naming it.
 """
 
 from __future__ import annotations
