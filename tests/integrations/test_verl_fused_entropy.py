@@ -166,3 +166,27 @@ def test_uncovered_path_notice_is_logged_once_at_heal_sync_startup(caplog):
         HealPPOTrainerSync(cfg)
     hits = [r for r in caplog.records if "use_fused_kernels=true" in r.getMessage()]
     assert len(hits) == 1
+
+
+def test_env_switch_notice_from_verls_own_trainer(caplog, monkeypatch):
+    """HEAL_FUSED_ENTROPY=1 with verl's plain sync trainer (the recipes' other runs): the notice comes
+    from the trainer's construction too."""
+    from hydra import compose, initialize_config_dir
+
+    from heal.integrations.verl.config_dir import config_dir
+    from verl.trainer.ppo.v1 import get_trainer_cls
+
+    monkeypatch.setenv(fused.ENV_VAR, "1")
+    with initialize_config_dir(config_dir=config_dir(), version_base=None):
+        cfg = compose(config_name="paper_kl_cov", overrides=[
+            "actor_rollout_ref.model.use_fused_kernels=true", "data.train_files=[/x.parquet]", "data.val_files=[/y.parquet]"])
+    fused._noticed.clear()
+    with caplog.at_level("WARNING", logger="heal.integrations.verl.fused_entropy"):
+        get_trainer_cls("sync")(cfg)
+    assert any("use_fused_kernels=true" in r.getMessage() for r in caplog.records)
+    monkeypatch.setenv(fused.ENV_VAR, "0")
+    fused._noticed.clear()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="heal.integrations.verl.fused_entropy"):
+        get_trainer_cls("sync")(cfg)
+    assert not caplog.records
