@@ -672,3 +672,33 @@ def test_entropy_temperature_rollout_is_the_default_and_costs_nothing(trainer_co
     trainer._compute_advantage(trainer._compute_old_log_prob(batch, metrics), metrics)
     assert [c["temperature"] for c in trainer.actor_rollout_wg.calls] == [0.7]
     assert metrics["heal/entropy_temperature"] == 0.7
+
+
+def test_batch_scope_startup_checks_name_the_keys(trainer_config):
+    from omegaconf import OmegaConf, open_dict
+
+    from heal.integrations.verl.settings import check_on_policy
+
+    cfg = OmegaConf.create(OmegaConf.to_container(trainer_config))
+    with open_dict(cfg):
+        for k, v in HIGH_ENTROPY_OVERRIDES.items():
+            OmegaConf.update(cfg, k, v, force_add=True)
+        cfg.heal.enable = False
+    s = HealSettings.from_config(cfg)
+    assert s.batch_high_entropy_mask(cfg)
+    check_on_policy(cfg)  # batch 4 = mini-batch 4, one epoch
+    bad = OmegaConf.create(OmegaConf.to_container(cfg))
+    with open_dict(bad):
+        bad.algorithm.rollout_correction = {"bypass_mode": True}
+    with pytest.raises(ValueError, match=r"bypass_mode.*high_entropy_scope"):
+        HealSettings.from_config(bad)
+    bad = OmegaConf.create(OmegaConf.to_container(cfg))
+    bad.actor_rollout_ref.actor.ppo_mini_batch_size = 2
+    bad.actor_rollout_ref.actor.ppo_epochs = 3
+    with pytest.raises(ValueError, match=r"ppo_mini_batch_size=2 < data\.train_batch_size=4 and .*ppo_epochs=3 > 1"):
+        HealSettings.from_config(bad)
+    bad.heal.high_entropy_scope = "micro_batch"
+    assert not HealSettings.from_config(bad).batch_high_entropy_mask(bad)
+    bad.actor_rollout_ref.actor.policy_loss.loss_mode = "vanilla"  # other losses: the key does nothing
+    bad.heal.high_entropy_scope = "batch"
+    assert not HealSettings.from_config(bad).batch_high_entropy_mask(bad)
