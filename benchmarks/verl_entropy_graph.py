@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     ax.set_xticks(list(x), labels, fontsize=7)
     ax.set_ylabel("kept for backward / fp32 logits")
     ax.set_title("verl update pass, entropy_coeff = 0 (CPU)")
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.savefig(args.out + ".png", dpi=120, bbox_inches="tight")
     print(f"wrote {args.out}.json/.md/.png")
     return 0
