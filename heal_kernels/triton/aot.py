@@ -59,6 +59,7 @@ class Variant:
     kwargs: dict  # constexprs, num_warps, num_stages, enable_fp_fusion
     elements_per_thread_per_iteration: float  # elements (or aligned pair positions) per thread per hot-loop trip
     family: str = ""  # entropy_fwd / entropy_bwd / pairwise
+    archs: tuple = ARCHS  # the SM versions whose launches use this variant
     bytes_per_element: float = 0.0  # HBM bytes per element (entropy; 0 for pairwise)
     meta: dict = field(default_factory=dict)
 
@@ -152,29 +153,37 @@ def _pairwise_variants() -> Iterator[Variant]:
     st = pw.seq_stats(values, cu.to(torch.int64))
     pids = torch.arange(EDA_BATCH, dtype=torch.int64) // 8
     cuda = torch.device("cuda")
-    for short_first in (False, True):
-        direction = "short_first" if short_first else "scored_first"
-        kernel, _, args, kwargs, _ = tri.launch_spec(st, short_first, True, device=cuda)
-        yield _pairwise_variant(f"pairwise_full_fp32_{direction}", kernel, args, kwargs, "full", lens)
-        for exclude_self in (True, False):
-            for with_pids in (False, True):
-                kernel, _, args, kwargs, _ = tri.launch_spec(
-                    st, short_first, False, groups, 2, exclude_self, pids if with_pids else None, device=cuda
-                )
-                tag = ("exself" if exclude_self else "inself") + ("_pid" if with_pids else "")
-                yield _pairwise_variant(f"pairwise_grouped_fp32_{direction}_{tag}", kernel, args, kwargs, "grouped",
-                                        lens)
-    # batches of 2^22 values or more keep the index rule's min(., m - 1) (the EDA default path)
-    saved = tri.CLAMP_FREE_TOTAL
-    tri.CLAMP_FREE_TOTAL = 0
-    try:
-        kernel, _, args, kwargs, _ = tri.launch_spec(st, False, False, groups, 2, True, None, device=cuda)
-    finally:
-        tri.CLAMP_FREE_TOTAL = saved
-    yield _pairwise_variant("pairwise_grouped_fp32_scored_first_exself_clamp", kernel, args, kwargs, "grouped", lens)
+    # one set of variants per tile configuration, each for the archs that launch it
+    configs = {}
+    for arch in ARCHS:
+        configs.setdefault(tuple(sorted(tri.tiles_for_arch(arch).items())), []).append(arch)
+    for archs in configs.values():
+        arch = archs[0]
+        for short_first in (False, True):
+            direction = "short_first" if short_first else "scored_first"
+            kernel, _, args, kwargs, _ = tri.launch_spec(st, short_first, True, device=cuda, arch=arch)
+            yield _pairwise_variant(f"pairwise_full_fp32_{direction}", kernel, args, kwargs, "full", lens, archs)
+            for exclude_self in (True, False):
+                for with_pids in (False, True):
+                    kernel, _, args, kwargs, _ = tri.launch_spec(
+                        st, short_first, False, groups, 2, exclude_self, pids if with_pids else None, device=cuda,
+                        arch=arch,
+                    )
+                    tag = ("exself" if exclude_self else "inself") + ("_pid" if with_pids else "")
+                    yield _pairwise_variant(f"pairwise_grouped_fp32_{direction}_{tag}", kernel, args, kwargs,
+                                            "grouped", lens, archs)
+        # batches of 2^22 values or more keep the index rule's min(., m - 1) (the EDA default path)
+        saved = tri.CLAMP_FREE_TOTAL
+        tri.CLAMP_FREE_TOTAL = 0
+        try:
+            kernel, _, args, kwargs, _ = tri.launch_spec(st, False, False, groups, 2, True, None, device=cuda, arch=arch)
+        finally:
+            tri.CLAMP_FREE_TOTAL = saved
+        yield _pairwise_variant("pairwise_grouped_fp32_scored_first_exself_clamp", kernel, args, kwargs, "grouped",
+                                lens, archs)
 
 
-def _pairwise_variant(name, kernel, args, kwargs, mode, lens) -> Variant:
+def _pairwise_variant(name, kernel, args, kwargs, mode, lens, archs) -> Variant:
     from heal_kernels.triton import pairwise as tri
 
     per_iter = tri.positions_per_iteration(kwargs)
@@ -185,6 +194,7 @@ def _pairwise_variant(name, kernel, args, kwargs, mode, lens) -> Variant:
         kwargs=kwargs,
         elements_per_thread_per_iteration=per_iter / _threads(kwargs),
         family="pairwise",
+        archs=tuple(archs),
         meta=dict(mode=mode, lengths=lens.tolist()),
     )
 
@@ -383,7 +393,7 @@ def accepted_archs(archs=ARCHS) -> List[int]:
     for arch in archs:
         try:
             backend = make_backend(GPUTarget("cuda", arch, 32))
-            backend.parse_options({})
+            backend.parse_options({"enable_fp_fusion": True})
         except Exception:  # noqa: BLE001
             continue
         ok.append(arch)
@@ -408,7 +418,7 @@ def compile_all(archs=ARCHS, jobs: int = 1, only: Optional[str] = None, progress
     """:func:`analyse` every variant (whose name contains ``only``) for every accepted arch."""
     vs = variants_cached()
     archs = accepted_archs(archs)
-    todo = [(i, a) for a in archs for i, v in enumerate(vs) if only is None or only in v.name]
+    todo = [(i, a) for a in archs for i, v in enumerate(vs) if (only is None or only in v.name) and a in v.archs]
     if jobs > 1:
         import multiprocessing as mp
 

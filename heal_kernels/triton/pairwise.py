@@ -19,8 +19,8 @@ and ``BLOCK_T`` aligned positions on its second, so a column block is read once 
 ``ROWS`` rows (the other rows' reads hit L1): ``ROWS`` times less L2 traffic than a program per
 row. Positions every pair of the tile has run unmasked; only the last, ragged positions are
 masked. Offsets are int32 (the launcher checks the total length), ``x`` and ``e`` are interleaved so
-one 8-byte load serves both, ``P = L`` and ``P = S'`` each keep their own accumulator (no select per
-element), and the stretch scale ``m / n`` is divided with correct rounding (``div_rn``): Triton's
+one 8-byte load serves both, one accumulator takes ``e_P (L - S')`` (a select picks ``e_P``; one
+reduction per pair), and the stretch scale ``m / n`` is divided with correct rounding (``div_rn``): Triton's
 default ``div.full.f32`` is off by up to 2 ulp, which moves nearest-neighbour indices.
 
 FP contraction is on (``enable_fp_fusion=True`` at launch): the accumulations ``acc + w * d`` are
@@ -43,25 +43,24 @@ MAX_TOTAL = 2**31 - 2**16  # int32 offsets (positions + padding) stay below 2^31
 
 
 @triton.jit
-def _pair_step(s_ptrs, l_ptrs, zs, acc_l, acc_s, MASKED: tl.constexpr, valid):
+def _pair_step(xe_ptr, s_idx, l_idx, w_long, zs, acc, MASKED: tl.constexpr, valid):
     """One ``[P, T]`` block of aligned positions: gathers ``(x, e)`` of both sides (one 8-byte load
-    each) and accumulates ``Z_S'``, ``sum e_L (L - S')`` and ``sum e_S' (L - S')``."""
+    each) and accumulates ``Z_S'`` and ``sum e_P (L - S')`` (``e_P`` = ``e_L`` where ``w_long``, else
+    ``e_S'``)."""
     if MASKED:
-        vs = tl.load(s_ptrs, mask=valid, other=0)
-        vl = tl.load(l_ptrs, mask=valid, other=0)
+        vs = tl.load(xe_ptr + s_idx, mask=valid, other=0)
+        vl = tl.load(xe_ptr + l_idx, mask=valid, other=0)
     else:
-        vs = tl.load(s_ptrs)
-        vl = tl.load(l_ptrs)
+        vs = tl.load(xe_ptr + s_idx)
+        vl = tl.load(xe_ptr + l_idx)
     # low 32 bits: x, high 32 bits: e (bit casts of the two halves; no arithmetic)
     xs = vs.to(tl.int32).to(tl.float32, bitcast=True)
     es = (vs >> 32).to(tl.int32).to(tl.float32, bitcast=True)
     xl = vl.to(tl.int32).to(tl.float32, bitcast=True)
     el = (vl >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-    d = xl - xs
     zs += es
-    acc_l += el * d  # FMA
-    acc_s += es * d  # FMA
-    return zs, acc_l, acc_s
+    acc += tl.where(w_long, el, es) * (xl - xs)  # select + FMA
+    return zs, acc
 
 
 @triton.jit
@@ -101,10 +100,6 @@ def _kl_rows_kernel(
     i = tl.load(order_ptr + tl.where(rmask, rpos, 0))
     m_i = tl.where(rmask, tl.load(lens_ptr + i), 0)
     start_i = tl.load(starts_ptr + i)
-    mx_i = tl.load(mx_ptr + i)
-    z_i = tl.load(zsum_ptr + i)
-    if HAS_PID:
-        pid_i = tl.load(pid_ptr + i)
     offs_t = tl.arange(0, BLOCK_T)
     offs_g = tl.arange(0, BLOCK_G)
     running = tl.full([ROWS, BLOCK_G], float("-inf"), tl.float32)
@@ -113,8 +108,6 @@ def _kl_rows_kernel(
         j = tl.load(order_ptr + j0 + j_of, mask=jmask, other=0)
         m_j = tl.where(jmask, tl.load(lens_ptr + j), 0)
         start_j = tl.load(starts_ptr + j)
-        mx_j = tl.load(mx_ptr + j)
-        z_j = tl.load(zsum_ptr + j)
         ok = (m_i > 0) & (m_j > 0)
         # P = the side whose softmax weights the KL; L = the longer side (P on ties)
         if SHORT_FIRST:
@@ -135,12 +128,9 @@ def _kl_rows_kernel(
         n_max = tl.max(nl, axis=0)
         n_min = tl.min(tl.where(ok, nl, n_max), axis=0)
         n_full = (n_min // BLOCK_T) * BLOCK_T  # positions every live pair of the tile has
-        # per-pair base pointers: the loop adds only the position (one 64-bit address op per load)
-        base_s = xe_ptr + start_s
-        base_l = xe_ptr + start_l
         zs = tl.zeros([P, BLOCK_T], tl.float32)
-        acc_l = tl.zeros([P, BLOCK_T], tl.float32)
-        acc_s = tl.zeros([P, BLOCK_T], tl.float32)
+        acc = tl.zeros([P, BLOCK_T], tl.float32)
+        w_long = case_long[:, None]
         tf0 = offs_t.to(tl.float32)
         for t0 in range(0, n_full, BLOCK_T):
             t = t0 + offs_t
@@ -148,18 +138,24 @@ def _kl_rows_kernel(
             src = (tf[None, :] * scale[:, None]).to(tl.int32)  # trunc = floor (>= 0)
             if CLAMP_SRC:  # the rule's min(., m - 1): a no-op while every length is below 2^22 (see _prepare)
                 src = tl.minimum(src, ms_c[:, None] - 1)
-            zs, acc_l, acc_s = _pair_step(base_s[:, None] + src, base_l[:, None] + t[None, :], zs, acc_l, acc_s,
-                                          False, None)
+            zs, acc = _pair_step(xe_ptr, start_s[:, None] + src, start_l[:, None] + t[None, :], w_long, zs, acc,
+                                 False, None)
         for t0 in range(n_full, n_max, BLOCK_T):  # the ragged end: at most a few blocks
             t = t0 + offs_t
             tf = tf0 + t0
             valid = t[None, :] < nl[:, None]
             src = tl.minimum((tf[None, :] * scale[:, None]).to(tl.int32), ms_c[:, None] - 1)
-            zs, acc_l, acc_s = _pair_step(base_s[:, None] + src, base_l[:, None] + t[None, :], zs, acc_l, acc_s,
-                                          True, valid)
+            zs, acc = _pair_step(xe_ptr, start_s[:, None] + src, start_l[:, None] + t[None, :], w_long, zs, acc,
+                                 True, valid)
+        # the rest is per pair, once per tile: per-sequence values are (re)loaded here (L1 hits) so
+        # that they hold no registers during the loops
+        mx_i = tl.load(mx_ptr + i)
+        z_i = tl.load(zsum_ptr + i)
+        mx_j = tl.load(mx_ptr + j)
+        z_j = tl.load(zsum_ptr + j)
         # P = L: KL = sum e_L (L - S') / Z_L + (M_S - M_L) + log Z_S' - log Z_L
         # P = S': KL = -sum e_S' (L - S') / Z_S' + (M_L - M_S) + log Z_L - log Z_S'
-        a = tl.where(case_long, tl.sum(acc_l, axis=1), -tl.sum(acc_s, axis=1))
+        a = tl.where(case_long, 1.0, -1.0) * tl.sum(acc, axis=1)
         z_s = tl.where(ms == nl, tl.where(l_is_row, z_j, z_i), tl.sum(zs, axis=1))  # not stretched: Z_S itself
         z_l = tl.where(l_is_row, z_i, z_j)
         z_s = tl.where(ok, z_s, 1.0)
@@ -179,8 +175,7 @@ def _kl_rows_kernel(
             if EXCLUDE_SELF:
                 elig = elig & (j != i)
             if HAS_PID:
-                pid_j = tl.load(pid_ptr + j)
-                elig = elig & (pid_j != pid_i)
+                elig = elig & (tl.load(pid_ptr + j) != tl.load(pid_ptr + i))
             g = tl.load(groups_ptr + j)
             vals = tl.where(elig, sim, float("-inf"))
             hit = g[:, None] == offs_g[None, :]
@@ -193,16 +188,31 @@ def _kl_rows_kernel(
         tl.store(ptrs, running, mask=(rpos_r[:, None] >= 0) & (offs_g[None, :] < G))
 
 
-TILES = dict(ROWS=4, SPLIT=4, BLOCK_J=8, BLOCK_T=32, num_warps=8)  # CUDA
+TILES = dict(ROWS=4, SPLIT=4, BLOCK_J=8, BLOCK_T=32, num_warps=8)  # CUDA sm_80 / sm_90
+# sm_100: 4 columns per tile (2 pairs per thread): the 8-column tile needs a few registers more than
+# the 128 ptxas grants 256-thread blocks there and spills (8-16 B with Triton 3.7)
+TILES_SM100 = dict(ROWS=4, SPLIT=4, BLOCK_J=4, BLOCK_T=32, num_warps=8)
 TILES_INTERPRETED = dict(ROWS=2, SPLIT=2, BLOCK_J=4, BLOCK_T=8, num_warps=1)  # small: quick, still every path
 # min(floor(t * f32(m / n)), m - 1) needs no min while n < 2^22: t <= n - 1 and f32(m / n) <= (m / n)(1 + 2^-24)
 # keep the rounded product below m - m / n + m 2^-23 < m. The total length bounds every length (no sync).
 CLAMP_FREE_TOTAL = 2**22
 
 
-def _blocks(device: torch.device, num_groups: int = 1):
-    """Tile sizes and warps for ``device`` (the interpreter on CPU tensors), plus ``BLOCK_G``."""
-    cfg = dict(TILES if device.type == "cuda" else TILES_INTERPRETED)
+def tiles_for_arch(arch: int) -> dict:
+    """The CUDA tile configuration for ``sm_<arch>``."""
+    return TILES_SM100 if arch >= 100 else TILES
+
+
+def _blocks(device: torch.device, num_groups: int = 1, arch=None):
+    """Tile sizes and warps for ``device`` (the interpreter on CPU tensors; ``arch`` or the CUDA
+    device's compute capability picks the CUDA configuration), plus ``BLOCK_G``."""
+    if device.type == "cuda":
+        if arch is None:
+            major, minor = torch.cuda.get_device_capability(device)
+            arch = 10 * major + minor
+        cfg = dict(tiles_for_arch(arch))
+    else:
+        cfg = dict(TILES_INTERPRETED)
     cfg["BLOCK_G"] = triton.next_power_of_2(max(1, num_groups))
     return cfg
 
@@ -224,13 +234,14 @@ def _prepare(st):
     )
 
 
-def launch_spec(st, short_first, full, groups=None, num_groups=1, exclude_self=True, pids=None, device=None):
-    """``(kernel, grid, args, kwargs, out)`` of one launch (shared with :mod:`.aot`); ``device``
-    overrides the device that picks the tile sizes (the AOT list passes ``cuda``)."""
+def launch_spec(st, short_first, full, groups=None, num_groups=1, exclude_self=True, pids=None, device=None,
+                arch=None):
+    """``(kernel, grid, args, kwargs, out)`` of one launch (shared with :mod:`.aot`); ``device`` and
+    ``arch`` override what picks the tile sizes (the AOT list passes ``cuda`` and an SM version)."""
     p = _prepare(st)
     bsz = st.lengths.numel()
     dev = p["dev"]
-    cfg = _blocks(device or dev, num_groups)
+    cfg = _blocks(device or dev, num_groups, arch)
     split = cfg["SPLIT"]  # column splits: finer programs, less load imbalance (full: disjoint columns)
     if full:
         out = torch.empty((bsz, bsz), dtype=torch.float32, device=dev)
