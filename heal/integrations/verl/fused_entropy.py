@@ -21,8 +21,9 @@ the Ray workers with ``+ray_kwargs.ray_init.runtime_env.env_vars.HEAL_FUSED_ENTR
 
 Limits: verl asks for the entropy and the log-probs in two separate calls, so they are two passes
 over the logits (each fused and single-pass; verl's own path makes more). verl's
-``use_fused_kernels`` path (entropy/log-probs from hidden states inside the model's forward) and
-the Megatron engine (vocab-parallel logits) do not go through these functions and are unchanged.
+``use_fused_kernels`` path (entropy/log-probs from hidden states inside the model's forward) does not
+go through these functions: :func:`use_fused_entropy` also routes it to heal's op
+(:mod:`heal.integrations.verl.fused_linear`).
 The replacements are excluded from ``torch.compile`` (``engine.use_torch_compile``) so that
 dynamo never traces into the kernel launcher.
 """
@@ -154,6 +155,9 @@ def use_fused_entropy() -> None:
             when_imported(mod_name, _on_engine_import)
         _hooked_engines[0] = True
     logger.info("heal: verl entropy/log-prob path routed to heal_kernels.entropy_and_logprobs")
+    from heal.integrations.verl.fused_linear import use_fused_linear
+
+    use_fused_linear()  # and verl's use_fused_kernels path (from hidden states): heal.integrations.verl.fused_linear
 
 
 _hooked_engines = [False]
@@ -168,6 +172,9 @@ def _on_engine_import(module) -> None:
 def restore_verl_entropy() -> None:
     """Put verl's own functions back everywhere :func:`use_fused_entropy` replaced them."""
     global _enabled
+    from heal.integrations.verl.fused_linear import restore_verl_fused_linear
+
+    restore_verl_fused_linear()
     with _lock:
         _enabled = False
         for mod_name in _ENGINE_MODULES:
