@@ -14,4 +14,5 @@ status=0
 python -m pytest -q -x tests/heal_kernels 2>&1 | tee "$out/gpu-tests.log" || status=1
 python -m heal bench entropy --output-dir "$out" 2>&1 | tee "$out/gpu-bench-entropy.log" || status=1
 python -m heal bench eda --output-dir "$out" 2>&1 | tee "$out/gpu-bench-eda.log" || status=1
+python -m heal bench linear --output-dir "$out" 2>&1 | tee "$out/gpu-bench-linear.log" || status=1
 exit $status
