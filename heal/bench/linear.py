@@ -25,7 +25,7 @@ the first rows, and the machine's 1-minute load average around the run (the deve
 shared). Results: ``benchmarks/results/linear-<device>.{json,md,png}``.
 
 Defaults: CUDA ``[16384 x 4096] x [151936 x 4096]`` and ``[4096 x 896] x [151936 x 896]`` bfloat16;
-CPU ``[4096 x 896] x [151936 x 896]`` (Qwen2.5-0.5B's head) and ``[1024 x 896] x [32768 x 896]``
+CPU ``[1024 x 896] x [32768 x 896]`` and ``[4096 x 896] x [151936 x 896]`` (Qwen2.5-0.5B's head)
 float32, T = 0.7.
 """
 
@@ -277,13 +277,13 @@ def _run_shape(device, dtype, shape, temperature, iters, wanted, chunks, progres
 
                 hg = h.detach().clone().requires_grad_(True)
                 wg = w.detach().clone().requires_grad_(True)
+                saved = []
 
                 def fwdbwd(fn=fn, hg=hg, wg=wg):
-                    ent, lp = fn(hg, wg, labels)
+                    # what autograd keeps between forward and backward, counted in the timed run itself
+                    nbytes, (ent, lp) = _saved_extra_bytes(lambda: fn(hg, wg, labels), [hg, wg, labels])
+                    saved.append(nbytes)
                     return torch.autograd.grad((ent.float() * g_e + lp.float() * g_lp).sum(), (hg, wg))
-
-                saved, _ = _saved_extra_bytes(lambda: fn(hg, wg, labels), [hg, wg, labels])
-                row["saved_mb"] = saved / 2**20
             if gpu:
                 for _ in range(2):
                     fwd()
@@ -292,6 +292,8 @@ def _run_shape(device, dtype, shape, temperature, iters, wanted, chunks, progres
             row["fwd_peak_mb"] = None if peak is None else peak / 2**20
             row["fwdbwd_ms"], peak = _timed_with_memory(fwdbwd, device, iters)
             row["fwdbwd_peak_mb"] = None if peak is None else peak / 2**20
+            if name != "matmuls only":
+                row["saved_mb"] = saved[0] / 2**20
         except Exception as exc:
             if gpu and isinstance(exc, torch.cuda.OutOfMemoryError):
                 row["note"] = "out of memory"
@@ -337,23 +339,24 @@ def run(args) -> int:
     elif gpu:
         shapes = [(16384, 4096, 151936), (4096, 896, 151936)]
     else:
-        shapes = [(4096, 896, 151936), (1024, 896, 32768)]
+        shapes = [(1024, 896, 32768), (4096, 896, 151936)]
     dtype = getattr(torch, _DTYPES[args.dtype or ("bfloat16" if gpu else "float32")])
     iters = args.iters or (10 if gpu else 1)
     wanted = None
     if args.variants:
         wanted = [x.strip() for x in args.variants.split(",") if x.strip()]
     env = harness.environment(device)
-    runs = [
-        _run_shape(device, dtype, s, float(args.temperature), iters, wanted, (args.chunk_tokens, args.chunk_vocab), tqdm)
-        for s in shapes
-    ]
+    runs = []
     payload = {"temperature": float(args.temperature), "iters": iters, "runs": runs,
                "heal_backend": "triton" if gpu else "cpu (C++ block kernels when they build, else chunked torch)"}
-    md = _markdown(env, payload, gpu)
+    for s in shapes:  # results are written after every shape: a long run keeps what it finished
+        runs.append(_run_shape(device, dtype, s, float(args.temperature), iters, wanted,
+                               (args.chunk_tokens, args.chunk_vocab), tqdm))
+        md = _markdown(env, payload, gpu)
+        if not args.no_write:
+            paths = harness.write_results("linear", device, payload, md, args.output_dir, _figure(payload))
     print(md)
     if not args.no_write:
-        paths = harness.write_results("linear", device, payload, md, args.output_dir, _figure(payload))
         print("wrote", ", ".join(str(p) for p in paths.values()))
     return 0
 
@@ -369,7 +372,8 @@ def _markdown(env, payload, gpu) -> str:
         f"median of {payload['iters']} run(s).",
         "",
         "Columns: times in ms; `peak_mb` = peak extra memory allocated through torch during one call "
-        "(outputs and gradients included" + ("" if gpu else "; the CPU profiler's allocation events")
+        "(outputs and gradients included" + ("" if gpu else "; from the CPU profiler's allocation events, an "
+        "upper bound: what an autograd Function frees while it runs is counted as freed when it returns")
         + "); `saved_mb` = what autograd keeps between forward and backward beyond the inputs; "
         "`err_*` = max |x - ref| against the float64 reference on the first 32 rows; `load_*` = the "
         "machine's 1-minute load average before / after the variant ran"

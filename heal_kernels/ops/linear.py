@@ -57,8 +57,13 @@ from heal_kernels.ops.entropy import _check_temperature
 __all__ = ["linear_entropy_and_logprobs", "linear_token_entropy", "default_chunks"]
 
 _FLT_MAX = torch.finfo(torch.float32).max
-# rows of a block handled at once by the chunked-torch kernels (bounds their float32 temporaries)
+# rows of a block handled at once by the chunked-torch kernels: an eighth of the block, at most
+# 8 MB of float32 per temporary, so that their few temporaries stay under one block
 _TORCH_SUBBLOCK_BYTES = 8 << 20
+
+
+def _subblock_rows(r: int, c: int) -> int:
+    return max(1, min(max(1, r // 8), _TORCH_SUBBLOCK_BYTES // (4 * max(c, 1))))
 
 
 def default_chunks(device: torch.device) -> Tuple[int, int]:
@@ -92,7 +97,7 @@ def _merge_into(state: torch.Tensor, mb: torch.Tensor, sb: torch.Tensor, tb: tor
 
 def _torch_block_stats(z, labels, state, inv_t):
     r, c = z.shape
-    rows = max(1, _TORCH_SUBBLOCK_BYTES // (4 * max(c, 1)))
+    rows = _subblock_rows(r, c)
     for i in range(0, r, rows):
         x = z[i : i + rows].to(torch.float32) * inv_t
         mb = x.amax(dim=1)
@@ -112,7 +117,7 @@ def _torch_block_stats(z, labels, state, inv_t):
 
 def _torch_block_grad(z, labels, coef, inv_t):
     r, c = z.shape
-    rows = max(1, _TORCH_SUBBLOCK_BYTES // (4 * max(c, 1)))
+    rows = _subblock_rows(r, c)
     for i in range(0, r, rows):
         zc = z[i : i + rows]
         cf = coef[i : i + rows]
