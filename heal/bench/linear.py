@@ -19,7 +19,8 @@ weights, w.r.t. hidden and weight):
   gradient matmuls).
 
 Recorded per variant: median time, peak extra memory while one call runs (CUDA: the allocator's
-peak; CPU: the profiler's allocation events of the timed call), the bytes autograd keeps between
+peak; CPU: the resident-memory high-water mark of the timed call above the resident memory before
+it), the bytes autograd keeps between
 forward and backward beyond the inputs (saved-tensor hooks), errors against the float64 reference on
 the first rows, and the machine's 1-minute load average around the run (the development machine is
 shared). Results: ``benchmarks/results/linear-<device>.{json,md,png}``.
@@ -173,6 +174,42 @@ def _saved_extra_bytes(fn, inputs):
     return total[0], out
 
 
+def _rss_bytes():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("no VmRSS")
+
+
+def _hwm_bytes():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("no VmHWM")
+
+
+def _cpu_peak_rss_bytes(fn):
+    """Peak resident memory above the resident memory before ``fn`` runs (Linux: the RSS high-water
+    mark, reset through ``/proc/self/clear_refs``), or None where that is not available. Counts every
+    byte the process touches (torch tensors, BLAS and C++ scratch); large tensors are mmapped by the
+    C allocator and returned on free, so what the allocator caches does not hide them."""
+    import gc
+
+    try:
+        gc.collect()
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base = _rss_bytes()
+        if _hwm_bytes() > base + (1 << 20):  # the reset did not take
+            return None
+    except OSError:
+        return None
+    fn()
+    return max(0, _hwm_bytes() - base)
+
+
 def _cpu_peak_bytes(fn):
     """Peak extra bytes allocated through torch while ``fn`` runs on the CPU, from the profiler's
     allocation events: each event's own (self) allocations counted at its start and its own frees
@@ -221,8 +258,10 @@ def _timed_with_memory(fn, device, iters, profile_cpu_memory=True):
                 peak = int(torch.cuda.max_memory_allocated(device) - base)
         elif i == 0 and profile_cpu_memory:
             t0 = time.perf_counter()
-            peak = _cpu_peak_bytes(fn)  # the profiled call is the first timed run
+            peak = _cpu_peak_rss_bytes(fn)  # measured on the first timed run
             times.append((time.perf_counter() - t0) * 1e3)
+            if peak is None:  # no /proc: the profiler's (upper-bound) replay on a further run
+                peak = _cpu_peak_bytes(fn)
         else:
             t0 = time.perf_counter()
             fn()
@@ -371,9 +410,10 @@ def _markdown(env, payload, gpu) -> str:
         f"triton {env.get('triton')}, verl {env.get('verl')}; {env['time_utc']}; T = {payload['temperature']}; "
         f"median of {payload['iters']} run(s).",
         "",
-        "Columns: times in ms; `peak_mb` = peak extra memory allocated through torch during one call "
-        "(outputs and gradients included" + ("" if gpu else "; from the CPU profiler's allocation events, an "
-        "upper bound: what an autograd Function frees while it runs is counted as freed when it returns")
+        "Columns: times in ms; `peak_mb` = peak extra memory during one call (outputs and gradients "
+        "included" + ("; the CUDA allocator's peak" if gpu else "; the process's resident-memory high-water "
+        "mark above its resident memory before the call (Linux `VmHWM`, reset through `/proc/self/clear_refs`), "
+        "so BLAS and C++ scratch count too")
         + "); `saved_mb` = what autograd keeps between forward and backward beyond the inputs; "
         "`err_*` = max |x - ref| against the float64 reference on the first 32 rows; `load_*` = the "
         "machine's 1-minute load average before / after the variant ran"
@@ -387,7 +427,8 @@ def _markdown(env, payload, gpu) -> str:
             "",
             f"## hidden [{s['tokens']} x {s['hidden']}], weight [{s['vocab']} x {s['hidden']}], {run['dtype']}",
             "",
-            f"Full logits: {run['logits_mb']:.0f} MiB; heal's block [{run['chunk_tokens']} x {run['chunk_vocab']}]: "
+            f"Full logits: {run['logits_mb']:.0f} MiB; heal's block [{min(run['chunk_tokens'], s['tokens'])} x "
+            f"{min(run['chunk_vocab'], s['vocab'])}]: "
             f"{run['block_mb']:.0f} MiB; inputs {run['inputs_mb']:.0f} MiB; one GEMM {run['gemm_gflop']:.0f} GFLOP "
             "(forward: 1 GEMM; forward + backward: 3 unfused, 4 for heal, which recomputes the logits).",
             "",
