@@ -158,3 +158,18 @@ def test_verls_patched_model_forward_runs_heal(verl_objects, backend):
     finally:
         cls.forward = original_forward
         fused_entropy.restore_verl_entropy()
+
+
+def test_autocast_and_mixed_dtypes_follow_the_matmul(verl_objects):
+    """Under autocast the logits are computed in autocast's dtype and the entropy comes back in
+    hidden's dtype, as verl's torch backend does; a weight of another dtype makes hidden follow it."""
+    verl_cls = verl_objects[0]
+    h, w, labels = _inputs((16,), 16, 200, torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lp_v, e_v = verl_cls()(h, w, labels, 0.9)
+        lp, e = fused_linear.FusedLinearForPPO()(h, w, labels, 0.9)
+    assert e.dtype == e_v.dtype == torch.float32 and lp.dtype == lp_v.dtype == torch.float32
+    torch.testing.assert_close(lp, lp_v, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(e, e_v, rtol=2e-2, atol=2e-2)
+    lp2, _ = fused_linear.linear_cross_entropy(h, w.to(torch.bfloat16), labels, 0.9)  # hidden follows the weight
+    assert lp2.dtype == torch.float32 and lp2.shape == (16,)

@@ -78,6 +78,25 @@ def _op():
     return linear_entropy_and_logprobs
 
 
+def _match(hidden: torch.Tensor, weight: torch.Tensor):
+    """A sharded FSDP2 weight (DTensor) is gathered, as TRL's fused head does; under autocast both
+    take autocast's dtype (the dtype ``hidden @ weight.T`` computes in there, as in verl's torch
+    backend); otherwise hidden takes the weight's dtype when they differ."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        DTensor = ()
+    if DTensor and isinstance(weight, DTensor):
+        weight = weight.full_tensor()
+    dev = hidden.device.type
+    if torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        return hidden.to(dt), weight.to(dt)
+    if hidden.dtype != weight.dtype:
+        hidden = hidden.to(weight.dtype)
+    return hidden, weight
+
+
 class FusedLinearForPPO(torch.nn.Module):
     """Drop-in for verl's ``FusedLinearForPPO`` on :func:`heal_kernels.linear_entropy_and_logprobs`."""
 
@@ -102,8 +121,10 @@ class FusedLinearForPPO(torch.nn.Module):
                 f"input_ids shape {tuple(input_ids.shape)} must match hidden_states shape "
                 f"{tuple(hidden_states.shape[:-1])}"
             )
+        out_dtype = hidden_states.dtype  # verl's torch backend returns the entropy in hidden's dtype
+        hidden_states, vocab_weights = _match(hidden_states, vocab_weights)
         entropy, log_probs = _op()(hidden_states, vocab_weights, input_ids, float(temperature))
-        return log_probs, entropy.to(hidden_states.dtype)
+        return log_probs, entropy.to(out_dtype)
 
 
 _REDUCTIONS = ("none", "sum", "mean")
@@ -122,7 +143,7 @@ def linear_cross_entropy(
     log-probs."""
     if not isinstance(reduction, str) or reduction.lower() not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    hidden2 = hidden.reshape(-1, hidden.shape[-1])
+    hidden2, weight = _match(hidden.reshape(-1, hidden.shape[-1]), weight)
     labels1 = labels.reshape(-1)
     entropy, logprobs = _op()(hidden2, weight, labels1, float(temperature), process_group=dist_process_group)
     reduction = reduction.lower()
