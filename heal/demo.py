@@ -200,6 +200,7 @@ def run_demo(
     from heal.analysis.logs import write_rollout_dump
     from heal.analysis.plots import distance_matrix, plot_distance_heatmap, plot_entropy_dynamics
     from heal.dynamics import pack_sequences
+    from heal.environment import collect, summary_line
     from heal.rollout import TransformersBackend, generate_rollouts
     from heal.scoring import compute_score
     from heal.selection import question_key, question_stats, select_top_k, write_selection_report
@@ -294,8 +295,9 @@ def run_demo(
         timings["process_cpu_s"] = time.process_time() - cpu_start
 
         summary = _summarise(trajs, dmat)
+        env = summary_line(collect())
         md = _report_markdown(cfg, model_name, rows, target_rows, general_rows, trajs, stats, chosen, summary,
-                              timings, threads=torch.get_num_threads())
+                              timings, threads=torch.get_num_threads(), env=env)
         report = os.path.join(output_dir, "report.md")
         with open(report, "w", encoding="utf-8") as f:
             f.write(md)
@@ -335,12 +337,14 @@ def _summarise(trajs: Sequence[Dict[str, Any]], dmat) -> Dict[str, Any]:
 
 
 def _report_markdown(cfg, model_name, rows, target_rows, general_rows, trajs, stats, chosen, summary, timings,
-                     threads) -> str:
+                     threads, env: str = "") -> str:
     from heal.selection import _question_text, _rank_key
 
     L: List[str] = ["# HEAL demo report", ""]
+    if env:
+        L += [f"Environment: {env}. `heal env` prints the full environment (attach it to bug reports).", ""]
     L += [f"Model: **{model_name}**, {cfg.samples} samples per question at temperature {cfg.temperature}, "
-          f"at most {cfg.max_new_tokens} new tokens, seed {cfg.seed}, {threads} CPU threads. "
+          f"at most {cfg.max_new_tokens} new tokens, seed {cfg.seed}, {threads} CPU thread{'s' if threads != 1 else ''}. "
           f"Target domain: {len(target_rows)} math questions; general domain: {len(general_rows)} "
           "commonsense multiple-choice questions (heal/data/builtin). Entropies: exact full-vocabulary "
           "token entropies at the sampling temperature (teacher-forced pass, `heal_kernels.token_entropy`).", ""]

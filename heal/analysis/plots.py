@@ -16,6 +16,7 @@ import re
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 __all__ = [
+    "entropy_temperature_note",
     "distance_matrix",
     "domain_order",
     "plot_distance_heatmap",
@@ -70,6 +71,15 @@ def domain_order(domains: Sequence[str], first: Optional[Sequence[str]] = None) 
             names.append(d)
     order = sorted(range(len(domains)), key=lambda i: (names.index(domains[i]), i))
     return order, names
+
+
+def entropy_temperature_note(values: Sequence[Any]) -> str:
+    """Title suffix naming the temperature the entropies were taken at (``heal.entropy_temperature``):
+    ``" (entropy at T=0.7)"``, or ``""`` when the logs do not say (older logs, the TRL integration)."""
+    temps = sorted({float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    if not temps:
+        return ""
+    return " (entropy at T=" + "/".join(f"{t:g}" for t in temps) + ")"
 
 
 def _heatmap_axes(ax, d, domains_sorted: Sequence[str], names: Sequence[str], vmin, vmax, cmap):
@@ -170,7 +180,8 @@ def plot_distance_heatmaps_by_step(records: Sequence[Mapping[str, Any]], path: s
         im = _heatmap_axes(ax, d, doms, names, vmin, vmax, cmap)
         ax.set_title(f"step {st}")
     fig.colorbar(im, ax=list(axes[0]), label=f"distance d = -s ({metric})", shrink=0.85)
-    fig.suptitle("Pairwise entropy-dynamics distance" + (f" ({data_source})" if data_source else ""))
+    fig.suptitle("Pairwise entropy-dynamics distance" + (f" ({data_source})" if data_source else "")
+                 + entropy_temperature_note([r.get("entropy_temperature") for r in recs]))
     return _save(fig, path)
 
 
@@ -269,7 +280,8 @@ def plot_entropy_curves(metrics: Mapping[int, Mapping[str, float]], path: str, *
                 marker="o" if xs.size <= 30 else None, ms=3)
     ax.set_xlabel("training step")
     ax.set_ylabel("mean token entropy (nats)")
-    ax.set_title(title or "Entropy per domain over training")
+    ax.set_title(title or "Entropy per domain over training"
+                 + entropy_temperature_note([rec.get("heal/entropy_temperature") for rec in metrics.values()]))
     ax.grid(alpha=0.3)
     ax.legend()
     return _save(fig, path)

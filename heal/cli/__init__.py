@@ -21,6 +21,7 @@ SUBCOMMANDS = {
     "select": "heal.cli.select",
     "plot": "heal.cli.plot",
     "bench": "heal.cli.bench",
+    "env": "heal.cli.env",
 }
 
 

@@ -72,6 +72,7 @@ def run(args) -> int:
             raise ValueError(f"--step {step}: no records with that step in {args.dump}")
         out = args.output or os.path.splitext(args.dump)[0] + ".dynamics.png"
         plots.plot_entropy_dynamics([r["entropy"] for r in recs], [str(r["data_source"]) for r in recs], out,
-                                    title=f"Entropy dynamics, step {step}")
+                                    title=f"Entropy dynamics, step {step}"
+                                    + plots.entropy_temperature_note([r.get("entropy_temperature") for r in recs]))
     print(f"heal plot: wrote {out}")
     return 0

@@ -2,8 +2,12 @@
 
 The program is the **last** fenced code block of the response (```` ```python ````, ```` ```py ````
 or a bare ```` ``` ````); a response without one scores 0. Each test runs in its own sandboxed
-process (:func:`heal.scoring.sandbox.run_python`: time, memory and output limits, no network, no
-files outside a fresh temporary folder).
+process (:func:`heal.scoring.sandbox.run_python`: kernel isolation through bubblewrap, with an audit
+hook as a second layer; time, memory, output, disk and process limits; no network, no host files but
+the interpreter's standard library, read-only). Where the machine has no kernel isolation, scoring
+raises :class:`heal.scoring.sandbox.SandboxUnavailableError` unless ``isolation="audit-hook-only"``
+is chosen explicitly (``CodeCheckConfig.isolation`` or ``HEAL_SANDBOX_ISOLATION``).
+A row's tests run ``CodeCheckConfig.parallel_tests`` (default 4) at a time.
 
 Test cases (``ground_truth``: a dict or its JSON string), as :mod:`heal.data.convert` writes them:
 
@@ -25,10 +29,12 @@ import dataclasses
 import json
 import math
 import re
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import List, Optional, Tuple
 
-from heal.scoring.sandbox import run_python
+from heal.scoring.sandbox import ISOLATION_MODES, run_python
 
 __all__ = ["CodeCheckConfig", "DEFAULT_CODE_CONFIG", "extract_code", "parse_tests", "outputs_match",
            "run_tests", "check_code"]
@@ -36,8 +42,8 @@ __all__ = ["CodeCheckConfig", "DEFAULT_CODE_CONFIG", "extract_code", "parse_test
 
 @dataclasses.dataclass
 class CodeCheckConfig:
-    """Limits and scoring of :func:`check_code` (any field can be overridden per row through
-    ``extra_info`` keys of the same name).
+    """Limits and scoring of :func:`check_code` (any field but ``isolation`` can be overridden per
+    row through ``extra_info`` keys of the same name: a data row cannot weaken the sandbox).
 
     ``score``: ``"all"`` (1.0 only when every test passes; the paper's binary accuracy reward,
     stops at the first failure) or ``"fraction"`` (the share of tests passed).
@@ -48,7 +54,11 @@ class CodeCheckConfig:
     max_output_bytes: int = 4 << 20
     max_tests: Optional[int] = None  # run at most this many tests (the first ones)
     total_timeout_s: float = 60.0  # stop running further tests after this much wall time
+    parallel_tests: int = 4  # a row's tests run in this many sandboxes at once (1: one after another)
     score: str = "all"
+    # sandbox layer: None = HEAL_SANDBOX_ISOLATION or "auto" (kernel isolation, refuse without it);
+    # "audit-hook-only" opts in to the weak mode (see heal.scoring.sandbox)
+    isolation: Optional[str] = None
 
     def validate(self) -> "CodeCheckConfig":
         if not self.timeout_s > 0:
@@ -57,8 +67,12 @@ class CodeCheckConfig:
             raise ValueError(f"memory_mb must be > 0, got {self.memory_mb}")
         if self.score not in ("all", "fraction"):
             raise ValueError(f"score must be 'all' or 'fraction', got {self.score!r}")
+        if not (isinstance(self.parallel_tests, int) and self.parallel_tests >= 1):
+            raise ValueError(f"parallel_tests must be an int >= 1, got {self.parallel_tests!r}")
         if self.max_tests is not None and self.max_tests < 1:
             raise ValueError(f"max_tests must be >= 1, got {self.max_tests}")
+        if self.isolation is not None and self.isolation not in ISOLATION_MODES:
+            raise ValueError(f"isolation must be one of {', '.join(ISOLATION_MODES)} or None, got {self.isolation!r}")
         return self
 
 
@@ -152,24 +166,48 @@ def _json_match(got: str, expected: str) -> bool:
 
 
 def run_tests(code: str, ground_truth, config: CodeCheckConfig = DEFAULT_CODE_CONFIG) -> List[bool]:
-    """Pass/fail of each test (stops after the first failure when ``config.score == "all"``)."""
+    """Pass/fail of each test, in order (stops after the first failure when ``config.score == "all"``:
+    with ``parallel_tests > 1`` the tests already running then finish, later ones never start)."""
     config.validate()
     inputs, outputs, fn_name = parse_tests(ground_truth)
     if config.max_tests is not None:
         inputs, outputs = inputs[: config.max_tests], outputs[: config.max_tests]
-    results: List[bool] = []
     start = time.monotonic()
-    for inp, exp in zip(inputs, outputs):
+    stop = threading.Event()
+
+    def one(i: int) -> Optional[bool]:
+        if stop.is_set():
+            return None  # not run: an earlier test failed (score "all")
         if time.monotonic() - start > config.total_timeout_s:
-            results.append(False)
-            break
+            stop.set()
+            return False
         res = run_python(
-            code, inp, timeout_s=config.timeout_s, memory_mb=config.memory_mb,
+            code, inputs[i], timeout_s=config.timeout_s, memory_mb=config.memory_mb,
             max_output_bytes=config.max_output_bytes, mode="call" if fn_name else "stdin", fn_name=fn_name,
+            isolation=config.isolation,
         )
+        exp = outputs[i]
         passed = res.ok and (_json_match(res.stdout, exp) if fn_name else outputs_match(res.stdout, exp))
-        results.append(passed)
         if not passed and config.score == "all":
+            stop.set()
+        return passed
+
+    workers = min(config.parallel_tests, len(inputs))
+    if workers <= 1:
+        raw = []
+        for i in range(len(inputs)):
+            raw.append(one(i))
+            if stop.is_set():
+                break
+    else:
+        with ThreadPoolExecutor(workers, thread_name_prefix="heal-code-test") as pool:
+            raw = list(pool.map(one, range(len(inputs))))
+    results: List[bool] = []
+    for r in raw:
+        if r is None:
+            break
+        results.append(r)
+        if not r and (config.score == "all" or stop.is_set()):
             break
     return results
 
@@ -178,7 +216,7 @@ def _config_for(extra_info) -> CodeCheckConfig:
     if not extra_info or not hasattr(extra_info, "get"):
         return DEFAULT_CODE_CONFIG
     overrides = {f.name: extra_info.get(f.name) for f in dataclasses.fields(CodeCheckConfig)
-                 if extra_info.get(f.name) is not None}
+                 if f.name != "isolation" and extra_info.get(f.name) is not None}
     return dataclasses.replace(DEFAULT_CODE_CONFIG, **overrides) if overrides else DEFAULT_CODE_CONFIG
 
 

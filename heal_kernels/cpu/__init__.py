@@ -19,13 +19,20 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import warnings
 from pathlib import Path
 from typing import List, Optional
 
-__all__ = ["load_extension", "load_pairwise", "csrc_dir", "extension_flags"]
+__all__ = ["load_extension", "load_pairwise", "csrc_dir", "extension_flags", "EXTENSIONS", "extension_info"]
+
+# every C++ extension heal builds: name -> sources in csrc/ (``heal env`` reports each one)
+EXTENSIONS = {
+    "heal_entropy": ["entropy.cpp"],
+    "heal_pairwise": ["pairwise.cpp"],
+}
 
 _LOCK = threading.Lock()
 _CACHE: dict = {}
@@ -104,12 +111,11 @@ def _build(name: str, sources: List[str]):
         warnings.warn(f"heal_kernels: no C++ compiler ({cxx!r}) found; using the pure-torch CPU path (slower)")
         return None
     flags = extension_flags()
-    tag = hashlib.sha1((_cpu_fingerprint() + "|" + " ".join(flags)).encode()).hexdigest()[:10]
     try:
         from torch.utils import cpp_extension
 
         return cpp_extension.load(
-            name=f"{name}_{tag}",
+            name=_tagged_name(name),
             sources=[str(p) for p in paths],
             extra_cflags=flags,
             extra_ldflags=["-fopenmp"],
@@ -121,6 +127,55 @@ def _build(name: str, sources: List[str]):
         return None
 
 
+def _tagged_name(name: str) -> str:
+    """The module name torch builds ``name`` under: a hash of this CPU and the flags appended."""
+    tag = hashlib.sha1((_cpu_fingerprint() + "|" + " ".join(extension_flags())).encode()).hexdigest()[:10]
+    return f"{name}_{tag}"
+
+
+def _build_directory(tagged: str) -> str:
+    """Where ``torch.utils.cpp_extension.load`` builds and caches ``tagged``: ``TORCH_EXTENSIONS_DIR``
+    or torch's per-user cache with its ``py<ver>_<accelerator>`` folder, as torch computes it (without
+    creating anything)."""
+    import torch
+    from torch.utils import cpp_extension
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root is None:
+        if torch.version.hip is not None:
+            acc = "rocm" + torch.version.hip.replace(".", "")
+        elif torch.version.cuda is not None:
+            acc = "cu" + torch.version.cuda.replace(".", "")
+        else:
+            acc = "cpu"
+        py = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
+        root = os.path.join(cpp_extension.get_default_build_root(), f"{py}_{acc}")
+    return os.path.join(root, tagged)
+
+
+def extension_info(build: bool = False) -> List[dict]:
+    """One dict per extension in :data:`EXTENSIONS`: ``name``, ``module`` (the tagged name),
+    ``sources_found``, ``cache_dir``, ``built`` (a compiled module is in the cache) and, when
+    ``build`` is true, ``loaded`` (building / loading it now succeeded; this compiles on a first
+    call). Never compiles unless ``build``."""
+    out = []
+    for name, sources in EXTENSIONS.items():
+        tagged = _tagged_name(name)
+        d = _build_directory(tagged)
+        row = {
+            "name": name,
+            "module": tagged,
+            "sources_found": all((csrc_dir() / s).is_file() for s in sources),
+            "cache_dir": d,
+            "built": os.path.isfile(os.path.join(d, tagged + ".so")),
+        }
+        if build:
+            row["loaded"] = load_extension(name, sources) is not None
+            row["built"] = os.path.isfile(os.path.join(d, tagged + ".so"))
+        out.append(row)
+    return out
+
+
 def load_pairwise():
     """The all-pairs similarity extension (``csrc/pairwise.cpp``) or ``None``."""
-    return load_extension("heal_pairwise", ["pairwise.cpp"])
+    return load_extension("heal_pairwise", EXTENSIONS["heal_pairwise"])

@@ -164,9 +164,9 @@ def _cpp_forward(z: torch.Tensor, labels: Optional[torch.Tensor], temperature: f
     ``HEAL_KERNELS_NO_BUILD=1``) or the dtype is not handled."""
     if z.device.type != "cpu" or z.dtype not in _CPP_DTYPES:
         return None
-    from heal_kernels.cpu import load_extension
+    from heal_kernels.cpu import EXTENSIONS, load_extension
 
-    ext = load_extension("heal_entropy", ["entropy.cpp"])
+    ext = load_extension("heal_entropy", EXTENSIONS["heal_entropy"])
     if ext is None:
         return None
     n, v = z.shape
@@ -195,9 +195,9 @@ def _cpp_backward(z, labels, entropy, stats, g_entropy, g_logprob, temperature):
     """The C++/OpenMP backward (``csrc/entropy.cpp``) or ``None`` when unavailable."""
     if z.device.type != "cpu" or z.dtype not in _CPP_DTYPES:
         return None
-    from heal_kernels.cpu import load_extension
+    from heal_kernels.cpu import EXTENSIONS, load_extension
 
-    ext = load_extension("heal_entropy", ["entropy.cpp"])
+    ext = load_extension("heal_entropy", EXTENSIONS["heal_entropy"])
     if ext is None:
         return None
     n, v = z.shape

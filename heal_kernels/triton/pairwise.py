@@ -80,7 +80,10 @@ def _kl_rows_kernel(
         nl_c = tl.maximum(nl, 1)
         ms_c = tl.maximum(ms, 1)
         scale = ms_c.to(tl.float32) / nl_c.to(tl.float32)
-        ok = jmask & (m_j > 0) & (m_i > 0)
+        # both sides non-empty (masked lanes loaded 0): one comparison of a block, so the mask is a
+        # plain block of int1 (``jmask & (scalar > 0)`` becomes an int32 mask in Triton 3.9's
+        # interpreter, which tl.load rejects)
+        ok = tl.minimum(m_j, m_i) > 0
         n_max = tl.max(tl.where(ok, nl, 0), axis=0)
         acc = tl.zeros([BLOCK_J, BLOCK_T], tl.float32)
         zs = tl.zeros([BLOCK_J, BLOCK_T], tl.float32)

@@ -16,9 +16,33 @@
 #   TOTAL_EPOCHS     training epochs                            (default: verl's)
 #   FUSED_ENTROPY    1: actor workers use heal_kernels' fused entropy/log-prob op (default 0)
 #   EXPERIMENT       experiment name                            (default: the recipe's)
+#   HEAL_PYTHON      the Python that has heal and verl installed (default: $VIRTUAL_ENV/bin/python,
+#                    else the first of python3 / python on PATH that imports heal, verl and pyarrow)
 #   HEAL_RECIPE_DRY_RUN  1: print verl's arguments, one per line, instead of launching
 # Extra arguments are passed to verl as Hydra overrides (e.g. trainer.logger='[console,wandb]').
 set -euo pipefail
+
+_HEAL_PY_CHECK='import importlib.util as u, sys; sys.exit(0 if all(u.find_spec(m) for m in ("heal", "verl", "pyarrow")) else 1)'
+_heal_python() {  # prints the interpreter to run verl with (see HEAL_PYTHON above)
+    if [[ -n "${HEAL_PYTHON:-}" ]]; then
+        if ! "$HEAL_PYTHON" -c "$_HEAL_PY_CHECK" 2>/dev/null; then
+            echo "HEAL_PYTHON=$HEAL_PYTHON cannot import heal, verl and pyarrow; point it at the venv's python (e.g. /path/to/venv/bin/python)" >&2
+            return 1
+        fi
+        printf '%s\n' "$HEAL_PYTHON"
+        return 0
+    fi
+    local candidate
+    for candidate in ${VIRTUAL_ENV:+"$VIRTUAL_ENV/bin/python"} python3 python; do
+        if command -v "$candidate" >/dev/null 2>&1 && "$candidate" -c "$_HEAL_PY_CHECK" 2>/dev/null; then
+            command -v "$candidate"
+            return 0
+        fi
+    done
+    echo "no Python with heal, verl and pyarrow found (tried \$VIRTUAL_ENV/bin/python, python3, python on PATH); set HEAL_PYTHON to the python of the environment heal is installed in, e.g. HEAL_PYTHON=/path/to/venv/bin/python" >&2
+    return 1
+}
+HEAL_PY="$(_heal_python)" || exit 1
 
 _heal_list() {  # "a,b" -> "['a','b']"
     local IFS=, out="" item
@@ -31,7 +55,7 @@ heal_run() {  # heal_run CONFIG_NAME "train,files" [overrides...]
     shift 2
     : "${VAL_FILES:?set VAL_FILES to the validation parquet file(s)}"
     local config_path
-    config_path="$(python -c 'from heal.integrations.verl.config_dir import config_dir; print(config_dir())')"
+    config_path="$("$HEAL_PY" -c 'from heal.integrations.verl.config_dir import config_dir; print(config_dir())')"
     local args=(
         --config-path="$config_path"
         --config-name="$config_name"
@@ -43,18 +67,19 @@ heal_run() {  # heal_run CONFIG_NAME "train,files" [overrides...]
     [[ -n "${TOTAL_EPOCHS:-}" ]] && args+=("trainer.total_epochs=$TOTAL_EPOCHS")
     [[ -n "${EXPERIMENT:-}" ]] && args+=("trainer.experiment_name=$EXPERIMENT")
     if [[ "${FUSED_ENTROPY:-0}" == "1" ]]; then
-        if [[ "$config_name" == "paper_heal" ]]; then
-            args+=("heal.fused_entropy=true")
+        if [[ "$config_name" == "paper_heal" || "$config_name" == "paper_high_entropy_tokens" ]]; then
+            args+=("heal.fused_entropy=true")  # trainer mode heal_sync: its actor workers switch it on
         else  # plain verl trainer: heal's plugin applies it in every Ray worker from the environment
             args+=("+ray_kwargs.ray_init.runtime_env.env_vars.HEAL_FUSED_ENTROPY='1'")
         fi
     fi
     if [[ "${HEAL_RECIPE_DRY_RUN:-0}" == "1" ]]; then
+        echo "heal recipe: python $HEAL_PY" >&2
         printf '%s\n' "${args[@]}" "$@"
         return 0
     fi
     set -x
-    python -m verl.trainer.main_ppo "${args[@]}" "$@"
+    "$HEAL_PY" -m verl.trainer.main_ppo "${args[@]}" "$@"
 }
 
 need() { : "${!1:?set $1 (see recipes/verl/README.md)}"; }
@@ -64,7 +89,7 @@ HEAL_MIX_HYBRID="heal mix --target target32.parquet --general general384.parquet
 HEAL_MIX_FEWSHOT="heal mix --target target32.parquet --k 32 --repeat 4 --general-per-batch 0 --output fewshot.parquet"
 
 _heal_mix_batch_size() {  # _heal_mix_batch_size VAR FILE MAKE_CMD -> prints the batch size (BATCH_SIZE or the file's)
-    python - "$1" "$2" "$3" "${BATCH_SIZE:-}" <<'PY'
+    "$HEAL_PY" - "$1" "$2" "$3" "${BATCH_SIZE:-}" <<'PY'
 import json, sys
 var, path, make, override = sys.argv[1:5]
 def fail(msg):

@@ -203,3 +203,32 @@ def test_heatmaps_by_step_and_plot_cli(tmp_path):
     assert main(["plot", "curves", str(mlog)]) == 0
     assert _is_png(str(tmp_path / "metrics.entropy.png"))
     assert main(["plot", "curves", str(tmp_path / "missing.jsonl")]) == 2
+
+
+def test_plot_titles_name_the_entropy_temperature(tmp_path, monkeypatch):
+    """heal.entropy_temperature reaches the titles: rollout dumps carry ``entropy_temperature``, verl's
+    metrics ``heal/entropy_temperature``; logs without it keep the plain titles."""
+    from heal.cli import main
+
+    titles = []
+    real_save = plots._save
+
+    def save(fig, path):
+        titles.append(" | ".join([fig._suptitle.get_text() if fig._suptitle else ""] + [a.get_title() for a in fig.axes]))
+        return real_save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", save)
+    assert plots.entropy_temperature_note([None, 0.7, 0.7]) == " (entropy at T=0.7)"
+    assert plots.entropy_temperature_note([]) == "" and plots.entropy_temperature_note([None]) == ""
+    recs = [{"step": 1, "data_source": d, "entropy": [0.1 * (i + k) for i in range(8)], "entropy_temperature": 1.0}
+            for k, d in enumerate(["math", "math", "csqa"])]
+    dump = str(tmp_path / "r.jsonl")
+    logs.write_rollout_dump(dump, recs)
+    assert main(["plot", "heatmap", dump, "--output", str(tmp_path / "h.png")]) == 0
+    assert main(["plot", "dynamics", dump, "--output", str(tmp_path / "d.png")]) == 0
+    assert "(entropy at T=1)" in titles[0] and "(entropy at T=1)" in titles[1]
+    metrics = {s: {"eda/entropy_mean_target": 0.5, "heal/entropy_temperature": 0.7} for s in range(3)}
+    plots.plot_entropy_curves(metrics, str(tmp_path / "c.png"))
+    assert "(entropy at T=0.7)" in titles[2]
+    plots.plot_entropy_curves({0: {"eda/entropy_mean_target": 0.5}}, str(tmp_path / "c2.png"))
+    assert "entropy at" not in titles[3]

@@ -2,7 +2,9 @@
 
 import json
 import os
+import sys
 import uuid
+import warnings
 
 import pytest
 
@@ -12,6 +14,20 @@ from heal.scoring.code import (CodeCheckConfig, check_code, extract_code, output
 from heal.scoring.sandbox import network_namespace_available, run_python
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="the sandbox needs POSIX rlimits")
+
+
+@pytest.fixture(autouse=True)
+def _isolation(monkeypatch):
+    """The checker's tests run under kernel isolation where the machine has it (CI installs
+    bubblewrap), else with the audit hook alone (opted in here; the isolation tests themselves are in
+    test_scoring_sandbox.py and skip with the reason)."""
+    from heal.scoring import sandbox
+
+    if not (sys.platform.startswith("linux") and sandbox.bubblewrap_available()):
+        monkeypatch.setenv(sandbox.ISOLATION_ENV, "audit-hook-only")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="heal sandbox: running untrusted code with the audit hook only")
+        yield
 
 FAST = CodeCheckConfig(timeout_s=1.0, memory_mb=256, max_output_bytes=64 << 10)
 ADD = json.dumps({"inputs": ["1 2\n", "3 4\n", "-5 5\n"], "outputs": ["3\n", "7\n", "0\n"]})
@@ -182,6 +198,25 @@ def test_run_python_argument_errors():
         run_python(b"print(1)")
     with pytest.raises(ValueError, match="score"):
         CodeCheckConfig(score="most").validate()
+    with pytest.raises(ValueError, match="isolation"):
+        CodeCheckConfig(isolation="none").validate()
+
+
+def test_isolation_is_not_taken_from_the_data_row(monkeypatch):
+    from heal.scoring import sandbox
+    from heal.scoring.code import _config_for
+
+    assert _config_for({"isolation": "audit-hook-only", "timeout_s": 1.5}).isolation is None
+    # and a config's choice reaches run_python: without kernel isolation, auto refuses, the opt-in runs
+    monkeypatch.setattr(sandbox, "_bubblewrap_probe", lambda: (False, "bubblewrap (`bwrap`) is not installed"))
+    monkeypatch.delenv(sandbox.ISOLATION_ENV, raising=False)
+    good = fenced("a, b = map(int, input().split())\nprint(a + b)")
+    with pytest.raises(sandbox.SandboxUnavailableError):
+        check_code(good, ADD, config=FAST)
+    monkeypatch.setattr(sandbox, "_warned_once", [])
+    with pytest.warns(RuntimeWarning, match="not a security boundary"):
+        weak = CodeCheckConfig(**{**FAST.__dict__, "isolation": "audit-hook-only"})
+        assert check_code(good, ADD, config=weak) == 1.0
 
 
 def test_hook_cannot_be_switched_off_from_the_program():
@@ -194,7 +229,7 @@ def test_hook_cannot_be_switched_off_from_the_program():
         "print(open(P()).read())",
         "class S(str):\n    def startswith(self, *a):\n        return True\nprint(open(S('/etc/passwd')).read())",
         "import gc\nprint(len(gc.get_objects()))",
-        "import _posixsubprocess",
+        "import _posixsubprocess\n_posixsubprocess.fork_exec()",
         "import os\nos.chdir('/')\nprint(open('etc/passwd').read())",
         "import resource\nresource.setrlimit(resource.RLIMIT_AS, (-1, -1))",
     ]:
@@ -219,3 +254,16 @@ def test_concurrent_checks_from_threads():
     with ThreadPoolExecutor(4) as pool:
         scores = list(pool.map(lambda _: check_code(good, ADD, config=FAST), range(4)))
     assert scores == [1.0] * 4
+
+
+def test_parallel_tests_give_the_sequential_results():
+    gt = json.dumps({"inputs": [f"{i}\n" for i in range(6)], "outputs": ["0\n", "1\n", "2\n", "9\n", "4\n", "9\n"]})
+    code = "print(int(input()))"
+    for score in ("all", "fraction"):
+        seq = run_tests(code, gt, CodeCheckConfig(**{**FAST.__dict__, "score": score, "parallel_tests": 1}))
+        par = run_tests(code, gt, CodeCheckConfig(**{**FAST.__dict__, "score": score, "parallel_tests": 4}))
+        assert seq == par, score
+    assert seq == [True, True, True, False, True, False]  # fraction: every test
+    assert run_tests(code, gt, CodeCheckConfig(**{**FAST.__dict__, "parallel_tests": 4})) == [True, True, True, False]
+    with pytest.raises(ValueError, match="parallel_tests"):
+        CodeCheckConfig(parallel_tests=0).validate()

@@ -201,6 +201,7 @@ def test_shared_old_logp_pass(tmp_path):
         args=_config(
             tmp_path, num_iterations=2, max_steps=1, per_device_train_batch_size=2 * NUM_GENERATIONS,
             top_entropy_quantile=0.2,  # TRL's 80/20 rule composes with HEAL
+            heal_high_entropy_scope="micro_batch",  # num_iterations=2 is off-policy: the batch rule refuses it
         ),
         train_dataset=toy_dataset(n=8, seed=0),
         processing_class=tokenizer,
@@ -403,3 +404,58 @@ def test_completion_entropies_from_hidden_states_match_logits_path(monkeypatch):
     torch.testing.assert_close(ent, ent_l, rtol=1e-5, atol=2e-5)
     torch.testing.assert_close(lp, lp_l, rtol=1e-5, atol=2e-5)
     torch.testing.assert_close(ent.double(), _reference_entropies_at(model, ids, am, 4, 0.7), rtol=1e-5, atol=2e-5)
+
+
+def test_batch_level_high_entropy_mask(tmp_path):
+    """top_entropy_quantile=0.2 with heal_high_entropy_scope='batch' (default): every loss call uses one
+    threshold, the 80% quantile of the whole generation batch's completion-token entropies."""
+    from trl import GRPOTrainer
+
+    torch.manual_seed(0)
+    tokenizer = char_tokenizer()
+    trainer = HEALGRPOTrainer(
+        model=tiny_causal_lm(tokenizer, seed=0),
+        reward_funcs=exact_answer_reward,
+        args=_config(tmp_path, max_steps=1, per_device_train_batch_size=2 * NUM_GENERATIONS,
+                     gradient_accumulation_steps=2, top_entropy_quantile=0.2),
+        train_dataset=toy_dataset(n=8, seed=0),
+        processing_class=tokenizer,
+    )
+    assert trainer._heal_batch_he
+    calls = []
+    original = trainer.get_high_entropy_mask
+
+    def spy(entropies, mask, threshold):
+        got = original(entropies, mask, threshold)
+        micro = GRPOTrainer.get_high_entropy_mask(trainer, entropies, mask, threshold)
+        calls.append((entropies.detach().clone(), mask.clone(), got.clone(), micro.clone()))
+        return got
+
+    trainer.get_high_entropy_mask = spy
+    trainer.train()
+    last = trainer.heal_last_batch
+    thr = last["metrics"]["heal/high_entropy_threshold"]
+    valid = last["entropy"][last["mask"].bool()]
+    assert thr == pytest.approx(float(torch.quantile(valid.float(), 0.8)), rel=1e-6)
+    assert len(calls) == 2  # two loss calls over the one generation batch
+    total = 0
+    for ent, mask, got, micro in calls:
+        want = (ent >= thr) & mask.bool()
+        near = (ent - thr).abs() < 1e-4  # loss-time entropies are recomputed: ties at the threshold may flip
+        assert torch.equal(got[~near], want[~near])
+        total += int(got.sum())
+    assert total == pytest.approx(int((valid >= thr).sum()), abs=2)
+    print(f"TRL probe: batch rule {[int(c[2].sum()) for c in calls]}, micro-batch rule {[int(c[3].sum()) for c in calls]} "
+          f"of {[int(c[1].sum()) for c in calls]} tokens")
+
+
+def test_batch_level_high_entropy_mask_refuses_off_policy(tmp_path):
+    tokenizer = char_tokenizer()
+    with pytest.raises(ValueError, match="heal_high_entropy_scope='micro_batch'"):
+        HEALGRPOTrainer(
+            model=tiny_causal_lm(tokenizer, seed=0), reward_funcs=exact_answer_reward,
+            args=_config(tmp_path, num_iterations=2, top_entropy_quantile=0.2),
+            train_dataset=toy_dataset(n=8, seed=0), processing_class=tokenizer,
+        )
+    with pytest.raises(ValueError, match="heal_high_entropy_scope"):
+        _config(tmp_path, heal_high_entropy_scope="global")

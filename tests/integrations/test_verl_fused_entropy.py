@@ -108,3 +108,90 @@ def test_env_switch(value, expected):
 def test_env_switch_rejects_garbage():
     with pytest.raises(ValueError, match="HEAL_FUSED_ENTROPY"):
         fused.env_requests_fused_entropy({fused.ENV_VAR: "maybe"})
+
+
+def test_torchtitan_engine_binding_is_patched(dropin, monkeypatch):
+    """verl's torchtitan engine binds logprobs_from_logits at import (``from verl.utils.torch_functional
+    import logprobs_from_logits``); the drop-in replaces that binding too, whether the module is imported
+    before or after use_fused_entropy(). (torchtitan itself is not installed here: a stand-in module
+    with the same import-time binding takes the engine module's name.)"""
+    import sys
+    import types
+
+    name = "verl.workers.engine.torchtitan.transformer_impl"
+    assert name in fused._ENGINE_MODULES
+    fake = types.ModuleType(name)
+    fake.logprobs_from_logits = dropin["logprobs_from_logits"]  # what the real module's import binds
+    monkeypatch.setitem(sys.modules, name, fake)
+    fused.use_fused_entropy()  # already-imported engine module: patched now
+    assert fake.logprobs_from_logits is fused.logprobs_from_logits
+    fused.restore_verl_entropy()
+    assert fake.logprobs_from_logits is dropin["logprobs_from_logits"]
+    fused.use_fused_entropy()
+    assert fake.logprobs_from_logits is fused.logprobs_from_logits
+
+
+@pytest.mark.parametrize("overrides,names", [
+    ({}, None),
+    ({"actor_rollout_ref": {"actor": {"strategy": "megatron"}}}, ["strategy=megatron", "Megatron"]),
+    ({"actor_rollout_ref": {"actor": {"strategy": "mindspeed"}}}, ["strategy=mindspeed"]),
+    # verl's fused-kernel forwards run heal's fused linear op (heal.integrations.verl.fused_linear)
+    ({"actor_rollout_ref": {"model": {"use_fused_kernels": True}}}, None),
+    ({"actor_rollout_ref": {"actor": {"strategy": "megatron"}, "model": {"use_fused_kernels": True}}}, None),
+    ({"actor_rollout_ref": {"actor": {"strategy": "torchtitan"}}}, None),
+])
+def test_uncovered_path_notice_names_the_engine(overrides, names):
+    from omegaconf import OmegaConf
+
+    base = {"actor_rollout_ref": {"actor": {"strategy": "fsdp"}, "model": {"use_fused_kernels": False}}}
+    cfg = OmegaConf.merge(OmegaConf.create(base), OmegaConf.create(overrides))
+    notice = fused.uncovered_path_notice(cfg)
+    if names is None:
+        assert notice is None
+    else:
+        assert notice is not None and all(n in notice for n in names) and "verl's own code" in notice
+
+
+def test_uncovered_path_notice_is_logged_once_at_heal_sync_startup(caplog, monkeypatch):
+    from hydra import compose, initialize_config_dir
+
+    from heal.integrations.verl.config_dir import config_dir
+    from heal.integrations.verl.trainer import HealPPOTrainerSync
+
+    with initialize_config_dir(config_dir=config_dir(), version_base=None):
+        cfg = compose(config_name="paper_heal", overrides=[
+            "heal.fused_entropy=true",
+            "data.train_files=[/x.parquet]", "data.val_files=[/y.parquet]"])
+    # megatron is not installed here: mark the config's own engine as uncovered to see the notice
+    monkeypatch.setitem(fused._UNCOVERED_STRATEGIES, "fsdp", "a test stand-in for an uncovered engine")
+    fused._noticed.clear()
+    with caplog.at_level("WARNING", logger="heal.integrations.verl.fused_entropy"):
+        HealPPOTrainerSync(cfg)
+        HealPPOTrainerSync(cfg)
+    hits = [r for r in caplog.records if "strategy=fsdp" in r.getMessage()]
+    assert len(hits) == 1
+
+
+def test_env_switch_notice_from_verls_own_trainer(caplog, monkeypatch):
+    """HEAL_FUSED_ENTROPY=1 with verl's plain sync trainer (the recipes' other runs): the notice comes
+    from the trainer's construction too."""
+    from hydra import compose, initialize_config_dir
+
+    from heal.integrations.verl.config_dir import config_dir
+    from verl.trainer.ppo.v1 import get_trainer_cls
+
+    monkeypatch.setenv(fused.ENV_VAR, "1")
+    with initialize_config_dir(config_dir=config_dir(), version_base=None):
+        cfg = compose(config_name="paper_kl_cov", overrides=[
+            "data.train_files=[/x.parquet]", "data.val_files=[/y.parquet]"])
+    monkeypatch.setitem(fused._UNCOVERED_STRATEGIES, "fsdp", "a test stand-in for an uncovered engine")
+    fused._noticed.clear()
+    with caplog.at_level("WARNING", logger="heal.integrations.verl.fused_entropy"):
+        get_trainer_cls("sync")(cfg)
+    assert any("strategy=fsdp" in r.getMessage() for r in caplog.records)
+    monkeypatch.setenv(fused.ENV_VAR, "0")
+    fused._noticed.clear()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="heal.integrations.verl.fused_entropy"):
+        get_trainer_cls("sync")(cfg)
+    assert not caplog.records

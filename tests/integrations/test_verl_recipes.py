@@ -9,6 +9,7 @@ import pathlib
 import re
 import shlex
 import subprocess
+import sys
 
 import pytest
 
@@ -60,10 +61,14 @@ def data(tmp_path_factory):
     return paths
 
 
+HEAL_SYNC_CONFIGS = ("paper_heal", "paper_high_entropy_tokens")  # trainer mode heal_sync
+
+
 def _env(data, extra_env=None):
     env = dict(os.environ, HEAL_RECIPE_DRY_RUN="1", VAL_FILES="/data/val_a.parquet,/data/val_b.parquet",
-               HYBRID_TRAIN=data["hybrid"], FEWSHOT_TRAIN=data["fewshot"], GENERAL_TRAIN=data["general"])
-    for key in ("BATCH_SIZE", "FUSED_ENTROPY", "GENERAL_SOURCES", "TOTAL_EPOCHS", "EXPERIMENT"):
+               HYBRID_TRAIN=data["hybrid"], FEWSHOT_TRAIN=data["fewshot"], GENERAL_TRAIN=data["general"],
+               HEAL_PYTHON=sys.executable)
+    for key in ("BATCH_SIZE", "FUSED_ENTROPY", "GENERAL_SOURCES", "TOTAL_EPOCHS", "EXPERIMENT", "VIRTUAL_ENV"):
         env.pop(key, None)
     env.update(extra_env or {})
     return env
@@ -112,8 +117,9 @@ def test_hybrid_recipes_train_on_the_mix_in_order(script, config, data):
     assert name == config
     _assert_ordered(cfg, data["hybrid"], 128)
     assert list(cfg.data.val_files) == ["/data/val_a.parquet", "/data/val_b.parquet"]
-    if script == "heal.sh":
+    if config in HEAL_SYNC_CONFIGS:
         assert cfg.trainer.v1.trainer_mode == "heal_sync" and cfg.heal.fused_entropy is True
+        assert cfg.heal.enable is (config == "paper_heal")
     else:
         assert cfg.trainer.v1.trainer_mode == "sync"
         env_vars = OmegaConf.select(cfg, "ray_kwargs.ray_init.runtime_env.env_vars")
@@ -170,11 +176,90 @@ def _validate(cfg):
     validate_config(config=cfg, use_reference_policy=need_reference_policy(cfg), use_critic=need_critic(cfg))
 
 
-@pytest.mark.parametrize("script,batch", [("heal.sh", None), ("fewshot.sh", None), ("hybrid.sh", "32")])
-def test_verls_startup_validation_accepts_the_recipes(script, batch, data):
-    """verl's main_ppo validates batch sizes against GPUs and rollouts before starting Ray."""
-    lines, _ = _dry_run(script, data, {"BATCH_SIZE": batch} if batch else {})
-    _validate(_compose(lines)[1])
+def _startup_checks(cfg):
+    """What verl's main_ppo and task runner do with the config before any worker starts: resolve it,
+    ``validate_config`` (builds the actor config dataclass), the ref / rollout / algorithm config
+    dataclasses, and the trainer of ``trainer.v1.trainer_mode`` (heal_sync validates the heal: block)."""
+    from verl.trainer.ppo.v1 import get_trainer_cls
+    from verl.utils.config import omega_conf_to_dataclass
+
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg))
+    OmegaConf.resolve(cfg)
+    _validate(cfg)
+    built = {key: omega_conf_to_dataclass(OmegaConf.select(cfg, key))
+             for key in ("actor_rollout_ref.actor", "actor_rollout_ref.rollout", "algorithm")}
+    # the reference policy's config, renamed the way verl's ActorRolloutRefWorker.init_model does
+    ref = OmegaConf.create(OmegaConf.to_container(cfg.actor_rollout_ref.ref))
+    ref.ppo_mini_batch_size = cfg.actor_rollout_ref.actor.ppo_mini_batch_size
+    ref.ppo_micro_batch_size = ref.pop("log_prob_micro_batch_size", None)
+    ref.ppo_micro_batch_size_per_gpu = ref.pop("log_prob_micro_batch_size_per_gpu", None)
+    ref.use_dynamic_bsz = ref.pop("log_prob_use_dynamic_bsz", False)
+    ref.ppo_max_token_len_per_gpu = ref.pop("log_prob_max_token_len_per_gpu", None)
+    built["actor_rollout_ref.ref"] = omega_conf_to_dataclass(ref)
+    trainer = get_trainer_cls(cfg.trainer.v1.trainer_mode)(cfg)
+    return cfg, built, trainer
+
+
+@pytest.mark.parametrize("fused", ["0", "1"])
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_recipe_passes_verls_startup_checks(script, fused, data):
+    from heal.integrations.verl.losses import HealPolicyLossConfig
+    from heal.integrations.verl.trainer import HealPPOTrainerSync
+
+    lines, err = _dry_run(script, data, {"FUSED_ENTROPY": fused})
+    assert f"python {sys.executable}" in err  # the interpreter HEAL_PYTHON names, not PATH's
+    name, cfg = _compose(lines)
+    cfg, built, trainer = _startup_checks(cfg)
+    actor = built["actor_rollout_ref.actor"]
+    assert built["actor_rollout_ref.rollout"].temperature == 0.7 and built["algorithm"].adv_estimator == "grpo"
+    if name in HEAL_SYNC_CONFIGS:
+        assert isinstance(trainer, HealPPOTrainerSync) and trainer.heal_settings.fused_entropy is (fused == "1")
+    else:
+        assert type(trainer).__name__ == "PPOTrainerSync"
+        env_vars = OmegaConf.select(cfg, "ray_kwargs.ray_init.runtime_env.env_vars")
+        assert (env_vars is not None and str(env_vars.get("HEAL_FUSED_ENTROPY")) == "1") is (fused == "1")
+    if name == "paper_high_entropy_tokens":
+        assert isinstance(actor.policy_loss, HealPolicyLossConfig) and actor.calculate_entropy and actor.entropy_coeff == 0
+        assert trainer.heal_settings.high_entropy_scope == "batch" and trainer._heal_batch_mask
+        assert cfg.actor_rollout_ref.actor.policy_loss.high_entropy_scope == "batch"  # told to the loss
+    if name == "paper_entropy_advantage":
+        assert isinstance(actor.policy_loss, HealPolicyLossConfig) and actor.calculate_entropy and actor.entropy_coeff == 0
+
+
+def test_high_entropy_tokens_batch_scope_refuses_off_policy_updates(data):
+    lines, _ = _dry_run("high_entropy_tokens.sh", data, {}, ["actor_rollout_ref.actor.ppo_mini_batch_size=32"])
+    with pytest.raises(ValueError, match=r"ppo_mini_batch_size=32 < data\.train_batch_size=128.*micro_batch"):
+        _startup_checks(_compose(lines)[1])
+    lines, _ = _dry_run("high_entropy_tokens.sh", data, {}, ["actor_rollout_ref.actor.ppo_epochs=2"])
+    with pytest.raises(ValueError, match=r"ppo_epochs=2 > 1"):
+        _startup_checks(_compose(lines)[1])
+    # the authors' per-micro-batch rule has no such constraint
+    lines, _ = _dry_run("high_entropy_tokens.sh", data, {}, ["actor_rollout_ref.actor.ppo_mini_batch_size=32",
+                                                             "heal.high_entropy_scope=micro_batch"])
+    _, _, trainer = _startup_checks(_compose(lines)[1])
+    assert not trainer._heal_batch_mask
+
+
+def test_recipes_find_their_python(data, tmp_path):
+    """Launched from a venv that is not activated: PATH's python lacks heal; VIRTUAL_ENV or HEAL_PYTHON
+    points at the right one, and a bad HEAL_PYTHON fails naming the variable."""
+    bare = tmp_path / "bin"
+    bare.mkdir()
+    (bare / "python3").write_text("#!/bin/sh\nexit 1\n")  # a python without heal (its checks fail)
+    (bare / "python3").chmod(0o755)
+    path = f"{bare}:/usr/bin:/bin"
+    env = _env(data, {"PATH": path})
+    env.pop("HEAL_PYTHON")
+    proc = _run("kl_cov.sh", env)
+    assert proc.returncode != 0 and "HEAL_PYTHON" in proc.stderr and not proc.stdout
+    venv = sys.prefix  # the environment running the tests (a venv in CI), as if activated
+    if not os.path.exists(os.path.join(venv, "bin", "python")):
+        pytest.skip(f"{venv}/bin/python does not exist: the tests do not run from a virtual environment")
+    proc = _run("kl_cov.sh", dict(env, VIRTUAL_ENV=venv))
+    assert proc.returncode == 0, proc.stderr
+    assert f"python {venv}/bin/python" in proc.stderr
+    proc = _run("kl_cov.sh", dict(env, HEAL_PYTHON=str(bare / "python3")))
+    assert proc.returncode != 0 and "HEAL_PYTHON=" in proc.stderr
 
 
 @pytest.mark.parametrize("script,var,mix_flags", [

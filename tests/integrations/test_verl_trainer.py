@@ -10,6 +10,7 @@ import pytest
 verl = pytest.importorskip("verl")
 
 import torch  # noqa: E402
+from tensordict import TensorDict  # noqa: E402
 
 from heal.integrations.verl.settings import HealSettings  # noqa: E402
 from heal.reward import EDAConfig, eda_step  # noqa: E402
@@ -407,3 +408,297 @@ def test_old_log_prob_pass_then_shaping_then_grpo(trainer_config, monkeypatch, t
     for i, r in enumerate(recs):  # the response-aligned entropies of the valid tokens
         torch.testing.assert_close(torch.tensor(r["entropy"]), entropy[i][mask[i].bool()], rtol=0, atol=1e-6)
         assert r["acc"] == float(acc[i]) and r["eda_reward"] == float(result.reward[i])
+
+
+# ------------------------------------------------------------------------------------------
+# heal.high_entropy_scope, heal.entropy_temperature, multi-turn conversations
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "block,key",
+    [
+        ({"enable": False, "high_entropy_scope": "global"}, "heal.high_entropy_scope"),
+        ({"general_sources": [GENERAL], "entropy_temperature": 0.7}, "heal.entropy_temperature"),
+        ({"general_sources": [GENERAL], "entropy_temperature": "hot"}, "heal.entropy_temperature"),
+        ({"general_sources": [GENERAL], "entropy_temperature": True}, "heal.entropy_temperature"),
+    ],
+)
+def test_new_keys_errors_name_the_key(block, key):
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        HealSettings.from_block(block)
+
+
+def test_new_keys_defaults_and_values():
+    s = HealSettings.from_block({"general_sources": [GENERAL]})
+    assert s.high_entropy_scope == "batch" and s.entropy_temperature is None and s.entropy_temperature_label == "rollout"
+    s = HealSettings.from_block({"general_sources": [GENERAL], "entropy_temperature": "1.0", "high_entropy_scope": "micro_batch"})
+    assert s.entropy_temperature == 1.0 and s.entropy_temperature_label == "1.0" and s.high_entropy_scope == "micro_batch"
+    off = HealSettings.from_block({"enable": False, "high_entropy_scope": "batch"})
+    assert off.eda is None and off.high_entropy_scope == "batch"
+
+
+def test_final_output_rows_follow_verls_key_rule():
+    from heal.integrations.verl.trainer import final_output_rows
+
+    keys = ["p0_0_0", "p0_0_1", "p0_0_2", "p0_1_0", "p1_0_1", "p1_0_0", "odd-key", "a_b_c_0"]
+    assert final_output_rows(keys).tolist() == [False, False, True, True, True, False, True, True]
+
+
+def _setup_trainer(trainer_config, monkeypatch, overrides=None, seed=3, keys_fn=None, worker_cls=None, entropy_fn=None):
+    """A heal_sync trainer over the in-memory TransferQueue with B = 16 trajectories already rolled out."""
+    import transfer_queue
+    from omegaconf import OmegaConf, open_dict
+
+    from heal.integrations.verl.trainer import HealPPOTrainerSync
+    from verl.utils.tensordict_utils import list_of_dict_to_tensordict
+
+    tq = _MemoryTQ()
+    monkeypatch.setattr(transfer_queue, "kv_batch_get", tq.kv_batch_get)
+    monkeypatch.setattr(transfer_queue, "kv_batch_put", tq.kv_batch_put)
+    entropy, mask, scores, acc, lengths, uids, sources = _trajectories(n_prompts=4, n=4, seed=seed)
+    if entropy_fn is not None:
+        entropy = entropy_fn(entropy)
+    B = entropy.shape[0]
+    keys = keys_fn(uids) if keys_fn else [f"{uids[i]}_{i % 4}_0" for i in range(B)]
+    g = torch.Generator().manual_seed(11)
+    prompt_lens = torch.randint(3, 9, (B,), generator=g)
+    fields, full_entropy, full_lp = [], [], []
+    for i in range(B):
+        L, P = int(lengths[i]), int(prompt_lens[i])
+        fields.append({"response_mask": mask[i, :L].clone(), "rm_scores": scores[i, :L].clone(),
+                       "responses": torch.ones(L, dtype=torch.long), "rollout_log_probs": -torch.rand(L, generator=g),
+                       "uid": uids[i], "data_source": sources[i]})
+        full_entropy.append(torch.cat([torch.full((P - 1,), 9.0), entropy[i, :L], torch.full((1,), 9.0)]))
+        full_lp.append(-torch.rand(P + L, generator=g))
+    tq.kv_batch_put(keys, "train", fields=list_of_dict_to_tensordict(fields))
+    config = OmegaConf.create(OmegaConf.to_container(trainer_config))
+    with open_dict(config):
+        for k, v in (overrides or {}).items():
+            OmegaConf.update(config, k, v, force_add=True)
+    trainer = HealPPOTrainerSync(config)
+    trainer.global_steps = 1
+    trainer.timing_raw = {}
+    trainer.actor_rollout_wg = (worker_cls or _FakeActorWorkerGroup)(tq, full_entropy, full_lp)
+    from transfer_queue import KVBatchMeta
+
+    batch = KVBatchMeta(partition_id="train", keys=keys, tags=[{} for _ in keys])
+    return trainer, tq, batch, keys, (entropy, mask, scores, acc, lengths, uids, sources)
+
+
+HIGH_ENTROPY_OVERRIDES = {
+    "actor_rollout_ref.actor.policy_loss._target_": "heal.integrations.verl.losses.HealPolicyLossConfig",
+    "actor_rollout_ref.actor.policy_loss.loss_mode": "high_entropy_tokens",
+    "actor_rollout_ref.actor.policy_loss.high_entropy_ratio": 0.2,
+    "actor_rollout_ref.actor.calculate_entropy": True,
+}
+
+
+def _calm_first_half(entropy):
+    """Rows 0-7 (the target prompts of the first micro-batch) at a quarter of the entropy of rows 8-15."""
+    out = entropy.clone()
+    out[:8] *= 0.25
+    return out
+
+
+def test_batch_high_entropy_mask_through_the_transfer_queue_to_verls_ppo_loss(trainer_config, monkeypatch):
+    """The driver's batch-level top-20% mask lands in the TransferQueue; verl's ppo_loss on each micro-batch
+    (rows fetched as the worker fetches them) uses it. Probe: micro-batch 1 is calm, micro-batch 2 is not;
+    the batch rule takes (almost) nothing from the first, the per-micro-batch rule 20% of each."""
+    from heal.integrations.verl import losses as heal_losses
+    from verl.utils import tensordict_utils as tu
+    from verl.workers.utils import losses as verl_losses
+
+    trainer, tq, batch, keys, (entropy, mask, *_rest) = _setup_trainer(
+        trainer_config, monkeypatch, dict(HIGH_ENTROPY_OVERRIDES, **{"heal.enable": False}), entropy_fn=_calm_first_half)
+    assert trainer._heal_batch_mask and not trainer.heal_settings.enable
+    assert trainer.config.actor_rollout_ref.actor.policy_loss.high_entropy_scope == "batch"
+    metrics = {}
+    batch = trainer._compute_old_log_prob(batch, metrics)
+    trainer._compute_advantage(batch, metrics)
+
+    # the driver's mask = the top 20% of the whole batch's valid tokens
+    want, threshold = heal_losses.top_entropy_mask(entropy, mask, 0.2)
+    got = [tq.rows[("train", k)][heal_losses.HIGH_ENTROPY_MASK_KEY] for k in keys]
+    for i, row in enumerate(got):
+        L = row.numel()
+        assert torch.equal(row.bool(), want[i, :L]), i
+    total = int(want.sum())
+    assert metrics["heal/high_entropy_selected"] == total and metrics["heal/high_entropy_threshold"] == pytest.approx(threshold)
+    assert "eda/rate_target" not in metrics  # heal.enable=false: no EDA reward
+
+    # two micro-batches the way the worker feeds verl's ppo_loss (nested rows from the TQ)
+    nested = lambda xs: torch.nested.as_nested_tensor(xs, layout=torch.jagged)  # noqa: E731
+    cfg = _loss_config(high_entropy_scope="batch")
+    selected_batch, selected_micro = [], []
+    for rows in (list(range(0, 8)), list(range(8, 16))):
+        r = [tq.rows[("train", keys[i])] for i in rows]
+        lens = [x["response_mask"].numel() for x in r]
+        data = TensorDict({
+            "prompts": nested([torch.ones(2, dtype=torch.long) for _ in rows]),
+            "responses": nested([torch.ones(n, dtype=torch.long) for n in lens]),
+            "response_mask": nested([x["response_mask"] for x in r]),
+            "old_log_probs": nested([x["old_log_probs"] for x in r]),
+            "advantages": nested([x["advantages"] for x in r]),
+            heal_losses.HIGH_ENTROPY_MASK_KEY: nested([x[heal_losses.HIGH_ENTROPY_MASK_KEY] for x in r]),
+            heal_losses.HIGH_ENTROPY_TOTAL_KEY: torch.stack([torch.as_tensor(x[heal_losses.HIGH_ENTROPY_TOTAL_KEY]) for x in r]),
+        }, batch_size=len(rows))
+        for k, v in {"dp_size": 1, "batch_num_tokens": int(mask.sum()), "global_batch_size": 16}.items():
+            tu.assign_non_tensor_data(data, k, v)
+        ent = [torch.cat([torch.zeros(1), entropy[i, :n], torch.zeros(1)]) for i, n in zip(rows, lens)]
+        lp = [torch.cat([torch.zeros(1), x["old_log_probs"], torch.zeros(1)]) for x in r]
+        model_output = {"log_probs": nested(lp), "entropy": nested(ent)}  # on-policy: log_prob = old_log_prob
+        _, m = verl_losses.ppo_loss(cfg, model_output, data)
+        frac = float(m["actor/high_entropy_frac"].values[0] if hasattr(m["actor/high_entropy_frac"], "values") else m["actor/high_entropy_frac"])
+        selected_batch.append(round(frac * sum(lens)))
+        micro_mask, _ = heal_losses.top_entropy_mask(entropy[rows], mask[rows], 0.2)
+        selected_micro.append(int(micro_mask.sum()))
+    assert selected_batch == [int(want[:8].sum()), int(want[8:].sum())] and sum(selected_batch) == total
+    assert selected_batch[0] < selected_micro[0] and selected_batch[1] > selected_micro[1]
+    n_valid = [int(mask[:8].sum()), int(mask[8:].sum())]
+    assert selected_micro == [math.ceil(0.2 * n - 1e-9) for n in n_valid]  # forced 20% of each
+    print(f"valid tokens per micro-batch {n_valid}; selected: batch rule {selected_batch}, "
+          f"micro-batch rule {selected_micro}")
+
+
+def _loss_config(**policy):
+    from verl.workers.config import ActorConfig
+
+    from heal.integrations.verl.losses import HealPolicyLossConfig
+
+    return ActorConfig(strategy="fsdp", rollout_n=4, ppo_mini_batch_size=4, ppo_micro_batch_size_per_gpu=2,
+                       use_kl_loss=False, entropy_coeff=0,
+                       policy_loss=HealPolicyLossConfig(loss_mode="high_entropy_tokens", **policy))
+
+
+def test_batch_scope_without_a_shipped_mask_fails_clearly():
+    from heal.integrations.verl.losses import compute_policy_loss_high_entropy_tokens
+
+    old = -torch.rand(2, 5)
+    with pytest.raises(RuntimeError, match="heal_sync"):
+        compute_policy_loss_high_entropy_tokens(old, old, torch.ones(2, 5), torch.ones(2, 5, dtype=torch.bool),
+                                                "token-mean", _loss_config(high_entropy_scope="batch"), None,
+                                                entropy=torch.rand(2, 5))
+
+
+def test_batch_scope_normaliser_is_the_batch_count():
+    """token-mean with the shipped mask: sum of the selected token losses / the batch's selected count."""
+    from heal.integrations.verl.losses import compute_policy_loss_high_entropy_tokens
+
+    g = torch.Generator().manual_seed(0)
+    old = -torch.rand(3, 6, generator=g)
+    new = old + 0.1 * torch.randn(3, 6, generator=g)
+    adv = torch.randn(3, 1, generator=g).expand(3, 6)
+    valid = torch.ones(3, 6, dtype=torch.bool)
+    sel = torch.rand(3, 6, generator=g) < 0.3
+    cfg = _loss_config(high_entropy_scope="batch")
+    cfg.global_batch_info.update({"dp_size": 1, "batch_num_tokens": 100, "global_batch_size": 8})
+    loss, m = compute_policy_loss_high_entropy_tokens(old, new, adv, valid, "token-mean", cfg, None,
+                                                      high_entropy_mask=sel, high_entropy_total=25)
+    ratio = torch.exp(new - old)
+    tok = torch.maximum(-adv * ratio, -adv * ratio.clamp(0.8, 1.2))
+    tok = torch.where(adv < 0, torch.minimum(tok, -adv * 3.0), tok)
+    assert float(loss) == pytest.approx(float(tok[sel].sum()) / 25, rel=1e-6)
+    assert m["actor/high_entropy_frac"] == pytest.approx(int(sel.sum()) / 18)
+
+
+def test_multi_turn_only_final_outputs_are_compared_and_rewarded(trainer_config, monkeypatch):
+    """Rows 0-1 and 4-6 are earlier turns of the conversations ending in rows 2 and 7."""
+    turn = {0: ("p0", 0, 0), 1: ("p0", 0, 1), 2: ("p0", 0, 2), 4: ("p1", 0, 0), 5: ("p1", 0, 1), 6: ("p1", 0, 2), 7: ("p1", 0, 3)}
+
+    def keys_fn(uids):
+        return [("{}_{}_{}".format(*turn[i]) if i in turn else f"{uids[i]}_{i % 4 + 1}_0") for i in range(len(uids))]
+
+    trainer, tq, batch, keys, (entropy, mask, scores, acc, lengths, uids, sources) = _setup_trainer(
+        trainer_config, monkeypatch, keys_fn=keys_fn)
+    metrics = {}
+    batch = trainer._compute_old_log_prob(batch, metrics)
+    trainer._compute_advantage(batch, metrics)
+    final = [i not in (0, 1, 4, 5, 6) for i in range(len(keys))]
+    idx = [i for i in range(len(keys)) if final[i]]
+    result, _ = eda_step(entropy[idx], mask[idx], [sources[i] for i in idx], [uids[i] for i in idx], trainer.heal_settings.eda)
+    got = torch.stack([torch.as_tensor(tq.rows[("train", k)]["eda_reward"]) for k in keys])
+    assert torch.equal(got[idx], result.reward)
+    assert got[[0, 1, 4, 5, 6]].tolist() == [0.0] * 5
+    for i in (0, 1, 4, 5, 6):  # earlier turns keep their scores
+        assert torch.equal(tq.rows[("train", keys[i])]["rm_scores"], scores[i, : int(lengths[i])])
+    assert metrics["heal/eda_rows"] == len(idx) and metrics["heal/non_final_rows"] == 5
+
+
+class _TemperatureWorkerGroup(_FakeActorWorkerGroup):
+    """Answers compute_log_prob with entropies that depend on the requested temperature."""
+
+    def __init__(self, *a):
+        super().__init__(*a)
+        self.calls = []
+
+    def compute_log_prob(self, batch):
+        t = float(batch.extra_info["temperature"])
+        self.calls.append(dict(batch.extra_info))
+        base = self.full_entropy
+        self.full_entropy = [e * t for e in base]  # a different curve at each temperature
+        try:
+            return super().compute_log_prob(batch)
+        finally:
+            self.full_entropy = base
+
+
+def test_entropy_temperature_one_takes_one_more_pass_and_keeps_the_update_entropy(trainer_config, monkeypatch, tmp_path):
+    dump = str(tmp_path / "r.jsonl")
+    trainer, tq, batch, keys, (entropy, mask, *_r, uids, sources) = _setup_trainer(
+        trainer_config, monkeypatch, {"heal.entropy_temperature": 1.0, "heal.rollout_dump": dump},
+        worker_cls=_TemperatureWorkerGroup)
+    metrics = {}
+    batch = trainer._compute_old_log_prob(batch, metrics)
+    wg = trainer.actor_rollout_wg
+    assert [c["temperature"] for c in wg.calls] == [0.7, 1.0] and all(c["calculate_entropy"] for c in wg.calls)
+    for i, k in enumerate(keys):
+        L = tq.rows[("train", k)]["response_mask"].numel()
+        torch.testing.assert_close(tq.rows[("train", k)]["entropy"], entropy[i, :L] * 0.7)  # update's entropies kept
+        torch.testing.assert_close(tq.rows[("train", k)]["heal_eda_entropy"], entropy[i, :L] * 1.0)
+    trainer._compute_advantage(batch, metrics)
+    result, _ = eda_step(entropy, mask, sources, uids, trainer.heal_settings.eda)  # the T=1 curves
+    got = torch.stack([torch.as_tensor(tq.rows[("train", k)]["eda_reward"]) for k in keys])
+    assert torch.equal(got, result.reward)
+    assert metrics["heal/entropy_temperature"] == 1.0 and "heal_entropy_t1" in trainer.timing_raw
+    from heal.analysis.logs import load_rollout_dump
+
+    assert {r["entropy_temperature"] for r in load_rollout_dump(dump)} == {1.0}
+
+
+def test_entropy_temperature_rollout_is_the_default_and_costs_nothing(trainer_config, monkeypatch):
+    trainer, tq, batch, keys, _ = _setup_trainer(trainer_config, monkeypatch, worker_cls=_TemperatureWorkerGroup)
+    metrics = {}
+    trainer._compute_advantage(trainer._compute_old_log_prob(batch, metrics), metrics)
+    assert [c["temperature"] for c in trainer.actor_rollout_wg.calls] == [0.7]
+    assert metrics["heal/entropy_temperature"] == 0.7
+
+
+def test_batch_scope_startup_checks_name_the_keys(trainer_config):
+    from omegaconf import OmegaConf, open_dict
+
+    from heal.integrations.verl.settings import check_on_policy
+
+    cfg = OmegaConf.create(OmegaConf.to_container(trainer_config))
+    with open_dict(cfg):
+        for k, v in HIGH_ENTROPY_OVERRIDES.items():
+            OmegaConf.update(cfg, k, v, force_add=True)
+        cfg.heal.enable = False
+    s = HealSettings.from_config(cfg)
+    assert s.batch_high_entropy_mask(cfg)
+    check_on_policy(cfg)  # batch 4 = mini-batch 4, one epoch
+    bad = OmegaConf.create(OmegaConf.to_container(cfg))
+    with open_dict(bad):
+        bad.algorithm.rollout_correction = {"bypass_mode": True}
+    with pytest.raises(ValueError, match=r"bypass_mode.*high_entropy_scope"):
+        HealSettings.from_config(bad)
+    bad = OmegaConf.create(OmegaConf.to_container(cfg))
+    bad.actor_rollout_ref.actor.ppo_mini_batch_size = 2
+    bad.actor_rollout_ref.actor.ppo_epochs = 3
+    with pytest.raises(ValueError, match=r"ppo_mini_batch_size=2 < data\.train_batch_size=4 and .*ppo_epochs=3 > 1"):
+        HealSettings.from_config(bad)
+    bad.heal.high_entropy_scope = "micro_batch"
+    assert not HealSettings.from_config(bad).batch_high_entropy_mask(bad)
+    bad.actor_rollout_ref.actor.policy_loss.loss_mode = "vanilla"  # other losses: the key does nothing
+    bad.heal.high_entropy_scope = "batch"
+    assert not HealSettings.from_config(bad).batch_high_entropy_mask(bad)

@@ -63,6 +63,13 @@ class HEALGRPOConfig(GRPOConfig):
             Rows per chunk of the no-grad forward that computes the completion entropies
             (each chunk materialises ``[rows, completion_len, vocab]`` logits). Defaults to
             ``per_device_train_batch_size``.
+        heal_high_entropy_scope (`str`, defaults to ``"batch"``):
+            Where TRL's 80/20 rule (``top_entropy_quantile < 1``) takes its quantile: ``"batch"``
+            (the paper's rule: one threshold over the whole generation batch, all processes, from the
+            entropies HEAL computes at scoring time; needs an on-policy update, ``num_iterations=1``
+            and ``steps_per_generation <= gradient_accumulation_steps``, else the trainer refuses to
+            start) or ``"micro_batch"`` (TRL's own rule: the quantile of each loss call's tokens).
+            No effect with ``top_entropy_quantile=1``.
         heal_rollout_dump (`str`, *optional*):
             Path of a JSONL rollout dump: after each training EDA step the main process appends one
             line per completion of the gathered batch: ``step`` (``state.global_step + 1``, the step
@@ -97,6 +104,11 @@ class HEALGRPOConfig(GRPOConfig):
         default=None, metadata={"help": "Rows per chunk of the entropy forward (default: per-device batch size)."}
     )
 
+    heal_high_entropy_scope: str = field(
+        default="batch",
+        metadata={"help": "With top_entropy_quantile < 1: batch (one threshold over the generation batch, the "
+                          "80/20 paper's rule; needs an on-policy update) or micro_batch (TRL's per-loss-call rule)."},
+    )
     heal_rollout_dump: Optional[str] = field(
         default=None,
         metadata={"help": "JSONL file to append each step's completions (entropies, rewards) to, for heal plot."},
@@ -110,6 +122,10 @@ class HEALGRPOConfig(GRPOConfig):
             raise ValueError("heal_data_source_key must be a non-empty column name")
         if self.heal_entropy_batch_size is not None and self.heal_entropy_batch_size < 1:
             raise ValueError(f"heal_entropy_batch_size must be a positive integer, got {self.heal_entropy_batch_size}")
+        if self.heal_high_entropy_scope not in ("batch", "micro_batch"):
+            raise ValueError(
+                f"heal_high_entropy_scope must be 'batch' or 'micro_batch', got {self.heal_high_entropy_scope!r}"
+            )
         if self.heal_rollout_dump is not None:
             if not isinstance(self.heal_rollout_dump, str) or not self.heal_rollout_dump:
                 raise ValueError(f"heal_rollout_dump must be a file path or None, got {self.heal_rollout_dump!r}")

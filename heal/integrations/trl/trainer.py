@@ -39,7 +39,12 @@ What it changes in TRL's step (``_generate_and_score_completions``), and nothing
    ``log_history`` (so dumps and ``heal plot curves`` share one step axis, as with verl).
 
 80/20 (update only the top-20% high-entropy tokens, "Beyond the 80/20 rule"): TRL has it
-natively, ``GRPOConfig(top_entropy_quantile=0.2)``; it combines with HEAL unchanged.
+natively, ``GRPOConfig(top_entropy_quantile=0.2)``, with the quantile taken per loss call (TRL's
+rule). With ``heal_high_entropy_scope="batch"`` (the default; the paper's rule) the trainer takes
+that quantile once over the whole generation batch (all processes) from the entropies it computes
+for the EDA step, and each loss call uses that mask (``get_high_entropy_mask``); this needs an
+on-policy update (``num_iterations=1``, ``steps_per_generation <= gradient_accumulation_steps``) and
+the trainer refuses to start otherwise. ``"micro_batch"`` keeps TRL's rule.
 
 Text-only models and prompts (no images); tool-calling masks are honoured.
 """
@@ -231,6 +236,21 @@ class HEALGRPOTrainer(GRPOTrainer):
                 "the paper's r = r_acc + w * r_EDA is multi_objective_aggregation='sum_then_normalize'",
                 stacklevel=2,
             )
+        self.heal_high_entropy_scope = getattr(self.args, "heal_high_entropy_scope", "batch")
+        self._heal_batch_he = self.top_entropy_quantile < 1.0 and self.heal_high_entropy_scope == "batch"
+        if self._heal_batch_he and (
+            self.num_iterations != 1 or self.args.steps_per_generation > self.args.gradient_accumulation_steps
+        ):
+            raise ValueError(
+                "heal_high_entropy_scope='batch' takes the top_entropy_quantile threshold over the whole generation "
+                "batch from the entropies computed when it is scored, which equal the loss's entropies only when "
+                f"the update is on-policy; here num_iterations={self.num_iterations}, steps_per_generation="
+                f"{self.args.steps_per_generation}, gradient_accumulation_steps={self.args.gradient_accumulation_steps} "
+                "(need num_iterations=1 and steps_per_generation <= gradient_accumulation_steps). Set "
+                "heal_high_entropy_scope='micro_batch' for TRL's per-loss-call rule"
+            )
+        self._heal_he_mask = None  # this process's batch-level 80/20 mask of the batch being scored
+        self._heal_loss_he_mask = None  # ... and of the loss call in progress
         self._heal_rollout = None
         self._heal_share_old_logp_pass = False
         self._heal_shared = None
@@ -254,11 +274,33 @@ class HEALGRPOTrainer(GRPOTrainer):
             or (self.use_vllm and self.vllm_importance_sampling_correction)
         ) and not self.mask_truncated_completions
         self._heal_shared = None
+        self._heal_he_mask = None
         try:
-            return super()._generate_and_score_completions(inputs)
+            output = super()._generate_and_score_completions(inputs)
+            if self._heal_he_mask is not None:  # ride along with the batch's tensors into each loss call
+                he = self._heal_he_mask
+                width = output["completion_ids"].size(1)
+                if he.size(1) < width:
+                    he = torch.nn.functional.pad(he, (0, width - he.size(1)))
+                output["heal_high_entropy_mask"] = he[:, :width].to(output["completion_ids"].device)
+            return output
         finally:
             self._heal_share_old_logp_pass = False
             self._heal_shared = None
+            self._heal_he_mask = None
+
+    # -- 80/20 over the whole batch (heal_high_entropy_scope="batch") ---------------------------------
+    def _compute_loss(self, model, inputs):
+        self._heal_loss_he_mask = inputs.get("heal_high_entropy_mask") if self._heal_batch_he else None
+        try:
+            return super()._compute_loss(model, inputs)
+        finally:
+            self._heal_loss_he_mask = None
+
+    def get_high_entropy_mask(self, entropies, mask, threshold):
+        if self._heal_loss_he_mask is not None:
+            return self._heal_loss_he_mask.bool() & mask.bool()
+        return super().get_high_entropy_mask(entropies, mask, threshold)
 
     def _get_per_token_logps_and_entropies(
         self, model, input_ids, attention_mask, logits_to_keep, batch_size=None, compute_entropy=False,
@@ -384,6 +426,15 @@ class HEALGRPOTrainer(GRPOTrainer):
             raise RuntimeError("HEALGRPOTrainer: gathered rewards, entropies and data sources disagree in size")
 
         result, metrics = eda_step(ent_all.float(), mask_all, data_sources, uids, self.heal_config)
+        if self._heal_batch_he and mode == "train":
+            # TRL's quantile rule, over every completion token of the generation batch (all processes)
+            valid_all = ent_all[mask_all.bool()].float()
+            if valid_all.numel():
+                threshold = torch.quantile(valid_all, 1 - self.top_entropy_quantile)
+                self._heal_he_mask = (entropy.float() >= threshold.to(entropy.device)) & mask.bool()
+                metrics["heal/high_entropy_threshold"] = float(threshold)
+            else:
+                self._heal_he_mask = torch.zeros_like(mask, dtype=torch.bool)
         eda_reward = torch.as_tensor(result.reward, dtype=rewards_per_func.dtype).to(rewards_per_func.device)
         rewards_per_func[:, self._heal_reward_index] = eda_reward
 

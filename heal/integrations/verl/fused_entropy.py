@@ -1,7 +1,7 @@
 """Drop-in: make verl's actor compute token entropy and log-probs with heal's fused op.
 
-verl's FSDP engine (``verl.workers.engine.fsdp.transformer_impl``; the automodel and VeOmni engines
-share the path) computes, from the temperature-scaled logits of a micro-batch,
+verl's FSDP engine (``verl.workers.engine.fsdp.transformer_impl``; the automodel, VeOmni and
+torchtitan engines share the path) computes, from the temperature-scaled logits of a micro-batch,
 
 * the entropy with ``verl.utils.torch_functional.entropy_from_logits`` (softmax + logsumexp: it
   materialises ``[N, V]`` probabilities; or ``entropy_from_logits_with_chunking``), captured in
@@ -23,7 +23,10 @@ Limits: verl asks for the entropy and the log-probs in two separate calls, so th
 over the logits (each fused and single-pass; verl's own path makes more). verl's
 ``use_fused_kernels`` path (entropy/log-probs from hidden states inside the model's forward) does not
 go through these functions: :func:`use_fused_entropy` also routes it to heal's op
-(:mod:`heal.integrations.verl.fused_linear`).
+(:mod:`heal.integrations.verl.fused_linear`), Megatron's fused forwards included. The Megatron /
+MindSpeed engines without ``use_fused_kernels`` (vocab-parallel logits) do not go through these
+functions and are unchanged; :func:`uncovered_path_notice` names them, and ``heal_sync`` logs that
+notice once at start-up when ``heal.fused_entropy`` is on.
 The replacements are excluded from ``torch.compile`` (``engine.use_torch_compile``) so that
 dynamo never traces into the kernel launcher.
 """
@@ -46,6 +49,8 @@ __all__ = [
     "entropy_from_logits_with_chunking",
     "logprobs_from_logits",
     "ENV_VAR",
+    "uncovered_path_notice",
+    "warn_uncovered_paths",
 ]
 
 logger = logging.getLogger(__name__)
@@ -58,6 +63,7 @@ _ENGINE_MODULES = (
     "verl.workers.engine.fsdp.transformer_impl",
     "verl.workers.engine.automodel.transformer_impl",
     "verl.workers.engine.veomni.transformer_impl",
+    "verl.workers.engine.torchtitan.transformer_impl",
     "verl.trainer.ppo.prefix_grouper_utils",
 )
 _NAMES = ("entropy_from_logits", "entropy_from_logits_with_chunking", "logprobs_from_logits")
@@ -184,6 +190,56 @@ def restore_verl_entropy() -> None:
             for name in _NAMES:
                 if getattr(mod, name, None) is _REPLACEMENTS[name] and name in _originals:
                     setattr(mod, name, _originals[name])
+
+
+# Engines / paths that compute entropy and log-probs without the functions patched above.
+# (The fused-linear drop-in for verl's use_fused_kernels path lives in another change; drop the entry
+# from this function when that path is covered.)
+_UNCOVERED_STRATEGIES = {
+    "megatron": "the Megatron engine (vocab-parallel logits, its own entropy/log-prob kernels)",
+    "mindspeed": "the MindSpeed engine (built on Megatron's vocab-parallel path)",
+}
+
+
+def uncovered_path_notice(config) -> Optional[str]:
+    """The start-up notice for a verl config whose actor would not use heal's fused op, else ``None``.
+
+    Names the engine (``actor_rollout_ref.actor.strategy``) that runs verl's own code instead; with
+    ``actor_rollout_ref.model.use_fused_kernels`` every engine is covered (by the fused linear drop-in)."""
+
+    def get(path, default=None):
+        node = config
+        for part in path.split("."):
+            if node is None:
+                return default
+            node = node.get(part, None) if hasattr(node, "get") else getattr(node, part, None)
+        return default if node is None else node
+
+    reasons = []
+    strategy = str(get("actor_rollout_ref.actor.strategy", "fsdp"))
+    # use_fused_kernels=true runs verl's fused forwards, which heal routes to its fused linear op
+    # (heal.integrations.verl.fused_linear), the Megatron ones included
+    fused_kernels = bool(get("actor_rollout_ref.model.use_fused_kernels", False))
+    if strategy in _UNCOVERED_STRATEGIES and not fused_kernels:
+        reasons.append(f"actor_rollout_ref.actor.strategy={strategy}: {_UNCOVERED_STRATEGIES[strategy]}")
+    if not reasons:
+        return None
+    return (
+        "heal: fused entropy requested, but " + "; ".join(reasons)
+        + " -- heal_kernels' op is not used there; verl's own code computes the entropy and log-probs"
+    )
+
+
+_noticed: set = set()
+
+
+def warn_uncovered_paths(config) -> Optional[str]:
+    """Log :func:`uncovered_path_notice` once per distinct notice (``logging.WARNING``); return it."""
+    notice = uncovered_path_notice(config)
+    if notice is not None and notice not in _noticed:
+        _noticed.add(notice)
+        logger.warning(notice)
+    return notice
 
 
 def fused_entropy_enabled() -> bool:

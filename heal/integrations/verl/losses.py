@@ -9,11 +9,14 @@ Registered in ``verl.trainer.ppo.core_algos.POLICY_LOSS_REGISTRY`` by heal's ver
         M_t = [H_t >= H_(k)],  k = ceil(rho * N_valid)   (H_(k): the k-th largest valid entropy)
         L   = -(1 / N_HE) * sum_t M_t * min(r_t A_t, clip(r_t) A_t)
 
-    The top-``rho`` set is taken over the tokens of one loss call (a verl micro-batch; the
-    original implementation selects per micro-batch too). Ties at the threshold are all kept.
+    Where the top-``rho`` set is taken is ``policy_loss.high_entropy_scope``: ``batch`` (the paper's
+    rule) uses the mask the ``heal_sync`` driver computed over the whole batch and shipped through
+    the TransferQueue (``heal.high_entropy_scope: batch``, the default there); ``micro_batch`` (the
+    default of the loss on its own, e.g. under verl's plain trainer; the 80/20 authors' code) takes it
+    over the tokens of one loss call. Ties at the threshold are all kept.
     With ``loss_agg_mode=token-mean`` and verl's global token count (``batch_num_tokens``) the
-    normaliser is that global count times this call's selected fraction, which is the global
-    ``N_HE`` when every micro-batch selects the same fraction. Other aggregation modes apply
+    normaliser is the batch's ``N_HE`` shipped with the mask (``batch``), or that global count times
+    this call's selected fraction (``micro_batch``). Other aggregation modes apply
     verl's ``agg_loss`` to the masked loss. ``rho`` = ``policy_loss.high_entropy_ratio``
     (default 0.2).
 
@@ -31,7 +34,9 @@ loss_agg_mode, config, rollout_is_weights) -> (loss, metrics)`` plus an optional
 ``entropy`` (``[B, T]``, the current policy's token entropy). verl's ``ppo_loss`` does not pass
 entropy to policy losses; heal's plugin wraps ``verl.workers.utils.losses.ppo_loss`` (transparently:
 it only publishes ``model_output["entropy"]``, padded like ``log_prob``, for the duration of the
-call, and only when one of these two modes is selected), and the loss reads it from there. verl
+call, and only when one of these two modes is selected), and the loss reads it from there; with
+``entropy_coeff == 0`` the entropy reaches the loss detached and verl's ``0 * entropy_loss`` term is
+skipped, so no entropy graph is kept (:mod:`heal.integrations.verl.entropy_graph`). verl
 computes that entropy in the update pass only when asked: set
 ``actor_rollout_ref.actor.calculate_entropy=true`` (the recipes do). Without it these losses raise
 a ``RuntimeError`` that says so.
@@ -66,6 +71,11 @@ __all__ = [
     "wrap_ppo_loss",
     "current_entropy",
     "entropy_context",
+    "high_entropy_mask_context",
+    "entropy_is_value_only",
+    "HIGH_ENTROPY_SCOPES",
+    "HIGH_ENTROPY_MASK_KEY",
+    "HIGH_ENTROPY_TOTAL_KEY",
 ]
 
 HIGH_ENTROPY_TOKENS = "high_entropy_tokens"
@@ -76,7 +86,12 @@ DEFAULT_HIGH_ENTROPY_RATIO = 0.2
 DEFAULT_ENTROPY_ADV_ALPHA = 0.4
 DEFAULT_ENTROPY_ADV_KAPPA = 2.0
 
+HIGH_ENTROPY_SCOPES = ("batch", "micro_batch")
+HIGH_ENTROPY_MASK_KEY = "heal_high_entropy_mask"  # TransferQueue field: per response token, 1.0 = selected
+HIGH_ENTROPY_TOTAL_KEY = "heal_high_entropy_total"  # TransferQueue field: per row, the batch's selected-token count
+
 _ENTROPY: contextvars.ContextVar[Optional[torch.Tensor]] = contextvars.ContextVar("heal_policy_entropy", default=None)
+_HE_MASK: contextvars.ContextVar[Optional[tuple]] = contextvars.ContextVar("heal_high_entropy_mask", default=None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,6 +103,12 @@ def _check_ratio(value, key: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 < float(value) <= 1.0):
         raise ValueError(f"{key} must be a number in (0, 1], got {value!r}")
     return float(value)
+
+
+def check_high_entropy_scope(value, key: str) -> str:
+    if value not in HIGH_ENTROPY_SCOPES:
+        raise ValueError(f"{key} must be one of {list(HIGH_ENTROPY_SCOPES)}, got {value!r}")
+    return value
 
 
 def _check_alpha(value, key: str) -> float:
@@ -118,11 +139,16 @@ class HealPolicyLossConfig(_policy_loss_config_base()):
         high_entropy_ratio: ``rho`` of ``high_entropy_tokens`` (fraction of tokens updated), in (0, 1].
         entropy_adv_alpha: ``alpha`` of ``entropy_advantage`` (>= 0).
         entropy_adv_kappa: ``kappa`` of ``entropy_advantage`` (>= 1).
+        high_entropy_scope: where ``high_entropy_tokens`` takes its top-``rho``: ``micro_batch`` (each
+            loss call, the 80/20 authors' code; the default of the loss on its own) or ``batch`` (the
+            paper's rule: one threshold over the whole batch, computed by the ``heal_sync`` driver and
+            shipped as a per-token mask; ``heal_sync`` sets this from ``heal.high_entropy_scope``).
     """
 
     high_entropy_ratio: float = DEFAULT_HIGH_ENTROPY_RATIO
     entropy_adv_alpha: float = DEFAULT_ENTROPY_ADV_ALPHA
     entropy_adv_kappa: float = DEFAULT_ENTROPY_ADV_KAPPA
+    high_entropy_scope: str = "micro_batch"
 
     def __post_init__(self):
         parent = getattr(super(), "__post_init__", None)
@@ -131,6 +157,7 @@ class HealPolicyLossConfig(_policy_loss_config_base()):
         _check_ratio(self.high_entropy_ratio, "actor.policy_loss.high_entropy_ratio")
         _check_alpha(self.entropy_adv_alpha, "actor.policy_loss.entropy_adv_alpha")
         _check_kappa(self.entropy_adv_kappa, "actor.policy_loss.entropy_adv_kappa")
+        check_high_entropy_scope(self.high_entropy_scope, "actor.policy_loss.high_entropy_scope")
 
 
 def _policy_param(config, key: str, default):
@@ -252,17 +279,49 @@ def compute_policy_loss_high_entropy_tokens(
     config: Optional[Any] = None,
     rollout_is_weights: Optional[torch.Tensor] = None,
     entropy: Optional[torch.Tensor] = None,
+    high_entropy_mask: Optional[torch.Tensor] = None,
+    high_entropy_total: Optional[float] = None,
 ):
-    """80/20 policy loss: the clipped surrogate on the top-``rho`` entropy tokens (module docstring)."""
+    """80/20 policy loss: the clipped surrogate on the top-``rho`` entropy tokens (module docstring).
+
+    ``high_entropy_mask`` (``[B, T]`` bool, default: the mask the driver shipped for this micro-batch,
+    if any) is the batch-level selection of ``heal.high_entropy_scope: batch``; ``high_entropy_total``
+    the batch's selected-token count (the token-mean normaliser). Without a mask the top-``rho`` is
+    taken over this call's tokens (``micro_batch``); ``actor.policy_loss.high_entropy_scope=batch``
+    without a shipped mask is an error.
+    """
     from verl.trainer.ppo.core_algos import agg_loss
 
-    entropy = _require_entropy(entropy, HIGH_ENTROPY_TOKENS, log_prob.shape)
-    rho = _check_ratio(
-        _policy_param(config, "high_entropy_ratio", DEFAULT_HIGH_ENTROPY_RATIO), "actor.policy_loss.high_entropy_ratio"
+    if high_entropy_mask is None:
+        shipped = _HE_MASK.get()
+        if shipped is not None:
+            high_entropy_mask, high_entropy_total = shipped
+    scope = check_high_entropy_scope(
+        _policy_param(config, "high_entropy_scope", "micro_batch"), "actor.policy_loss.high_entropy_scope"
     )
-    clip_low, clip_high, clip_c = _clip_params(config)
     valid = response_mask.bool()
-    he_mask, threshold = top_entropy_mask(entropy, valid, rho)
+    clip_low, clip_high, clip_c = _clip_params(config)
+    if high_entropy_mask is None:
+        if scope == "batch":
+            raise RuntimeError(
+                "actor.policy_loss.high_entropy_scope=batch but no batch-level high-entropy mask reached the loss: "
+                "the mask is computed by the heal_sync trainer (trainer.v1.trainer_mode=heal_sync, "
+                "heal.high_entropy_scope=batch) and shipped through the TransferQueue; with another trainer set "
+                "high_entropy_scope=micro_batch"
+            )
+        entropy = _require_entropy(entropy, HIGH_ENTROPY_TOKENS, log_prob.shape)
+        rho = _check_ratio(
+            _policy_param(config, "high_entropy_ratio", DEFAULT_HIGH_ENTROPY_RATIO), "actor.policy_loss.high_entropy_ratio"
+        )
+        he_mask, threshold = top_entropy_mask(entropy, valid, rho)
+        high_entropy_total = None
+    else:
+        if tuple(high_entropy_mask.shape) != tuple(log_prob.shape):
+            raise ValueError(
+                f"high_entropy_mask has shape {tuple(high_entropy_mask.shape)} but log_prob has {tuple(log_prob.shape)}"
+            )
+        he_mask = high_entropy_mask.bool() & valid
+        threshold = float("nan")  # chosen by the driver over the whole batch (logged there)
     losses, metrics = _clipped_surrogate(old_log_prob, log_prob, advantages, valid, clip_low, clip_high, clip_c)
     if rollout_is_weights is not None:
         losses = losses * rollout_is_weights
@@ -274,6 +333,8 @@ def compute_policy_loss_high_entropy_tokens(
         global_tokens = info.get("batch_num_tokens", None)
         if global_tokens is None:
             info["batch_num_tokens"] = he_mask.sum().clamp(min=1)
+        elif high_entropy_total is not None:  # batch scope: the batch's N_HE
+            info["batch_num_tokens"] = max(float(high_entropy_total), 1.0)
         else:
             frac = n_sel / n_valid if n_valid else 0.0
             info["batch_num_tokens"] = max(float(global_tokens) * frac, 1.0)
@@ -281,12 +342,9 @@ def compute_policy_loss_high_entropy_tokens(
         pg_loss = (losses * 0.0).sum()  # keeps the graph; nothing to learn from
     else:
         pg_loss = agg_loss(loss_mat=losses, loss_mask=he_mask, loss_agg_mode=loss_agg_mode, **info)
-    metrics.update(
-        {
-            "actor/high_entropy_frac": (n_sel / n_valid) if n_valid else 0.0,
-            "actor/high_entropy_threshold": threshold,
-        }
-    )
+    metrics["actor/high_entropy_frac"] = (n_sel / n_valid) if n_valid else 0.0
+    if high_entropy_mask is None:
+        metrics["actor/high_entropy_threshold"] = threshold
     return pg_loss, metrics
 
 
@@ -350,6 +408,17 @@ def entropy_context(entropy: Optional[torch.Tensor]):
         _ENTROPY.reset(token)
 
 
+@contextlib.contextmanager
+def high_entropy_mask_context(mask: Optional[torch.Tensor], total: Optional[float] = None):
+    """Publish the driver's batch-level high-entropy mask ([B, T] bool) and the batch's selected-token
+    count to ``high_entropy_tokens`` within the block (nothing is published when ``mask`` is None)."""
+    token = _HE_MASK.set(None if mask is None else (mask, total))
+    try:
+        yield
+    finally:
+        _HE_MASK.reset(token)
+
+
 def _loss_mode(config) -> Optional[str]:
     try:
         pl = config.policy_loss
@@ -358,23 +427,88 @@ def _loss_mode(config) -> Optional[str]:
         return None
 
 
+def _entropy_coeff(config) -> Optional[float]:
+    """``actor.entropy_coeff`` as a float, ``None`` when it cannot be read."""
+    value = config.get("entropy_coeff", None) if hasattr(config, "get") else getattr(config, "entropy_coeff", None)
+    try:
+        return None if value is None else float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def entropy_is_value_only(config) -> bool:
+    """True when the update pass needs the entropy's value only: ``actor.entropy_coeff == 0``.
+
+    verl's ``ppo_loss`` then adds ``0 * entropy_loss`` to the loss, which keeps the entropy's
+    autograd graph (for verl's ``entropy_from_logits``: a float32 ``[N, V]`` softmax per
+    micro-batch) alive until the backward pass for a term that contributes nothing.
+    """
+    coeff = _entropy_coeff(config)
+    return coeff is not None and coeff == 0.0
+
+
+def _padded_response(data, name: str) -> torch.Tensor:
+    """Field ``name`` of a micro-batch (nested, response-aligned) as a padded ``[B, T_response]`` tensor,
+    the layout of ``old_log_probs`` in verl's ``ppo_loss``."""
+    return data.select(name).to_padded_tensor()[name]
+
+
+def _entropy_loss_metric(entropy_padded, data, config, aggregation):
+    """verl's ``actor/entropy_loss`` metric, computed from the detached entropy (no graph)."""
+    from verl.trainer.ppo.core_algos import agg_loss
+    from verl.utils.metric import Metric
+
+    with torch.no_grad():
+        mask = _padded_response(data, "response_mask").to(torch.bool)
+        value = agg_loss(
+            loss_mat=entropy_padded, loss_mask=mask, loss_agg_mode=config.loss_agg_mode, **config.global_batch_info
+        )
+    return Metric(value=value, aggregation=aggregation)
+
+
 def wrap_ppo_loss(ppo_loss):
-    """Wrap verl's ``ppo_loss(config, model_output, data, dp_group=None)`` so that, when the
-    selected mode is one of heal's entropy losses and the model output carries entropy, the
-    entropy (converted to the padded ``[B, T_response]`` layout of ``log_prob``) is published to
-    the loss for the duration of the call. Otherwise the call goes straight through."""
+    """Wrap verl's ``ppo_loss(config, model_output, data, dp_group=None)``.
+
+    * When the model output carries entropy and ``actor.entropy_coeff == 0`` (the entropy is needed
+      as a value only: by heal's losses, or for verl's ``actor/entropy_loss`` metric), verl's
+      ``ppo_loss`` is called without it, so its ``policy_loss -= 0 * entropy_loss`` term is skipped
+      and the loss holds no reference to the entropy's autograd graph; the metric
+      ``actor/entropy_loss`` is computed from the detached entropy, as verl would.
+    * When the selected mode is one of heal's entropy losses, the detached entropy (converted to
+      the padded ``[B, T_response]`` layout of ``log_prob``) is published to the loss for the
+      duration of the call, together with the batch-level high-entropy mask when the driver
+      shipped one (``heal.high_entropy_scope: batch``, field :data:`HIGH_ENTROPY_MASK_KEY`).
+    * Otherwise the call goes straight through.
+    """
     if getattr(ppo_loss, "__heal_wrapped__", False):
         return ppo_loss
 
     @functools.wraps(ppo_loss)
     def heal_ppo_loss(config, model_output, data, dp_group=None):
         entropy = model_output.get("entropy", None) if hasattr(model_output, "get") else None
-        if entropy is None or _loss_mode(config) not in ENTROPY_LOSS_MODES:
+        heal_mode = _loss_mode(config) in ENTROPY_LOSS_MODES
+        value_only = entropy is not None and entropy_is_value_only(config)
+        if not heal_mode and not value_only:
             return ppo_loss(config, model_output, data, dp_group=dp_group)
         from verl.workers.utils.padding import no_padding_2_padding
 
-        with entropy_context(no_padding_2_padding(entropy, data).detach()):
-            return ppo_loss(config, model_output, data, dp_group=dp_group)
+        padded = None if entropy is None else no_padding_2_padding(entropy.detach(), data)
+        batch_mask = batch_total = None
+        if heal_mode and HIGH_ENTROPY_MASK_KEY in data.keys():
+            batch_mask = _padded_response(data, HIGH_ENTROPY_MASK_KEY).to(torch.bool)
+            if HIGH_ENTROPY_TOTAL_KEY in data.keys():
+                batch_total = float(data[HIGH_ENTROPY_TOTAL_KEY].reshape(-1)[0])
+        call_output = model_output
+        if value_only:
+            call_output = {k: v for k, v in model_output.items() if k != "entropy"}
+        with entropy_context(padded if heal_mode else None), high_entropy_mask_context(batch_mask, batch_total):
+            loss, metrics = ppo_loss(config, call_output, data, dp_group=dp_group)
+        if value_only:
+            pg = metrics.get("actor/pg_loss", None)
+            aggregation = getattr(pg, "aggregation", None)
+            if aggregation is not None:
+                metrics["actor/entropy_loss"] = _entropy_loss_metric(padded, data, config, aggregation)
+        return loss, metrics
 
     heal_ppo_loss.__heal_wrapped__ = True
     heal_ppo_loss.__wrapped_ppo_loss__ = ppo_loss

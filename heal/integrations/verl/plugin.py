@@ -15,9 +15,14 @@ post-import hooks (:mod:`heal.integrations.verl._hooks`), that
 * when ``verl.trainer.ppo.v1.trainer_sync`` is imported, the trainer mode ``heal_sync`` is registered
   in ``verl.trainer.ppo.v1.trainer_base.TRAINER_REGISTRY``;
 * when ``verl.workers.utils.losses`` is imported, its ``ppo_loss`` is wrapped so that heal's entropy
-  losses see the update pass's entropy (a pass-through for every other loss mode);
+  losses see the update pass's entropy (detached) and, with ``actor.entropy_coeff == 0``, verl's
+  ``0 * entropy_loss`` term is skipped (:mod:`heal.integrations.verl.entropy_graph`);
+* when ``verl.workers.engine.fsdp.transformer_impl`` is imported, the FSDP engine computes that
+  entropy under ``no_grad`` when ``entropy_coeff == 0`` (no entropy graph is built);
 * if ``HEAL_FUSED_ENTROPY=1`` is set in the process environment, verl's entropy/log-prob functions
-  are routed to heal's fused op (:mod:`heal.integrations.verl.fused_entropy`).
+  are routed to heal's fused op (:mod:`heal.integrations.verl.fused_entropy`), and every v1 trainer
+  (``verl.trainer.ppo.v1.trainer_base.PPOTrainer``) logs once at construction when its engine or
+  path cannot use it (:func:`~heal.integrations.verl.fused_entropy.uncovered_path_notice`).
 
 Any registry lookup has to import the module that holds the registry first, so heal's entries are
 there whenever verl looks. Failures are logged at WARNING level (verl would hide them at DEBUG).
@@ -58,6 +63,37 @@ def _on_losses(module) -> None:
     install_ppo_loss_wrapper(module)
 
 
+def _on_trainer_base(module) -> None:
+    """With ``HEAL_FUSED_ENTROPY=1`` (the recipes forward it to every Ray process, the task runner
+    included), every v1 trainer logs the uncovered-path notice once when it is built."""
+    import functools
+
+    from heal.integrations.verl.fused_entropy import env_requests_fused_entropy, warn_uncovered_paths
+
+    cls = module.PPOTrainer
+    original = cls.__init__
+    if getattr(original, "__heal_notice__", False):
+        return
+
+    @functools.wraps(original)
+    def __init__(self, config, *args, **kwargs):
+        try:
+            if env_requests_fused_entropy():
+                warn_uncovered_paths(config)
+        except Exception:
+            logger.warning("heal: could not check the fused-entropy coverage", exc_info=True)
+        original(self, config, *args, **kwargs)
+
+    __init__.__heal_notice__ = True
+    cls.__init__ = __init__
+
+
+def _on_fsdp_engine(module) -> None:
+    from heal.integrations.verl.entropy_graph import install_no_grad_entropy
+
+    install_no_grad_entropy(module)
+
+
 def install() -> None:
     """Arrange the registrations listed in the module docstring (idempotent, cheap)."""
     global _installed
@@ -67,6 +103,8 @@ def install() -> None:
     when_imported("verl.trainer.ppo.core_algos", _on_core_algos)
     when_imported("verl.trainer.ppo.v1.trainer_sync", _on_trainer_sync)
     when_imported("verl.workers.utils.losses", _on_losses)
+    when_imported("verl.workers.engine.fsdp.transformer_impl", _on_fsdp_engine)
+    when_imported("verl.trainer.ppo.v1.trainer_base", _on_trainer_base)
     try:
         from heal.integrations.verl.fused_entropy import env_requests_fused_entropy, use_fused_entropy
 

@@ -15,6 +15,8 @@ Keys (defaults in ``heal/integrations/verl/config/heal_trainer.yaml``)::
       rollout_topk_field: null      # rollout_topk only: TransferQueue field with [T, k] top-k log-probs
       fused_entropy: false          # actor workers compute entropy/log-probs with heal's fused op
       rollout_dump: null            # a path: append each step's trajectories (entropies, scores) as JSONL
+      high_entropy_scope: batch     # 80/20 loss (high_entropy_tokens): batch (paper) | micro_batch (authors' code)
+      entropy_temperature: rollout  # EDA entropies at the rollout temperature (rollout) or at T=1 (1.0)
 
 Every error is a ``ValueError`` whose message starts with the full key, e.g. ``heal.weight``.
 """
@@ -30,7 +32,11 @@ from heal.reward import EDAConfig
 
 __all__ = ["HealSettings", "INTEGRATION_KEYS", "ROLLOUT_TOPK_MISSING"]
 
-INTEGRATION_KEYS = ("enable", "fused_entropy", "rollout_topk_field", "rollout_dump")
+INTEGRATION_KEYS = (
+    "enable", "fused_entropy", "rollout_topk_field", "rollout_dump", "high_entropy_scope", "entropy_temperature",
+)
+HIGH_ENTROPY_SCOPES = ("batch", "micro_batch")
+HIGH_ENTROPY_TOKENS = "high_entropy_tokens"  # heal's 80/20 policy-loss mode (heal.integrations.verl.losses)
 
 ROLLOUT_TOPK_MISSING = (
     "heal.entropy_source='rollout_topk' needs each response token's top-k log-probs from the rollout engine, "
@@ -69,6 +75,13 @@ class HealSettings:
     fused_entropy: bool = False
     rollout_topk_field: Optional[str] = None
     rollout_dump: Optional[str] = None
+    high_entropy_scope: str = "batch"
+    entropy_temperature: Optional[float] = None  # None = the rollout temperature
+
+    @property
+    def entropy_temperature_label(self) -> str:
+        """``"rollout"`` or the fixed temperature, as written in the config (``"1.0"``)."""
+        return "rollout" if self.entropy_temperature is None else repr(float(self.entropy_temperature))
 
     @classmethod
     def from_block(cls, block: Any, *, prefix: str = "heal") -> "HealSettings":
@@ -92,6 +105,25 @@ class HealSettings:
             if os.path.isdir(dump):
                 raise ValueError(f"{prefix}.rollout_dump={dump!r} is a directory; give a file path, e.g. {dump}/rollouts.jsonl")
 
+        scope = block.pop("high_entropy_scope", "batch")
+        if scope not in HIGH_ENTROPY_SCOPES:
+            raise ValueError(f"{prefix}.high_entropy_scope must be one of {list(HIGH_ENTROPY_SCOPES)}, got {scope!r}")
+        temp = block.pop("entropy_temperature", "rollout")
+        if temp == "rollout" or temp is None:
+            temp = None
+        elif isinstance(temp, bool) or not isinstance(temp, (int, float, str)):
+            raise ValueError(f"{prefix}.entropy_temperature must be 'rollout' or 1.0, got {temp!r}")
+        else:
+            try:
+                value = float(temp)
+            except ValueError:
+                raise ValueError(f"{prefix}.entropy_temperature must be 'rollout' or 1.0, got {temp!r}") from None
+            if value != 1.0:
+                raise ValueError(
+                    f"{prefix}.entropy_temperature must be 'rollout' (the rollout temperature) or 1.0, got {temp!r}"
+                )
+            temp = 1.0
+
         known = [f.name for f in dataclasses.fields(EDAConfig)]
         unknown = [k for k in block if k not in known]
         if unknown:
@@ -113,7 +145,13 @@ class HealSettings:
                     raise ValueError(f"{prefix}.{err}") from None
         if eda is not None and eda.entropy_source == "rollout_topk" and topk_field is None and enable:
             raise ValueError(ROLLOUT_TOPK_MISSING)
-        return cls(eda=eda, enable=enable, fused_entropy=fused, rollout_topk_field=topk_field, rollout_dump=dump)
+        if temp is not None and eda is not None and eda.entropy_source == "rollout_topk" and enable:
+            raise ValueError(
+                f"{prefix}.entropy_temperature=1.0 applies to the actor's entropies (entropy_source=actor); the "
+                "rollout_topk reproduction uses the log-probs the rollout engine stored"
+            )
+        return cls(eda=eda, enable=enable, fused_entropy=fused, rollout_topk_field=topk_field, rollout_dump=dump,
+                   high_entropy_scope=scope, entropy_temperature=temp)
 
     @classmethod
     def from_config(cls, config: Any) -> "HealSettings":
@@ -123,15 +161,57 @@ class HealSettings:
         settings.check_trainer_config(config)
         return settings
 
+    def batch_high_entropy_mask(self, config: Any) -> bool:
+        """True when the driver computes the 80/20 mask over the whole batch: the actor's policy loss is
+        ``high_entropy_tokens`` and ``heal.high_entropy_scope`` is ``batch``."""
+        return self.high_entropy_scope == "batch" and _select(config, "actor_rollout_ref.actor.policy_loss.loss_mode") == HIGH_ENTROPY_TOKENS
+
     def check_trainer_config(self, config: Any) -> None:
         """Cross-checks with verl's own settings (errors name the offending key)."""
+        bypass = bool(_select(config, "algorithm.rollout_correction.bypass_mode", False))
+        if self.batch_high_entropy_mask(config):
+            check_on_policy(config)
+            if bypass:
+                raise ValueError(
+                    "algorithm.rollout_correction.bypass_mode=true skips the old-log-prob pass, so there are no "
+                    "entropies for heal.high_entropy_scope=batch: set bypass_mode=false or high_entropy_scope=micro_batch"
+                )
         if not self.enable or self.eda is None:
             return
-        if self.eda.entropy_source == "actor":
-            algo = config.get("algorithm", {}) if hasattr(config, "get") else {}
-            rc = algo.get("rollout_correction", None) if hasattr(algo, "get") else None
-            if rc is not None and hasattr(rc, "get") and rc.get("bypass_mode", False):
+        if bypass:
+            if self.eda.entropy_source == "actor":
                 raise ValueError(
                     "algorithm.rollout_correction.bypass_mode=true skips the old-log-prob pass, so there are no actor "
                     "entropies for heal.entropy_source=actor: set bypass_mode=false"
                 )
+
+
+def _select(config: Any, path: str, default: Any = None) -> Any:
+    node = config
+    for part in path.split("."):
+        if node is None:
+            return default
+        node = node.get(part, None) if hasattr(node, "get") else getattr(node, part, None)
+    return default if node is None else node
+
+
+def check_on_policy(config: Any) -> None:
+    """``heal.high_entropy_scope: batch`` takes the 80/20 threshold from the old-log-prob pass's entropies,
+    which are the update's entropies only when the update is on-policy: one mini-batch (= the whole batch)
+    and one epoch. Raise a ``ValueError`` naming the keys otherwise."""
+    batch = _select(config, "data.train_batch_size")
+    mini = _select(config, "actor_rollout_ref.actor.ppo_mini_batch_size")
+    epochs = _select(config, "actor_rollout_ref.actor.ppo_epochs", 1)
+    problems = []
+    if batch is not None and mini is not None and int(mini) < int(batch):
+        problems.append(f"actor_rollout_ref.actor.ppo_mini_batch_size={mini} < data.train_batch_size={batch}")
+    if int(epochs) > 1:
+        problems.append(f"actor_rollout_ref.actor.ppo_epochs={epochs} > 1")
+    if problems:
+        raise ValueError(
+            "heal.high_entropy_scope=batch takes the 80/20 threshold over the whole batch from the old-log-prob "
+            "pass's entropies, which equal the update's entropies only when the update is on-policy (one "
+            f"mini-batch = the batch, one epoch); here {' and '.join(problems)}. Set ppo_mini_batch_size to "
+            "data.train_batch_size and ppo_epochs=1, or heal.high_entropy_scope=micro_batch (the 80/20 authors' "
+            "per-micro-batch rule)"
+        )

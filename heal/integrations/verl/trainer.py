@@ -24,12 +24,25 @@ Select it with ``trainer.v1.trainer_mode=heal_sync`` (verl's default ``trainer.u
    ``data_source``, ``uid``, ``entropy`` (the valid response tokens), ``acc`` (accuracy score),
    ``eda_reward``, ``s_target``, ``s_general`` -- the input of ``heal plot heatmap|dynamics``.
 
+5. Multi-turn conversations: verl stores every output of a conversation (keys ``{uid}_{session}_{index}``)
+   and its GRPO scores only the final one; heal likewise compares and rewards final outputs only
+   (:func:`final_output_rows`); earlier outputs keep their scores and get ``eda_reward = 0``.
+6. ``heal.entropy_temperature: 1.0`` with a rollout temperature other than 1: after the old-log-prob
+   pass the actor runs one more forward pass at T=1 (no loss, no update) whose entropies go to
+   ``heal_eda_entropy``; the EDA uses them, the update keeps the rollout-temperature ``entropy``.
+   ``heal/entropy_temperature`` is logged and the rollout dump records it.
+7. ``heal.high_entropy_scope: batch`` with policy loss ``high_entropy_tokens`` (also with
+   ``heal.enable: false``): the top-``rho`` entropy tokens of the whole batch (old-log-prob entropies)
+   are shipped per token through the TransferQueue (``heal_high_entropy_mask`` and the batch's count
+   ``heal_high_entropy_total``), which the loss uses; start-up refuses an off-policy update.
+
 The trainer reports its ``trainer_mode`` as ``"sync"`` to verl's base class, so every code path verl
 reserves for the sync trainer (replay buffer, checkpointing, prompt submission) stays the same.
 
 The ``heal:`` block is validated when the trainer is built (:class:`HealSettings`), before any
 worker starts. ``heal.fused_entropy: true`` makes every actor worker use heal's fused
-entropy/log-prob op (:mod:`heal.integrations.verl.fused_entropy`).
+entropy/log-prob op (:mod:`heal.integrations.verl.fused_entropy`); where the configured engine or
+path cannot use it, start-up logs that once, naming it.
 """
 
 from __future__ import annotations
@@ -57,6 +70,7 @@ TRAINER_MODE = "heal_sync"
 ACC_SCORES_KEY = "acc_scores"
 EDA_REWARD_KEY = "eda_reward"
 ENTROPY_KEYS = ("entropy", "entropys")  # v1 TransferQueue name, legacy DataProto name
+EDA_ENTROPY_KEY = "heal_eda_entropy"  # TransferQueue field: response-aligned entropies at T=1 (entropy_temperature=1.0)
 
 
 def _as_list(x: Any) -> list:
@@ -68,7 +82,34 @@ def _as_list(x: Any) -> list:
     return list(x)
 
 
+def final_output_rows(keys: Sequence[str]) -> np.ndarray:
+    """Which rows are the final output of their multi-turn conversation.
+
+    verl's agent loop stores every output of a conversation under the key ``{uid}_{session_id}_{index}``
+    and its GRPO (``compute_advantage_for_multi_trajectories``) scores only the output with the largest
+    ``index`` of each ``{uid}_{session_id}``, broadcasting the advantage to the others. heal follows it:
+    only final outputs enter the EDA comparison and get ``r_EDA``. A key not of that form is a
+    conversation of its own (final)."""
+    final: Dict[str, tuple] = {}
+    session_of = []
+    for i, key in enumerate(keys):
+        parts = str(key).rsplit("_", 2)
+        if len(parts) == 3 and parts[2].isdigit():
+            session, index = f"{parts[0]}_{parts[1]}", int(parts[2])
+        else:
+            session, index = f"\0{i}", 0
+        session_of.append(session)
+        if session not in final or final[session][0] < index:
+            final[session] = (index, i)
+    out = np.zeros(len(keys), dtype=bool)
+    for _, row in final.values():
+        out[row] = True
+    return out
+
+
 def _pick_entropy(data: DataProto, settings: HealSettings) -> torch.Tensor:
+    if EDA_ENTROPY_KEY in data.batch.keys():
+        return data.batch[EDA_ENTROPY_KEY]
     if settings.eda.entropy_source == "rollout_topk":
         from heal.integrations.verl.rollout_topk import truncated_topk_entropy
 
@@ -92,6 +133,7 @@ def shape_scores(
     score_key: str = "rm_scores",
     row_mask: Optional[Sequence[bool]] = None,
     step: int = 0,
+    entropy_temperature: Optional[float] = None,
 ) -> Dict[str, float]:
     """Add ``settings.eda.weight * r_EDA`` to ``data.batch[score_key]`` in place; return metrics.
 
@@ -103,7 +145,8 @@ def shape_scores(
 
     Writes ``acc_scores`` (copy of the unshaped scores), the shaped ``score_key`` and
     ``eda_reward`` (``float32[B]``, 0/1, 0 for rows left out). With ``settings.rollout_dump`` set,
-    appends the compared rows to that rollout dump under ``step`` (see the module docstring).
+    appends the compared rows to that rollout dump under ``step`` (see the module docstring), with
+    ``entropy_temperature`` (the temperature the entropies were taken at) as a column when given.
     """
     eda_cfg = settings.eda
     if eda_cfg is None:
@@ -162,12 +205,14 @@ def shape_scores(
     metrics["heal/acc_score_general_mean"] = float(seq_acc[is_gen].mean()) if bool(is_gen.any()) else nan
     metrics["heal/eda_bonus_mean"] = float(bonus.float().cpu()[torch.as_tensor(rows)].mean()) if idx.size else nan
     if settings.rollout_dump and idx.size:
-        _dump_rollouts(settings.rollout_dump, step, ent_rows, mask_rows, idx, sources, uids, seq_acc, reward, result)
+        _dump_rollouts(settings.rollout_dump, step, ent_rows, mask_rows, idx, sources, uids, seq_acc, reward, result,
+                       entropy_temperature)
     metrics["heal/shaping_time_s"] = time.perf_counter() - t0
     return metrics
 
 
-def _dump_rollouts(path, step, ent_rows, mask_rows, idx, sources, uids, seq_acc, reward, result) -> None:
+def _dump_rollouts(path, step, ent_rows, mask_rows, idx, sources, uids, seq_acc, reward, result,
+                   entropy_temperature=None) -> None:
     """Append the compared rows (``ent_rows`` / ``mask_rows`` hold rows ``idx`` of the batch)."""
     from heal.analysis.logs import append_rollout_dump
 
@@ -181,6 +226,8 @@ def _dump_rollouts(path, step, ent_rows, mask_rows, idx, sources, uids, seq_acc,
         "s_target": result.s_target.detach().float().cpu(),
         "s_general": result.s_general.detach().float().cpu(),
     }
+    if entropy_temperature is not None:
+        columns["entropy_temperature"] = [float(entropy_temperature)] * len(idx)
     append_rollout_dump(
         path, int(step), [ent_cpu[j][valid[j]] for j in range(len(idx))], [sources[i] for i in idx], **columns
     )
@@ -192,6 +239,13 @@ class HealPPOTrainerSync(PPOTrainerSync):
     def __init__(self, config):
         # validate the heal block before anything else is built (fails fast, naming the key)
         self.heal_settings = HealSettings.from_config(config)
+        self._heal_batch_mask = self.heal_settings.batch_high_entropy_mask(config)
+        if self._heal_batch_mask:
+            _tell_the_loss_batch_scope(config)
+        if self.heal_settings.fused_entropy:
+            from heal.integrations.verl.fused_entropy import warn_uncovered_paths
+
+            warn_uncovered_paths(config)
         super().__init__(config)
 
     # verl's base class branches on ``trainer_mode == "sync"``; report "sync" so that this trainer
@@ -218,14 +272,98 @@ class HealPPOTrainerSync(PPOTrainerSync):
                 if role in self.role_worker_mapping:
                     self.role_worker_mapping[role] = ray.remote(HealActorRolloutRefWorker)
 
-    def _compute_advantage(self, batch, metrics: dict):
-        if self.heal_settings.enable and self.heal_settings.eda is not None:
+    @property
+    def _rollout_temperature(self) -> float:
+        return float(self.config.actor_rollout_ref.rollout.temperature)
+
+    @property
+    def heal_entropy_temperature(self) -> float:
+        """The temperature of the entropies the EDA compares (``heal.entropy_temperature``)."""
+        t = self.heal_settings.entropy_temperature
+        return self._rollout_temperature if t is None else float(t)
+
+    def _eda_needs_extra_pass(self) -> bool:
+        s = self.heal_settings
+        return (
+            s.enable and s.eda is not None and s.eda.entropy_source == "actor"
+            and s.entropy_temperature is not None and float(s.entropy_temperature) != self._rollout_temperature
+        )
+
+    def _compute_old_log_prob(self, batch, metrics: dict):
+        batch = super()._compute_old_log_prob(batch, metrics)
+        if self._eda_needs_extra_pass():
             timing = getattr(self, "timing_raw", None)
-            if timing is None:
-                timing = {}
+            with marked_timer("heal_entropy_t1", timing if timing is not None else {}, color="purple"):
+                self._compute_eda_entropy_at(batch, float(self.heal_settings.entropy_temperature))
+        return batch
+
+    def _compute_eda_entropy_at(self, batch, temperature: float) -> None:
+        """One more forward pass of the actor (no loss, no update) at ``temperature``: its entropies go to
+        :data:`EDA_ENTROPY_KEY`; the old-log-prob pass's ``entropy`` (rollout temperature, the update's
+        temperature) is put back, since the worker's output overwrites it."""
+        import transfer_queue as tq
+
+        from verl.workers.utils.padding import response_from_nested
+
+        kept = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["entropy"])
+        saved_info = dict(batch.extra_info)
+        batch.extra_info.update({"calculate_entropy": True, "compute_loss": False, "temperature": temperature})
+        try:
+            output = self.actor_rollout_wg.compute_log_prob(batch)
+            assert len(output) == len(batch)
+        finally:
+            batch.extra_info.clear()
+            batch.extra_info.update(saved_info)
+        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["entropy", "response_mask"])
+        data[EDA_ENTROPY_KEY] = response_from_nested(data.pop("entropy"), data["response_mask"])
+        data["entropy"] = kept["entropy"]
+        tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=data.select(EDA_ENTROPY_KEY, "entropy"))
+
+    def _compute_advantage(self, batch, metrics: dict):
+        timing = getattr(self, "timing_raw", None)
+        if timing is None:
+            timing = {}
+        if self._heal_batch_mask:
+            with marked_timer("heal_high_entropy_mask", timing, color="purple"):
+                self._apply_high_entropy_mask(batch, metrics)
+        if self.heal_settings.enable and self.heal_settings.eda is not None:
             with marked_timer("heal_eda", timing, color="purple"):
                 batch = self._apply_heal_reward(batch, metrics)
         return super()._compute_advantage(batch, metrics)
+
+    def _apply_high_entropy_mask(self, batch, metrics: dict) -> None:
+        """``heal.high_entropy_scope: batch``: the top-``rho`` entropy tokens over the whole batch's response
+        tokens (old-log-prob entropies, rollout temperature = the update's entropies on-policy), shipped
+        per token as :data:`~heal.integrations.verl.losses.HIGH_ENTROPY_MASK_KEY` with the batch's count."""
+        import transfer_queue as tq
+        from tensordict import TensorDict
+
+        from heal.integrations.verl.losses import (
+            DEFAULT_HIGH_ENTROPY_RATIO,
+            HIGH_ENTROPY_MASK_KEY,
+            HIGH_ENTROPY_TOTAL_KEY,
+            top_entropy_mask,
+        )
+        from verl.workers.utils.padding import response_to_nested
+
+        rho = float(self.config.actor_rollout_ref.actor.policy_loss.get("high_entropy_ratio", DEFAULT_HIGH_ENTROPY_RATIO))
+        td = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["entropy", "response_mask"])
+        response_mask = td["response_mask"]
+        padded = td.to_padded_tensor()
+        valid = padded["response_mask"].bool()
+        rows = torch.tensor([not tag.get("is_padding", False) for tag in batch.tags], dtype=torch.bool)
+        valid = valid & rows.to(valid.device)[:, None]
+        he_mask, threshold = top_entropy_mask(padded["entropy"], valid, rho)
+        total = int(he_mask.sum())
+        out = {
+            HIGH_ENTROPY_MASK_KEY: response_to_nested(he_mask.to(torch.float32), response_mask),
+            HIGH_ENTROPY_TOTAL_KEY: torch.full((len(batch),), float(total), dtype=torch.float32),
+        }
+        tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=TensorDict(out, batch_size=len(batch)))
+        n_valid = int(valid.sum())
+        metrics["heal/high_entropy_threshold"] = threshold
+        metrics["heal/high_entropy_selected"] = float(total)
+        metrics["heal/high_entropy_frac"] = total / n_valid if n_valid else 0.0
 
     def _apply_heal_reward(self, batch, metrics: dict):
         """Read the batch from the TransferQueue, :func:`shape_scores` it, write the scores back."""
@@ -236,7 +374,10 @@ class HealPPOTrainerSync(PPOTrainerSync):
 
         t0 = time.perf_counter()
         fields = ["response_mask", "rm_scores", "data_source", "uid"]
-        fields.append("entropy" if self.heal_settings.eda.entropy_source == "actor" else self.heal_settings.rollout_topk_field)
+        if self._eda_needs_extra_pass():
+            fields.append(EDA_ENTROPY_KEY)
+        else:
+            fields.append("entropy" if self.heal_settings.eda.entropy_source == "actor" else self.heal_settings.rollout_topk_field)
         td = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
         response_mask = td["response_mask"]
         non_tensor = {
@@ -244,9 +385,14 @@ class HealPPOTrainerSync(PPOTrainerSync):
             "data_source": np.array(_as_list(td.pop("data_source")), dtype=object),
         }
         data = DataProto(batch=td.to_padded_tensor(), non_tensor_batch=non_tensor)
-        row_mask = [not tag.get("is_padding", False) for tag in batch.tags]
+        # verl's padding rows are left out; so are the non-final outputs of multi-turn conversations
+        # (verl's GRPO scores only each conversation's final output)
+        final = final_output_rows(batch.keys)
+        row_mask = [bool(final[i]) and not tag.get("is_padding", False) for i, tag in enumerate(batch.tags)]
+        temperature = self.heal_entropy_temperature if self.heal_settings.eda.entropy_source == "actor" else None
         step_metrics = shape_scores(
-            data, self.heal_settings, score_key="rm_scores", row_mask=row_mask, step=int(getattr(self, "global_steps", 0))
+            data, self.heal_settings, score_key="rm_scores", row_mask=row_mask,
+            step=int(getattr(self, "global_steps", 0)), entropy_temperature=temperature,
         )
 
         out = {
@@ -256,8 +402,24 @@ class HealPPOTrainerSync(PPOTrainerSync):
         }
         tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=TensorDict(out, batch_size=len(batch)))
         step_metrics["heal/time_s"] = time.perf_counter() - t0
+        step_metrics["heal/eda_rows"] = float(sum(row_mask))
+        step_metrics["heal/non_final_rows"] = float(int((~final).sum()))
+        if temperature is not None:
+            step_metrics["heal/entropy_temperature"] = float(temperature)
         metrics.update(step_metrics)
         return batch
+
+
+def _tell_the_loss_batch_scope(config) -> None:
+    """Set ``actor_rollout_ref.actor.policy_loss.high_entropy_scope=batch`` (heal's policy-loss config) so
+    that the loss fails loudly if the driver's mask ever does not reach it."""
+    from omegaconf import open_dict
+
+    pl = config.actor_rollout_ref.actor.policy_loss
+    if str(pl.get("_target_", "")) != "heal.integrations.verl.losses.HealPolicyLossConfig":
+        return  # verl's own PolicyLossConfig has no such key; the loss still uses the shipped mask
+    with open_dict(pl):
+        pl.high_entropy_scope = "batch"
 
 
 def register() -> None:
