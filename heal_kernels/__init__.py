@@ -2,6 +2,9 @@
 
 * :func:`token_entropy`, :func:`entropy_and_logprobs` -- per-token entropy and label log-probs
   straight from logits, forward and backward, never materialising probabilities.
+* :func:`linear_entropy_and_logprobs`, :func:`linear_token_entropy` -- the same straight from hidden
+  states and a linear head (``hidden @ weight.T + bias``), one block of logits at a time: never
+  ``[tokens x vocab]``; optionally over a vocabulary-parallel process group.
 * :func:`pairwise_similarity`, :func:`grouped_max_similarity` -- all-pairs interpolated
   softmax-KL (or HTI / PL) between ragged entropy sequences, with the EDA reductions fused in.
 
@@ -13,11 +16,14 @@ triton is imported (the Triton interpreter; slow, for tests).
 """
 
 from heal_kernels.ops.entropy import entropy_and_logprobs, token_entropy
+from heal_kernels.ops.linear import linear_entropy_and_logprobs, linear_token_entropy
 from heal_kernels.ops.pairwise import grouped_max_similarity, pairwise_similarity
 
 __all__ = [
     "token_entropy",
     "entropy_and_logprobs",
+    "linear_entropy_and_logprobs",
+    "linear_token_entropy",
     "pairwise_similarity",
     "grouped_max_similarity",
 ]

@@ -4,6 +4,8 @@ Nothing here is fast. Every kernel (Triton, C++, chunked torch) is tested agains
 functions on fresh random inputs. They follow ``DESIGN.md`` section 3 literally:
 
 * :func:`entropy_and_logprobs` -- token entropy and label log-probabilities from logits.
+* :func:`linear_entropy_and_logprobs` -- the same from hidden states and a linear head
+  (``logits = hidden @ weight.T + bias``), literally materialising the logits.
 * :func:`nearest_indices` -- the nearest-neighbour index rule of ``F.interpolate(mode="nearest")``.
 * :func:`kl_similarity`, :func:`hti_similarity`, :func:`pl_similarity` -- one pair, literally as the
   reference EDA implementation / the paper's appendix A.2 (eqs. 9-11) compute it.
@@ -21,6 +23,7 @@ import torch.nn.functional as F
 __all__ = [
     "entropy_and_logprobs",
     "token_entropy",
+    "linear_entropy_and_logprobs",
     "nearest_indices",
     "stretch",
     "kl_similarity",
@@ -66,6 +69,25 @@ def entropy_and_logprobs(
 
 def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     return entropy_and_logprobs(logits, None, temperature)[0]
+
+
+def linear_entropy_and_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: Optional[torch.Tensor] = None,
+    temperature: float = 1.0,
+    bias: Optional[torch.Tensor] = None,
+):
+    """Float64 :func:`entropy_and_logprobs` of ``logits = hidden @ weight.T (+ bias)``.
+
+    ``hidden[..., D]``, ``weight[V, D]``, ``bias[V]``; the matmul is done in float64 on float64
+    copies of the inputs, so the result is the exact value for the given (possibly bf16/fp16)
+    input values. Differentiable w.r.t. all three (autograd in float64).
+    """
+    logits = hidden.to(torch.float64) @ weight.to(torch.float64).T
+    if bias is not None:
+        logits = logits + bias.to(torch.float64)
+    return entropy_and_logprobs(logits, labels, temperature)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import importlib
 
-HELP = ("time heal's ops against the baselines (entropy, eda, reward), the code sandbox (sandbox), predict the "
-        "Triton kernels' GPU speed without a GPU (static); write benchmarks/results/")
+HELP = ("time heal's ops against the baselines (entropy, linear, eda, reward), the code sandbox (sandbox), predict "
+        "the Triton kernels' GPU speed without a GPU (static); write benchmarks/results/")
 
 # benchmark name -> module; each module has add_arguments(parser) and run(args) -> int
 BENCHMARKS = {
     "entropy": ("heal.bench.entropy", "token entropy + log-probs from logits vs PyTorch / torch.compile / verl"),
+    "linear": ("heal.bench.linear", "entropy + log-probs from hidden states and a linear head vs unfused / verl / Liger"),
     "eda": ("heal.bench.eda", "all-pairs entropy-dynamics similarity + EDA reductions vs the reference loop"),
     "reward": ("heal.bench.reward_step", "the trainer's whole EDA reward step for a full batch"),
     "sandbox": ("heal.bench.sandbox", "runs/s of the code sandbox: kernel isolation (+ pool) vs the process-only path"),

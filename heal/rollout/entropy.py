@@ -9,11 +9,12 @@ Memory stays bounded by two knobs:
 
 * ``token_budget``: sequences are sorted by length and grouped so that each forward pass holds at
   most ``token_budget`` (padded) tokens (a single longer sequence runs alone);
-* ``logits_chunk``: for architectures whose logits are ``lm_head(last_hidden_state)`` (Llama,
-  Qwen2/3, Mistral, SmolLM, ... i.e. no logit soft-capping / scaling in the config), only the hidden
-  states of completion positions are projected, at most ``logits_chunk`` rows at a time, so the
-  ``[tokens, vocab]`` logits never exist for the whole batch. Other models fall back to the full
-  ``model(...).logits`` of each forward group.
+* ``logits_chunk``: for architectures whose logits are ``lm_head(last_hidden_state)`` with a plain
+  linear head (Llama, Qwen2/3, Mistral, SmolLM, ... i.e. no logit soft-capping / scaling in the
+  config; :func:`linear_head_split`), only the hidden states of completion positions go to
+  :func:`heal_kernels.linear_token_entropy`, which projects them one ``[logits_chunk x 4096]`` block
+  of logits at a time, so the ``[tokens, vocab]`` logits never exist. Other models fall back to the
+  full ``model(...).logits`` of each forward group.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 from heal.rollout.base import Completion
 
-__all__ = ["completion_entropies", "plan_batches", "token_entropy_fn"]
+__all__ = ["completion_entropies", "plan_batches", "token_entropy_fn", "linear_head_split"]
 
 _LOGIT_MODIFIERS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
@@ -57,19 +58,31 @@ def plan_batches(lengths: Sequence[int], token_budget: int) -> List[List[int]]:
     return groups
 
 
-def _head_split(model: Any) -> Optional[Tuple[Any, Any]]:
-    """``(decoder, lm_head)`` when ``logits == lm_head(decoder(...).last_hidden_state)``, else None."""
+def linear_head_split(model: Any) -> Optional[Tuple[Any, Any]]:
+    """``(decoder, lm_head)`` when ``logits == lm_head(decoder(...).last_hidden_state)`` with
+    ``lm_head`` a plain ``torch.nn.Linear`` (no soft-capping or scaling of the logits), else None."""
     import torch
 
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is a dependency of every caller
+        return None
+    if not isinstance(model, PreTrainedModel):  # e.g. a PEFT wrapper, whose base_model returns logits
+        return None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     base = getattr(model, "base_model", None)
     if head is None or base is None or base is model or not isinstance(head, torch.nn.Linear):
+        return None
+    if not isinstance(base, PreTrainedModel):
         return None
     cfg = getattr(model, "config", None)
     for key in _LOGIT_MODIFIERS:
         if getattr(cfg, key, None) not in (None, 1, 1.0):
             return None
     return base, head
+
+
+_head_split = linear_head_split  # the old private name
 
 
 def completion_entropies(
@@ -84,8 +97,10 @@ def completion_entropies(
 ) -> List["Any"]:
     """Per-token entropies (float32 CPU tensors, one per completion, in input order).
 
-    ``temperature`` must be > 0 (use 1.0 for greedy rollouts). ``entropy_fn(logits, temperature)``
-    defaults to ``heal_kernels.token_entropy``. The model runs in eval mode under ``no_grad``.
+    ``temperature`` must be > 0 (use 1.0 for greedy rollouts). With a plain linear head the
+    entropies come straight from the hidden states (:func:`heal_kernels.linear_token_entropy`); else,
+    or when ``entropy_fn(logits, temperature)`` is given, from the logits (default
+    ``heal_kernels.token_entropy``). The model runs in eval mode under ``no_grad``.
     """
     import torch
     from tqdm.auto import tqdm
@@ -94,6 +109,7 @@ def completion_entropies(
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if logits_chunk < 1:
         raise ValueError(f"logits_chunk must be >= 1, got {logits_chunk}")
+    from_hidden = entropy_fn is None
     entropy_fn = entropy_fn or token_entropy_fn()
     device = next(model.parameters()).device
     results: List[Any] = [torch.zeros(0, dtype=torch.float32) for _ in completions]
@@ -130,9 +146,16 @@ def completion_entropies(
                 if split is not None:
                     base, head = split
                     hidden = base(input_ids=ids, attention_mask=att).last_hidden_state[rows_t, cols_t]
-                    parts = [entropy_fn(head(hidden[s : s + logits_chunk]), temperature)
-                             for s in range(0, hidden.shape[0], logits_chunk)]
-                    ent = torch.cat(parts)
+                    if from_hidden:
+                        from heal_kernels import linear_token_entropy
+
+                        w = head.weight
+                        b = head.bias
+                        ent = linear_token_entropy(hidden.to(w.dtype), w, temperature, bias=b, chunk_tokens=logits_chunk)
+                    else:
+                        parts = [entropy_fn(head(hidden[s : s + logits_chunk]), temperature)
+                                 for s in range(0, hidden.shape[0], logits_chunk)]
+                        ent = torch.cat(parts)
                 else:
                     logits = model(input_ids=ids, attention_mask=att).logits
                     ent = entropy_fn(logits[rows_t, cols_t], temperature)

@@ -173,3 +173,27 @@ def test_make_backend_picks_transformers_without_vllm(model, tok):
     assert make_backend(model, tok, engine="auto", progress=False).name == "transformers"
     with pytest.raises(ValueError, match="engine"):
         make_backend(model, tok, engine="sglang")
+
+
+def test_linear_head_runs_the_fused_linear_op(model, tok, monkeypatch):
+    """A plain linear head: entropies come from the hidden states through
+    heal_kernels.linear_token_entropy (no logits tensor), equal to the logits path's."""
+    import heal_kernels
+    from heal.rollout.entropy import linear_head_split
+
+    assert linear_head_split(model) is not None
+    backend = TransformersBackend(model, tok, progress=False)
+    flat = [c for row in backend.generate(PROMPTS[:2], n=2, temperature=1.0, max_new_tokens=7, seed=5) for c in row]
+    calls = []
+    real = heal_kernels.linear_token_entropy
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(heal_kernels, "linear_token_entropy", spy)
+    fused = completion_entropies(model, flat, 0.9, progress=False)
+    assert calls, "the linear-head path did not use linear_token_entropy"
+    via_logits = completion_entropies(model, flat, 0.9, progress=False, entropy_fn=heal_kernels.token_entropy)
+    for x, y in zip(fused, via_logits):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)

@@ -376,6 +376,36 @@ def test_two_processes_gather_the_whole_batch(tmp_path):
     assert ranks[0]["data_sources"] == ranks[1]["data_sources"]
 
 
+def test_completion_entropies_from_hidden_states_match_logits_path(monkeypatch):
+    """A plain linear head: entropies and log-probs come from the hidden states through
+    heal_kernels.linear_entropy_and_logprobs, equal to the logits path's (and to the reference)."""
+    import heal_kernels
+    from heal.integrations.trl import trainer as trainer_mod
+
+    torch.manual_seed(2)
+    tokenizer = char_tokenizer()
+    model = tiny_causal_lm(tokenizer, seed=2).eval()
+    assert trainer_mod._linear_head(model) is not None
+    ids = torch.randint(3, 20, (3, 9))
+    am = torch.ones_like(ids)
+    am[0, :2] = 0
+    calls = []
+    real = heal_kernels.linear_entropy_and_logprobs
+
+    def spy(*args, **kwargs):
+        calls.append(tuple(args[0].shape))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(heal_kernels, "linear_entropy_and_logprobs", spy)
+    ent, lp = completion_entropies(model, ids, am, 4, temperature=0.7, batch_size=2, with_logprobs=True)
+    assert calls and calls[0][1] == 4, calls
+    monkeypatch.setattr(trainer_mod, "_linear_head", lambda m: None)
+    ent_l, lp_l = completion_entropies(model, ids, am, 4, temperature=0.7, batch_size=2, with_logprobs=True)
+    torch.testing.assert_close(ent, ent_l, rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(lp, lp_l, rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(ent.double(), _reference_entropies_at(model, ids, am, 4, 0.7), rtol=1e-5, atol=2e-5)
+
+
 def test_batch_level_high_entropy_mask(tmp_path):
     """top_entropy_quantile=0.2 with heal_high_entropy_scope='batch' (default): every loss call uses one
     threshold, the 80% quantile of the whole generation batch's completion-token entropies."""

@@ -135,7 +135,9 @@ def test_torchtitan_engine_binding_is_patched(dropin, monkeypatch):
     ({}, None),
     ({"actor_rollout_ref": {"actor": {"strategy": "megatron"}}}, ["strategy=megatron", "Megatron"]),
     ({"actor_rollout_ref": {"actor": {"strategy": "mindspeed"}}}, ["strategy=mindspeed"]),
-    ({"actor_rollout_ref": {"model": {"use_fused_kernels": True}}}, ["use_fused_kernels=true"]),
+    # verl's fused-kernel forwards run heal's fused linear op (heal.integrations.verl.fused_linear)
+    ({"actor_rollout_ref": {"model": {"use_fused_kernels": True}}}, None),
+    ({"actor_rollout_ref": {"actor": {"strategy": "megatron"}, "model": {"use_fused_kernels": True}}}, None),
     ({"actor_rollout_ref": {"actor": {"strategy": "torchtitan"}}}, None),
 ])
 def test_uncovered_path_notice_names_the_engine(overrides, names):
@@ -150,7 +152,7 @@ def test_uncovered_path_notice_names_the_engine(overrides, names):
         assert notice is not None and all(n in notice for n in names) and "verl's own code" in notice
 
 
-def test_uncovered_path_notice_is_logged_once_at_heal_sync_startup(caplog):
+def test_uncovered_path_notice_is_logged_once_at_heal_sync_startup(caplog, monkeypatch):
     from hydra import compose, initialize_config_dir
 
     from heal.integrations.verl.config_dir import config_dir
@@ -158,13 +160,15 @@ def test_uncovered_path_notice_is_logged_once_at_heal_sync_startup(caplog):
 
     with initialize_config_dir(config_dir=config_dir(), version_base=None):
         cfg = compose(config_name="paper_heal", overrides=[
-            "heal.fused_entropy=true", "actor_rollout_ref.model.use_fused_kernels=true",
+            "heal.fused_entropy=true",
             "data.train_files=[/x.parquet]", "data.val_files=[/y.parquet]"])
+    # megatron is not installed here: mark the config's own engine as uncovered to see the notice
+    monkeypatch.setitem(fused._UNCOVERED_STRATEGIES, "fsdp", "a test stand-in for an uncovered engine")
     fused._noticed.clear()
     with caplog.at_level("WARNING", logger="heal.integrations.verl.fused_entropy"):
         HealPPOTrainerSync(cfg)
         HealPPOTrainerSync(cfg)
-    hits = [r for r in caplog.records if "use_fused_kernels=true" in r.getMessage()]
+    hits = [r for r in caplog.records if "strategy=fsdp" in r.getMessage()]
     assert len(hits) == 1
 
 
@@ -179,11 +183,12 @@ def test_env_switch_notice_from_verls_own_trainer(caplog, monkeypatch):
     monkeypatch.setenv(fused.ENV_VAR, "1")
     with initialize_config_dir(config_dir=config_dir(), version_base=None):
         cfg = compose(config_name="paper_kl_cov", overrides=[
-            "actor_rollout_ref.model.use_fused_kernels=true", "data.train_files=[/x.parquet]", "data.val_files=[/y.parquet]"])
+            "data.train_files=[/x.parquet]", "data.val_files=[/y.parquet]"])
+    monkeypatch.setitem(fused._UNCOVERED_STRATEGIES, "fsdp", "a test stand-in for an uncovered engine")
     fused._noticed.clear()
     with caplog.at_level("WARNING", logger="heal.integrations.verl.fused_entropy"):
         get_trainer_cls("sync")(cfg)
-    assert any("use_fused_kernels=true" in r.getMessage() for r in caplog.records)
+    assert any("strategy=fsdp" in r.getMessage() for r in caplog.records)
     monkeypatch.setenv(fused.ENV_VAR, "0")
     fused._noticed.clear()
     caplog.clear()

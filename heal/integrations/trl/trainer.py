@@ -3,9 +3,15 @@
 What it changes in TRL's step (``_generate_and_score_completions``), and nothing else:
 
 1. The completion entropies: exact full-vocabulary token entropies of the policy at the
-   sampling temperature (``args.temperature``), from the policy's logits through heal's fused op,
-   on the same padded ``prompt + completion`` tensors TRL's own log-prob pass uses, row chunk by
-   row chunk (only ``[B, T]`` float32 entropies are kept).
+   sampling temperature (``args.temperature``), through heal's fused ops, on the same padded
+   ``prompt + completion`` tensors TRL's own log-prob pass uses, row chunk by row chunk (only
+   ``[B, T]`` float32 entropies are kept). When the model's head is a plain linear layer (the rule of
+   :func:`heal.rollout.entropy.linear_head_split`: a transformers model whose logits are
+   ``lm_head(last_hidden_state)``, no soft-capping or scaling) they come straight from the hidden
+   states of the completion positions (:func:`heal_kernels.linear_entropy_and_logprobs`): no
+   ``[tokens x vocab]`` logits exist; other models go through their logits
+   (:func:`heal_kernels.entropy_and_logprobs`). TRL's own training pass already scores completions
+   with its fused LM head (``fused_lm_head=True``), which does not materialise full logits either.
 
    * When TRL runs its no-grad old-log-prob pass (generation and optimisation misaligned, e.g.
      ``num_iterations > 1`` or ``steps_per_generation`` not dividing
@@ -86,6 +92,14 @@ def _entropy_and_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperatur
     return heal_kernels.entropy_and_logprobs(logits, labels, temperature=temperature)
 
 
+def _linear_head(model: torch.nn.Module):
+    """``(decoder, lm_head)`` of ``model`` (DDP-unwrapped) when its logits are a plain linear head of
+    the decoder's last hidden state, else None (:func:`heal.rollout.entropy.linear_head_split`)."""
+    from heal.rollout.entropy import linear_head_split
+
+    return linear_head_split(getattr(model, "module", model))
+
+
 @torch.no_grad()
 def completion_entropies(
     model: torch.nn.Module,
@@ -100,9 +114,11 @@ def completion_entropies(
     """Float32 ``[B, logits_to_keep]`` entropies of the next-token distributions of the last
     ``logits_to_keep`` tokens of ``input_ids`` (the completion), at ``temperature``.
 
-    One no-grad forward of ``model`` per chunk of ``batch_size`` rows; each chunk's logits
-    ``[rows, logits_to_keep, V]`` go straight into the fused op (:func:`heal_kernels.token_entropy`,
-    or :func:`heal_kernels.entropy_and_logprobs` with ``with_logprobs``) and are freed.
+    One no-grad forward of ``model`` per chunk of ``batch_size`` rows. With a plain linear head the
+    decoder's hidden states of the completion positions go to
+    :func:`heal_kernels.linear_entropy_and_logprobs` (no logits tensor); otherwise each chunk's
+    logits ``[rows, logits_to_keep, V]`` go into :func:`heal_kernels.token_entropy` (or
+    :func:`heal_kernels.entropy_and_logprobs` with ``with_logprobs``) and are freed.
     Position ``t`` holds the entropy of the distribution the completion's token ``t`` was sampled
     from (the logits at input position ``L - logits_to_keep + t - 1``).
 
@@ -122,9 +138,24 @@ def completion_entropies(
     bsz = input_ids.size(0)
     batch_size = max(int(batch_size), 1) if batch_size else max(bsz, 1)
     entropies, logprobs = [], []
+    split = _linear_head(model)
     for start in range(0, bsz, batch_size):
         ids = input_ids[start : start + batch_size]
         am = attention_mask[start : start + batch_size]
+        if split is not None:
+            import heal_kernels
+
+            decoder, head = split
+            hidden = decoder(input_ids=ids, attention_mask=am, use_cache=False).last_hidden_state
+            hidden = hidden[:, -(logits_to_keep + 1) : -1].to(head.weight.dtype)
+            ent, lp = heal_kernels.linear_entropy_and_logprobs(
+                hidden, head.weight, ids[:, -logits_to_keep:], temperature, bias=head.bias
+            )
+            if with_logprobs:
+                logprobs.append(lp.masked_fill(am[:, -logits_to_keep:] == 0, 0.0))
+            entropies.append(ent)
+            del hidden
+            continue
         # the original (unfused) forward: TRL's fused LM head only runs with fused_lm_head=True
         logits = model(input_ids=ids, attention_mask=am, logits_to_keep=logits_to_keep + 1, use_cache=False).logits
         logits = logits[:, -(logits_to_keep + 1) : -1]

@@ -21,10 +21,12 @@ the Ray workers with ``+ray_kwargs.ray_init.runtime_env.env_vars.HEAL_FUSED_ENTR
 
 Limits: verl asks for the entropy and the log-probs in two separate calls, so they are two passes
 over the logits (each fused and single-pass; verl's own path makes more). verl's
-``use_fused_kernels`` path (entropy/log-probs from hidden states inside the model's forward) and
-the Megatron / MindSpeed engines (vocab-parallel logits) do not go through these functions and are
-unchanged; :func:`uncovered_path_notice` names them, and ``heal_sync`` logs that notice once at
-start-up when ``heal.fused_entropy`` is on.
+``use_fused_kernels`` path (entropy/log-probs from hidden states inside the model's forward) does not
+go through these functions: :func:`use_fused_entropy` also routes it to heal's op
+(:mod:`heal.integrations.verl.fused_linear`), Megatron's fused forwards included. The Megatron /
+MindSpeed engines without ``use_fused_kernels`` (vocab-parallel logits) do not go through these
+functions and are unchanged; :func:`uncovered_path_notice` names them, and ``heal_sync`` logs that
+notice once at start-up when ``heal.fused_entropy`` is on.
 The replacements are excluded from ``torch.compile`` (``engine.use_torch_compile``) so that
 dynamo never traces into the kernel launcher.
 """
@@ -159,6 +161,9 @@ def use_fused_entropy() -> None:
             when_imported(mod_name, _on_engine_import)
         _hooked_engines[0] = True
     logger.info("heal: verl entropy/log-prob path routed to heal_kernels.entropy_and_logprobs")
+    from heal.integrations.verl.fused_linear import use_fused_linear
+
+    use_fused_linear()  # and verl's use_fused_kernels path (from hidden states): heal.integrations.verl.fused_linear
 
 
 _hooked_engines = [False]
@@ -173,6 +178,9 @@ def _on_engine_import(module) -> None:
 def restore_verl_entropy() -> None:
     """Put verl's own functions back everywhere :func:`use_fused_entropy` replaced them."""
     global _enabled
+    from heal.integrations.verl.fused_linear import restore_verl_fused_linear
+
+    restore_verl_fused_linear()
     with _lock:
         _enabled = False
         for mod_name in _ENGINE_MODULES:
@@ -196,8 +204,8 @@ _UNCOVERED_STRATEGIES = {
 def uncovered_path_notice(config) -> Optional[str]:
     """The start-up notice for a verl config whose actor would not use heal's fused op, else ``None``.
 
-    Names the engine (``actor_rollout_ref.actor.strategy``) or the path
-    (``actor_rollout_ref.model.use_fused_kernels``) that runs verl's own code instead."""
+    Names the engine (``actor_rollout_ref.actor.strategy``) that runs verl's own code instead; with
+    ``actor_rollout_ref.model.use_fused_kernels`` every engine is covered (by the fused linear drop-in)."""
 
     def get(path, default=None):
         node = config
@@ -209,13 +217,11 @@ def uncovered_path_notice(config) -> Optional[str]:
 
     reasons = []
     strategy = str(get("actor_rollout_ref.actor.strategy", "fsdp"))
-    if strategy in _UNCOVERED_STRATEGIES:
+    # use_fused_kernels=true runs verl's fused forwards, which heal routes to its fused linear op
+    # (heal.integrations.verl.fused_linear), the Megatron ones included
+    fused_kernels = bool(get("actor_rollout_ref.model.use_fused_kernels", False))
+    if strategy in _UNCOVERED_STRATEGIES and not fused_kernels:
         reasons.append(f"actor_rollout_ref.actor.strategy={strategy}: {_UNCOVERED_STRATEGIES[strategy]}")
-    if bool(get("actor_rollout_ref.model.use_fused_kernels", False)):
-        reasons.append(
-            "actor_rollout_ref.model.use_fused_kernels=true: verl's fused-kernel path computes entropy and "
-            "log-probs from hidden states inside the model's forward"
-        )
     if not reasons:
         return None
     return (

@@ -1,0 +1,278 @@
+// heal_kernels CPU kernels of the fused linear entropy / log-prob op (heal_kernels/ops/linear.py):
+// the two per-block steps between the matmuls, for one block of logits z[r, c] = hidden_chunk @
+// weight_block.T (+ bias) (float32 or bfloat16, row stride, contiguous columns).
+//
+// block_stats: per row, x = z / T, the block's (max mb, sum exp(x - mb), sum exp(x - mb) (x - mb))
+//   in one in-cache pass after a max pass, merged into the row's running state (m, s, t, x_label)
+//   (float32 [r, 4]); x_label takes x[label] when the row's label lies in this block.
+//   merge: M = max(m, mb), a = exp(m - M), b = exp(mb - M),
+//          s' = a s + b sb,  t' = a (t + s (m - M)) + b (tb + sb (mb - M))   (-inf states add nothing)
+// block_grad: per row, in place: z <- ( -p (g_H (x - mean) + g_lp) + g_lp onehot(label) ) / T with
+//   p = exp(x - lse), from the row's final (lse, mean, g_H, g_lp) (float32 [r, 4]); p = 0 entries
+//   (-inf logits) get exactly 0.
+// A NaN in a row makes its state NaN. Inputs are raw addresses (Python checks everything).
+#include <pybind11/pybind11.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define HEAL_AVX2 1
+#endif
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace {
+
+inline float bf16_to_f32(uint16_t h) {
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+
+// exp(u) for u <= 0, branch-free so that the loop vectorises (no libm call): Cody-Waite
+// reduction u = k ln2 + r, |r| <= ln2 / 2, degree-6 polynomial (about 2 ulp), 2^k by exponent
+// bits; 0 below -87 (and for -inf).
+__attribute__((always_inline)) inline float exp_nonpos(float u) {
+  const float uc = u < -87.0f ? -87.0f : u;
+  const float k = (uc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  float r = uc - k * 0.693145751953125f;
+  r = r - k * 1.428606765330187045e-06f;
+  float p = 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const float scale = __builtin_bit_cast(float, (static_cast<int32_t>(k) + 127) << 23);
+  return u < -87.0f ? 0.0f : p * scale;
+}
+
+#ifdef HEAL_AVX2
+// 8 lanes of exp_nonpos
+inline __m256 exp_nonpos8(__m256 u) {
+  const __m256 lo = _mm256_set1_ps(-87.0f);
+  const __m256 under = _mm256_cmp_ps(u, lo, _CMP_LT_OQ);  // also -inf
+  const __m256 uc = _mm256_max_ps(u, lo);
+  const __m256 k = _mm256_round_ps(_mm256_mul_ps(uc, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693145751953125f), uc);
+  r = _mm256_fnmadd_ps(k, _mm256_set1_ps(1.428606765330187045e-06f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 720.0f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(bits)));
+}
+
+inline float hsum8(__m256 v) {
+  __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  a = _mm_add_ps(a, _mm_movehl_ps(a, a));
+  a = _mm_add_ss(a, _mm_movehdup_ps(a));
+  return _mm_cvtss_f32(a);
+}
+#endif
+
+
+inline uint16_t f32_to_bf16(float f) {  // round to nearest even; NaN stays NaN
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+
+struct F32 {
+  using T = float;
+  static inline float load(const float* p, int64_t i) { return p[i]; }
+  static inline void store(float* p, int64_t i, float x) { p[i] = x; }
+};
+struct BF16 {
+  using T = uint16_t;
+  static inline float load(const uint16_t* p, int64_t i) { return bf16_to_f32(p[i]); }
+  static inline void store(uint16_t* p, int64_t i, float x) { p[i] = f32_to_bf16(x); }
+};
+
+constexpr int64_t kSumBlock = 1024;  // float partial sums per block, double across blocks
+
+template <class L>
+void stats_rows(uintptr_t block, int64_t n, int64_t v, int64_t stride_row, double temperature, uintptr_t labels,
+                uintptr_t state, int num_threads) {
+  using T = typename L::T;
+  const T* z = reinterpret_cast<const T*>(block);
+  const int64_t* lab = reinterpret_cast<const int64_t*>(labels);
+  float* st = reinterpret_cast<float*>(state);
+  const float inv_t = static_cast<float>(1.0 / temperature);
+  const float ninf = -std::numeric_limits<float>::infinity();
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+#pragma omp parallel num_threads(num_threads)
+  {
+    std::vector<float> buf(static_cast<size_t>(v));
+    float* x = buf.data();
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < n; ++r) {
+      const T* row = z + r * stride_row;
+      float* S = st + 4 * r;
+      float zmax = ninf;
+      int nans = 0;
+#pragma omp simd reduction(max : zmax) reduction(+ : nans)
+      for (int64_t i = 0; i < v; ++i) {
+        const float zi = L::load(row, i);
+        x[i] = zi;
+        nans += zi != zi;
+        zmax = zi > zmax ? zi : zmax;
+      }
+      if (lab) {
+        const int64_t k = lab[r];
+        if (k >= 0 && k < v) S[3] = x[k] * inv_t;
+      }
+      if (nans) {
+        S[0] = S[1] = S[2] = nan;
+        continue;
+      }
+      if (zmax == ninf) continue;  // the whole block row is masked: nothing to merge
+      const float mb = zmax * inv_t;
+      double sd = 0.0, td = 0.0;
+      for (int64_t b = 0; b < v; b += kSumBlock) {
+        const int64_t end = b + kSumBlock < v ? b + kSumBlock : v;
+        float sa[8] = {0, 0, 0, 0, 0, 0, 0, 0}, ta[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        int64_t i = b;
+#ifdef HEAL_AVX2
+        {
+          const __m256 tv = _mm256_set1_ps(inv_t), mv = _mm256_set1_ps(mb), zero = _mm256_setzero_ps();
+          __m256 vs = zero, vt = zero;
+          for (; i + 8 <= end; i += 8) {
+            const __m256 u = _mm256_sub_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), tv), mv);
+            const __m256 e = exp_nonpos8(u);
+            vs = _mm256_add_ps(vs, e);
+            vt = _mm256_add_ps(vt, _mm256_and_ps(_mm256_cmp_ps(e, zero, _CMP_GT_OQ), _mm256_mul_ps(e, u)));
+          }
+          sa[0] = hsum8(vs);
+          ta[0] = hsum8(vt);
+        }
+#endif
+        for (; i + 8 <= end; i += 8) {
+          for (int j = 0; j < 8; ++j) {
+            const float u = x[i + j] * inv_t - mb;
+            const float e = exp_nonpos(u);
+            sa[j] += e;
+            ta[j] += e > 0.0f ? e * u : 0.0f;
+          }
+        }
+        for (; i < end; ++i) {
+          const float u = x[i] * inv_t - mb;
+          const float e = exp_nonpos(u);
+          sa[0] += e;
+          ta[0] += e > 0.0f ? e * u : 0.0f;
+        }
+        for (int j = 0; j < 8; ++j) {
+          sd += sa[j];
+          td += ta[j];
+        }
+      }
+      const float sb = static_cast<float>(sd), tb = static_cast<float>(td);
+      const float m = S[0], s = S[1], t = S[2];
+      if (m != m) continue;  // NaN state stays NaN
+      if (m == ninf) {
+        S[0] = mb;
+        S[1] = sb;
+        S[2] = tb;
+      } else if (mb > m) {
+        const float d = m - mb, a = std::exp(d);
+        S[0] = mb;
+        S[1] = a * s + sb;
+        S[2] = a * (t + s * d) + tb;
+      } else {
+        const float d = mb - m, b = std::exp(d);
+        S[1] = s + b * sb;
+        S[2] = t + b * (tb + sb * d);
+      }
+    }
+  }
+}
+
+template <class L>
+void grad_rows(uintptr_t block, int64_t n, int64_t v, int64_t stride_row, double temperature, uintptr_t labels,
+               uintptr_t coef, int num_threads) {
+  using T = typename L::T;
+  T* z = reinterpret_cast<T*>(block);
+  const int64_t* lab = reinterpret_cast<const int64_t*>(labels);
+  const float* cf = reinterpret_cast<const float*>(coef);
+  const float inv_t = static_cast<float>(1.0 / temperature);
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+#pragma omp parallel num_threads(num_threads)
+  {
+    std::vector<float> buf(static_cast<size_t>(v));
+    float* x = buf.data();
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < n; ++r) {
+      T* row = z + r * stride_row;
+      const float lse = cf[4 * r], mean = cf[4 * r + 1], gh = cf[4 * r + 2], glp = cf[4 * r + 3];
+      for (int64_t i = 0; i < v; ++i) x[i] = L::load(row, i);
+      int64_t i = 0;
+#ifdef HEAL_AVX2
+      {
+        const __m256 tv = _mm256_set1_ps(inv_t), lv = _mm256_set1_ps(lse), ghv = _mm256_set1_ps(gh);
+        const __m256 kv = _mm256_set1_ps(glp), mnv = _mm256_set1_ps(mean), ntv = _mm256_set1_ps(-inv_t), zero = _mm256_setzero_ps();
+        for (; i + 8 <= v; i += 8) {
+          const __m256 u = _mm256_mul_ps(_mm256_loadu_ps(x + i), tv);
+          const __m256 p = exp_nonpos8(_mm256_sub_ps(u, lv));
+          const __m256 d = _mm256_mul_ps(_mm256_mul_ps(p, _mm256_fmadd_ps(ghv, _mm256_sub_ps(u, mnv), kv)), ntv);
+          _mm256_storeu_ps(x + i, _mm256_and_ps(_mm256_cmp_ps(p, zero, _CMP_GT_OQ), d));
+        }
+      }
+#endif
+      for (; i < v; ++i) {
+        const float u = x[i] * inv_t;
+        const float p = exp_nonpos(u - lse);
+        x[i] = p > 0.0f ? -p * (gh * (u - mean) + glp) * inv_t : 0.0f;
+      }
+      if (lab) {
+        const int64_t kk = lab[r];
+        if (kk >= 0 && kk < v) x[kk] += glp * inv_t;
+      }
+      if (!std::isfinite(lse) || !std::isfinite(mean)) {
+        for (int64_t j = 0; j < v; ++j) x[j] = nan;
+      }
+      for (int64_t j = 0; j < v; ++j) L::store(row, j, x[j]);
+    }
+  }
+}
+
+// dtype: 0 float32, 1 bfloat16
+void block_stats(uintptr_t block, int dtype, int64_t n, int64_t v, int64_t stride_row, double temperature,
+                 uintptr_t labels, uintptr_t state, int num_threads) {
+  pybind11::gil_scoped_release release;
+  if (dtype == 0)
+    stats_rows<F32>(block, n, v, stride_row, temperature, labels, state, num_threads);
+  else
+    stats_rows<BF16>(block, n, v, stride_row, temperature, labels, state, num_threads);
+}
+
+void block_grad(uintptr_t block, int dtype, int64_t n, int64_t v, int64_t stride_row, double temperature,
+                uintptr_t labels, uintptr_t coef, int num_threads) {
+  pybind11::gil_scoped_release release;
+  if (dtype == 0)
+    grad_rows<F32>(block, n, v, stride_row, temperature, labels, coef, num_threads);
+  else
+    grad_rows<BF16>(block, n, v, stride_row, temperature, labels, coef, num_threads);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("block_stats", &block_stats, "merge one logits block's per-row softmax statistics (raw addresses)");
+  m.def("block_grad", &block_grad, "turn one logits block into its gradient in place (raw addresses)");
+}
