@@ -32,6 +32,7 @@ __all__ = ["load_extension", "load_pairwise", "csrc_dir", "extension_flags", "EX
 EXTENSIONS = {
     "heal_entropy": ["entropy.cpp"],
     "heal_pairwise": ["pairwise.cpp"],
+    "heal_linear": ["linear.cpp"],
 }
 
 _LOCK = threading.Lock()

@@ -142,9 +142,9 @@ _CPP_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 def _cpp_ext(z: torch.Tensor):
     if z.device.type != "cpu" or z.dtype not in _CPP_DTYPES or z.stride(1) != 1:
         return None
-    from heal_kernels.cpu import load_extension
+    from heal_kernels.cpu import EXTENSIONS, load_extension
 
-    return load_extension("heal_linear", ["linear.cpp"])
+    return load_extension("heal_linear", EXTENSIONS["heal_linear"])
 
 
 def _block_stats(backend, z, labels, state, inv_t):

@@ -29,7 +29,7 @@ def test_json_output_reports_real_versions_and_devices(capsys):
     assert len(info["torch"]["devices"]) == (torch.cuda.device_count() if torch.cuda.is_available() else 0)
     for dev in info["torch"]["devices"]:
         assert dev["capability"].startswith("sm_")
-    assert {e["name"] for e in info["cpp"]["extensions"]} == {"heal_entropy", "heal_pairwise"}
+    assert {e["name"] for e in info["cpp"]["extensions"]} == {"heal_entropy", "heal_pairwise", "heal_linear"}
 
 
 def test_text_report_names_every_package(capsys):
