@@ -167,8 +167,9 @@ class VLLMBackend:
     transformers copy of the policy computes them in :func:`heal.rollout.generate_rollouts`).
     ``progress``: vLLM's progress bar. ``llm_kwargs`` go to ``vllm.LLM`` (``dtype``,
     ``gpu_memory_utilization``, ``max_model_len``, ...). On vLLM's CPU build ``kv_cache_memory_bytes``
-    defaults to 1 GiB (vLLM's own start-up estimate of free memory can be wrong in containers) and
-    ``VLLM_HOST_IP`` to 127.0.0.1.
+    defaults to 1 GiB (vLLM's own start-up estimate of free memory can be wrong in containers),
+    ``enforce_eager`` to True (torch.compile's warm-up takes minutes on a small CPU machine, longer
+    than a short selection run) and ``VLLM_HOST_IP`` to 127.0.0.1.
     """
 
     name = "vllm"
@@ -197,6 +198,7 @@ class VLLMBackend:
             kwargs.setdefault("seed", 0)
             if _on_cpu_platform():
                 kwargs.setdefault("kv_cache_memory_bytes", 1 << 30)
+                kwargs.setdefault("enforce_eager", True)
                 os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
             if entropy == "processor":
                 procs = list(kwargs.pop("logits_processors", None) or [])
