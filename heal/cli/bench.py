@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import importlib
 
-HELP = "time heal's ops against the baselines (entropy, eda, reward) and the code sandbox (sandbox); write benchmarks/results/"
+HELP = ("time heal's ops against the baselines (entropy, eda, reward), the code sandbox (sandbox) and the "
+        "rollout engines (rollout); write benchmarks/results/")
 
 # benchmark name -> module; each module has add_arguments(parser) and run(args) -> int
 BENCHMARKS = {
@@ -12,6 +13,8 @@ BENCHMARKS = {
     "eda": ("heal.bench.eda", "all-pairs entropy-dynamics similarity + EDA reductions vs the reference loop"),
     "reward": ("heal.bench.reward_step", "the trainer's whole EDA reward step for a full batch"),
     "sandbox": ("heal.bench.sandbox", "runs/s of the code sandbox: kernel isolation (+ pool) vs the process-only path"),
+    "rollout": ("heal.bench.rollout", "rollouts + exact entropies: vLLM + heal's processor vs vLLM + teacher-forced "
+                "pass vs transformers generate + pass (needs vLLM)"),
 }
 
 
