@@ -48,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--prompts", type=int, default=12, help="how many of the 12 built-in questions (default all)")
     a("--dtype", default="float32", choices=["float32", "bfloat16"], help="model dtype, all methods (default float32)")
     a("--seed", type=int, default=0)
+    a("--repeats", type=int, default=3,
+      help="timed generate calls per vLLM method, median reported (default 3; transformers runs once: it is "
+           "several times slower and the machine's load moves single runs by 2x)")
     a("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     a("--out-dir", default=None, help="results folder (default benchmarks/results)")
     a("--no-write", action="store_true", help="print the table only, write no files")
@@ -95,9 +98,34 @@ def _child(args) -> int:
         backend = TransformersBackend(hf, tok, prompts_per_batch=len(prompts), progress=False)
     out["startup_s"] = time.perf_counter() - t0
     out["torch_threads"] = torch.get_num_threads()
-    t0 = time.perf_counter()
-    groups = backend.generate(prompts, **kw)
-    out["generate_s"] = time.perf_counter() - t0
+    apply_time = {"s": 0.0, "calls": 0}
+    if method == "vllm_processor":  # time spent inside the processor (in-process engine: patch the class)
+        from heal.rollout import vllm_entropy
+
+        inner = vllm_entropy.EntropyProcessor.apply
+
+        def timed_apply(self, logits):
+            t = time.perf_counter()
+            try:
+                return inner(self, logits)
+            finally:
+                apply_time["s"] += time.perf_counter() - t
+                apply_time["calls"] += 1
+
+        vllm_entropy.EntropyProcessor.apply = timed_apply
+    times, applies = [], []
+    for _ in range(max(1, args.repeats) if method.startswith("vllm") else 1):
+        apply_time.update(s=0.0, calls=0)
+        t0 = time.perf_counter()
+        groups = backend.generate(prompts, **kw)
+        times.append(time.perf_counter() - t0)
+        applies.append(apply_time["s"])
+    order = sorted(range(len(times)), key=times.__getitem__)
+    mid = order[len(order) // 2]
+    out["generate_s"] = times[mid]
+    out["generate_all_s"] = times
+    out["processor_s"] = applies[mid] if method == "vllm_processor" else 0.0
+    out["processor_steps"] = apply_time["calls"]
     flat = [c for r in groups for c in r]
     t0 = time.perf_counter()
     if method != "vllm_processor":
@@ -144,7 +172,7 @@ def run(args) -> int:
                    "bench", "rollout", "--_child", m, "--_child_out", path,
                    "--_model_dir", model_dir, "--samples", str(args.samples), "--max-new-tokens",
                    str(args.max_new_tokens), "--temperature", str(args.temperature), "--prompts", str(args.prompts),
-                   "--dtype", args.dtype, "--seed", str(args.seed)]
+                   "--dtype", args.dtype, "--seed", str(args.seed), "--repeats", str(args.repeats)]
             print(f"heal bench rollout: {LABELS[m]} ...", flush=True)
             t0 = time.perf_counter()
             proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -180,10 +208,12 @@ def run(args) -> int:
     rows = []
     for m, r in results.items():
         rows.append({"method": LABELS[m], "startup_s": r["startup_s"], "generate_s": r["generate_s"],
+                     "generate_runs_s": " / ".join(f"{t:.1f}" for t in r["generate_all_s"]),
+                     "in_processor_s": r["processor_s"] if m == "vllm_processor" else None,
                      "entropy_pass_s": r["entropy_pass_s"], "rollout_s": r["rollout_s"], "tokens": r["tokens"],
                      "tokens_per_s": r["tokens_per_s"], "peak_rss_mib": r["peak_rss_mib"],
                      "entropy_max_abs_diff": agreement[m]["max_abs"], "entropy_mean_abs_diff": agreement[m]["mean_abs"]})
-    cols = ["method", "startup_s", "generate_s", "entropy_pass_s", "rollout_s", "tokens", "tokens_per_s",
+    cols = ["method", "startup_s", "generate_s", "generate_runs_s", "in_processor_s", "entropy_pass_s", "rollout_s", "tokens", "tokens_per_s",
             "peak_rss_mib", "entropy_max_abs_diff", "entropy_mean_abs_diff"]
     table = harness.markdown_table(rows, cols)
     import vllm
@@ -195,7 +225,9 @@ def run(args) -> int:
             f"{harness.device_name(cpu)}, torch {torch.__version__}, vLLM {vllm.__version__}. "
             f"Load average (1 min) {load_before[0]:.1f} before, {load_after[0]:.1f} after, on {os.cpu_count()} cores "
             "(a shared machine: times move with the load). Each method in its own process; `rollout_s` = "
-            "generation + entropy pass; `tokens_per_s` = generated tokens / rollout_s; `peak_rss_mib` = the "
+            "generation + entropy pass (vLLM: the median of the `generate_runs_s`, same seed each time); "
+            "`in_processor_s` = time inside heal's processor during that run (all its steps); "
+            "`tokens_per_s` = generated tokens / rollout_s; `peak_rss_mib` = the "
             "process's peak resident memory; entropy differences are against the transformers teacher-forced "
             "pass (float32) over the same completions.\n")
     note = ("\nThe entropy differences of the two teacher-forced methods are 0 by construction (they are the "
