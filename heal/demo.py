@@ -4,8 +4,11 @@
    (or ``model_path``), with transformers (``gguf_file=``; the weights are de-quantised to float32);
 2. samples ``samples`` responses for each of the built-in questions (``heal/data/builtin``): 6 math
    questions (the *target* domain) and 6 commonsense multiple-choice questions (the *general* domain);
+   with transformers ``generate`` (default) or vLLM (``backend="vllm"``; the GGUF is converted once to
+   a transformers folder for it);
 3. computes the exact per-token entropies of every response at the sampling temperature with
-   heal's fused op (teacher-forced forward pass, :mod:`heal.rollout`);
+   heal's fused op (transformers: teacher-forced forward pass; vLLM: captured while it samples by
+   heal's logits processor, :mod:`heal.rollout`);
 4. scores the answers (:func:`heal.scoring.compute_score`), runs the general-domain selection
    (:mod:`heal.selection`, top ``top_k``) and the EDA reward over the whole batch (:func:`heal.eda_reward`);
 5. writes ``report.md`` + ``entropy_dynamics.png`` + ``distance_heatmap.png`` + ``selection.png``
@@ -47,8 +50,11 @@ class DemoConfig:
     min_length: int = 16
     threads: Optional[int] = None
     prompts_per_batch: int = 6
+    backend: str = "transformers"
 
     def validate(self) -> "DemoConfig":
+        if self.backend not in ("transformers", "vllm"):
+            raise ValueError(f"backend must be 'transformers' or 'vllm', got {self.backend!r}")
         if self.samples < 2:
             raise ValueError(f"samples must be >= 2 (selection and EDA compare trajectories), got {self.samples}")
         if self.max_new_tokens < 1:
@@ -208,6 +214,12 @@ def run_demo(
     cfg = (config or DemoConfig()).validate()
     if (model is None) != (tokenizer is None):
         raise ValueError("pass both model and tokenizer, or neither")
+    if cfg.backend == "vllm":
+        from heal.rollout.vllm import require_vllm
+
+        require_vllm("heal demo --backend vllm")
+        if model is not None:
+            raise ValueError("backend 'vllm' loads the model itself: pass model_path, not model/tokenizer")
     t_start = time.perf_counter()
     cpu_start = time.process_time()
     timings: Dict[str, float] = {}
@@ -216,7 +228,19 @@ def run_demo(
     torch.set_num_threads(max(1, int(threads)))
     try:
         os.makedirs(output_dir, exist_ok=True)
-        if model is None:
+        vllm_backend = None
+        if cfg.backend == "vllm":
+            from heal.rollout.vllm import VLLMBackend, prepare_model_folder
+
+            path = model_path or find_smollm2_gguf()
+            log(f"heal demo: starting vLLM with {path if model_path else MODEL_NAME} ...")
+            t0 = time.perf_counter()
+            vllm_backend = VLLMBackend(prepare_model_folder(path, log=log), progress=progress)
+            tokenizer = vllm_backend.tokenizer
+            timings["load_model_s"] = time.perf_counter() - t0
+            model_name = MODEL_NAME if not model_path else os.path.basename(os.path.normpath(model_path))
+            model_name += ", vLLM"
+        elif model is None:
             path = model_path or find_smollm2_gguf()
             log(f"heal demo: loading {path if model_path else MODEL_NAME} ...")
             t0 = time.perf_counter()
@@ -235,7 +259,10 @@ def run_demo(
         log(f"heal demo: {len(rows)} questions x {cfg.samples} samples, temperature {cfg.temperature}, "
             f"<= {cfg.max_new_tokens} new tokens, {torch.get_num_threads()} threads")
         t0 = time.perf_counter()
-        backend = TransformersBackend(model, tokenizer, prompts_per_batch=cfg.prompts_per_batch, progress=progress)
+        backend = vllm_backend or TransformersBackend(model, tokenizer, prompts_per_batch=cfg.prompts_per_batch,
+                                                      progress=progress)
+        if vllm_backend is not None and not vllm_backend.captures_entropy:  # fallback: teacher-forced pass
+            model, _ = load_model(model_path or find_smollm2_gguf())
         groups = generate_rollouts(backend, [r["prompt"] for r in rows], entropy_model=model, n=cfg.samples,
                                    temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
                                    seed=cfg.seed, progress=progress)
@@ -347,7 +374,9 @@ def _report_markdown(cfg, model_name, rows, target_rows, general_rows, trajs, st
           f"at most {cfg.max_new_tokens} new tokens, seed {cfg.seed}, {threads} CPU thread{'s' if threads != 1 else ''}. "
           f"Target domain: {len(target_rows)} math questions; general domain: {len(general_rows)} "
           "commonsense multiple-choice questions (heal/data/builtin). Entropies: exact full-vocabulary "
-          "token entropies at the sampling temperature (teacher-forced pass, `heal_kernels.token_entropy`).", ""]
+          "token entropies at the sampling temperature (`heal_kernels.token_entropy`; "
+          + ("captured while vLLM sampled, by heal's logits processor)." if cfg.backend == "vllm"
+             else "teacher-forced pass).") + f" Rollouts: {cfg.backend}.", ""]
     L += ["Wall time: " + ", ".join(f"{k[:-2].replace('_', ' ')} {v:.1f} s" for k, v in timings.items()
                                     if k != "process_cpu_s")
           + f" (process CPU time {timings.get('process_cpu_s', float('nan')):.1f} s).", ""]

@@ -225,7 +225,7 @@ def score_questions(
     rows: Sequence[Mapping[str, Any]],
     backend: Any,
     *,
-    entropy_model: Any,
+    entropy_model: Any = None,
     n: int = 8,
     temperature: float = 0.7,
     max_new_tokens: int = 1024,
@@ -239,6 +239,7 @@ def score_questions(
     progress: bool = True,
     stop_after: Optional[int] = None,
     on_question: Optional[Callable[[QuestionStats], None]] = None,
+    entropy_temperature: Any = "sampling",
 ) -> List[QuestionStats]:
     """Selection statistics for every row (verl schema: ``data_source``, ``prompt``,
     ``reward_model.ground_truth``, ``extra_info``), in row order.
@@ -247,7 +248,10 @@ def score_questions(
     ``questions_per_batch`` questions at a time; each finished question is written to the cache
     at once. ``stop_after``: stop after scoring that many *new* questions (for tests and for
     chunked runs); the returned list then holds only the questions scored so far.
-    ``on_question`` is called for each newly scored question.
+    ``on_question`` is called for each newly scored question. ``entropy_model``: the transformers
+    policy for the teacher-forced entropy pass (``None`` when the backend captures the entropies
+    itself, as vLLM with heal's processor does). ``entropy_temperature``: ``"sampling"`` (default)
+    or a number (see :func:`heal.rollout.generate_rollouts`).
 
     Sampling is seeded per generate call from ``seed`` and the first question of the call, so a
     run is reproducible for the same ``questions_per_batch``; a resumed run batches the remaining
@@ -263,8 +267,11 @@ def score_questions(
         raise ValueError(f"n must be >= 1, got {n}")
     if questions_per_batch < 1:
         raise ValueError(f"questions_per_batch must be >= 1, got {questions_per_batch}")
+    entropy_temperature = _entropy_temperature_field(entropy_temperature)
     settings = {"model": model_id, "temperature": float(temperature), "n": int(n),
                 "max_new_tokens": int(max_new_tokens), "seed": int(seed), "top_fraction": float(top_fraction)}
+    if entropy_temperature != "sampling":  # (absent = sampling: caches written before the option stay valid)
+        settings["entropy_temperature"] = entropy_temperature
     cache = SelectionCache(cache_path, settings)
     keys = [question_key(r) for r in rows]
     todo = [i for i, k in enumerate(keys) if cache.get(k) is None]
@@ -279,7 +286,8 @@ def score_questions(
             chunk_seed = (int(seed) * 1_000_003 + int(keys[chunk[0]][:8], 16)) % (2**31)
             groups = generate_rollouts(backend, prompts, entropy_model=entropy_model, n=n,
                                        temperature=temperature, max_new_tokens=max_new_tokens,
-                                       seed=chunk_seed, token_budget=token_budget, progress=False)
+                                       seed=chunk_seed, token_budget=token_budget, progress=False,
+                                       entropy_temperature=entropy_temperature)
             for i, comps in zip(chunk, groups):
                 row = rows[i]
                 gt = row_ground_truth(row)
@@ -364,6 +372,7 @@ class SelectConfig:
     cache: Optional[str] = None
     report_dir: Optional[str] = None
     engine: str = "auto"
+    entropy_temperature: Any = "sampling"
     device: str = "auto"
     dtype: str = "auto"
     questions_per_batch: int = 8
@@ -388,11 +397,25 @@ class SelectConfig:
             raise ValueError(f"field 'temperature' must be > 0, got {self.temperature}")
         if self.engine not in ("auto", "transformers", "vllm"):
             raise ValueError(f"field 'engine' must be auto, transformers or vllm, got {self.engine!r}")
+        self.entropy_temperature = _entropy_temperature_field(self.entropy_temperature)
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"field 'device' must be auto, cpu or cuda, got {self.device!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"field 'dtype' must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         return self
+
+
+def _entropy_temperature_field(value: Any) -> Any:
+    """``"sampling"`` or a float > 0 (strings such as ``"1.0"`` from the command line are converted)."""
+    if value is None or value == "sampling":
+        return "sampling"
+    try:
+        t = float(value)
+    except (TypeError, ValueError):
+        t = float("nan")
+    if isinstance(value, bool) or not t > 0 or math.isinf(t):
+        raise ValueError(f"field 'entropy_temperature' must be 'sampling' or a number > 0, got {value!r}")
+    return t
 
 
 # ---------------------------------------------------------------------------------------------
@@ -406,7 +429,7 @@ def run_selection(
     *,
     k: int,
     backend: Any,
-    entropy_model: Any,
+    entropy_model: Any = None,
     model_id: str,
     n: int = 8,
     temperature: float = 0.7,
@@ -418,6 +441,7 @@ def run_selection(
     token_budget: int = 8192,
     progress: bool = True,
     stop_after: Optional[int] = None,
+    entropy_temperature: Any = "sampling",
 ) -> Dict[str, Any]:
     """Score every row of the verl parquet ``input_path``, write the top-``k`` rows (unchanged, same
     columns) to ``output_path`` and a report next to it (``report_dir``, default: the output's folder).
@@ -440,7 +464,7 @@ def run_selection(
     stats = score_questions(rows, backend, entropy_model=entropy_model, n=n, temperature=temperature,
                             max_new_tokens=max_new_tokens, seed=seed, cache_path=cache_path, model_id=model_id,
                             questions_per_batch=questions_per_batch, token_budget=token_budget,
-                            progress=progress, stop_after=stop_after)
+                            progress=progress, stop_after=stop_after, entropy_temperature=entropy_temperature)
     if len(stats) < len(rows):
         return {"complete": False, "scored": len(stats), "total": len(rows), "cache": cache_path}
     chosen = select_top_k(stats, k)
@@ -450,6 +474,7 @@ def run_selection(
     stem = os.path.splitext(os.path.basename(output_path))[0] + ".report"
     report = write_selection_report(stats, chosen, report_dir, rows=rows, stem=stem,
                                     settings={"model": model_id, "n": n, "temperature": temperature,
+                                              "entropy_temperature": entropy_temperature,
                                               "max_new_tokens": max_new_tokens, "k": k, "seed": seed})
     return {"complete": True, "scored": len(stats), "total": len(rows), "kept": len(chosen),
             "output": output_path, "cache": cache_path, **report}

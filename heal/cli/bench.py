@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import importlib
 
-HELP = ("time heal's ops against the baselines (entropy, linear, eda, reward), the code sandbox (sandbox), predict "
-        "the Triton kernels' GPU speed without a GPU (static); write benchmarks/results/")
+HELP = ("time heal's ops against the baselines (entropy, linear, eda, reward), the code sandbox (sandbox), the "
+        "rollout engines (rollout), predict the Triton kernels' GPU speed without a GPU (static); write "
+        "benchmarks/results/")
 
 # benchmark name -> module; each module has add_arguments(parser) and run(args) -> int
 BENCHMARKS = {
@@ -15,6 +16,8 @@ BENCHMARKS = {
     "reward": ("heal.bench.reward_step", "the trainer's whole EDA reward step for a full batch"),
     "sandbox": ("heal.bench.sandbox", "runs/s of the code sandbox: kernel isolation (+ pool) vs the process-only path"),
     "static": ("heal.bench.static", "static performance model of the Triton kernels from their compiled SASS (no GPU)"),
+    "rollout": ("heal.bench.rollout", "rollouts + exact entropies: vLLM + heal's processor vs vLLM + teacher-forced "
+                "pass vs transformers generate + pass (needs vLLM)"),
 }
 
 

