@@ -33,7 +33,10 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["block_stats", "block_grad", "launch_config"]
+# block rows take the entropy kernels' block / warp heuristic (one program per row, same reductions)
+from heal_kernels.triton.entropy import launch_config
+
+__all__ = ["block_stats", "block_grad"]
 
 
 @triton.jit
@@ -139,19 +142,6 @@ def _block_grad_kernel(
         tl.store(row_ptr + offs, dz.to(z_ptr.dtype.element_ty), mask=inb)
 
 
-def launch_config(cols: int, interpreted: bool = False):
-    """``(BLOCK, num_warps)`` for block rows of ``cols`` columns (the interpreter caps BLOCK at 1024)."""
-    cap = 1024 if interpreted else 4096
-    block = max(16, min(cap, triton.next_power_of_2(max(int(cols), 1))))
-    if block >= 4096:
-        warps = 8
-    elif block >= 1024:
-        warps = 4
-    else:
-        warps = 2 if block >= 256 else 1
-    return block, warps
-
-
 def block_stats(z: torch.Tensor, labels: Optional[torch.Tensor], state: torch.Tensor, temperature: float) -> None:
     """Merge the per-row statistics of the logits block ``z[r, c]`` into ``state[r, 4]`` (float32,
     contiguous, updated in place). ``labels``: int64 ``[r]`` label indices relative to the block's
@@ -159,7 +149,7 @@ def block_stats(z: torch.Tensor, labels: Optional[torch.Tensor], state: torch.Te
     r, c = z.shape
     if r == 0 or c == 0:
         return
-    block, warps = launch_config(c, z.device.type != "cuda")
+    block, warps = launch_config(c, z.element_size(), z.device.type != "cuda")
     _block_stats_kernel[(r,)](
         z,
         z.stride(0),
@@ -180,7 +170,7 @@ def block_grad(z: torch.Tensor, labels: Optional[torch.Tensor], coef: torch.Tens
     r, c = z.shape
     if r == 0 or c == 0:
         return
-    block, warps = launch_config(c, z.device.type != "cuda")
+    block, warps = launch_config(c, z.element_size(), z.device.type != "cuda")
     _block_grad_kernel[(r,)](
         z,
         z.stride(0),
