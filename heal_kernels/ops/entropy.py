@@ -353,18 +353,22 @@ def _flatten_logits(logits) -> Tuple[torch.Tensor, Tuple[int, ...]]:
     return z, lead
 
 
-def _flatten_labels(labels, logits: torch.Tensor, lead, vocab: int, check: bool = True) -> torch.Tensor:
-    """Labels as a contiguous int64 ``[N]``. Their range is checked on the CPU always and on CUDA
-    only with ``check`` (reading ``min`` / ``max`` back is a device-to-host sync); unchecked CUDA
-    labels outside ``[0, V)`` are never dereferenced: their log-prob is NaN."""
+def _flatten_labels(labels, ref: torch.Tensor, lead, vocab: int, check: bool = True, ref_name: str = "logits",
+                    vocab_what: str = "the vocabulary size") -> torch.Tensor:
+    """Labels as a contiguous int64 ``[N]``, validated against ``ref`` (the ``logits``, or the
+    ``hidden`` states of the linear op: same device, shape ``ref_name.shape[:-1] == lead``). Their
+    range ``[0, vocab)`` is checked on the CPU always and on CUDA only with ``check`` (reading
+    ``min`` / ``max`` back is a device-to-host sync); unchecked CUDA labels outside ``[0, V)`` are
+    never dereferenced: their log-prob is NaN."""
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
     if tuple(labels.shape) != lead:
-        raise ValueError(f"labels must have shape logits.shape[:-1] = {lead}, got {tuple(labels.shape)}")
-    if labels.device != logits.device:
-        raise ValueError(f"labels are on {labels.device} but logits are on {logits.device}; put them on one device")
+        raise ValueError(f"labels must have shape {ref_name}.shape[:-1] = {lead}, got {tuple(labels.shape)}")
+    if labels.device != ref.device:
+        verb = "are" if ref_name == "logits" else "is"
+        raise ValueError(f"labels are on {labels.device} but {ref_name} {verb} on {ref.device}; put them on one device")
     flat = labels.reshape(-1)
     if flat.dtype != torch.int64:
         flat = flat.to(torch.int64)
@@ -372,7 +376,7 @@ def _flatten_labels(labels, logits: torch.Tensor, lead, vocab: int, check: bool 
         lo, hi = int(flat.min()), int(flat.max())
         if lo < 0 or hi >= vocab:
             bad = lo if lo < 0 else hi
-            raise ValueError(f"labels must lie in [0, {vocab}) (the vocabulary size), found {bad}")
+            raise ValueError(f"labels must lie in [0, {vocab}) ({vocab_what}), found {bad}")
     return flat.contiguous()
 
 

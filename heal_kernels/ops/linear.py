@@ -52,7 +52,7 @@ from typing import Optional, Tuple
 import torch
 
 from heal_kernels._backend import resolve_backend
-from heal_kernels.ops.entropy import _check_temperature
+from heal_kernels.ops.entropy import _check_temperature, _flatten_labels
 
 __all__ = ["linear_entropy_and_logprobs", "linear_token_entropy", "default_chunks"]
 
@@ -383,21 +383,8 @@ def _prepare(hidden, weight, labels, bias, chunk_tokens, chunk_vocab, process_gr
 
     lab = None
     if labels is not None:
-        if not isinstance(labels, torch.Tensor):
-            raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
-        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-            raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
-        if tuple(labels.shape) != lead:
-            raise ValueError(f"labels must have shape hidden.shape[:-1] = {lead}, got {tuple(labels.shape)}")
-        if labels.device != hidden.device:
-            raise ValueError(f"labels are on {labels.device} but hidden is on {hidden.device}; put them on one device")
-        lab = labels.reshape(-1).to(torch.int64).contiguous()
-        if lab.numel():
-            lo, hi = int(lab.min()), int(lab.max())
-            if lo < 0 or hi >= v_total:
-                bad = lo if lo < 0 else hi
-                what = "the vocabulary size" if process_group is None else "the vocabulary size over the process group"
-                raise ValueError(f"labels must lie in [0, {v_total}) ({what}), found {bad}")
+        what = "the vocabulary size" if process_group is None else "the vocabulary size over the process group"
+        lab = _flatten_labels(labels, hidden, lead, v_total, check=True, ref_name="hidden", vocab_what=what)
     backend = resolve_backend(h.device)
     return h, lab, lead, ct, cv, backend, vocab_start
 
