@@ -147,10 +147,7 @@ def run(args) -> int:
     from heal.bench import harness
     from heal_kernels.ops import pairwise as pw
 
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
+    device = harness.resolve_device(args.device)
     values, cu, groups, lens = make_batch(args.batch, args.min_len, args.max_len, args.general_fraction, args.seed, device)
     bsz = args.batch
     pairs = bsz * (bsz - 1)

@@ -116,12 +116,7 @@ def run(args) -> int:
 
     from heal.bench import harness
 
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device available")
+    device = harness.resolve_device(args.device)
     gpu = device.type == "cuda"
     rows = args.rows or (16384 if gpu else 4096)
     vocab = args.vocab or (151936 if gpu else 32000)

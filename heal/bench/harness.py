@@ -15,6 +15,15 @@ import torch
 DEFAULT_RESULTS_DIR = Path("benchmarks") / "results"
 
 
+def resolve_device(name: str) -> torch.device:
+    """The device a benchmark's ``--device`` names: ``auto`` = CUDA when present, else the CPU;
+    ``cuda`` without a CUDA device stops with a clear message."""
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device available")
+    return device
+
+
 def device_name(device: torch.device) -> str:
     """Human name of the device, e.g. ``NVIDIA H100 80GB HBM3`` or the CPU model."""
     if device.type == "cuda":

@@ -366,12 +366,7 @@ def run(args) -> int:
 
     from heal.bench import harness
 
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device available")
+    device = harness.resolve_device(args.device)
     gpu = device.type == "cuda"
     if args.shape:
         shapes = [_parse_shape(s) for s in args.shape]
