@@ -18,10 +18,15 @@ order in tiles of ``BLOCK_J`` columns; one tile holds the ``ROWS x BLOCK_J`` pai
 and ``BLOCK_T`` aligned positions on its second, so a column block is read once from L2 for
 ``ROWS`` rows (the other rows' reads hit L1): ``ROWS`` times less L2 traffic than a program per
 row. Positions every pair of the tile has run unmasked; only the last, ragged positions are
-masked. Offsets are int32 (the launcher checks the total length), ``x`` and ``e`` are interleaved so
-one 8-byte load serves both, one accumulator takes ``e_P (L - S')`` (a select picks ``e_P``; one
-reduction per pair), and the stretch scale ``m / n`` is divided with correct rounding (``div_rn``): Triton's
-default ``div.full.f32`` is off by up to 2 ulp, which moves nearest-neighbour indices.
+masked. ``x`` and ``e`` are interleaved so one 8-byte load serves both, every sequence starts at an
+even position (``_prepare`` pads), so the long side -- read at consecutive positions -- comes two
+positions per 16-byte load; each pair has 64-bit base pointers (a gather of the stretched side is a
+shift-add, no index add); the main loop carries the long side's pointers and ``t`` as float32, so
+its integer work is the trip count. One accumulator takes ``e_P (L - S')`` (a select picks
+``e_P``; one reduction per pair), and the stretch scale ``m / n`` is divided with correct rounding
+(``div_rn``): Triton's default ``div.full.f32`` is off by up to 2 ulp, which moves nearest-neighbour
+indices. Offsets are int32 (the launcher checks the total length). ``maxnreg=128`` keeps two
+8-warp programs per SM on every architecture.
 
 FP contraction is on (``enable_fp_fusion=True`` at launch): the accumulations ``acc + w * d`` are
 FMAs; ``t * scale`` (no addend) is a plain rounded multiply, as in torch's index rule.
@@ -43,16 +48,16 @@ MAX_TOTAL = 2**31 - 2**16  # int32 offsets (positions + padding) stay below 2^31
 
 
 @triton.jit
-def _pair_step(xe_ptr, s_idx, l_idx, w_long, zs, acc, MASKED: tl.constexpr, valid):
+def _pair_step(s_ptrs, l_ptrs, w_long, zs, acc, MASKED: tl.constexpr, valid):
     """One ``[P, T]`` block of aligned positions: gathers ``(x, e)`` of both sides (one 8-byte load
     each) and accumulates ``Z_S'`` and ``sum e_P (L - S')`` (``e_P`` = ``e_L`` where ``w_long``, else
     ``e_S'``)."""
     if MASKED:
-        vs = tl.load(xe_ptr + s_idx, mask=valid, other=0)
-        vl = tl.load(xe_ptr + l_idx, mask=valid, other=0)
+        vs = tl.load(s_ptrs, mask=valid, other=0)
+        vl = tl.load(l_ptrs, mask=valid, other=0)
     else:
-        vs = tl.load(xe_ptr + s_idx)
-        vl = tl.load(xe_ptr + l_idx)
+        vs = tl.load(s_ptrs)
+        vl = tl.load(l_ptrs)
     # low 32 bits: x, high 32 bits: e (bit casts of the two halves; no arithmetic)
     xs = vs.to(tl.int32).to(tl.float32, bitcast=True)
     es = (vs >> 32).to(tl.int32).to(tl.float32, bitcast=True)
@@ -120,9 +125,14 @@ def _kl_rows_kernel(
         l_is_row = case_long == p_is_row
         nl = tl.where(ok, tl.where(l_is_row, m_i, m_j), 0)
         ms = tl.where(l_is_row, m_j, m_i)
-        # pairs with an empty side read sequence 0's first positions (in bounds) and are dropped
+        # pairs with an empty side read sequence 0's first positions (in bounds: the empty side is
+        # the stretched one, so ms = 0 and src = 0) and are dropped
         start_l = tl.where(ok, tl.where(l_is_row, start_i, start_j), 0)
         start_s = tl.where(ok, tl.where(l_is_row, start_j, start_i), 0)
+        # per-pair 64-bit bases (a gather is then one shift-add, no index add); every sequence starts
+        # at an even position (see _prepare), so L's (x, e) pairs are read two at a time (16 bytes)
+        base_l = xe_ptr + tl.multiple_of(start_l, 2)
+        base_s = xe_ptr + start_s
         ms_c = tl.maximum(ms, 1)
         scale = tl.math.div_rn(ms_c.to(tl.float32), tl.maximum(nl, 1).to(tl.float32))  # correctly rounded
         n_max = tl.max(nl, axis=0)
@@ -131,22 +141,22 @@ def _kl_rows_kernel(
         zs = tl.zeros([P, BLOCK_T], tl.float32)
         acc = tl.zeros([P, BLOCK_T], tl.float32)
         w_long = case_long[:, None]
-        tf0 = offs_t.to(tl.float32)
-        for t0 in range(0, n_full, BLOCK_T):
-            t = t0 + offs_t
-            tf = tf0 + t0  # exact below 2^24
+        # the main loop carries L's pointers and t as float32 (exact below 2^24): the trip count is
+        # its only integer work
+        l_ptrs = base_l[:, None] + offs_t[None, :]
+        tf = offs_t.to(tl.float32)
+        for _ in range(0, n_full, BLOCK_T):
             src = (tf[None, :] * scale[:, None]).to(tl.int32)  # trunc = floor (>= 0)
             if CLAMP_SRC:  # the rule's min(., m - 1): a no-op while every length is below 2^22 (see _prepare)
                 src = tl.minimum(src, ms_c[:, None] - 1)
-            zs, acc = _pair_step(xe_ptr, start_s[:, None] + src, start_l[:, None] + t[None, :], w_long, zs, acc,
-                                 False, None)
+            zs, acc = _pair_step(base_s[:, None] + src, l_ptrs, w_long, zs, acc, False, None)
+            l_ptrs += BLOCK_T
+            tf += BLOCK_T
         for t0 in range(n_full, n_max, BLOCK_T):  # the ragged end: at most a few blocks
             t = t0 + offs_t
-            tf = tf0 + t0
             valid = t[None, :] < nl[:, None]
-            src = tl.minimum((tf[None, :] * scale[:, None]).to(tl.int32), ms_c[:, None] - 1)
-            zs, acc = _pair_step(xe_ptr, start_s[:, None] + src, start_l[:, None] + t[None, :], w_long, zs, acc,
-                                 True, valid)
+            src = tl.minimum((t.to(tl.float32)[None, :] * scale[:, None]).to(tl.int32), ms_c[:, None] - 1)
+            zs, acc = _pair_step(base_s[:, None] + src, base_l[:, None] + t[None, :], w_long, zs, acc, True, valid)
         # the rest is per pair, once per tile: per-sequence values are (re)loaded here (L1 hits) so
         # that they hold no registers during the loops
         mx_i = tl.load(mx_ptr + i)
@@ -188,10 +198,9 @@ def _kl_rows_kernel(
         tl.store(ptrs, running, mask=(rpos_r[:, None] >= 0) & (offs_g[None, :] < G))
 
 
-TILES = dict(ROWS=4, SPLIT=4, BLOCK_J=8, BLOCK_T=32, num_warps=8)  # CUDA sm_80 / sm_90
-# sm_100: 4 columns per tile (2 pairs per thread): the 8-column tile needs a few registers more than
-# the 128 ptxas grants 256-thread blocks there and spills (8-16 B with Triton 3.7)
-TILES_SM100 = dict(ROWS=4, SPLIT=4, BLOCK_J=4, BLOCK_T=32, num_warps=8)
+# CUDA, every architecture: 8 warps, 2 programs per SM. ``maxnreg`` holds ptxas to the 128 registers
+# of two 256-thread programs per SM: without it ptxas for sm_100 aims at 3 and spills
+TILES = dict(ROWS=4, SPLIT=4, BLOCK_J=8, BLOCK_T=32, num_warps=8, maxnreg=128)
 TILES_INTERPRETED = dict(ROWS=2, SPLIT=2, BLOCK_J=4, BLOCK_T=8, num_warps=1)  # small: quick, still every path
 # min(floor(t * f32(m / n)), m - 1) needs no min while n < 2^22: t <= n - 1 and f32(m / n) <= (m / n)(1 + 2^-24)
 # keep the rounded product below m - m / n + m 2^-23 < m. The total length bounds every length (no sync).
@@ -200,7 +209,7 @@ CLAMP_FREE_TOTAL = 2**22
 
 def tiles_for_arch(arch: int) -> dict:
     """The CUDA tile configuration for ``sm_<arch>``."""
-    return TILES_SM100 if arch >= 100 else TILES
+    return TILES
 
 
 def _blocks(device: torch.device, num_groups: int = 1, arch=None):
@@ -218,19 +227,32 @@ def _blocks(device: torch.device, num_groups: int = 1, arch=None):
 
 
 def _prepare(st):
-    """Device-side inputs of the kernel (no host synchronisation)."""
-    if st.total + 64 >= MAX_TOTAL:
-        raise ValueError(f"the packed batch has {st.total} values; the Triton kernel takes fewer than {MAX_TOTAL}")
-    xe = torch.stack([st.x, st.e], dim=1).view(torch.int64).reshape(-1)  # (x, e) per position, x low
-    lens32 = st.lengths.to(torch.int32)
+    """Device-side inputs of the kernel (no host synchronisation).
+
+    ``xe`` holds each position's ``(x, e)`` float32 pair as one int64 (``x`` in the low half), every
+    sequence starting at an even position (a zero pad after odd-length ones), so that the kernel's
+    unmasked reads of the long side are 16-byte aligned pairs of positions."""
+    bsz = st.lengths.numel()
+    size = st.total + bsz + 64  # even starts add at most one pad per sequence; zeros after the end
+    if size >= MAX_TOTAL:
+        raise ValueError(f"the packed batch has {st.total} values; the Triton kernel takes fewer than "
+                         f"{MAX_TOTAL - bsz - 64} for {bsz} sequences")
+    dev = st.x.device
+    lens = st.lengths
+    span = lens + (lens & 1)  # each sequence's length rounded up to even
+    starts = torch.cumsum(span, 0) - span
+    pairs = torch.stack([st.x[: st.total], st.e[: st.total]], dim=1).view(torch.int64).reshape(-1)
+    seg = torch.repeat_interleave(torch.arange(bsz, device=dev), lens, output_size=st.total)
+    dest = torch.arange(st.total, device=dev) + (starts - st.starts)[seg]
+    xe = torch.zeros(size, dtype=torch.int64, device=dev).index_copy_(0, dest, pairs)
     return dict(
         xe=xe,
-        starts=st.starts.to(torch.int32),
-        lens=lens32,
+        starts=starts.to(torch.int32),
+        lens=lens.to(torch.int32),
         mx=st.mx.to(torch.float32),
         zsum=st.zsum.to(torch.float32),
-        order=torch.argsort(st.lengths, stable=True).to(torch.int32),
-        dev=st.x.device,
+        order=torch.argsort(lens, stable=True).to(torch.int32),
+        dev=dev,
     )
 
 
@@ -263,6 +285,7 @@ def launch_spec(st, short_first, full, groups=None, num_groups=1, exclude_self=T
         BLOCK_T=cfg["BLOCK_T"],
         BLOCK_G=cfg["BLOCK_G"],
         num_warps=cfg["num_warps"],
+        **({"maxnreg": cfg["maxnreg"]} if "maxnreg" in cfg else {}),
         num_stages=1,
         enable_fp_fusion=FP_FUSION,
     )

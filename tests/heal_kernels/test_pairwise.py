@@ -371,3 +371,30 @@ def test_triton_clamped_index_rule_and_check_false(monkeypatch):
     close(pw.pairwise_similarity(values, cu, backend="triton"), ref.pairwise_similarity(values, cu))
     with pytest.raises(ValueError, match="groups must lie"):
         pw.grouped_max_similarity(values, cu, groups + 5, 2, backend="torch", check=False)
+
+
+def test_triton_prepare_packs_pairs_at_even_starts():
+    """The Triton launcher's packing (plain torch, no interpreter needed): every sequence starts at
+    an even position (the kernel reads the long side 16 bytes at a time and says so to Triton), each
+    position holds its (x, e) float32 pair with x in the low half, and the gaps are zeros."""
+    pytest.importorskip("triton")
+    from heal_kernels.triton import pairwise as tri
+
+    lengths = [3, 0, 1, 4, 7, 2, 0, 5]
+    values, cu = pack(lengths)
+    st = pw.seq_stats(values, cu.to(torch.int64))
+    p = tri._prepare(st)
+    starts = p["starts"].to(torch.int64)
+    assert (starts % 2 == 0).all()
+    assert p["lens"].tolist() == lengths
+    pairs = p["xe"].view(torch.float32).view(-1, 2)  # little-endian: x, then e
+    used = torch.zeros(pairs.shape[0], dtype=torch.bool)
+    for b, n in enumerate(lengths):
+        s0, s1 = int(st.starts[b]), int(starts[b])
+        assert torch.equal(pairs[s1 : s1 + n, 0], st.x[s0 : s0 + n])
+        assert torch.equal(pairs[s1 : s1 + n, 1], st.e[s0 : s0 + n])
+        used[s1 : s1 + n] = True
+        if b + 1 < len(lengths):
+            assert int(starts[b + 1]) in (s1 + n, s1 + n + 1)  # at most one pad
+    assert (pairs[~used] == 0).all()
+    assert p["order"].tolist() == torch.argsort(torch.tensor(lengths), stable=True).tolist()
