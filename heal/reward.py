@@ -152,6 +152,7 @@ def eda_reward(
         prompt_ids=prompt_ids,
         metric=metric,
         kl_direction=kl_direction,
+        check=False,  # validate_packed above read the contents once; groups are 0/1 by construction
     )
     s_target = sims[:, TARGET].to(torch.float32)
     s_general = sims[:, GENERAL].to(torch.float32)

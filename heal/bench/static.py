@@ -87,7 +87,7 @@ def stream_prediction(rec: dict, dev: dict) -> dict:
     issue_eps = dev["sms"] * 4 * dev["clock_ghz"] * 1e9 * 32 * STREAM_ISSUE_EFFICIENCY / ipe
     issue_frac = issue_eps * bpe / copy_bps
     # bytes loaded per trip per thread: elements per thread x element size (the reads only)
-    read_bytes = rec["elements_per_thread_per_iteration"] * (bpe / 2 if rec["family"] == "entropy_bwd" else bpe)
+    read_bytes = rec["elements_per_thread_per_iteration"] * (bpe / 2 if rec["family"].endswith("_bwd") else bpe)
     in_flight = dev["sms"] * rec["warps_per_sm"] * 32 * read_bytes
     needed = copy_bps * HBM_LATENCY_NS * 1e-9
     mlp_frac = in_flight / needed
@@ -238,7 +238,7 @@ def build(archs, jobs=1, only=None, progress=True) -> dict:
             r = dict(r)
             r["bytes_per_element"] = v.bytes_per_element
             r.pop("hot_loop_mix", None)
-            if v.family.startswith("entropy") and not r.get("error"):
+            if v.family != "pairwise" and not r.get("error"):  # streaming kernels: entropy, linear
                 preds = {name: stream_prediction(r, d) for name, d in devs.items()}
                 r["predicted"] = preds
                 r["predicted_fraction_of_copy"] = {n: p.get("fraction_of_copy") for n, p in preds.items()}

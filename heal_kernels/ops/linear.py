@@ -192,10 +192,6 @@ def _logits_block(buf, h, w, b):
     return torch.mm(h, w.T, out=out)
 
 
-def _local_labels(labels, start):
-    return None if labels is None else (labels - start)
-
-
 def _forward(h, w, b, labels, inv_t, ct, cv, backend, vocab_start):
     """Per-row float32 state ``[N, 4] = (m, s, t, x_label)`` over this weight's vocabulary."""
     n = h.shape[0]

@@ -136,6 +136,39 @@ def _entropy_variants() -> Iterator[Variant]:
                 )
 
 
+def _linear_variants() -> Iterator[Variant]:
+    """The fused linear op's two block kernels on its CUDA logits blocks (``chunk_tokens x
+    chunk_vocab`` = 8192 x 8192, contiguous rows; the last vocabulary block of 151936 is 4480 wide,
+    the same specialisation)."""
+    from heal_kernels.ops.linear import default_chunks
+    from heal_kernels.triton import linear as lin
+
+    rows = 4
+    _, cols = default_chunks(torch.device("cuda"))
+    temperature = 0.7
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        z = torch.empty(rows, cols, dtype=dtype)
+        es = z.element_size()
+        labels = torch.zeros(rows, dtype=torch.int64)
+        state = torch.empty(rows, 4)
+        for with_labels in (True, False):
+            tag = "labels" if with_labels else "nolabels"
+            lab = labels if with_labels else None
+            for family, spec, bpe in (("linear_fwd", lin.stats_launch_spec, float(es)),
+                                      ("linear_bwd", lin.grad_launch_spec, 2.0 * es)):  # bwd rewrites z
+                kernel, _, args, kwargs = spec(z, lab, state, temperature, interpreted=False)
+                yield Variant(
+                    name=f"{family}_{_DTYPE_NAMES[dtype]}_{tag}_C{cols}_B{kwargs['BLOCK']}_w{kwargs['num_warps']}",
+                    kernel=kernel,
+                    args=args,
+                    kwargs=kwargs,
+                    elements_per_thread_per_iteration=kwargs["BLOCK"] / _threads(kwargs),
+                    family=family,
+                    bytes_per_element=bpe,
+                    meta=dict(vocab=cols, dtype=_DTYPE_NAMES[dtype]),
+                )
+
+
 def eda_batch(seed: int = 0):
     """The EDA benchmark's batch (``heal bench eda`` defaults): packed float32 values, int32
     ``cu_seqlens``, int64 groups, lengths."""
@@ -201,7 +234,7 @@ def _pairwise_variant(name, kernel, args, kwargs, mode, lens, archs) -> Variant:
 
 def variants() -> List[Variant]:
     """Every kernel specialisation the launchers can use, at the benchmark shapes."""
-    return list(_entropy_variants()) + list(_pairwise_variants())
+    return list(_entropy_variants()) + list(_linear_variants()) + list(_pairwise_variants())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,9 +5,10 @@ logits ``z[r, c] = hidden_chunk @ weight_block.T (+ bias)`` (any floating dtype,
 contiguous columns), one program per row, walking the row in ``BLOCK`` columns:
 
 * :func:`block_stats` -- ``x = z / T``; the block row's ``(mb, sb, tb) = (max x, sum exp(x - mb),
-  sum exp(x - mb) (x - mb))`` with per-lane running statistics (one ``exp`` per element, lanes merged
-  once after the loop), then merged into the row's running state ``(m, s, t, x_label)`` (float32
-  ``[r, 4]``, updated in place)::
+  sum exp(x - mb) (x - mb))``, computed by the entropy forward's loop (16-byte chunks per thread, the
+  max tracked on raw ``z``, base-2 sums rescaled once per chunk, one ``exp2`` per element, lanes
+  merged once after the loop), then merged into the row's running state ``(m, s, t, x_label)``
+  (float32 ``[r, 4]``, updated in place)::
 
       M = max(m, mb), a = exp(m - M), b = exp(mb - M)
       s' = a s + b sb,   t' = a (t + s (m - M)) + b (tb + sb (mb - M))
@@ -19,7 +20,12 @@ contiguous columns), one program per row, walking the row in ``BLOCK`` columns:
 
       z <- ( -p (g_H (x - mean) + g_lp) + g_lp onehot(label) ) / T,   p = exp(x - lse)
 
-  in ``z``'s dtype; ``-inf`` logits (``p = 0``) get exactly 0, never ``0 * inf``.
+  by the entropy backward's block: ``p = 2^((z - c) k2)`` with ``c = lse T`` and ``k2 = log2(e) / T``,
+  ``dz = p (A (z - c) + B)`` (one FMA, one multiply), the one-hot term written once per row after a
+  barrier (the label's logit is read before the row is overwritten). In ``z``'s dtype; ``-inf``
+  logits (``p = 0``) get exactly 0, never ``0 * inf``.
+
+The instruction counts per element are the entropy kernels' (``heal bench static``).
 
 Special values: the running maximum starts at ``-inf`` (never 0); ``-inf`` logits add nothing; a
 block row of only ``-inf`` leaves the state unchanged; a NaN poisons the row's state.
@@ -33,8 +39,12 @@ import torch
 import triton
 import triton.language as tl
 
-# block rows take the entropy kernels' block / warp heuristic (one program per row, same reductions)
-from heal_kernels.triton.entropy import launch_config
+from heal_kernels.triton._launch import launch
+
+# block rows run the entropy kernels' loops (one program per row, 16-byte chunks per thread, exp2),
+# block / warp heuristic and explicit FP contraction setting
+from heal_kernels.triton.entropy import (FP_FUSION, _bwd_block, _constants, _fwd_block, _interpreted, chunk_elements,
+                                         launch_config)
 
 __all__ = ["block_stats", "block_grad"]
 
@@ -46,38 +56,38 @@ def _block_stats_kernel(
     labels_ptr,
     state_ptr,
     V,
+    k2,
     inv_t,
     HAS_LABELS: tl.constexpr,
+    CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
+    ROWS: tl.constexpr = BLOCK // CHUNK
     row = tl.program_id(0).to(tl.int64)
     row_ptr = z_ptr + row * stride_row
-    cols = tl.arange(0, BLOCK)
+    cols = tl.arange(0, ROWS)[:, None] * CHUNK + tl.arange(0, CHUNK)[None, :]  # int32
     neg_inf = float("-inf")
+    # the entropy forward's loop: per chunk lane, the max of raw z and base-2 sums relative to it
+    m = tl.full([ROWS], neg_inf, tl.float32)
+    s = tl.zeros([ROWS], tl.float32)
+    t = tl.zeros([ROWS], tl.float32)
+    v_full = (V // BLOCK) * BLOCK
+    for start in range(0, v_full, BLOCK):  # whole blocks: no mask
+        z = tl.load(row_ptr + start + cols).to(tl.float32)
+        m, s, t = _fwd_block(z, m, s, t, k2)
+    if v_full < V:  # the partial last block
+        offs = v_full + cols
+        z = tl.load(row_ptr + offs, mask=offs < V, other=neg_inf).to(tl.float32)
+        m, s, t = _fwd_block(z, m, s, t, k2)
 
-    m = tl.full([BLOCK], neg_inf, tl.float32)  # running max of x per lane (starts at -inf)
-    s = tl.zeros([BLOCK], tl.float32)  # sum exp(x - m) per lane
-    t = tl.zeros([BLOCK], tl.float32)  # sum exp(x - m) * (x - m) per lane
-    for start in range(0, V, BLOCK):
-        offs = start + cols
-        x = tl.load(row_ptr + offs, mask=offs < V, other=neg_inf).to(tl.float32) * inv_t
-        valid = x != neg_inf  # NaN stays "valid" and poisons s
-        a = -tl.abs(x - m)
-        d = tl.where(valid, tl.exp(a), 0.0)
-        a = tl.where(a > neg_inf, a, 0.0)
-        new_max = x > m
-        t = tl.where(new_max, d * (t + a * s), t + d * a)
-        s = tl.where(new_max, s * d + 1.0, s + d)
-        m = tl.where(new_max, x, m)
-
-    # merge the lanes
-    mb = tl.max(m, axis=0)
-    mb_safe = tl.where(mb == neg_inf, 0.0, mb)
-    live = m != neg_inf
-    delta = tl.where(live, m - mb_safe, 0.0)
-    scale = tl.where(live, tl.exp(delta), 0.0)
-    sb = tl.sum(s * scale, axis=0)
-    tb = tl.sum(scale * (t + s * delta), axis=0)
+    # merge the lanes: (max z, sum 2^((z - c) k2), sum 2^((z - c) k2) (z - c) k2) of the block row
+    c = tl.max(m, axis=0)  # -inf when the block row is all -inf
+    c_safe = tl.where(c == neg_inf, 0.0, c)
+    r = (m - c_safe) * k2
+    w = tl.math.exp2(r)  # 0 for -inf lanes
+    sb = tl.sum(w * s, axis=0)
+    tb = tl.sum(w * (t + s * tl.maximum(r, -3.0e38)), axis=0) * 0.6931471805599453  # natural units
+    mb = c * inv_t  # max x = max z / T (T > 0: the same element)
     nan_row = sb != sb
 
     # merge into the row's running state
@@ -114,71 +124,85 @@ def _block_grad_kernel(
     labels_ptr,
     coef_ptr,
     V,
+    k2,
     inv_t,
     HAS_LABELS: tl.constexpr,
+    CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
+    ROWS: tl.constexpr = BLOCK // CHUNK
     row = tl.program_id(0).to(tl.int64)
     row_ptr = z_ptr + row * stride_row
-    cols = tl.arange(0, BLOCK)
+    cols = tl.arange(0, ROWS)[:, None] * CHUNK + tl.arange(0, CHUNK)[None, :]  # int32
     lse = tl.load(coef_ptr + row * 4)
     mean = tl.load(coef_ptr + row * 4 + 1)
     g_h = tl.load(coef_ptr + row * 4 + 2)
     g_lp = tl.load(coef_ptr + row * 4 + 3)
-    if HAS_LABELS:
+    # the entropy backward's block: p = 2^((z - c) k2) with c = lse T (logit units), and
+    # -p (g_H (x - mean) + g_lp) / T = p (A (z - c) + B)
+    c = lse / inv_t
+    a_coef = -g_h * inv_t * inv_t
+    b_coef = -(g_h * (lse - mean) + g_lp) * inv_t
+    lo = -8.5e37 / tl.maximum(tl.abs(a_coef), 1.0)
+    if HAS_LABELS:  # read before the block is overwritten
         label = tl.load(labels_ptr + row)
-    else:
-        label = -1
-    for start in range(0, V, BLOCK):
-        offs = start + cols
+        ok = (label >= 0) & (label < V)
+        safe = tl.where(ok, label, 0)
+        zl = tl.load(row_ptr + safe).to(tl.float32)
+    v_full = (V // BLOCK) * BLOCK
+    for start in range(0, v_full, BLOCK):  # whole blocks: no mask
+        z = tl.load(row_ptr + start + cols).to(tl.float32)
+        dz = _bwd_block(z, c, k2, 0.0, a_coef, b_coef, lo)
+        tl.store(row_ptr + start + cols, dz.to(z_ptr.dtype.element_ty))
+    if v_full < V:
+        offs = v_full + cols
         inb = offs < V
-        x = tl.load(row_ptr + offs, mask=inb, other=float("-inf")).to(tl.float32) * inv_t
-        p = tl.exp(x - lse)  # 0 for -inf entries
-        centred = tl.where(x == float("-inf"), 0.0, x - mean)
-        dz = -p * (g_h * centred + g_lp)
-        if HAS_LABELS:
-            dz = tl.where(offs == label, dz + g_lp, dz)
-        dz = dz * inv_t
+        z = tl.load(row_ptr + offs, mask=inb, other=float("-inf")).to(tl.float32)
+        dz = _bwd_block(z, c, k2, 0.0, a_coef, b_coef, lo)
         tl.store(row_ptr + offs, dz.to(z_ptr.dtype.element_ty), mask=inb)
+    if HAS_LABELS:
+        # the one-hot term once per row, not a compare per element: rewrite the label's entry after
+        # every thread of the program has stored its blocks (the barrier orders them)
+        tl.debug_barrier()
+        dz = _bwd_block(zl, c, k2, 0.0, a_coef, b_coef, lo) + g_lp * inv_t
+        tl.store(row_ptr + safe, dz.to(z_ptr.dtype.element_ty), mask=ok)
+
+
+def _launch_spec(kernel, z, labels, rowwise, temperature, interpreted):
+    r, c = z.shape
+    block, warps = launch_config(c, z.element_size(), _interpreted(z) if interpreted is None else interpreted)
+    k2, inv_t = _constants(temperature)
+    args = (z, z.stride(0), labels if labels is not None else rowwise, rowwise, c, k2, inv_t)
+    kwargs = dict(HAS_LABELS=labels is not None, CHUNK=chunk_elements(z.element_size(), block), BLOCK=block,
+                  num_warps=warps, num_stages=1, enable_fp_fusion=FP_FUSION)
+    return kernel, (r,), args, kwargs
+
+
+def stats_launch_spec(z, labels, state, temperature, interpreted=None):
+    """``(kernel, grid, args, kwargs)`` of a :func:`block_stats` launch (shared with :mod:`.aot`)."""
+    return _launch_spec(_block_stats_kernel, z, labels, state, temperature, interpreted)
+
+
+def grad_launch_spec(z, labels, coef, temperature, interpreted=None):
+    """``(kernel, grid, args, kwargs)`` of a :func:`block_grad` launch (shared with :mod:`.aot`)."""
+    return _launch_spec(_block_grad_kernel, z, labels, coef, temperature, interpreted)
 
 
 def block_stats(z: torch.Tensor, labels: Optional[torch.Tensor], state: torch.Tensor, temperature: float) -> None:
     """Merge the per-row statistics of the logits block ``z[r, c]`` into ``state[r, 4]`` (float32,
     contiguous, updated in place). ``labels``: int64 ``[r]`` label indices relative to the block's
     first column (outside ``[0, c)`` when the label lies in another block), or None."""
-    r, c = z.shape
-    if r == 0 or c == 0:
+    if z.shape[0] == 0 or z.shape[1] == 0:
         return
-    block, warps = launch_config(c, z.element_size(), z.device.type != "cuda")
-    _block_stats_kernel[(r,)](
-        z,
-        z.stride(0),
-        labels if labels is not None else state,
-        state,
-        c,
-        1.0 / float(temperature),
-        HAS_LABELS=labels is not None,
-        BLOCK=block,
-        num_warps=warps,
-    )
+    kernel, grid, args, kwargs = stats_launch_spec(z, labels, state, temperature)
+    launch(kernel, grid, args, kwargs)
 
 
 def block_grad(z: torch.Tensor, labels: Optional[torch.Tensor], coef: torch.Tensor, temperature: float) -> None:
     """Overwrite the logits block ``z[r, c]`` with its gradient, from ``coef[r, 4] = (lse, mean,
     g_H, g_lp)`` (float32, contiguous); ``labels`` as in :func:`block_stats` (None: no log-prob
     gradient)."""
-    r, c = z.shape
-    if r == 0 or c == 0:
+    if z.shape[0] == 0 or z.shape[1] == 0:
         return
-    block, warps = launch_config(c, z.element_size(), z.device.type != "cuda")
-    _block_grad_kernel[(r,)](
-        z,
-        z.stride(0),
-        labels if labels is not None else coef,
-        coef,
-        c,
-        1.0 / float(temperature),
-        HAS_LABELS=labels is not None,
-        BLOCK=block,
-        num_warps=warps,
-    )
+    kernel, grid, args, kwargs = grad_launch_spec(z, labels, coef, temperature)
+    launch(kernel, grid, args, kwargs)

@@ -46,6 +46,7 @@ def test_compile_gate(tmp_path):
     assert {"sm_80", "sm_90"} <= archs
     names = {r["name"] for r in recs}
     assert any(n.startswith("entropy_fwd") for n in names) and any(n.startswith("entropy_bwd") for n in names)
+    assert any(n.startswith("linear_fwd") for n in names) and any(n.startswith("linear_bwd") for n in names)
     assert any(n.startswith("pairwise") for n in names)
     for r in recs:
         assert r["spill_bytes"] == 0 and r["ldl_stl"] == 0, r
@@ -72,6 +73,15 @@ def _ops_under_interpreter(monkeypatch):
                     torch.autograd.grad(loss, zg, retain_graph=True)
             else:
                 torch.autograd.grad(token_entropy(zg, 0.8).sum(), zg)
+    from heal_kernels.ops.linear import linear_entropy_and_logprobs, linear_token_entropy
+
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        h = torch.randn(3, 8).to(dtype).requires_grad_(True)
+        w = torch.randn(40, 8).to(dtype).requires_grad_(True)
+        labels = torch.randint(0, 40, (3,))
+        ent, lp = linear_entropy_and_logprobs(h, w, labels, 0.8)
+        torch.autograd.grad(ent.sum() + lp.sum(), (h, w))
+        torch.autograd.grad(linear_token_entropy(h, w, 0.8).sum(), (h, w))
     lengths = [5, 0, 9, 3, 12, 7]
     values = torch.rand(sum(lengths))
     cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
@@ -109,10 +119,11 @@ def test_variants_describe_real_launches():
     from heal_kernels.triton.entropy import launch_config
 
     for v in vs:
-        assert v.name.split("_")[0] + "_" + v.name.split("_")[1] in ("entropy_fwd", "entropy_bwd") or v.name.startswith("pairwise")
+        assert v.name.startswith(v.family + "_")
+        assert v.family in ("entropy_fwd", "entropy_bwd", "linear_fwd", "linear_bwd", "pairwise")
         assert v.kwargs["enable_fp_fusion"] is True and "num_warps" in v.kwargs and "num_stages" in v.kwargs
         threads = 32 * v.kwargs["num_warps"]
-        if v.family.startswith("entropy"):
+        if v.family != "pairwise":  # entropy and linear: one program per row, the entropy block config
             vocab = v.meta["vocab"]
             block, warps = launch_config(vocab, v.args[0].element_size())
             assert (v.kwargs["BLOCK"], v.kwargs["num_warps"]) == (block, warps)
