@@ -165,6 +165,7 @@ class SeqStats:
     lengths: torch.Tensor  # int64 [B]
     mx: torch.Tensor  # float64 [B], max (0 for empty)
     zsum: Optional[torch.Tensor] = None  # float64 [B], sum of e over each sequence
+    seg: Optional[torch.Tensor] = None  # int64 [total], each position's sequence
     _padded: Optional[tuple] = None
     _max_len: Optional[int] = None
 
@@ -222,6 +223,7 @@ def seq_stats(values: torch.Tensor, cu: torch.Tensor) -> SeqStats:
         lengths=lengths.contiguous(),
         mx=mx.contiguous(),
         zsum=_segment_sum(_prefix(e), cu),
+        seg=seg,
     )
 
 
@@ -317,9 +319,8 @@ def _hti_pairs_torch(st: SeqStats, pi: torch.Tensor, pj: torch.Tensor) -> torch.
 
 def _pl_stats(st: SeqStats, cu: torch.Tensor):
     """Per sequence ``(atan(slope), r)`` of the least-squares line through ``(t, x_t)``, float64."""
-    bsz = st.lengths.numel()
     dev = st.x.device
-    seg = torch.repeat_interleave(torch.arange(bsz, device=dev), st.lengths)
+    seg = st.seg
     n = st.lengths.to(torch.float64)
     x64 = st.x[: st.total].to(torch.float64)
     mean_x = _segment_sum(_prefix(x64), cu) / n.clamp(min=1)

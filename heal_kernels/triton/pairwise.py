@@ -208,7 +208,8 @@ CLAMP_FREE_TOTAL = 2**22
 
 
 def tiles_for_arch(arch: int) -> dict:
-    """The CUDA tile configuration for ``sm_<arch>``."""
+    """The CUDA tile configuration for ``sm_<arch>`` (today one for sm_80, sm_90 and sm_100; the AOT
+    list groups architectures by it)."""
     return TILES
 
 
@@ -238,20 +239,19 @@ def _prepare(st):
         raise ValueError(f"the packed batch has {st.total} values; the Triton kernel takes fewer than "
                          f"{MAX_TOTAL - bsz - 64} for {bsz} sequences")
     dev = st.x.device
-    lens = st.lengths
+    lens = st.lengths.to(torch.int32)
     span = lens + (lens & 1)  # each sequence's length rounded up to even
-    starts = torch.cumsum(span, 0) - span
+    starts = torch.cumsum(span, 0, dtype=torch.int32) - span
     pairs = torch.stack([st.x[: st.total], st.e[: st.total]], dim=1).view(torch.int64).reshape(-1)
-    seg = torch.repeat_interleave(torch.arange(bsz, device=dev), lens, output_size=st.total)
-    dest = torch.arange(st.total, device=dev) + (starts - st.starts)[seg]
+    dest = torch.arange(st.total, device=dev) + (starts - st.starts)[st.seg]
     xe = torch.zeros(size, dtype=torch.int64, device=dev).index_copy_(0, dest, pairs)
     return dict(
         xe=xe,
-        starts=starts.to(torch.int32),
-        lens=lens.to(torch.int32),
+        starts=starts,
+        lens=lens,
         mx=st.mx.to(torch.float32),
         zsum=st.zsum.to(torch.float32),
-        order=torch.argsort(lens, stable=True).to(torch.int32),
+        order=torch.argsort(st.lengths, stable=True).to(torch.int32),
         dev=dev,
     )
 
@@ -267,11 +267,11 @@ def launch_spec(st, short_first, full, groups=None, num_groups=1, exclude_self=T
     split = cfg["SPLIT"]  # column splits: finer programs, less load imbalance (full: disjoint columns)
     if full:
         out = torch.empty((bsz, bsz), dtype=torch.float32, device=dev)
-        groups32 = torch.zeros(bsz, dtype=torch.int32, device=dev)
+        groups32 = p["lens"]  # any int32 [B]: never read (FULL)
     else:
         out = torch.empty((split, bsz, num_groups), dtype=torch.float32, device=dev)
         groups32 = groups.to(torch.int32)
-    pid_t = pids if pids is not None else torch.zeros(bsz, dtype=torch.int64, device=dev)
+    pid_t = pids if pids is not None else st.lengths  # any int64 [B]: never read without HAS_PID
     args = (p["xe"], p["starts"], p["lens"], p["mx"], p["zsum"], p["order"], groups32, pid_t, out, bsz, num_groups)
     kwargs = dict(
         SHORT_FIRST=bool(short_first),

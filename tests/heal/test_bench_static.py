@@ -43,3 +43,19 @@ def test_eda_prediction_counts_tiles_balance_and_l2():
     assert p["pair_positions"] == 16 * 8
     ragged = static.eda_prediction(rec, [8, 8, 8, 5], H100)  # a shorter column: masked tail trips cost more
     assert ragged["issue_ms_balanced"] > 0
+
+
+def test_backward_families_count_half_their_bytes_as_reads():
+    # a backward kernel reads z and writes dz: only the reads are in flight per trip (linear too)
+    for fam in ("entropy_bwd", "linear_bwd"):
+        bwd = static.stream_prediction(_stream(8, warps_per_sm=4, family=fam, bpe=4.0), H100)
+        fwd = static.stream_prediction(_stream(8, warps_per_sm=4, family=fam.replace("bwd", "fwd"), bpe=4.0), H100)
+        assert bwd["parallelism_limit"] == pytest.approx(fwd["parallelism_limit"] / 2, rel=1e-9)
+
+
+def test_eda_preparation_ops_are_counted():
+    """The op's eager preparation around the kernel (statistics, packing, sort, split max) is
+    counted on the CPU; views are free. Dozens of ops, not hundreds: each costs a host launch."""
+    pytest.importorskip("triton")
+    n = static.eda_preparation_ops()
+    assert 10 <= n <= 80
