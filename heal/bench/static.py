@@ -62,10 +62,11 @@ ASSUMPTIONS = [
     "Pairwise L2 traffic: each column tile re-reads its columns' and its rows' (x, e) pairs (8 bytes per "
     "position) from L2 once per tile; reuse inside a tile's loop trip is served by L1. Time is the larger "
     "of issue and L2 time (they overlap); L2 read bandwidth as listed per device.",
-    f"Plus {LAUNCH_US:.0f} us for the kernel's launch. The op around it also runs small eager PyTorch ops "
-    "(per-sequence statistics, packing, sort, the final max over column splits; counted on the CPU, "
-    "`check=False`): each is costed at {prep_us:.0f} us of host dispatch and launch, shown apart as the op's "
-    "time (the kernel cannot start before them unless earlier GPU work hides them).",
+    f"Plus {LAUNCH_US:.0f} us for the kernel's launch. The op around it also runs the packing kernel "
+    "(per-sequence statistics and the (x, e) pairs; its bytes at its predicted fraction of copy bandwidth) and "
+    "small eager PyTorch ops (lengths, starts, buffers, sort, the final max over column splits; counted on the "
+    "CPU): each launch is costed at {prep_us:.0f} us of host dispatch, shown apart as the op's time (the kernel "
+    "cannot start before them unless earlier GPU work hides them).",
 ]
 
 
@@ -165,13 +166,12 @@ def eda_prediction(rec: dict, lengths, dev: dict) -> dict:
 
 
 def eda_preparation_ops() -> int:
-    """Device ops the grouped op's Triton path runs around its kernel on the EDA batch
-    (``seq_stats``, the launcher's packing and sort, the max over column splits), counted by a
-    dispatch mode on CPU tensors; views and metadata-only ops are not counted."""
+    """Eager launches of the grouped op's Triton path besides its pair kernel on the EDA batch: the
+    small PyTorch ops (lengths, even starts, buffers, sort, the max over column splits), counted by
+    a dispatch mode on CPU tensors (views and metadata-only ops are free), plus the packing kernel."""
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from heal_kernels.ops import pairwise as pw
     from heal_kernels.triton import aot
     from heal_kernels.triton import pairwise as tri
 
@@ -185,11 +185,11 @@ def eda_preparation_ops() -> int:
             return func(*args, **(kwargs or {}))
 
     values, cu, groups, _ = aot.eda_batch()
+    cu64 = cu.to(torch.int64)
     with _Count():
-        st = pw.seq_stats(values, cu.to(torch.int64))
-        _, _, _, _, out = tri.launch_spec(st, False, False, groups, 2, True, None, device=torch.device("cuda"), arch=90)
+        specs, out = tri.launches(values, cu64, False, False, groups, 2, True, None)
         out.amax(dim=0)
-    return sum(1 for n in names if n.rstrip("_") not in free)
+    return sum(1 for n in names if n.rstrip("_") not in free) + len(specs) - 1  # the pair kernel is the prediction
 
 
 def _fmt(x, nd=2):
@@ -216,8 +216,9 @@ def _markdown(arch: int, doc: dict) -> str:
     if doc.get("predicted_eda_ms"):
         lines += ["", f"## EDA batch (B={doc['eda']['batch']}, lengths U[{doc['eda']['min_len']}, {doc['eda']['max_len']}])",
                   "", f"Variant `{doc['eda']['variant']}` (the reward's default path).", "",
-                  f"Predicted ms is the kernel; op ms adds the op's {doc['eda'].get('preparation_ops', 0)} small "
-                  f"preparation ops at {PREP_US_PER_OP:.0f} us each.", "",
+                  f"Predicted ms is the pair kernel; op ms adds the packing kernel's streaming time and the op's "
+                  f"{doc['eda'].get('preparation_ops', 0)} eager launches (the packing kernel and small PyTorch ops) "
+                  f"at {PREP_US_PER_OP:.0f} us each.", "",
                   "| device | predicted ms | op ms | issue ms | issue ms (perfect balance) | L2 ms | L2 GB | bound | measured ms |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for name, p in doc["eda"]["per_device"].items():
@@ -272,7 +273,7 @@ def build(archs, jobs=1, only=None, progress=True) -> dict:
             r = dict(r)
             r["bytes_per_element"] = v.bytes_per_element
             r.pop("hot_loop_mix", None)
-            if v.family != "pairwise" and not r.get("error"):  # streaming kernels: entropy, linear
+            if v.family != "pairwise" and not r.get("error"):  # streaming kernels: entropy, linear, packing
                 preds = {name: stream_prediction(r, d) for name, d in devs.items()}
                 r["predicted"] = preds
                 r["predicted_fraction_of_copy"] = {n: p.get("fraction_of_copy") for n, p in preds.items()}
@@ -282,8 +283,13 @@ def build(archs, jobs=1, only=None, progress=True) -> dict:
                     and "hot_loop_instructions" in r):
                 prep = eda_preparation_ops()
                 per_device = {name: eda_prediction(r, lens, d) for name, d in devs.items()}
-                for p in per_device.values():
-                    p["op_ms"] = p["predicted_ms"] + prep * PREP_US_PER_OP * 1e-3
+                pack = next((x for x in out if x["name"].startswith("pairwise_pack")), None)
+                for name, p in per_device.items():
+                    # the packing kernel streams the batch once (its bytes at its predicted fraction of copy)
+                    frac = ((pack or {}).get("predicted_fraction_of_copy") or {}).get(name) or 1.0
+                    bpe = (pack or {}).get("bytes_per_element", 16.0)
+                    p["pack_ms"] = sum(lens.tolist()) * bpe / (COPY_FRACTION * devs[name]["hbm_tbs"] * 1e12 * frac) * 1e3
+                    p["op_ms"] = p["predicted_ms"] + p["pack_ms"] + prep * PREP_US_PER_OP * 1e-3
                 eda = dict(variant=v.name, batch=aot.EDA_BATCH, min_len=aot.EDA_MIN_LEN, max_len=aot.EDA_MAX_LEN,
                            preparation_ops=prep, per_device=per_device)
             out.append(r)

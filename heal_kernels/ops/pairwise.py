@@ -479,19 +479,19 @@ def _run(values, cu_seqlens, metric, kl_direction, backend, grouped_args=None, c
         groups, num_groups, exclude_self, prompt_ids = grouped_args
         groups, pids = _validate_groups(groups, num_groups, prompt_ids, bsz, vals.device, check)
     name = resolve_backend(vals.device, backend)
-    st = seq_stats(vals, cu)
     short_first = kl_direction == "short_first"
-    if metric == "kl" and bsz > 0:
-        if name == "cpu":
-            ext = _cpu_ext()
-            if ext is not None:
-                return _run_cpu_ext(ext, st, short_first, grouped_args is not None and (groups, num_groups, exclude_self, pids))
-        elif name == "triton" and (grouped_args is None or num_groups <= _TRITON_MAX_GROUPS):
-            from heal_kernels.triton import pairwise as tri
+    if metric == "kl" and bsz > 0 and name == "triton" and (grouped_args is None or num_groups <= _TRITON_MAX_GROUPS):
+        from heal_kernels.triton import pairwise as tri
 
-            if grouped_args is None:
-                return tri.pairwise_kl(st, short_first)
-            return tri.grouped_max_kl(st, short_first, groups, num_groups, exclude_self, pids)
+        # the Triton path computes the per-sequence statistics itself (one packing kernel)
+        if grouped_args is None:
+            return tri.pairwise_kl(vals, cu, short_first)
+        return tri.grouped_max_kl(vals, cu, short_first, groups, num_groups, exclude_self, pids)
+    st = seq_stats(vals, cu)
+    if metric == "kl" and bsz > 0 and name == "cpu":
+        ext = _cpu_ext()
+        if ext is not None:
+            return _run_cpu_ext(ext, st, short_first, grouped_args is not None and (groups, num_groups, exclude_self, pids))
     if grouped_args is None:
         return _pairwise_torch(st, cu, metric, short_first)
     return _grouped_torch(st, cu, metric, short_first, groups, num_groups, exclude_self, pids)

@@ -83,6 +83,13 @@ def _threads(kwargs) -> int:
     return 32 * int(kwargs.get("num_warps", 4))
 
 
+def _row_variant(name, family, kernel, args, kwargs, bytes_per_element, meta) -> Variant:
+    """A kernel that walks rows in ``BLOCK``-element trips (entropy, linear, packing)."""
+    return Variant(name=f"{name}_B{kwargs['BLOCK']}_w{kwargs['num_warps']}", kernel=kernel, args=args, kwargs=kwargs,
+                   elements_per_thread_per_iteration=kwargs["BLOCK"] / _threads(kwargs), family=family,
+                   bytes_per_element=bytes_per_element, meta=meta)
+
+
 def _entropy_variants() -> Iterator[Variant]:
     from heal_kernels.triton import entropy as ent
 
@@ -103,16 +110,8 @@ def _entropy_variants() -> Iterator[Variant]:
                     logits, labels if with_labels else None, entropy, logprob, stats, temperature, interpreted=False
                 )
                 tag = "labels" if with_labels else "nolabels"
-                yield Variant(
-                    name=f"entropy_fwd_{_DTYPE_NAMES[dtype]}_{tag}_V{vocab}_B{kwargs['BLOCK']}_w{kwargs['num_warps']}",
-                    kernel=kernel,
-                    args=args,
-                    kwargs=kwargs,
-                    elements_per_thread_per_iteration=kwargs["BLOCK"] / _threads(kwargs),
-                    family="entropy_fwd",
-                    bytes_per_element=float(es),
-                    meta=dict(vocab=vocab, dtype=_DTYPE_NAMES[dtype]),
-                )
+                yield _row_variant(f"entropy_fwd_{_DTYPE_NAMES[dtype]}_{tag}_V{vocab}", "entropy_fwd", kernel, args,
+                                   kwargs, float(es), dict(vocab=vocab, dtype=_DTYPE_NAMES[dtype]))
             grad = torch.empty(rows, vocab, dtype=dtype)
             g = torch.empty(rows)
             # autograd materialises a zero g_entropy when only the log-probs are used, so the ops
@@ -124,16 +123,8 @@ def _entropy_variants() -> Iterator[Variant]:
                     temperature, interpreted=False,
                 )
                 tag = "gH_gLP" if has_glp else "gH"
-                yield Variant(
-                    name=f"entropy_bwd_{_DTYPE_NAMES[dtype]}_{tag}_V{vocab}_B{kwargs['BLOCK']}_w{kwargs['num_warps']}",
-                    kernel=kernel,
-                    args=args,
-                    kwargs=kwargs,
-                    elements_per_thread_per_iteration=kwargs["BLOCK"] / _threads(kwargs),
-                    family="entropy_bwd",
-                    bytes_per_element=2.0 * es,
-                    meta=dict(vocab=vocab, dtype=_DTYPE_NAMES[dtype]),
-                )
+                yield _row_variant(f"entropy_bwd_{_DTYPE_NAMES[dtype]}_{tag}_V{vocab}", "entropy_bwd", kernel, args,
+                                   kwargs, 2.0 * es, dict(vocab=vocab, dtype=_DTYPE_NAMES[dtype]))
 
 
 def _linear_variants() -> Iterator[Variant]:
@@ -157,16 +148,8 @@ def _linear_variants() -> Iterator[Variant]:
             for family, spec, bpe in (("linear_fwd", lin.stats_launch_spec, float(es)),
                                       ("linear_bwd", lin.grad_launch_spec, 2.0 * es)):  # bwd rewrites z
                 kernel, _, args, kwargs = spec(z, lab, state, temperature, interpreted=False)
-                yield Variant(
-                    name=f"{family}_{_DTYPE_NAMES[dtype]}_{tag}_C{cols}_B{kwargs['BLOCK']}_w{kwargs['num_warps']}",
-                    kernel=kernel,
-                    args=args,
-                    kwargs=kwargs,
-                    elements_per_thread_per_iteration=kwargs["BLOCK"] / _threads(kwargs),
-                    family=family,
-                    bytes_per_element=bpe,
-                    meta=dict(vocab=cols, dtype=_DTYPE_NAMES[dtype]),
-                )
+                yield _row_variant(f"{family}_{_DTYPE_NAMES[dtype]}_{tag}_C{cols}", family, kernel, args, kwargs, bpe,
+                                   dict(vocab=cols, dtype=_DTYPE_NAMES[dtype]))
 
 
 def eda_batch(seed: int = 0):
@@ -179,13 +162,15 @@ def eda_batch(seed: int = 0):
 
 
 def _pairwise_variants() -> Iterator[Variant]:
-    from heal_kernels.ops import pairwise as pw
     from heal_kernels.triton import pairwise as tri
 
     values, cu, groups, lens = eda_batch()
-    st = pw.seq_stats(values, cu.to(torch.int64))
+    cu64 = cu.to(torch.int64)
     pids = torch.arange(EDA_BATCH, dtype=torch.int64) // 8
     cuda = torch.device("cuda")
+    kernel, _, args, kwargs, packed = tri.pack_launch_spec(values, cu64, interpreted=False)
+    # bytes per element: x read twice (4 + 4), the (x, e) pair written (8)
+    yield _row_variant("pairwise_pack_fp32", "pairwise_pack", kernel, args, kwargs, 16.0, dict(lengths=lens.tolist()))
     # one set of variants per tile configuration, each for the archs that launch it
     configs = {}
     for arch in ARCHS:
@@ -194,12 +179,12 @@ def _pairwise_variants() -> Iterator[Variant]:
         arch = archs[0]
         for short_first in (False, True):
             direction = "short_first" if short_first else "scored_first"
-            kernel, _, args, kwargs, _ = tri.launch_spec(st, short_first, True, device=cuda, arch=arch)
+            kernel, _, args, kwargs, _ = tri.launch_spec(packed, short_first, True, device=cuda, arch=arch)
             yield _pairwise_variant(f"pairwise_full_fp32_{direction}", kernel, args, kwargs, "full", lens, archs)
             for exclude_self in (True, False):
                 for with_pids in (False, True):
                     kernel, _, args, kwargs, _ = tri.launch_spec(
-                        st, short_first, False, groups, 2, exclude_self, pids if with_pids else None, device=cuda,
+                        packed, short_first, False, groups, 2, exclude_self, pids if with_pids else None, device=cuda,
                         arch=arch,
                     )
                     tag = ("exself" if exclude_self else "inself") + ("_pid" if with_pids else "")
@@ -209,7 +194,8 @@ def _pairwise_variants() -> Iterator[Variant]:
         saved = tri.CLAMP_FREE_TOTAL
         tri.CLAMP_FREE_TOTAL = 0
         try:
-            kernel, _, args, kwargs, _ = tri.launch_spec(st, False, False, groups, 2, True, None, device=cuda, arch=arch)
+            kernel, _, args, kwargs, _ = tri.launch_spec(packed, False, False, groups, 2, True, None, device=cuda,
+                                                         arch=arch)
         finally:
             tri.CLAMP_FREE_TOTAL = saved
         yield _pairwise_variant("pairwise_grouped_fp32_scored_first_exself_clamp", kernel, args, kwargs, "grouped",
@@ -409,7 +395,7 @@ def analyse(v: Variant, arch: int) -> Dict:
     failures = []
     if rec["spill_bytes"] > 0 or ldl_stl:
         failures.append(f"spills: stack {stack} B, local {local} B, {ldl_stl} LDL/STL")
-    if v.family == "pairwise" and rec["approx_f32_division"]:
+    if v.family.startswith("pairwise") and rec["approx_f32_division"]:
         failures.append(f"{rec['approx_f32_division']} approximate f32 division(s) in the PTX")
     if loop is None:
         failures.append("no hot loop found in the SASS")

@@ -74,6 +74,36 @@ def _fwd_block(z, m, s, t, k2):
 
 
 @triton.jit
+def _row_stats(row_ptr, V, k2, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """One pass over ``row_ptr[0:V]``: ``(c, S, M)`` with ``c = max z`` (``-inf`` for a row of only
+    ``-inf``), ``S = sum 2^((z - c) k2)``, ``M = sum 2^((z - c) k2) (z - c) k2`` (shift 0 when
+    ``c = -inf``; then ``S = M = 0``). Whole blocks unmasked, the partial last block masked; the
+    chunk lanes are merged once, after the loop."""
+    ROWS: tl.constexpr = BLOCK // CHUNK
+    cols = tl.arange(0, ROWS)[:, None] * CHUNK + tl.arange(0, CHUNK)[None, :]  # int32
+    neg_inf = float("-inf")
+    m = tl.full([ROWS], neg_inf, tl.float32)  # running max of raw z per chunk lane
+    s = tl.zeros([ROWS], tl.float32)  # sum 2^((z - m) k2)
+    t = tl.zeros([ROWS], tl.float32)  # sum 2^((z - m) k2) * (z - m) k2  (<= 0: no cancellation)
+    v_full = (V // BLOCK) * BLOCK
+    for start in range(0, v_full, BLOCK):  # whole blocks: no mask
+        z = tl.load(row_ptr + start + cols).to(tl.float32)
+        m, s, t = _fwd_block(z, m, s, t, k2)
+    if v_full < V:  # the partial last block
+        offs = v_full + cols
+        z = tl.load(row_ptr + offs, mask=offs < V, other=neg_inf).to(tl.float32)
+        m, s, t = _fwd_block(z, m, s, t, k2)
+    # merge the lanes (a lane that saw only -inf has m = -inf and s = t = 0)
+    c = tl.max(m, axis=0)
+    c_safe = tl.where(c == neg_inf, 0.0, c)
+    r = (m - c_safe) * k2
+    w = tl.math.exp2(r)  # 0 for -inf lanes
+    s_row = tl.sum(w * s, axis=0)
+    t_row = tl.sum(w * (t + s * tl.maximum(r, -3.0e38)), axis=0)  # sum 2^(d k2) d k2
+    return c, s_row, t_row
+
+
+@triton.jit
 def _entropy_fwd_kernel(
     logits_ptr,
     stride_row,
@@ -88,30 +118,10 @@ def _entropy_fwd_kernel(
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    ROWS: tl.constexpr = BLOCK // CHUNK
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
-    cols = tl.arange(0, ROWS)[:, None] * CHUNK + tl.arange(0, CHUNK)[None, :]  # int32
-    neg_inf = float("-inf")
-    m = tl.full([ROWS], neg_inf, tl.float32)  # running max of raw z per chunk lane
-    s = tl.zeros([ROWS], tl.float32)  # sum 2^((z - m) k2)
-    t = tl.zeros([ROWS], tl.float32)  # sum 2^((z - m) k2) * (z - m) k2  (<= 0: no cancellation)
-    v_full = (V // BLOCK) * BLOCK
-    for start in range(0, v_full, BLOCK):  # whole blocks: no mask
-        z = tl.load(row_ptr + start + cols).to(tl.float32)
-        m, s, t = _fwd_block(z, m, s, t, k2)
-    if v_full < V:  # the partial last block
-        offs = v_full + cols
-        z = tl.load(row_ptr + offs, mask=offs < V, other=neg_inf).to(tl.float32)
-        m, s, t = _fwd_block(z, m, s, t, k2)
-
-    # merge the lanes (a lane that saw only -inf has m = -inf and s = t = 0)
-    c = tl.max(m, axis=0)
-    c = tl.where(c == neg_inf, 0.0, c)
-    r = (m - c) * k2
-    w = tl.math.exp2(r)  # 0 for -inf lanes
-    s_row = tl.sum(w * s, axis=0)
-    t_row = tl.sum(w * (t + s * tl.maximum(r, -3.0e38)), axis=0)  # sum 2^(d k2) d k2
+    c, s_row, t_row = _row_stats(row_ptr, V, k2, CHUNK, BLOCK)
+    c = tl.where(c == float("-inf"), 0.0, c)
     log_s = tl.log(s_row)
     tl.store(entropy_ptr + row, log_s - tl.math.div_rn(t_row, s_row) * 0.6931471805599453)
     tl.store(stats_ptr + row * 3, c)

@@ -43,7 +43,7 @@ from heal_kernels.triton._launch import launch
 
 # block rows run the entropy kernels' loops (one program per row, 16-byte chunks per thread, exp2),
 # block / warp heuristic and explicit FP contraction setting
-from heal_kernels.triton.entropy import (FP_FUSION, _bwd_block, _constants, _fwd_block, _interpreted, chunk_elements,
+from heal_kernels.triton.entropy import (FP_FUSION, _bwd_block, _constants, _interpreted, _row_stats, chunk_elements,
                                          launch_config)
 
 __all__ = ["block_stats", "block_grad"]
@@ -62,31 +62,12 @@ def _block_stats_kernel(
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    ROWS: tl.constexpr = BLOCK // CHUNK
     row = tl.program_id(0).to(tl.int64)
     row_ptr = z_ptr + row * stride_row
-    cols = tl.arange(0, ROWS)[:, None] * CHUNK + tl.arange(0, CHUNK)[None, :]  # int32
     neg_inf = float("-inf")
-    # the entropy forward's loop: per chunk lane, the max of raw z and base-2 sums relative to it
-    m = tl.full([ROWS], neg_inf, tl.float32)
-    s = tl.zeros([ROWS], tl.float32)
-    t = tl.zeros([ROWS], tl.float32)
-    v_full = (V // BLOCK) * BLOCK
-    for start in range(0, v_full, BLOCK):  # whole blocks: no mask
-        z = tl.load(row_ptr + start + cols).to(tl.float32)
-        m, s, t = _fwd_block(z, m, s, t, k2)
-    if v_full < V:  # the partial last block
-        offs = v_full + cols
-        z = tl.load(row_ptr + offs, mask=offs < V, other=neg_inf).to(tl.float32)
-        m, s, t = _fwd_block(z, m, s, t, k2)
-
-    # merge the lanes: (max z, sum 2^((z - c) k2), sum 2^((z - c) k2) (z - c) k2) of the block row
-    c = tl.max(m, axis=0)  # -inf when the block row is all -inf
-    c_safe = tl.where(c == neg_inf, 0.0, c)
-    r = (m - c_safe) * k2
-    w = tl.math.exp2(r)  # 0 for -inf lanes
-    sb = tl.sum(w * s, axis=0)
-    tb = tl.sum(w * (t + s * tl.maximum(r, -3.0e38)), axis=0) * 0.6931471805599453  # natural units
+    # the entropy forward's pass: (max z, sum 2^((z - c) k2), sum 2^((z - c) k2) (z - c) k2)
+    c, sb, tb = _row_stats(row_ptr, V, k2, CHUNK, BLOCK)
+    tb = tb * 0.6931471805599453  # natural units
     mb = c * inv_t  # max x = max z / T (T > 0: the same element)
     nan_row = sb != sb
 

@@ -19,7 +19,7 @@ and ``BLOCK_T`` aligned positions on its second, so a column block is read once 
 ``ROWS`` rows (the other rows' reads hit L1): ``ROWS`` times less L2 traffic than a program per
 row. Positions every pair of the tile has run unmasked; only the last, ragged positions are
 masked. ``x`` and ``e`` are interleaved so one 8-byte load serves both, every sequence starts at an
-even position (``_prepare`` pads), so the long side -- read at consecutive positions -- comes two
+even position (the packing kernel pads), so the long side -- read at consecutive positions -- comes two
 positions per 16-byte load; each pair has 64-bit base pointers (a gather of the stretched side is a
 shift-add, no index add); the main loop carries the long side's pointers and ``t`` as float32, so
 its integer work is the trip count. One accumulator takes ``e_P (L - S')`` (a select picks
@@ -125,12 +125,12 @@ def _kl_rows_kernel(
         l_is_row = case_long == p_is_row
         nl = tl.where(ok, tl.where(l_is_row, m_i, m_j), 0)
         ms = tl.where(l_is_row, m_j, m_i)
-        # pairs with an empty side read sequence 0's first positions (in bounds: the empty side is
-        # the stretched one, so ms = 0 and src = 0) and are dropped
+        # pairs with an empty side read the first positions of xe and are dropped: their nl is 0, so
+        # scale = 1 and src = t < n_full, in bounds (the empty side is the stretched one: ms = 0)
         start_l = tl.where(ok, tl.where(l_is_row, start_i, start_j), 0)
         start_s = tl.where(ok, tl.where(l_is_row, start_j, start_i), 0)
         # per-pair 64-bit bases (a gather is then one shift-add, no index add); every sequence starts
-        # at an even position (see _prepare), so L's (x, e) pairs are read two at a time (16 bytes)
+        # at an even position (see pack_launch_spec), so L's (x, e) pairs are read two at a time (16 bytes)
         base_l = xe_ptr + tl.multiple_of(start_l, 2)
         base_s = xe_ptr + start_s
         ms_c = tl.maximum(ms, 1)
@@ -147,7 +147,7 @@ def _kl_rows_kernel(
         tf = offs_t.to(tl.float32)
         for _ in range(0, n_full, BLOCK_T):
             src = (tf[None, :] * scale[:, None]).to(tl.int32)  # trunc = floor (>= 0)
-            if CLAMP_SRC:  # the rule's min(., m - 1): a no-op while every length is below 2^22 (see _prepare)
+            if CLAMP_SRC:  # the rule's min(., m - 1): a no-op while every length is below 2^22 (CLAMP_FREE_TOTAL)
                 src = tl.minimum(src, ms_c[:, None] - 1)
             zs, acc = _pair_step(base_s[:, None] + src, l_ptrs, w_long, zs, acc, False, None)
             l_ptrs += BLOCK_T
@@ -227,58 +227,105 @@ def _blocks(device: torch.device, num_groups: int = 1, arch=None):
     return cfg
 
 
-def _prepare(st):
-    """Device-side inputs of the kernel (no host synchronisation).
+@triton.jit
+def _pack_kernel(
+    values_ptr,  # float32 [total], the packed batch
+    cu_ptr,  # int64 [B + 1]
+    starts_ptr,  # int32 [B], each sequence's (even) start in xe
+    xe_ptr,  # float32 view of the int64 [size] (x, e) pairs, zeros
+    mx_ptr,  # float32 [B] out: max of each sequence (0 when empty)
+    zsum_ptr,  # float32 [B] out: sum of e over each sequence
+    BLOCK: tl.constexpr,
+):
+    """One program per sequence: ``mx = max x``, ``e = f32(exp(f64(x) - mx))`` (as the CPU paths'
+    ``seq_stats``), the ``(x, e)`` pairs written at the sequence's even start, ``zsum`` the float64
+    sum of the float32 ``e`` (a fixed tree per sequence: identical sequences get identical sums)."""
+    b = tl.program_id(0)
+    src0 = tl.load(cu_ptr + b)
+    n = (tl.load(cu_ptr + b + 1) - src0).to(tl.int32)
+    dst = xe_ptr + 2 * tl.load(starts_ptr + b).to(tl.int64)
+    src = values_ptr + src0
+    offs = tl.arange(0, BLOCK)
+    m = tl.full([BLOCK], float("-inf"), tl.float32)
+    for k0 in range(0, n, BLOCK):
+        k = k0 + offs
+        m = tl.maximum(m, tl.load(src + k, mask=k < n, other=float("-inf")))
+    mx = tl.max(m, axis=0)
+    mx = tl.where(n > 0, mx, 0.0)
+    z = tl.zeros([BLOCK], tl.float64)
+    for k0 in range(0, n, BLOCK):
+        k = k0 + offs
+        inb = k < n
+        x = tl.load(src + k, mask=inb, other=0.0)
+        e = tl.where(inb, tl.exp(x.to(tl.float64) - mx.to(tl.float64)).to(tl.float32), 0.0)
+        tl.store(dst + 2 * k, x, mask=inb)
+        tl.store(dst + 2 * k + 1, e, mask=inb)
+        z += e.to(tl.float64)
+    tl.store(mx_ptr + b, mx)
+    tl.store(zsum_ptr + b, tl.sum(z, axis=0).to(tl.float32))
 
-    ``xe`` holds each position's ``(x, e)`` float32 pair as one int64 (``x`` in the low half), every
-    sequence starting at an even position (a zero pad after odd-length ones), so that the kernel's
-    unmasked reads of the long side are 16-byte aligned pairs of positions."""
-    bsz = st.lengths.numel()
-    size = st.total + bsz + 64  # even starts add at most one pad per sequence; zeros after the end
+
+PACK = dict(BLOCK=1024, num_warps=4)  # CUDA: lengths of hundreds to thousands of tokens
+PACK_INTERPRETED = dict(BLOCK=8, num_warps=1)  # small: several trips per sequence in the tests
+
+
+def pack_launch_spec(values, cu, interpreted=None):
+    """``(kernel, grid, args, kwargs, packed)`` of the packing launch (shared with :mod:`.aot`).
+
+    ``values`` float32 ``[total]``, ``cu`` int64 ``[B + 1]`` (validated). ``packed`` holds the pair
+    kernel's per-sequence inputs, filled by the launch: ``xe`` (each position's ``(x, e)`` float32
+    pair as one int64, ``x`` in the low half, every sequence starting at an even position with a zero
+    pad after odd-length ones, so the pair kernel's unmasked reads of the long side are 16-byte
+    aligned pairs of positions), ``starts``, ``lens`` (int32), ``mx``, ``zsum`` (float32). No host
+    synchronisation."""
+    bsz = cu.numel() - 1
+    total = values.numel()
+    size = total + bsz + 64  # even starts add at most one pad per sequence; zeros after the end
     if size >= MAX_TOTAL:
-        raise ValueError(f"the packed batch has {st.total} values; the Triton kernel takes fewer than "
+        raise ValueError(f"the packed batch has {total} values; the Triton kernel takes fewer than "
                          f"{MAX_TOTAL - bsz - 64} for {bsz} sequences")
-    dev = st.x.device
-    lens = st.lengths.to(torch.int32)
+    dev = values.device
+    if interpreted is None:
+        interpreted = dev.type != "cuda"
+    lens = (cu[1:] - cu[:-1]).to(torch.int32)
     span = lens + (lens & 1)  # each sequence's length rounded up to even
     starts = torch.cumsum(span, 0, dtype=torch.int32) - span
-    pairs = torch.stack([st.x[: st.total], st.e[: st.total]], dim=1).view(torch.int64).reshape(-1)
-    dest = torch.arange(st.total, device=dev) + (starts - st.starts)[st.seg]
-    xe = torch.zeros(size, dtype=torch.int64, device=dev).index_copy_(0, dest, pairs)
-    return dict(
-        xe=xe,
-        starts=starts,
-        lens=lens,
-        mx=st.mx.to(torch.float32),
-        zsum=st.zsum.to(torch.float32),
-        order=torch.argsort(st.lengths, stable=True).to(torch.int32),
-        dev=dev,
-    )
+    xe = torch.zeros(size, dtype=torch.int64, device=dev)
+    mx = torch.empty(bsz, dtype=torch.float32, device=dev)
+    zsum = torch.empty(bsz, dtype=torch.float32, device=dev)
+    cfg = PACK_INTERPRETED if interpreted else PACK
+    args = (values, cu, starts, xe.view(torch.float32), mx, zsum)
+    kwargs = dict(BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"], num_stages=1, enable_fp_fusion=FP_FUSION)
+    return _pack_kernel, (bsz,), args, kwargs, dict(xe=xe, starts=starts, lens=lens, mx=mx, zsum=zsum, total=total,
+                                                  cu=cu)
 
 
-def launch_spec(st, short_first, full, groups=None, num_groups=1, exclude_self=True, pids=None, device=None,
+def launch_spec(packed, short_first, full, groups=None, num_groups=1, exclude_self=True, pids=None, device=None,
                 arch=None):
-    """``(kernel, grid, args, kwargs, out)`` of one launch (shared with :mod:`.aot`); ``device`` and
-    ``arch`` override what picks the tile sizes (the AOT list passes ``cuda`` and an SM version)."""
-    p = _prepare(st)
-    bsz = st.lengths.numel()
-    dev = p["dev"]
+    """``(kernel, grid, args, kwargs, out)`` of the pair kernel's launch on ``packed`` (from
+    :func:`pack_launch_spec`; shared with :mod:`.aot`); ``device`` and ``arch`` override what picks
+    the tile sizes (the AOT list passes ``cuda`` and an SM version)."""
+    lens = packed["lens"]
+    bsz = lens.numel()
+    dev = lens.device
+    order = torch.argsort(lens, stable=True).to(torch.int32)
     cfg = _blocks(device or dev, num_groups, arch)
     split = cfg["SPLIT"]  # column splits: finer programs, less load imbalance (full: disjoint columns)
     if full:
         out = torch.empty((bsz, bsz), dtype=torch.float32, device=dev)
-        groups32 = p["lens"]  # any int32 [B]: never read (FULL)
+        groups32 = lens  # any int32 [B]: never read (FULL)
     else:
         out = torch.empty((split, bsz, num_groups), dtype=torch.float32, device=dev)
         groups32 = groups.to(torch.int32)
-    pid_t = pids if pids is not None else st.lengths  # any int64 [B]: never read without HAS_PID
-    args = (p["xe"], p["starts"], p["lens"], p["mx"], p["zsum"], p["order"], groups32, pid_t, out, bsz, num_groups)
+    pid_t = pids if pids is not None else packed["cu"]  # any int64 tensor: never read without HAS_PID
+    args = (packed["xe"], packed["starts"], lens, packed["mx"], packed["zsum"], order, groups32, pid_t, out, bsz,
+            num_groups)
     kwargs = dict(
         SHORT_FIRST=bool(short_first),
         FULL=bool(full),
         EXCLUDE_SELF=bool(exclude_self),
         HAS_PID=pids is not None,
-        CLAMP_SRC=st.total >= CLAMP_FREE_TOTAL,
+        CLAMP_SRC=packed["total"] >= CLAMP_FREE_TOTAL,
         ROWS=cfg["ROWS"],
         SPLIT=split,
         BLOCK_J=cfg["BLOCK_J"],
@@ -292,20 +339,30 @@ def launch_spec(st, short_first, full, groups=None, num_groups=1, exclude_self=T
     return _kl_rows_kernel, (triton.cdiv(bsz, cfg["ROWS"]), split), args, kwargs, out
 
 
-def _launch(st, short_first, full, groups=None, num_groups=1, exclude_self=True, pids=None):
-    kernel, grid, args, kwargs, out = launch_spec(st, short_first, full, groups, num_groups, exclude_self, pids)
-    launch(kernel, grid, args, kwargs)
+def launches(values, cu, short_first, full, groups=None, num_groups=1, exclude_self=True, pids=None):
+    """The op's two launches ``[(kernel, grid, args, kwargs)]`` (packing, then the pairs) and the
+    pair kernel's output buffer."""
+    pk, pgrid, pargs, pkw, packed = pack_launch_spec(values, cu)
+    kernel, grid, args, kwargs, out = launch_spec(packed, short_first, full, groups, num_groups, exclude_self, pids)
+    return [(pk, pgrid, pargs, pkw), (kernel, grid, args, kwargs)], out
+
+
+def _launch(values, cu, short_first, full, groups=None, num_groups=1, exclude_self=True, pids=None):
+    specs, out = launches(values, cu, short_first, full, groups, num_groups, exclude_self, pids)
+    for spec in specs:
+        launch(*spec)
     return out if full else out.amax(dim=0)  # combine the column splits' maxima (order-free: deterministic)
 
 
-def pairwise_kl(st, short_first: bool) -> torch.Tensor:
-    """Float32 ``[B, B]`` of ``-KL`` (row scored), NaN where a side is empty."""
-    return _launch(st, short_first, True)
+def pairwise_kl(values, cu, short_first: bool) -> torch.Tensor:
+    """Float32 ``[B, B]`` of ``-KL`` (row scored), NaN where a side is empty. ``values`` float32
+    ``[total]``, ``cu`` int64 ``[B + 1]`` (validated)."""
+    return _launch(values, cu, short_first, True)
 
 
-def grouped_max_kl(st, short_first: bool, groups, num_groups: int, exclude_self: bool, pids) -> torch.Tensor:
+def grouped_max_kl(values, cu, short_first: bool, groups, num_groups: int, exclude_self: bool, pids) -> torch.Tensor:
     """Float32 ``[B, num_groups]``: per-row max of ``-KL`` over each group's eligible columns."""
-    return _launch(st, short_first, False, groups, num_groups, exclude_self, pids)
+    return _launch(values, cu, short_first, False, groups, num_groups, exclude_self, pids)
 
 
 def positions_per_iteration(kwargs) -> int:

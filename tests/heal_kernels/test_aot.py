@@ -51,7 +51,7 @@ def test_compile_gate(tmp_path):
     for r in recs:
         assert r["spill_bytes"] == 0 and r["ldl_stl"] == 0, r
         assert r["instructions_per_element"] > 0, r
-        if r["family"] == "pairwise":
+        if r["family"].startswith("pairwise"):
             assert r["approx_f32_division"] == 0, r
 
 
@@ -120,16 +120,22 @@ def test_variants_describe_real_launches():
 
     for v in vs:
         assert v.name.startswith(v.family + "_")
-        assert v.family in ("entropy_fwd", "entropy_bwd", "linear_fwd", "linear_bwd", "pairwise")
+        assert v.family in ("entropy_fwd", "entropy_bwd", "linear_fwd", "linear_bwd", "pairwise_pack", "pairwise")
         assert v.kwargs["enable_fp_fusion"] is True and "num_warps" in v.kwargs and "num_stages" in v.kwargs
         threads = 32 * v.kwargs["num_warps"]
-        if v.family != "pairwise":  # entropy and linear: one program per row, the entropy block config
+        if v.family.startswith(("entropy", "linear")):  # one program per row, the entropy block config
             vocab = v.meta["vocab"]
             block, warps = launch_config(vocab, v.args[0].element_size())
             assert (v.kwargs["BLOCK"], v.kwargs["num_warps"]) == (block, warps)
             assert v.elements_per_thread_per_iteration == block / threads
             assert v.args[0].data_ptr() % 16 == 0 and v.args[0].shape[1] == vocab
             assert v.kwargs["CHUNK"] * v.args[0].element_size() == 16 or v.kwargs["CHUNK"] == block
+        elif v.family == "pairwise_pack":  # one program per sequence, the CUDA packing config
+            from heal_kernels.triton.pairwise import PACK
+
+            assert (v.kwargs["BLOCK"], v.kwargs["num_warps"]) == (PACK["BLOCK"], PACK["num_warps"])
+            assert v.args[0].dtype == torch.float32 and v.args[1].dtype == torch.int64  # values, cu
+            assert v.args[3].dtype == torch.float32 and v.args[3].data_ptr() % 16 == 0  # (x, e) pairs
         else:
             kw = v.kwargs
             assert v.elements_per_thread_per_iteration == kw["ROWS"] * kw["BLOCK_J"] * kw["BLOCK_T"] / threads

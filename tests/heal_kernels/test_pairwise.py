@@ -373,20 +373,29 @@ def test_triton_clamped_index_rule_and_check_false(monkeypatch):
         pw.grouped_max_similarity(values, cu, groups + 5, 2, backend="torch", check=False)
 
 
-def test_triton_prepare_packs_pairs_at_even_starts():
-    """The Triton launcher's packing (plain torch, no interpreter needed): every sequence starts at
-    an even position (the kernel reads the long side 16 bytes at a time and says so to Triton), each
-    position holds its (x, e) float32 pair with x in the low half, and the gaps are zeros."""
-    pytest.importorskip("triton")
+def test_triton_packing_kernel_matches_seq_stats():
+    """The Triton path's packing kernel (interpreter): every sequence starts at an even position (the
+    pair kernel reads the long side 16 bytes at a time and tells Triton so), each position holds its
+    (x, e) float32 pair with x in the low half, the gaps are zeros, and mx / e / zsum are the CPU
+    paths' ``seq_stats`` (zsum to float32 rounding)."""
+    import os
+
+    from heal_kernels.triton import _launch
     from heal_kernels.triton import pairwise as tri
 
-    lengths = [3, 0, 1, 4, 7, 2, 0, 5]
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("runs the Triton kernel on CPU tensors through the interpreter")
+    lengths = [3, 0, 1, 4, 7, 2, 0, 20, 5]  # 20 > the interpreter's block of 8: several trips
     values, cu = pack(lengths)
-    st = pw.seq_stats(values, cu.to(torch.int64))
-    p = tri._prepare(st)
+    cu64 = cu.to(torch.int64)
+    st = pw.seq_stats(values, cu64)
+    kernel, grid, args, kwargs, p = tri.pack_launch_spec(values, cu64)
+    _launch.launch(kernel, grid, args, kwargs)
     starts = p["starts"].to(torch.int64)
     assert (starts % 2 == 0).all()
     assert p["lens"].tolist() == lengths
+    assert torch.equal(p["mx"], st.mx.to(torch.float32))
+    torch.testing.assert_close(p["zsum"], st.zsum.to(torch.float32), rtol=2e-7, atol=0)
     pairs = p["xe"].view(torch.float32).view(-1, 2)  # little-endian: x, then e
     used = torch.zeros(pairs.shape[0], dtype=torch.bool)
     for b, n in enumerate(lengths):
@@ -397,4 +406,3 @@ def test_triton_prepare_packs_pairs_at_even_starts():
         if b + 1 < len(lengths):
             assert int(starts[b + 1]) in (s1 + n, s1 + n + 1)  # at most one pad
     assert (pairs[~used] == 0).all()
-    assert p["order"].tolist() == torch.argsort(torch.tensor(lengths), stable=True).tolist()
