@@ -20,7 +20,8 @@ contiguous columns), one program per row, walking the row in ``BLOCK`` columns:
 
       z <- ( -p (g_H (x - mean) + g_lp) + g_lp onehot(label) ) / T,   p = exp(x - lse)
 
-  by the entropy backward's block: ``p = 2^((z - c) k2)`` with ``c = lse T`` and ``k2 = log2(e) / T``,
+  by the entropy backward's block: ``p = 2^((z - c) k2 - b2)`` with ``c = lse T``, ``k2 = log2(e) / T``
+  and ``b2`` the rounding of ``c`` folded back,
   ``dz = p (A (z - c) + B)`` (one FMA, one multiply), the one-hot term written once per row after a
   barrier (the label's logit is read before the row is overwritten). In ``z``'s dtype; ``-inf``
   logits (``p = 0``) get exactly 0, never ``0 * inf``.
@@ -119,11 +120,14 @@ def _block_grad_kernel(
     mean = tl.load(coef_ptr + row * 4 + 1)
     g_h = tl.load(coef_ptr + row * 4 + 2)
     g_lp = tl.load(coef_ptr + row * 4 + 3)
-    # the entropy backward's block: p = 2^((z - c) k2) with c = lse T (logit units), and
-    # -p (g_H (x - mean) + g_lp) / T = p (A (z - c) + B)
+    # the entropy backward's block: p = 2^((z - c) k2 - b2) with c = lse T (logit units) and
+    # b2 = (lse - c / T) log2(e), the rounding of c folded back (one FMA: the exact residual), and
+    # -p (g_H (x - mean) + g_lp) / T = p (A (z - c) + B) since x = (z - c) / T + lse - r
     c = lse / inv_t
+    r = lse - c * inv_t
+    b2 = r * 1.4426950408889634
     a_coef = -g_h * inv_t * inv_t
-    b_coef = -(g_h * (lse - mean) + g_lp) * inv_t
+    b_coef = -(g_h * (lse - r - mean) + g_lp) * inv_t
     lo = -8.5e37 / tl.maximum(tl.abs(a_coef), 1.0)
     if HAS_LABELS:  # read before the block is overwritten
         label = tl.load(labels_ptr + row)
@@ -133,19 +137,19 @@ def _block_grad_kernel(
     v_full = (V // BLOCK) * BLOCK
     for start in range(0, v_full, BLOCK):  # whole blocks: no mask
         z = tl.load(row_ptr + start + cols).to(tl.float32)
-        dz = _bwd_block(z, c, k2, 0.0, a_coef, b_coef, lo)
+        dz = _bwd_block(z, c, k2, b2, a_coef, b_coef, lo)
         tl.store(row_ptr + start + cols, dz.to(z_ptr.dtype.element_ty))
     if v_full < V:
         offs = v_full + cols
         inb = offs < V
         z = tl.load(row_ptr + offs, mask=inb, other=float("-inf")).to(tl.float32)
-        dz = _bwd_block(z, c, k2, 0.0, a_coef, b_coef, lo)
+        dz = _bwd_block(z, c, k2, b2, a_coef, b_coef, lo)
         tl.store(row_ptr + offs, dz.to(z_ptr.dtype.element_ty), mask=inb)
     if HAS_LABELS:
         # the one-hot term once per row, not a compare per element: rewrite the label's entry after
         # every thread of the program has stored its blocks (the barrier orders them)
         tl.debug_barrier()
-        dz = _bwd_block(zl, c, k2, 0.0, a_coef, b_coef, lo) + g_lp * inv_t
+        dz = _bwd_block(zl, c, k2, b2, a_coef, b_coef, lo) + g_lp * inv_t
         tl.store(row_ptr + safe, dz.to(z_ptr.dtype.element_ty), mask=ok)
 
 
