@@ -48,7 +48,8 @@ import triton.language as tl
 
 from heal_kernels.triton._launch import launch
 
-__all__ = ["entropy_forward", "entropy_backward", "launch_config", "forward_launch_spec", "backward_launch_spec"]
+__all__ = ["entropy_forward", "entropy_backward", "launch_config", "row_launch_options", "forward_launch_spec",
+           "backward_launch_spec"]
 
 LOG2E = 1.0 / math.log(2.0)
 LN2 = math.log(2.0)
@@ -144,6 +145,26 @@ def _bwd_block(z, c, k2, b2, a_coef, b_coef, lo):
 
 
 @triton.jit
+def _row_grad(row_ptr, out_ptr, V, c, k2, b2, a_coef, b_coef, lo, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """``out[0:V] = dz`` of :func:`_bwd_block` for the row ``row_ptr[0:V]``, in ``out_ptr``'s dtype.
+    ``out_ptr`` may be ``row_ptr`` (in place: each element is read before the same thread writes it).
+    Whole blocks unmasked, the partial last block masked."""
+    ROWS: tl.constexpr = BLOCK // CHUNK
+    cols = tl.arange(0, ROWS)[:, None] * CHUNK + tl.arange(0, CHUNK)[None, :]  # int32
+    v_full = (V // BLOCK) * BLOCK
+    for start in range(0, v_full, BLOCK):  # whole blocks: no mask
+        z = tl.load(row_ptr + start + cols).to(tl.float32)
+        dz = _bwd_block(z, c, k2, b2, a_coef, b_coef, lo)
+        tl.store(out_ptr + start + cols, dz.to(out_ptr.dtype.element_ty))
+    if v_full < V:
+        offs = v_full + cols
+        inb = offs < V
+        z = tl.load(row_ptr + offs, mask=inb, other=float("-inf")).to(tl.float32)
+        dz = _bwd_block(z, c, k2, b2, a_coef, b_coef, lo)
+        tl.store(out_ptr + offs, dz.to(out_ptr.dtype.element_ty), mask=inb)
+
+
+@triton.jit
 def _entropy_bwd_kernel(
     logits_ptr,
     stride_row,
@@ -162,11 +183,9 @@ def _entropy_bwd_kernel(
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    ROWS: tl.constexpr = BLOCK // CHUNK
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
     out_ptr = grad_ptr + row * stride_grad_row
-    cols = tl.arange(0, ROWS)[:, None] * CHUNK + tl.arange(0, CHUNK)[None, :]  # int32
 
     c = tl.load(stats_ptr + row * 3)
     mx = tl.load(stats_ptr + row * 3 + 1)  # 0 from the Triton forward; any shift is allowed
@@ -186,17 +205,7 @@ def _entropy_bwd_kernel(
     b_coef = (g_h * mean - g_lp) * inv_t
     lo = -8.5e37 / tl.maximum(tl.abs(a_coef), 1.0)
 
-    v_full = (V // BLOCK) * BLOCK
-    for start in range(0, v_full, BLOCK):  # whole blocks: no mask
-        z = tl.load(row_ptr + start + cols).to(tl.float32)
-        dz = _bwd_block(z, c, k2, b2, a_coef, b_coef, lo)
-        tl.store(out_ptr + start + cols, dz.to(grad_ptr.dtype.element_ty))
-    if v_full < V:
-        offs = v_full + cols
-        inb = offs < V
-        z = tl.load(row_ptr + offs, mask=inb, other=float("-inf")).to(tl.float32)
-        dz = _bwd_block(z, c, k2, b2, a_coef, b_coef, lo)
-        tl.store(out_ptr + offs, dz.to(grad_ptr.dtype.element_ty), mask=inb)
+    _row_grad(row_ptr, out_ptr, V, c, k2, b2, a_coef, b_coef, lo, CHUNK, BLOCK)
     if HAS_G_LOGPROB:
         # the one-hot term, once per row instead of a compare per element: rewrite the label's
         # entry after every thread of the program has stored its blocks (the barrier orders them)
@@ -237,6 +246,19 @@ def _interpreted(t: torch.Tensor) -> bool:
     return t.device.type != "cuda"
 
 
+def row_launch_options(rows: torch.Tensor, v: int, interpreted: Optional[bool] = None, block: Optional[int] = None):
+    """The launch keywords shared by the row kernels (entropy, fused linear): ``CHUNK``, ``BLOCK``,
+    ``num_warps`` (:func:`launch_config` for rows of ``v`` elements of ``rows``' dtype; ``block``
+    overrides the block), ``num_stages`` and the explicit FP contraction setting."""
+    if interpreted is None:
+        interpreted = _interpreted(rows)
+    cfg_block, warps = launch_config(v, rows.element_size(), interpreted)
+    if block is not None:
+        cfg_block = block
+    return dict(CHUNK=chunk_elements(rows.element_size(), cfg_block), BLOCK=cfg_block, num_warps=warps, num_stages=1,
+                enable_fp_fusion=FP_FUSION)
+
+
 def _constants(temperature: float):
     t = float(temperature)
     return LOG2E / t, 1.0 / t
@@ -245,11 +267,6 @@ def _constants(temperature: float):
 def forward_launch_spec(logits, labels, entropy, logprob, stats, temperature, block=None, interpreted=None):
     """``(kernel, grid, args, kwargs)`` of the forward launch (shared with :mod:`.aot`)."""
     n, v = logits.shape
-    if interpreted is None:
-        interpreted = _interpreted(logits)
-    cfg_block, warps = launch_config(v, logits.element_size(), interpreted)
-    if block is not None:
-        cfg_block = block
     has_labels = labels is not None
     k2, inv_t = _constants(temperature)
     args = (
@@ -263,14 +280,7 @@ def forward_launch_spec(logits, labels, entropy, logprob, stats, temperature, bl
         k2,
         inv_t,
     )
-    kwargs = dict(
-        HAS_LABELS=has_labels,
-        CHUNK=chunk_elements(logits.element_size(), cfg_block),
-        BLOCK=cfg_block,
-        num_warps=warps,
-        num_stages=1,
-        enable_fp_fusion=FP_FUSION,
-    )
+    kwargs = dict(HAS_LABELS=has_labels, **row_launch_options(logits, v, interpreted, block))
     return _entropy_fwd_kernel, (n,), args, kwargs
 
 
@@ -278,13 +288,8 @@ def backward_launch_spec(logits, labels, entropy, stats, g_entropy, g_logprob, g
                          interpreted=None):
     """``(kernel, grid, args, kwargs)`` of the backward launch (shared with :mod:`.aot`)."""
     n, v = logits.shape
-    if interpreted is None:
-        interpreted = _interpreted(logits)
     has_gh = g_entropy is not None
     has_glp = g_logprob is not None and labels is not None
-    cfg_block, warps = launch_config(v, logits.element_size(), interpreted)
-    if block is not None:
-        cfg_block = block
     k2, inv_t = _constants(temperature)
     args = (
         logits,
@@ -300,15 +305,7 @@ def backward_launch_spec(logits, labels, entropy, stats, g_entropy, g_logprob, g
         k2,
         inv_t,
     )
-    kwargs = dict(
-        HAS_G_ENTROPY=has_gh,
-        HAS_G_LOGPROB=has_glp,
-        CHUNK=chunk_elements(logits.element_size(), cfg_block),
-        BLOCK=cfg_block,
-        num_warps=warps,
-        num_stages=1,
-        enable_fp_fusion=FP_FUSION,
-    )
+    kwargs = dict(HAS_G_ENTROPY=has_gh, HAS_G_LOGPROB=has_glp, **row_launch_options(logits, v, interpreted, block))
     return _entropy_bwd_kernel, (n,), args, kwargs
 
 

@@ -42,10 +42,9 @@ import triton.language as tl
 
 from heal_kernels.triton._launch import launch
 
-# block rows run the entropy kernels' loops (one program per row, 16-byte chunks per thread, exp2),
-# block / warp heuristic and explicit FP contraction setting
-from heal_kernels.triton.entropy import (FP_FUSION, _bwd_block, _constants, _interpreted, _row_stats, chunk_elements,
-                                         launch_config)
+# block rows run the entropy kernels' row passes (one program per row, 16-byte chunks per thread,
+# exp2) with their launch options
+from heal_kernels.triton.entropy import _bwd_block, _constants, _row_grad, _row_stats, row_launch_options
 
 __all__ = ["block_stats", "block_grad"]
 
@@ -112,10 +111,8 @@ def _block_grad_kernel(
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    ROWS: tl.constexpr = BLOCK // CHUNK
     row = tl.program_id(0).to(tl.int64)
     row_ptr = z_ptr + row * stride_row
-    cols = tl.arange(0, ROWS)[:, None] * CHUNK + tl.arange(0, CHUNK)[None, :]  # int32
     lse = tl.load(coef_ptr + row * 4)
     mean = tl.load(coef_ptr + row * 4 + 1)
     g_h = tl.load(coef_ptr + row * 4 + 2)
@@ -134,17 +131,7 @@ def _block_grad_kernel(
         ok = (label >= 0) & (label < V)
         safe = tl.where(ok, label, 0)
         zl = tl.load(row_ptr + safe).to(tl.float32)
-    v_full = (V // BLOCK) * BLOCK
-    for start in range(0, v_full, BLOCK):  # whole blocks: no mask
-        z = tl.load(row_ptr + start + cols).to(tl.float32)
-        dz = _bwd_block(z, c, k2, b2, a_coef, b_coef, lo)
-        tl.store(row_ptr + start + cols, dz.to(z_ptr.dtype.element_ty))
-    if v_full < V:
-        offs = v_full + cols
-        inb = offs < V
-        z = tl.load(row_ptr + offs, mask=inb, other=float("-inf")).to(tl.float32)
-        dz = _bwd_block(z, c, k2, b2, a_coef, b_coef, lo)
-        tl.store(row_ptr + offs, dz.to(z_ptr.dtype.element_ty), mask=inb)
+    _row_grad(row_ptr, row_ptr, V, c, k2, b2, a_coef, b_coef, lo, CHUNK, BLOCK)  # in place
     if HAS_LABELS:
         # the one-hot term once per row, not a compare per element: rewrite the label's entry after
         # every thread of the program has stored its blocks (the barrier orders them)
@@ -155,11 +142,9 @@ def _block_grad_kernel(
 
 def _launch_spec(kernel, z, labels, rowwise, temperature, interpreted):
     r, c = z.shape
-    block, warps = launch_config(c, z.element_size(), _interpreted(z) if interpreted is None else interpreted)
     k2, inv_t = _constants(temperature)
     args = (z, z.stride(0), labels if labels is not None else rowwise, rowwise, c, k2, inv_t)
-    kwargs = dict(HAS_LABELS=labels is not None, CHUNK=chunk_elements(z.element_size(), block), BLOCK=block,
-                  num_warps=warps, num_stages=1, enable_fp_fusion=FP_FUSION)
+    kwargs = dict(HAS_LABELS=labels is not None, **row_launch_options(z, c, interpreted))
     return kernel, (r,), args, kwargs
 
 
