@@ -147,36 +147,26 @@ def _cpp_ext(z: torch.Tensor):
     return load_extension("heal_linear", EXTENSIONS["heal_linear"])
 
 
-def _block_stats(backend, z, labels, state, inv_t):
-    if backend == "triton":
-        from heal_kernels.triton.linear import block_stats
+_TORCH_STEPS = {"block_stats": _torch_block_stats, "block_grad": _torch_block_grad}
 
-        return block_stats(z, labels, state, 1.0 / inv_t)
+
+def _block_step(step, backend, z, labels, rowwise, inv_t):
+    """One per-block kernel on ``backend``: ``step`` is ``"block_stats"`` (merge ``z``'s statistics
+    into ``rowwise`` = the state) or ``"block_grad"`` (``z`` into its gradient from ``rowwise`` = the
+    coefficients). Triton, the C++ extension (CPU float32 / bfloat16), else chunked torch."""
+    if backend == "triton":
+        from heal_kernels.triton import linear as tri
+
+        return getattr(tri, step)(z, labels, rowwise, 1.0 / inv_t)
     if backend == "cpu":
         ext = _cpp_ext(z)
         if ext is not None:
             r, c = z.shape
-            ext.block_stats(z.data_ptr(), _CPP_DTYPES[z.dtype], r, c, z.stride(0), 1.0 / inv_t,
-                            labels.data_ptr() if labels is not None else 0, state.data_ptr(),
-                            torch.get_num_threads())
+            getattr(ext, step)(z.data_ptr(), _CPP_DTYPES[z.dtype], r, c, z.stride(0), 1.0 / inv_t,
+                               labels.data_ptr() if labels is not None else 0, rowwise.data_ptr(),
+                               torch.get_num_threads())
             return None
-    return _torch_block_stats(z, labels, state, inv_t)
-
-
-def _block_grad(backend, z, labels, coef, inv_t):
-    if backend == "triton":
-        from heal_kernels.triton.linear import block_grad
-
-        return block_grad(z, labels, coef, 1.0 / inv_t)
-    if backend == "cpu":
-        ext = _cpp_ext(z)
-        if ext is not None:
-            r, c = z.shape
-            ext.block_grad(z.data_ptr(), _CPP_DTYPES[z.dtype], r, c, z.stride(0), 1.0 / inv_t,
-                           labels.data_ptr() if labels is not None else 0, coef.data_ptr(),
-                           torch.get_num_threads())
-            return None
-    return _torch_block_grad(z, labels, coef, inv_t)
+    return _TORCH_STEPS[step](z, labels, rowwise, inv_t)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,7 +199,7 @@ def _forward(h, w, b, labels, inv_t, ct, cv, backend, vocab_start):
             t1 = min(n, t0 + ct)
             z = _logits_block(buf, h[t0:t1], wb, bb)
             lab = None if labels is None else labels[t0:t1] - (vocab_start + v0)
-            _block_stats(backend, z, lab, state[t0:t1], inv_t)
+            _block_step("block_stats", backend, z, lab, state[t0:t1], inv_t)
     return state
 
 
@@ -253,7 +243,7 @@ def _backward(h, w, b, labels, coef, inv_t, ct, cv, backend, vocab_start, need_h
             hc = h[t0:t1]
             z = _logits_block(buf, hc, wb, bb)
             lab = None if labels is None else labels[t0:t1] - (vocab_start + v0)
-            _block_grad(backend, z, lab, coef[t0:t1], inv_t)
+            _block_step("block_grad", backend, z, lab, coef[t0:t1], inv_t)
             if need_h:
                 if z.dtype == f32:
                     d_h[t0:t1].addmm_(z, wb)
