@@ -25,19 +25,6 @@
 
 namespace {
 
-struct F32 {
-  using T = float;
-  static inline float load(const float* p, int64_t i) { return p[i]; }
-};
-struct BF16 {
-  using T = uint16_t;
-  static inline float load(const uint16_t* p, int64_t i) { return bf16_to_f32(p[i]); }
-};
-struct F16 {
-  using T = uint16_t;
-  static inline float load(const uint16_t* p, int64_t i) { return f16_to_f32(p[i]); }
-};
-
 template <class L>
 void forward_rows(uintptr_t logits, int64_t n, int64_t v, int64_t stride_row, double temperature,
                   uintptr_t labels, uintptr_t entropy, uintptr_t logprob, uintptr_t stats, int num_threads) {
@@ -48,7 +35,6 @@ void forward_rows(uintptr_t logits, int64_t n, int64_t v, int64_t stride_row, do
   float* lp = reinterpret_cast<float*>(logprob);
   float* st = reinterpret_cast<float*>(stats);
   const float inv_t = static_cast<float>(1.0 / temperature);
-  const float ninf = -std::numeric_limits<float>::infinity();
   const float nan = std::numeric_limits<float>::quiet_NaN();
 
 #pragma omp parallel num_threads(num_threads)
@@ -58,58 +44,12 @@ void forward_rows(uintptr_t logits, int64_t n, int64_t v, int64_t stride_row, do
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < n; ++r) {
       const T* row = z + r * stride_row;
-      float c = ninf;
       int nans = 0;
-#pragma omp simd reduction(max : c) reduction(+ : nans)
-      for (int64_t i = 0; i < v; ++i) {
-        const float zi = L::load(row, i);
-        x[i] = zi;
-        nans += zi != zi;
-        c = zi > c ? zi : c;
-      }
+      const float c = load_row_max<L>(row, v, x, &nans);
       float log_s = nan, h = nan, lpr = nan;
       if (nans == 0 && std::isfinite(c)) {
-        // 8 independent float accumulators (one AVX register; the compiler vectorises the
-        // j-loop without reassociating), folded into double every kSumBlock elements
         double s = 0.0, m = 0.0;
-        for (int64_t b = 0; b < v; b += kSumBlock) {
-          const int64_t end = b + kSumBlock < v ? b + kSumBlock : v;
-          float sb[8] = {0, 0, 0, 0, 0, 0, 0, 0}, mb[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-          int64_t i = b;
-#ifdef HEAL_AVX2
-          {
-            const __m256 cv = _mm256_set1_ps(c), tv = _mm256_set1_ps(inv_t), zero = _mm256_setzero_ps();
-            __m256 vs = zero, vm = zero;
-            for (; i + 8 <= end; i += 8) {
-              const __m256 u = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), cv), tv);
-              const __m256 e = exp_nonpos8(u);
-              vs = _mm256_add_ps(vs, e);
-              // e * u, with 0 where e == 0 (never 0 * -inf)
-              vm = _mm256_add_ps(vm, _mm256_and_ps(_mm256_cmp_ps(e, zero, _CMP_GT_OQ), _mm256_mul_ps(e, u)));
-            }
-            sb[0] = hsum8(vs);
-            mb[0] = hsum8(vm);
-          }
-#endif
-          for (; i + 8 <= end; i += 8) {
-            for (int j = 0; j < 8; ++j) {
-              const float u = (x[i + j] - c) * inv_t;  // exact subtraction, then the scaling; u <= 0
-              const float e = exp_nonpos(u);           // 0 for -inf entries
-              sb[j] += e;
-              mb[j] += e > 0.0f ? e * u : 0.0f;
-            }
-          }
-          for (; i < end; ++i) {
-            const float u = (x[i] - c) * inv_t;
-            const float e = exp_nonpos(u);
-            sb[0] += e;
-            mb[0] += e > 0.0f ? e * u : 0.0f;
-          }
-          for (int j = 0; j < 8; ++j) {
-            s += sb[j];
-            m += mb[j];
-          }
-        }
+        exp_sums(x, v, c, inv_t, &s, &m);
         log_s = static_cast<float>(std::log(s));
         h = static_cast<float>(std::log(s) - m / s);
         if (lab) {
@@ -138,14 +78,6 @@ void forward(uintptr_t logits, int dtype, int64_t n, int64_t v, int64_t stride_r
     forward_rows<F16>(logits, n, v, stride_row, temperature, labels, entropy, logprob, stats, num_threads);
 }
 
-struct StoreF32 {
-  using T = float;
-  static inline void store(float* p, int64_t i, float x) { p[i] = x; }
-};
-struct StoreBF16 {
-  using T = uint16_t;
-  static inline void store(uint16_t* p, int64_t i, float x) { p[i] = f32_to_bf16(x); }
-};
 #ifdef __F16C__
 struct StoreF16 {
   using T = uint16_t;
@@ -225,10 +157,10 @@ bool backward(uintptr_t logits, int dtype, int64_t n, int64_t v, int64_t stride_
               uintptr_t grad, int num_threads) {
   pybind11::gil_scoped_release release;
   if (dtype == 0) {
-    backward_rows<F32, StoreF32>(logits, n, v, stride_row, temperature, labels, entropy, stats, g_entropy,
+    backward_rows<F32, F32>(logits, n, v, stride_row, temperature, labels, entropy, stats, g_entropy,
                                  g_logprob, grad, num_threads);
   } else if (dtype == 1) {
-    backward_rows<BF16, StoreBF16>(logits, n, v, stride_row, temperature, labels, entropy, stats, g_entropy,
+    backward_rows<BF16, BF16>(logits, n, v, stride_row, temperature, labels, entropy, stats, g_entropy,
                                    g_logprob, grad, num_threads);
   } else {
 #ifdef __F16C__

@@ -1,6 +1,7 @@
 // Scalar and AVX2 helpers shared by heal's C++ CPU kernels (entropy.cpp, linear.cpp): dtype
-// conversions and a branch-free exp for non-positive arguments. Private header: every function has
-// internal linkage in each translation unit that includes it.
+// conversions and loaders, a branch-free exp for non-positive arguments, a row's max pass and its
+// softmax sums. Private header: every function has internal linkage in each translation unit that
+// includes it.
 #pragma once
 
 #include <cmath>
@@ -105,5 +106,85 @@ inline float hsum8(__m256 v) {
 #endif
 
 constexpr int64_t kSumBlock = 1024;  // float partial sums per block, double across blocks
+
+// Element access of the logits dtypes (float16 is loaded only; its store needs F16C, see entropy.cpp).
+struct F32 {
+  using T = float;
+  static inline float load(const float* p, int64_t i) { return p[i]; }
+  static inline void store(float* p, int64_t i, float x) { p[i] = x; }
+};
+struct BF16 {
+  using T = uint16_t;
+  static inline float load(const uint16_t* p, int64_t i) { return bf16_to_f32(p[i]); }
+  static inline void store(uint16_t* p, int64_t i, float x) { p[i] = f32_to_bf16(x); }
+};
+struct F16 {
+  using T = uint16_t;
+  static inline float load(const uint16_t* p, int64_t i) { return f16_to_f32(p[i]); }
+};
+
+// x[0:v] = the row converted to float; returns its max (-inf for an empty or all -inf row; NaN
+// entries are skipped by the max and counted in *nans).
+template <class L>
+inline float load_row_max(const typename L::T* row, int64_t v, float* x, int* nans) {
+  float c = -std::numeric_limits<float>::infinity();
+  int bad = 0;
+#pragma omp simd reduction(max : c) reduction(+ : bad)
+  for (int64_t i = 0; i < v; ++i) {
+    const float zi = L::load(row, i);
+    x[i] = zi;
+    bad += zi != zi;
+    c = zi > c ? zi : c;
+  }
+  *nans = bad;
+  return c;
+}
+
+// S = sum e and M = sum e u over x[0:v], u = (x[i] - c) * inv_t (exact subtraction, then the
+// scaling; u <= 0 for c the row's finite max), e = exp(u); -inf entries add 0 to both (never
+// 0 * -inf). 8 independent float accumulators (one AVX register; the compiler vectorises the j-loop
+// without reassociating), folded into double every kSumBlock elements.
+inline void exp_sums(const float* x, int64_t v, float c, float inv_t, double* s_out, double* m_out) {
+  double s = 0.0, m = 0.0;
+  for (int64_t b = 0; b < v; b += kSumBlock) {
+    const int64_t end = b + kSumBlock < v ? b + kSumBlock : v;
+    float sb[8] = {0, 0, 0, 0, 0, 0, 0, 0}, mb[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t i = b;
+#ifdef HEAL_AVX2
+    {
+      const __m256 cv = _mm256_set1_ps(c), tv = _mm256_set1_ps(inv_t), zero = _mm256_setzero_ps();
+      __m256 vs = zero, vm = zero;
+      for (; i + 8 <= end; i += 8) {
+        const __m256 u = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), cv), tv);
+        const __m256 e = exp_nonpos8(u);
+        vs = _mm256_add_ps(vs, e);
+        vm = _mm256_add_ps(vm, _mm256_and_ps(_mm256_cmp_ps(e, zero, _CMP_GT_OQ), _mm256_mul_ps(e, u)));
+      }
+      sb[0] = hsum8(vs);
+      mb[0] = hsum8(vm);
+    }
+#endif
+    for (; i + 8 <= end; i += 8) {
+      for (int j = 0; j < 8; ++j) {
+        const float u = (x[i + j] - c) * inv_t;
+        const float e = exp_nonpos(u);  // 0 for -inf entries
+        sb[j] += e;
+        mb[j] += e > 0.0f ? e * u : 0.0f;
+      }
+    }
+    for (; i < end; ++i) {
+      const float u = (x[i] - c) * inv_t;
+      const float e = exp_nonpos(u);
+      sb[0] += e;
+      mb[0] += e > 0.0f ? e * u : 0.0f;
+    }
+    for (int j = 0; j < 8; ++j) {
+      s += sb[j];
+      m += mb[j];
+    }
+  }
+  *s_out = s;
+  *m_out = m;
+}
 
 }  // namespace

@@ -3,7 +3,8 @@
 // weight_block.T (+ bias) (float32 or bfloat16, row stride, contiguous columns).
 //
 // block_stats: per row, x = z / T, the block's (max mb, sum exp(x - mb), sum exp(x - mb) (x - mb))
-//   in one in-cache pass after a max pass, merged into the row's running state (m, s, t, x_label)
+//   in one in-cache pass after a max pass (heal_simd.h: exp_sums with u = (z - max z) / T, as the
+//   entropy kernel), merged into the row's running state (m, s, t, x_label)
 //   (float32 [r, 4]); x_label takes x[label] when the row's label lies in this block.
 //   merge: M = max(m, mb), a = exp(m - M), b = exp(mb - M),
 //          s' = a s + b sb,  t' = a (t + s (m - M)) + b (tb + sb (mb - M))   (-inf states add nothing)
@@ -27,16 +28,6 @@
 
 namespace {
 
-struct F32 {
-  using T = float;
-  static inline float load(const float* p, int64_t i) { return p[i]; }
-  static inline void store(float* p, int64_t i, float x) { p[i] = x; }
-};
-struct BF16 {
-  using T = uint16_t;
-  static inline float load(const uint16_t* p, int64_t i) { return bf16_to_f32(p[i]); }
-  static inline void store(uint16_t* p, int64_t i, float x) { p[i] = f32_to_bf16(x); }
-};
 
 template <class L>
 void stats_rows(uintptr_t block, int64_t n, int64_t v, int64_t stride_row, double temperature, uintptr_t labels,
@@ -56,15 +47,8 @@ void stats_rows(uintptr_t block, int64_t n, int64_t v, int64_t stride_row, doubl
     for (int64_t r = 0; r < n; ++r) {
       const T* row = z + r * stride_row;
       float* S = st + 4 * r;
-      float zmax = ninf;
       int nans = 0;
-#pragma omp simd reduction(max : zmax) reduction(+ : nans)
-      for (int64_t i = 0; i < v; ++i) {
-        const float zi = L::load(row, i);
-        x[i] = zi;
-        nans += zi != zi;
-        zmax = zi > zmax ? zi : zmax;
-      }
+      const float zmax = load_row_max<L>(row, v, x, &nans);
       if (lab) {
         const int64_t k = lab[r];
         if (k >= 0 && k < v) S[3] = x[k] * inv_t;
@@ -75,44 +59,8 @@ void stats_rows(uintptr_t block, int64_t n, int64_t v, int64_t stride_row, doubl
       }
       if (zmax == ninf) continue;  // the whole block row is masked: nothing to merge
       const float mb = zmax * inv_t;
-      double sd = 0.0, td = 0.0;
-      for (int64_t b = 0; b < v; b += kSumBlock) {
-        const int64_t end = b + kSumBlock < v ? b + kSumBlock : v;
-        float sa[8] = {0, 0, 0, 0, 0, 0, 0, 0}, ta[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        int64_t i = b;
-#ifdef HEAL_AVX2
-        {
-          const __m256 tv = _mm256_set1_ps(inv_t), mv = _mm256_set1_ps(mb), zero = _mm256_setzero_ps();
-          __m256 vs = zero, vt = zero;
-          for (; i + 8 <= end; i += 8) {
-            const __m256 u = _mm256_sub_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), tv), mv);
-            const __m256 e = exp_nonpos8(u);
-            vs = _mm256_add_ps(vs, e);
-            vt = _mm256_add_ps(vt, _mm256_and_ps(_mm256_cmp_ps(e, zero, _CMP_GT_OQ), _mm256_mul_ps(e, u)));
-          }
-          sa[0] = hsum8(vs);
-          ta[0] = hsum8(vt);
-        }
-#endif
-        for (; i + 8 <= end; i += 8) {
-          for (int j = 0; j < 8; ++j) {
-            const float u = x[i + j] * inv_t - mb;
-            const float e = exp_nonpos(u);
-            sa[j] += e;
-            ta[j] += e > 0.0f ? e * u : 0.0f;
-          }
-        }
-        for (; i < end; ++i) {
-          const float u = x[i] * inv_t - mb;
-          const float e = exp_nonpos(u);
-          sa[0] += e;
-          ta[0] += e > 0.0f ? e * u : 0.0f;
-        }
-        for (int j = 0; j < 8; ++j) {
-          sd += sa[j];
-          td += ta[j];
-        }
-      }
+      double sd = 0.0, td = 0.0;  // sum e, sum e (x - mb) with x = z / T: the entropy kernel's sums
+      exp_sums(x, v, zmax, inv_t, &sd, &td);
       const float sb = static_cast<float>(sd), tb = static_cast<float>(td);
       const float m = S[0], s = S[1], t = S[2];
       if (m != m) continue;  // NaN state stays NaN
