@@ -192,9 +192,8 @@ def restore_verl_entropy() -> None:
                     setattr(mod, name, _originals[name])
 
 
-# Engines / paths that compute entropy and log-probs without the functions patched above.
-# (The fused-linear drop-in for verl's use_fused_kernels path lives in another change; drop the entry
-# from this function when that path is covered.)
+# Engines / paths that compute entropy and log-probs without the functions patched above (unless
+# use_fused_kernels routes them to the fused linear drop-in, see uncovered_path_notice).
 _UNCOVERED_STRATEGIES = {
     "megatron": "the Megatron engine (vocab-parallel logits, its own entropy/log-prob kernels)",
     "mindspeed": "the MindSpeed engine (built on Megatron's vocab-parallel path)",
@@ -206,20 +205,13 @@ def uncovered_path_notice(config) -> Optional[str]:
 
     Names the engine (``actor_rollout_ref.actor.strategy``) that runs verl's own code instead; with
     ``actor_rollout_ref.model.use_fused_kernels`` every engine is covered (by the fused linear drop-in)."""
-
-    def get(path, default=None):
-        node = config
-        for part in path.split("."):
-            if node is None:
-                return default
-            node = node.get(part, None) if hasattr(node, "get") else getattr(node, part, None)
-        return default if node is None else node
+    from heal.integrations.verl.settings import config_value
 
     reasons = []
-    strategy = str(get("actor_rollout_ref.actor.strategy", "fsdp"))
+    strategy = str(config_value(config, "actor_rollout_ref.actor.strategy", "fsdp"))
     # use_fused_kernels=true runs verl's fused forwards, which heal routes to its fused linear op
     # (heal.integrations.verl.fused_linear), the Megatron ones included
-    fused_kernels = bool(get("actor_rollout_ref.model.use_fused_kernels", False))
+    fused_kernels = bool(config_value(config, "actor_rollout_ref.model.use_fused_kernels", False))
     if strategy in _UNCOVERED_STRATEGIES and not fused_kernels:
         reasons.append(f"actor_rollout_ref.actor.strategy={strategy}: {_UNCOVERED_STRATEGIES[strategy]}")
     if not reasons:

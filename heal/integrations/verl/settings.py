@@ -164,11 +164,11 @@ class HealSettings:
     def batch_high_entropy_mask(self, config: Any) -> bool:
         """True when the driver computes the 80/20 mask over the whole batch: the actor's policy loss is
         ``high_entropy_tokens`` and ``heal.high_entropy_scope`` is ``batch``."""
-        return self.high_entropy_scope == "batch" and _select(config, "actor_rollout_ref.actor.policy_loss.loss_mode") == HIGH_ENTROPY_TOKENS
+        return self.high_entropy_scope == "batch" and config_value(config, "actor_rollout_ref.actor.policy_loss.loss_mode") == HIGH_ENTROPY_TOKENS
 
     def check_trainer_config(self, config: Any) -> None:
         """Cross-checks with verl's own settings (errors name the offending key)."""
-        bypass = bool(_select(config, "algorithm.rollout_correction.bypass_mode", False))
+        bypass = bool(config_value(config, "algorithm.rollout_correction.bypass_mode", False))
         if self.batch_high_entropy_mask(config):
             check_on_policy(config)
             if bypass:
@@ -186,7 +186,9 @@ class HealSettings:
                 )
 
 
-def _select(config: Any, path: str, default: Any = None) -> Any:
+def config_value(config: Any, path: str, default: Any = None) -> Any:
+    """``config``'s value at the dotted ``path`` (mappings, OmegaConf nodes or attributes), or
+    ``default`` where a part is missing or the value is None."""
     node = config
     for part in path.split("."):
         if node is None:
@@ -199,9 +201,9 @@ def check_on_policy(config: Any) -> None:
     """``heal.high_entropy_scope: batch`` takes the 80/20 threshold from the old-log-prob pass's entropies,
     which are the update's entropies only when the update is on-policy: one mini-batch (= the whole batch)
     and one epoch. Raise a ``ValueError`` naming the keys otherwise."""
-    batch = _select(config, "data.train_batch_size")
-    mini = _select(config, "actor_rollout_ref.actor.ppo_mini_batch_size")
-    epochs = _select(config, "actor_rollout_ref.actor.ppo_epochs", 1)
+    batch = config_value(config, "data.train_batch_size")
+    mini = config_value(config, "actor_rollout_ref.actor.ppo_mini_batch_size")
+    epochs = config_value(config, "actor_rollout_ref.actor.ppo_epochs", 1)
     problems = []
     if batch is not None and mini is not None and int(mini) < int(batch):
         problems.append(f"actor_rollout_ref.actor.ppo_mini_batch_size={mini} < data.train_batch_size={batch}")
