@@ -261,6 +261,7 @@ def build(archs, jobs=1, only=None, progress=True) -> dict:
     recs = aot.compile_all(archs, jobs=jobs, only=only, progress=progress)
     by_name = {v.name: v for v in aot.variants_cached()}
     _, _, _, lens = aot.eda_batch()
+    prep = None  # the op's eager launches: the same for every arch, counted once
     docs = {}
     for arch in sorted({int(r["arch"][3:]) for r in recs}):
         devs = DEVICES.get(arch, {})
@@ -281,7 +282,7 @@ def build(archs, jobs=1, only=None, progress=True) -> dict:
                 r["predicted_fraction_of_copy"] = {n: None for n in devs}  # not a streaming kernel: see predicted_eda_ms
             if (v.family == "pairwise" and not r.get("error") and v.name.startswith("pairwise_grouped_fp32_scored_first_exself_J")
                     and "hot_loop_instructions" in r):
-                prep = eda_preparation_ops()
+                prep = eda_preparation_ops() if prep is None else prep
                 per_device = {name: eda_prediction(r, lens, d) for name, d in devs.items()}
                 pack = next((x for x in out if x["name"].startswith("pairwise_pack")), None)
                 for name, p in per_device.items():
