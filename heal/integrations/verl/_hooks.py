@@ -16,6 +16,7 @@ runs the callbacks. If the module is already imported, :func:`when_imported` run
 
 from __future__ import annotations
 
+import contextlib
 import importlib.abc
 import importlib.machinery
 import importlib.util
@@ -24,12 +25,13 @@ import sys
 import threading
 from typing import Callable, Dict, List
 
-__all__ = ["when_imported"]
+__all__ = ["when_imported", "around_import"]
 
 logger = logging.getLogger(__name__)
 
 _lock = threading.RLock()
 _pending: Dict[str, List[Callable]] = {}
+_around: Dict[str, List[Callable]] = {}  # module -> context-manager factories wrapped around its exec
 _busy: set = set()
 
 
@@ -49,11 +51,23 @@ class _Loader(importlib.abc.Loader):
     def create_module(self, spec):
         return self._inner.create_module(spec)
 
+    def __getattr__(self, attr):  # get_code, get_source, is_package, ... (runpy's `python -m` needs them)
+        return getattr(self._inner, attr)
+
     def exec_module(self, module):
         module.__loader__ = self._inner
         if getattr(module, "__spec__", None) is not None:
             module.__spec__.loader = self._inner
-        self._inner.exec_module(module)
+        with _lock:
+            arounds = _around.pop(self._name, [])
+        with contextlib.ExitStack() as stack:
+            for factory in arounds:
+                try:
+                    stack.enter_context(factory(self._name))
+                except Exception:
+                    logger.warning("heal: import hook %r for %s failed", getattr(factory, "__name__", factory),
+                                   self._name, exc_info=True)
+            self._inner.exec_module(module)
         with _lock:
             callbacks = _pending.pop(self._name, [])
         _run(self._name, module, callbacks)
@@ -61,7 +75,7 @@ class _Loader(importlib.abc.Loader):
 
 class _Finder(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname, path=None, target=None):
-        if fullname not in _pending or fullname in _busy:
+        if (fullname not in _pending and fullname not in _around) or fullname in _busy:
             return None
         _busy.add(fullname)
         try:
@@ -97,3 +111,17 @@ def when_imported(name: str, callback: Callable) -> None:
                 sys.meta_path.insert(0, _FINDER)
             return
     _run(name, module, [callback])
+
+
+def around_import(name: str, factory: Callable) -> bool:
+    """Run module ``name``'s body inside the context manager ``factory(name)`` the next time it is
+    imported (for a module whose body fails unless something is arranged first). Returns False, and
+    arranges nothing, when the module is already imported. A factory that raises on entry is logged
+    and skipped; the module is imported all the same."""
+    with _lock:
+        if name in sys.modules:
+            return False
+        _around.setdefault(name, []).append(factory)
+        if _FINDER not in sys.meta_path:
+            sys.meta_path.insert(0, _FINDER)
+    return True

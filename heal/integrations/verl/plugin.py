@@ -22,7 +22,9 @@ post-import hooks (:mod:`heal.integrations.verl._hooks`), that
 * if ``HEAL_FUSED_ENTROPY=1`` is set in the process environment, verl's entropy/log-prob functions
   are routed to heal's fused op (:mod:`heal.integrations.verl.fused_entropy`), and every v1 trainer
   (``verl.trainer.ppo.v1.trainer_base.PPOTrainer``) logs once at construction when its engine or
-  path cannot use it (:func:`~heal.integrations.verl.fused_entropy.uncovered_path_notice`).
+  path cannot use it (:func:`~heal.integrations.verl.fused_entropy.uncovered_path_notice`);
+* if ``VERL_PLATFORM=cpu`` is set, verl gets a ``cpu`` platform and the patches a run without an
+  accelerator needs (:mod:`heal.integrations.verl.cpu`).
 
 Any registry lookup has to import the module that holds the registry first, so heal's entries are
 there whenever verl looks. Failures are logged at WARNING level (verl would hide them at DEBUG).
@@ -105,6 +107,12 @@ def install() -> None:
     when_imported("verl.workers.utils.losses", _on_losses)
     when_imported("verl.workers.engine.fsdp.transformer_impl", _on_fsdp_engine)
     when_imported("verl.trainer.ppo.v1.trainer_base", _on_trainer_base)
+    try:
+        from heal.integrations.verl.cpu import install as install_cpu
+
+        install_cpu()  # VERL_PLATFORM=cpu only: verl's cpu platform and the patches a CPU run needs
+    except Exception:
+        logger.warning("heal: could not set verl up for the CPU (VERL_PLATFORM=cpu)", exc_info=True)
     try:
         from heal.integrations.verl.fused_entropy import env_requests_fused_entropy, use_fused_entropy
 
