@@ -156,13 +156,17 @@ def load_rollout_dump(path: str) -> List[Dict[str, Any]]:
 
 
 def _write_records(f: IO[str], records: Iterable[Mapping[str, Any]]) -> int:
-    """Validate and write rollout records as JSON lines (entropies rounded to 6 decimals)."""
+    """Validate and write rollout records as JSON lines. Entropies are written as float32 values,
+    exactly: each as the shortest decimal that reads back as the same float32 (so a reward
+    recomputed from a dump equals the one the trainer computed)."""
+    import numpy as np
+
     n = 0
     for rec in records:
         if "entropy" not in rec or "data_source" not in rec:
             raise ValueError("every rollout record needs 'entropy' and 'data_source'")
         rec = dict(rec)
-        rec["entropy"] = [round(float(x), 6) for x in rec["entropy"]]
+        rec["entropy"] = [float(str(x)) for x in np.asarray(rec["entropy"], dtype=np.float32).reshape(-1)]
         f.write(json.dumps(rec, ensure_ascii=False) + "\n")
         n += 1
     return n
@@ -204,7 +208,7 @@ def append_rollout_dump(
     tokens only). ``data_sources``: one name per trajectory. Every keyword (e.g. ``uid``, ``acc``,
     ``eda_reward``, ``s_target``) is a per-trajectory column of the same length, stored under its
     name (tensors and numpy values become Python numbers, floats rounded to 6 decimals, NaN/inf
-    become null). Writes one JSON line per trajectory (``{"step": step, "data_source": ...,
+    become null). Entropies are stored as exact float32 values. Writes one JSON line per trajectory (``{"step": step, "data_source": ...,
     "entropy": [...], ...}``), creating parent directories; call it once per step.
     """
     n = len(entropies)

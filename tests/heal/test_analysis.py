@@ -80,7 +80,9 @@ def test_append_rollout_dump_per_step(tmp_path):
     assert logs.append_rollout_dump(p, 4, [torch.tensor([3.0])], ["csqa"], uid=["c"], acc=[0.0], s_target=[0.0]) == 1
     back = logs.load_rollout_dump(p)
     assert [r["step"] for r in back] == [3, 3, 3, 4]  # appended, not overwritten
-    assert back[0] == {"step": 3, "data_source": "math", "entropy": [0.123457, 2.0], "uid": "a", "acc": 1.0,
+    # entropies are exact float32 values (shortest decimal that reads back as the same float32)
+    assert torch.equal(torch.tensor(back[0]["entropy"], dtype=torch.float32), ents[0])
+    assert back[0] == {"step": 3, "data_source": "math", "entropy": [0.1234567, 2.0], "uid": "a", "acc": 1.0,
                        "s_target": 0.5}
     assert back[1]["entropy"] == [] and back[1]["s_target"] is None  # NaN -> null
     assert back[2]["entropy"] == [1.0, 0.5, 0.25] and back[3]["data_source"] == "csqa"
