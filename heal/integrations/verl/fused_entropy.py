@@ -87,6 +87,20 @@ def _entropy_op():
     return token_entropy
 
 
+#: calls of the drop-ins in this process, by function name (the CPU smoke run checks them)
+calls: dict = {name: 0 for name in _NAMES}
+
+
+def _count(name: str, logits: torch.Tensor) -> None:
+    """Count a call; the first one of each function in a process prints a line (verl's logging hides
+    INFO), so a job's log shows that heal's op ran in the worker, not only that it was switched on."""
+    calls[name] += 1
+    if calls[name] == 1:
+        print(f"heal: fused op in use: verl {name} -> heal_kernels (pid {os.getpid()}, first call: "
+              f"{tuple(logits.shape)} {str(logits.dtype).replace('torch.', '')} logits on {logits.device.type})",
+              flush=True)
+
+
 def _flat(logits: torch.Tensor) -> torch.Tensor:
     if logits.dim() < 1:
         raise ValueError(f"logits must have a vocabulary dimension, got shape {tuple(logits.shape)}")
@@ -96,6 +110,7 @@ def _flat(logits: torch.Tensor) -> torch.Tensor:
 @torch.compiler.disable
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """Drop-in for verl's ``entropy_from_logits(logits[..., V]) -> [...]`` (float32)."""
+    _count("entropy_from_logits", logits)
     return _entropy_op()(_flat(logits)).reshape(logits.shape[:-1])
 
 
@@ -103,7 +118,8 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
 def entropy_from_logits_with_chunking(logits: torch.Tensor, chunk_size: int = 2048) -> torch.Tensor:
     """Drop-in for verl's chunked variant; the fused op never materialises ``[N, V]``, so
     ``chunk_size`` is accepted and ignored."""
-    return entropy_from_logits(logits)
+    _count("entropy_from_logits_with_chunking", logits)
+    return _entropy_op()(_flat(logits)).reshape(logits.shape[:-1])
 
 
 @torch.compiler.disable
@@ -114,6 +130,7 @@ def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, inplace_bac
     a ``[N, V]`` buffer, so there is nothing to do in place)."""
     if labels.shape != logits.shape[:-1]:
         raise ValueError(f"labels must have shape {tuple(logits.shape[:-1])}, got {tuple(labels.shape)}")
+    _count("logprobs_from_logits", logits)
     _, logprobs = _op()(_flat(logits), labels.reshape(-1))
     return logprobs.reshape(labels.shape)
 
