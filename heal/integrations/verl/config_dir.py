@@ -23,6 +23,7 @@ CONFIG_NAMES = (
     "paper_clip_cov",
     "paper_high_entropy_tokens",
     "paper_entropy_advantage",
+    "cpu_smoke",
 )
 
 
