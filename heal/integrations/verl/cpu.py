@@ -310,24 +310,33 @@ def _shape_changed(step: str, what: str) -> None:
     logger.warning("heal cpu: %s not found (step %r, written for %s); leaving it alone", what, step, WRITTEN_FOR[step])
 
 
-def _gloo_backend(module) -> None:
-    original = getattr(module, "initialize_global_process_group_ray", None)
+def _replace(module, name: str, step: str, wrap, applied: str) -> None:
+    """Replace ``module.<name>`` by ``wrap(original)`` once (marked ``__heal_cpu__``) and record ``step``;
+    warn and leave the module alone where ``name`` is missing."""
+    original = getattr(module, name, None)
     if original is None:
-        return _shape_changed("gloo_backend", "verl.utils.distributed.initialize_global_process_group_ray")
+        return _shape_changed(step, f"{module.__name__}.{name}")
     if getattr(original, "__heal_cpu__", False):
         return
+    wrapper = functools.wraps(original)(wrap(original))
+    wrapper.__heal_cpu__ = True
+    setattr(module, name, wrapper)
+    _applied[step] = applied
 
-    @functools.wraps(original)
-    def initialize_global_process_group_ray(timeout_second=None, backend=None):
-        from verl.utils.device import get_device_name
 
-        if backend is None and get_device_name() == CPU_PLATFORM:
-            backend = "gloo"
-        return original(timeout_second=timeout_second, backend=backend)
+def _gloo_backend(module) -> None:
+    def wrap(original):
+        def initialize_global_process_group_ray(timeout_second=None, backend=None):
+            from verl.utils.device import get_device_name
 
-    initialize_global_process_group_ray.__heal_cpu__ = True
-    module.initialize_global_process_group_ray = initialize_global_process_group_ray
-    _applied["gloo_backend"] = "verl.utils.distributed.initialize_global_process_group_ray: backend 'gloo' on the CPU"
+            if backend is None and get_device_name() == CPU_PLATFORM:
+                backend = "gloo"
+            return original(timeout_second=timeout_second, backend=backend)
+
+        return initialize_global_process_group_ray
+
+    _replace(module, "initialize_global_process_group_ray", "gloo_backend", wrap,
+             "verl.utils.distributed.initialize_global_process_group_ray: backend 'gloo' on the CPU")
 
 
 @contextmanager
@@ -368,19 +377,14 @@ def _vllm_cpu_version(module_name: str):
 
 
 def _vllm_keep_weights(module) -> None:
-    original = getattr(module, "dispatch_cpu_unquantized_gemm", None)
-    if original is None:
-        return _shape_changed("vllm_cpu_keep_weights", "vllm.model_executor.layers.utils.dispatch_cpu_unquantized_gemm")
-    if getattr(original, "__heal_cpu__", False):
-        return
+    def wrap(original):
+        def dispatch_cpu_unquantized_gemm(layer, remove_weight, *args, **kwargs):
+            return original(layer, False, *args, **kwargs)
 
-    @functools.wraps(original)
-    def dispatch_cpu_unquantized_gemm(layer, remove_weight, *args, **kwargs):
-        return original(layer, False, *args, **kwargs)
+        return dispatch_cpu_unquantized_gemm
 
-    dispatch_cpu_unquantized_gemm.__heal_cpu__ = True
-    module.dispatch_cpu_unquantized_gemm = dispatch_cpu_unquantized_gemm
-    _applied["vllm_cpu_keep_weights"] = "vllm dispatch_cpu_unquantized_gemm keeps each linear layer's weight"
+    _replace(module, "dispatch_cpu_unquantized_gemm", "vllm_cpu_keep_weights", wrap,
+             "vllm dispatch_cpu_unquantized_gemm keeps each linear layer's weight")
 
 
 def install(force: bool = False) -> bool:
