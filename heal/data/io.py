@@ -1,4 +1,10 @@
-"""Reading local dataset files (JSON / JSONL / parquet / CSV) and writing verl parquet files."""
+"""Reading local dataset files (JSON / JSONL / parquet / CSV) and writing verl parquet files.
+
+Every parquet row read or written here is checked by :func:`heal.scoring.validate_row`: a row whose
+``extra_info`` limits have the wrong type or range (e.g. ``max_output_bytes=4194304.0``), or whose
+ground truth its checker cannot use, raises :class:`heal.scoring.InvalidRowError` naming the file,
+the row and the key, when the file is prepared or loaded rather than in the middle of training.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,7 @@ import json
 import os
 from typing import Any, Dict, Iterable, List, Optional
 
-__all__ = ["read_records", "read_parquet_rows", "write_parquet_rows", "FORMATS"]
+__all__ = ["read_records", "read_parquet_rows", "write_parquet_rows", "validate_rows", "FORMATS"]
 
 # extension -> format name
 FORMATS = {
@@ -97,7 +103,22 @@ def read_parquet_rows(path) -> List[Dict[str, Any]]:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"parquet file not found: {path}")
-    return pq.read_table(path).to_pylist()
+    rows = pq.read_table(path).to_pylist()
+    validate_rows(rows, path)
+    return rows
+
+
+def validate_rows(rows, where: str = "rows") -> None:
+    """:func:`heal.scoring.validate_row` on each row that is a dict; the error names ``where`` and the row."""
+    from heal.scoring import InvalidRowError, validate_row
+
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            continue
+        try:
+            validate_row(row)
+        except InvalidRowError as exc:
+            raise InvalidRowError(f"{where}: row {i}: {exc}") from None
 
 
 def write_parquet_rows(rows: Iterable[Dict[str, Any]], path, metadata: Optional[Dict[str, str]] = None) -> str:
@@ -109,6 +130,7 @@ def write_parquet_rows(rows: Iterable[Dict[str, Any]], path, metadata: Optional[
     if not rows:
         raise ValueError("no rows to write")
     path = os.fspath(path)
+    validate_rows(rows, path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     table = pa.Table.from_pylist(rows)
     if metadata:

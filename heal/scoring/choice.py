@@ -12,6 +12,10 @@ Extraction rules, in order (the first rule that finds anything decides):
 A final statement that names several different letters (``\\boxed{A, C}``, ``Answer: A or B``)
 is ambiguous and scores 0, as does a response with no recognisable answer or a letter outside
 the row's options. Only the final box / final cue is read: earlier boxes or cues never count.
+
+Nothing in a response makes :func:`check_choice` raise (an exception while reading it scores 0 with
+the reason, see :mod:`heal.scoring.outcome`); a ground truth that is not one letter raises
+:class:`heal.scoring.outcome.InvalidRowError`.
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ from __future__ import annotations
 import re
 from typing import Iterable, Mapping, Optional
 
-__all__ = ["extract_boxed", "extract_choice", "check_choice", "AMBIGUOUS"]
+from heal.scoring.outcome import InvalidRowError, judge
+
+__all__ = ["extract_boxed", "extract_choice", "check_choice", "choice_ground_truth", "AMBIGUOUS"]
 
 AMBIGUOUS = "<ambiguous>"
 _DEFAULT_LETTERS = "ABCDEFGHIJ"
@@ -146,7 +152,7 @@ def _choices_from_extra(extra_info) -> Optional[Mapping[str, str]]:
 
         try:
             ch = json.loads(ch)
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
     return ch if isinstance(ch, Mapping) else None
 
@@ -157,10 +163,19 @@ def check_choice(solution_str: str, ground_truth, extra_info=None) -> float:
     ``extra_info["choices"]`` (a ``{letter: text}`` dict or its JSON string, as written by
     :mod:`heal.data.convert`) restricts the valid letters and allows answering by option text.
     """
-    gt = str(ground_truth).strip().strip("()").upper()
-    if len(gt) != 1 or not gt.isalpha():
-        raise ValueError(f"ground_truth for a multiple-choice row must be one letter, got {ground_truth!r}")
+    gt = choice_ground_truth(ground_truth)
     choices = _choices_from_extra(extra_info)
     letters = "".join(str(k).upper() for k in choices) if choices else _DEFAULT_LETTERS
-    got = extract_choice(solution_str, letters, choices)
-    return 1.0 if got == gt else 0.0
+    return judge("choice", _score, solution_str, gt, letters, choices)
+
+
+def choice_ground_truth(ground_truth) -> str:
+    """The row's answer letter (``"(c)"`` -> ``"C"``); :class:`InvalidRowError` unless it is one letter."""
+    gt = str(ground_truth).strip().strip("()").upper()
+    if len(gt) != 1 or not gt.isalpha():
+        raise InvalidRowError(f"ground_truth for a multiple-choice row must be one letter, got {ground_truth!r}")
+    return gt
+
+
+def _score(solution_str: str, gt: str, letters: str, choices) -> float:
+    return 1.0 if extract_choice(solution_str, letters, choices) == gt else 0.0

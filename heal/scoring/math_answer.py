@@ -14,7 +14,12 @@ characters of an unboxed response).
 
 Physics answers carry units and rounding: :func:`check_physics` accepts the math-verify verdict
 and otherwise compares the leading numbers of both answers (``3.0 \\times 10^{8}\\,\\text{m/s}``
-reads as ``3e8``) with a relative tolerance (``extra_info["rel_tol"]``, default 1e-2).
+reads as ``3e8``) with a relative tolerance (``extra_info["rel_tol"]``, default 1e-2; a number
+>= 0, clamped to ``MAX_REL_TOL`` = 0.1: a data row cannot make every answer pass).
+
+Nothing in a response makes these checkers raise: an exception while reading or comparing it
+scores 0 with the reason (see :mod:`heal.scoring.outcome`). A missing ground truth or a bad
+``rel_tol`` raises :class:`heal.scoring.outcome.InvalidRowError`.
 """
 
 from __future__ import annotations
@@ -25,11 +30,15 @@ import threading
 from typing import Optional
 
 from heal.scoring.choice import extract_boxed
+from heal.scoring.outcome import InvalidRowError, judge
 
-__all__ = ["check_math", "check_physics", "math_equal", "leading_number", "too_costly", "HAS_MATH_VERIFY"]
+__all__ = ["check_math", "check_physics", "math_equal", "leading_number", "too_costly", "physics_rel_tol",
+           "HAS_MATH_VERIFY", "DEFAULT_REL_TOL", "MAX_REL_TOL"]
 
 MAX_TAIL_CHARS = 2000
 MAX_ANSWER_CHARS = 500
+DEFAULT_REL_TOL = 1e-2  # physics: leading numbers equal within this (relative)
+MAX_REL_TOL = 0.1  # the most a data row's extra_info["rel_tol"] can ask for
 
 try:  # pragma: no cover - depends on the environment
     import math_verify as _mv
@@ -176,7 +185,7 @@ def _final_answer(solution_str: str) -> Optional[str]:
 
 def _gold(ground_truth) -> str:
     if ground_truth is None:
-        raise ValueError("ground_truth is missing for a math/physics row")
+        raise InvalidRowError("ground_truth is missing for a math/physics row")
     gt = str(ground_truth).strip()
     box = extract_boxed(gt)
     return box if box is not None else gt
@@ -184,9 +193,12 @@ def _gold(ground_truth) -> str:
 
 def check_math(solution_str: str, ground_truth, extra_info=None) -> float:
     """1.0 when the response's final answer equals ``ground_truth`` mathematically, else 0.0."""
+    return judge("math", _check_math, solution_str, _gold(ground_truth))
+
+
+def _check_math(solution_str: str, gold: str) -> float:
     if not isinstance(solution_str, str):
         raise TypeError(f"solution_str must be a str, got {type(solution_str).__name__}")
-    gold = _gold(ground_truth)
     pred = _final_answer(solution_str)
     if pred is not None:
         return 1.0 if math_equal(gold, pred) else 0.0
@@ -224,17 +236,31 @@ def leading_number(s: str) -> Optional[float]:
     return value if math.isfinite(value) else None
 
 
+def physics_rel_tol(extra_info) -> float:
+    """The row's ``extra_info["rel_tol"]`` (a number >= 0, at most :data:`MAX_REL_TOL`), else
+    :data:`DEFAULT_REL_TOL`; :class:`InvalidRowError` for anything else."""
+    value = extra_info.get("rel_tol") if extra_info is not None and hasattr(extra_info, "get") else None
+    if value is None:
+        return DEFAULT_REL_TOL
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0
+            or (isinstance(value, float) and not math.isfinite(value))):
+        shown = repr(value)[:80] if not isinstance(value, int) or value.bit_length() < 1000 else "a huge int"
+        raise InvalidRowError(f"extra_info['rel_tol'] must be a finite number >= 0, got {shown}")
+    return MAX_REL_TOL if value >= MAX_REL_TOL else float(value)
+
+
 def check_physics(solution_str: str, ground_truth, extra_info=None) -> float:
     """Math equivalence, else leading numbers equal within ``extra_info["rel_tol"]`` (default 1e-2)."""
-    if check_math(solution_str, ground_truth, extra_info) == 1.0:
+    return judge("physics", _check_physics, solution_str, _gold(ground_truth), physics_rel_tol(extra_info))
+
+
+def _check_physics(solution_str: str, gold: str, rel_tol: float) -> float:
+    if _check_math(solution_str, gold) == 1.0:
         return 1.0
     pred = _final_answer(solution_str)
     if pred is None:
         return 0.0
-    rel_tol = 1e-2
-    if extra_info and hasattr(extra_info, "get") and extra_info.get("rel_tol") is not None:
-        rel_tol = float(extra_info.get("rel_tol"))
-    g, p = leading_number(_gold(ground_truth)), leading_number(pred)
+    g, p = leading_number(gold), leading_number(pred)
     if g is None or p is None:
         return 0.0
     return 1.0 if math.isclose(g, p, rel_tol=rel_tol, abs_tol=1e-12) else 0.0

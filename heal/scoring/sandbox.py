@@ -38,6 +38,8 @@ Two layers, the first one enforced by the kernel:
    bubblewrap runs with ``--die-with-parent`` and ``--new-session``; when the run ends or times
    out the sandbox's pid 1 is killed, the kernel then kills every process left in its pid
    namespace, and :func:`run_python` returns only once that namespace is gone: nothing outlives it.
+   Teardown signals only processes known to be the sandbox's: pid 1 through a pidfd, the process
+   group only before its leader is reaped (``_Sandbox._stop``), so a reused pid is never hit.
 
 2. **An audit hook (second layer)**, installed by a small wrapper before the code runs
    (:func:`sys.addaudithook`, which code cannot remove). It refuses socket creation (but
@@ -685,8 +687,46 @@ def isolation_status() -> Dict[str, object]:
 # ------------------------------------------------------------------------------ running code
 def _read_capped(path: str, limit: int):
     with open(path, "rb") as f:
-        data = f.read(limit + 1)
+        # no more than the file holds: f.read(n) allocates n bytes up front, whatever the file's size
+        data = f.read(min(limit, os.fstat(f.fileno()).st_size) + 1)
     return data[:limit].decode("utf-8", errors="replace"), len(data) > limit
+
+
+def _wait_readable(fd: int, timeout_s: float) -> bool:
+    """Wait until ``fd`` is readable (a pipe with data or closed, an exited process's pidfd); False on
+    timeout. ``poll``, not ``select``: a trainer process may hold more than 1024 descriptors."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(max(0, int(math.ceil(timeout_s * 1000)))))
+
+
+def _pidfd_open(pid: int) -> Optional[int]:
+    """A pidfd for ``pid`` (None where the kernel or Python has none): a handle that keeps naming
+    that one process, so signals through it can never reach another process that reuses the pid."""
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
+
+
+def _pidfd_alive(pidfd: int) -> bool:
+    """The pidfd's process has not been reaped (it may have exited: a zombie still holds its pid)."""
+    try:
+        signal.pidfd_send_signal(pidfd, 0)
+        return True
+    except OSError:
+        return False
+
+
+def _ppid(pid: int) -> Optional[int]:
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"PPid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _gone(pid: int) -> bool:
@@ -715,6 +755,7 @@ class _Sandbox:
         self.key, self.kernel = key, kernel
         self.top = tempfile.mkdtemp(prefix="heal-sandbox-")
         self.proc = None
+        self.pidfd: Optional[int] = None  # of self.proc, taken at spawn (None: no pidfd support)
         self.go_w = self.ready_r = self.info_r = None
         child_fds: List[int] = []
         try:
@@ -768,6 +809,8 @@ class _Sandbox:
                     cmd, stdin=subprocess.DEVNULL, stdout=fout, stderr=ferr, cwd=src_dir if kernel else root,
                     env=env, start_new_session=True, close_fds=True, pass_fds=tuple(child_fds),
                 )
+            # only this object ever reaps its process, so the pid is still the child's here
+            self.pidfd = _pidfd_open(self.proc.pid)
         except BaseException:
             self.close()
             raise
@@ -792,27 +835,53 @@ class _Sandbox:
             self.go_w = None
             # start-up (whatever is left of it), then the program's own wall time; the pipe also turns
             # readable (EOF) when the process ends before the program starts
-            ready, _, _ = select.select([self.ready_r], [], [], STARTUP_TIMEOUT_S)
-            if not ready:
+            if not _wait_readable(self.ready_r, STARTUP_TIMEOUT_S):
                 raise subprocess.TimeoutExpired("sandbox", STARTUP_TIMEOUT_S)
-            returncode = self.proc.wait(timeout=timeout_s)
+            if self.pidfd is not None:
+                # wait for the exit without reaping: until _stop reaps it, the process group id stays ours
+                if not _wait_readable(self.pidfd, timeout_s):
+                    raise subprocess.TimeoutExpired("sandbox", timeout_s)
+            else:
+                self.proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            timed_out, returncode = True, None
+            timed_out = True
         finally:
             self._stop()
+        returncode = None if timed_out else self.proc.returncode
         stdout, truncated = _read_capped(self.out_path, max_output_bytes)
         stderr, _ = _read_capped(self.err_path, max_output_bytes)
         return RunResult(returncode, stdout, stderr, timed_out, truncated, self.key[0])
 
     def _stop(self) -> None:
-        if self.proc is not None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            self.proc.wait()
+        """Kill the sandbox (its pid namespace and its process group), reap the process, and return
+        once the namespace is gone.
+
+        Signals reach only the sandbox's own processes: this object is the only code that reaps its
+        process, so until it does, neither its pid nor its process group id can name anything else.
+        The group is therefore signalled only while ``returncode`` is None, and, where the process
+        has a pidfd (taken at spawn), only while that pidfd's process is unreaped: a reaped group is
+        never ``killpg``-ed (its id may by then belong to an unrelated process group). The
+        namespace's pid 1 is signalled through a pidfd, and only after checking that its process is
+        the child of our still unreaped bubblewrap."""
+        if self.proc is None:
+            return
+        ns_pidfd = None
+        if self.proc.returncode is None:
             if self.info_r is not None:
-                _reap_sandbox(self.info_r)
+                ns_pidfd = _kill_sandbox_init(self.info_r, self.proc.pid, use_pidfd=self.pidfd is not None)
+            if self.pidfd is None or _pidfd_alive(self.pidfd):
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+        self.proc.wait()
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
+        if ns_pidfd is not None:
+            # readable once pid 1 has exited, which it does after the kernel emptied its namespace
+            _wait_readable(ns_pidfd, 5.0)
+            os.close(ns_pidfd)
 
     def close(self) -> None:
         """Stop the process (if any), release the pipes and remove the folder."""
@@ -914,7 +983,7 @@ def _job(timeout_s, memory_mb, max_output_bytes, mode, fn_name, max_processes, k
         "cpu_s": int(math.ceil(timeout_s)) + 1,
         # room for the truncation check: one byte more than we keep
         "fsize": int(max_output_bytes) + 1,
-        "mem_bytes": int(memory_mb) * (1 << 20) if memory_mb else 0,
+        "mem_bytes": max(1, int(memory_mb * (1 << 20))) if memory_mb else 0,  # (0.5 MiB is not "no limit")
         # RLIMIT_NPROC counts per uid (inside the sandbox's user namespace, or the fresh uid of a
         # root-started sandbox); in the audit-hook-only mode it would count every process of the
         # caller's uid (or nothing, for root)
@@ -944,25 +1013,48 @@ def _run(code, stdin, *, isolation, timeout_s, memory_mb, max_output_bytes, mode
         sandbox.close()
 
 
-def _reap_sandbox(info_r: int) -> None:
-    """Kill the sandbox's pid 1 (if still there) and wait until its pid namespace is gone."""
+def _kill_sandbox_init(info_r: int, parent: int, use_pidfd: bool = True) -> Optional[int]:
+    """SIGKILL the sandbox's pid 1 (bubblewrap reports its host pid on the info pipe): the kernel
+    then kills everything else in its pid namespace. Call only while ``parent`` (our bubblewrap) is
+    unreaped, so that a process whose parent is ``parent`` is bubblewrap's child. Returns a pidfd of
+    that process to wait on (None when it is already gone, or without pidfd support: then it waits
+    here, up to 5 s)."""
     os.set_blocking(info_r, False)
     try:
         info = json.loads(os.read(info_r, 1 << 16) or b"{}")
     except (OSError, ValueError):
-        return
-    pid = info.get("child-pid")
-    if not isinstance(pid, int) or pid <= 1:
-        return
-    if _gone(pid):
-        return
+        return None
+    pid = info.get("child-pid") if isinstance(info, dict) else None
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 1:
+        return None
+    pidfd = _pidfd_open(pid) if use_pidfd else None
+    if pidfd is not None:
+        # the pidfd names one process; reading its parent, then finding it still unreaped, shows the
+        # /proc entry read was that process's (a pid is not reused before its process is reaped)
+        if _ppid(pid) != parent or not _pidfd_alive(pidfd):
+            os.close(pidfd)
+            return None
+        try:
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        except OSError:
+            pass
+        return pidfd
+    if use_pidfd or _gone(pid) or _ppid(pid) != parent:
+        return None  # gone already (pidfd_open failed), or no longer bubblewrap's child
     try:
-        os.kill(pid, signal.SIGKILL)  # the kernel then kills everything else in its pid namespace
+        os.kill(pid, signal.SIGKILL)  # (no pidfds on this system: checked just before, by pid)
     except (ProcessLookupError, PermissionError):
-        return
+        return None
     deadline = time.monotonic() + 5.0
     while not _gone(pid) and time.monotonic() < deadline:
         time.sleep(0.002)
+    return None
+
+
+def _finite_number(value) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return isinstance(value, int) or math.isfinite(value)
 
 
 def run_python(
@@ -1009,12 +1101,12 @@ def run_python(
         raise ValueError(f"mode must be 'stdin' or 'call', got {mode!r}")
     if mode == "call" and not fn_name:
         raise ValueError("fn_name is required when mode='call'")
-    if not (timeout_s > 0):
-        raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
-    if memory_mb is not None and memory_mb <= 0:
-        raise ValueError(f"memory_mb must be > 0 or None, got {memory_mb}")
-    if max_output_bytes <= 0:
-        raise ValueError(f"max_output_bytes must be > 0, got {max_output_bytes}")
+    if not (_finite_number(timeout_s) and timeout_s > 0):
+        raise ValueError(f"timeout_s must be a finite number > 0, got {timeout_s!r}")
+    if memory_mb is not None and not (_finite_number(memory_mb) and memory_mb > 0):
+        raise ValueError(f"memory_mb must be a finite number > 0 or None, got {memory_mb!r}")
+    if not (isinstance(max_output_bytes, int) and not isinstance(max_output_bytes, bool) and max_output_bytes > 0):
+        raise ValueError(f"max_output_bytes must be an int > 0, got {max_output_bytes!r}")
     if not (isinstance(disk_mb, int) and disk_mb >= 1):
         raise ValueError(f"disk_mb must be an int >= 1, got {disk_mb!r}")
     if not (isinstance(max_processes, int) and max_processes >= 1):

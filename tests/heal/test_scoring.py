@@ -228,6 +228,8 @@ def test_verl_loads_compute_score_by_package_path():
     import_utils = pytest.importorskip("verl.utils.import_utils")
     fn = import_utils.load_extern_object("pkg://heal.scoring", "compute_score")
     assert fn is compute_score
+    assert import_utils.load_extern_object("pkg://heal.scoring", "compute_score_with_info") is \
+        scoring.compute_score_with_info
 
 
 def test_fallback_never_evaluates_code_or_power_towers(monkeypatch):
@@ -255,3 +257,68 @@ def test_answers_that_would_stall_bigint_arithmetic_score_zero_in_threads(answer
     assert out == [0.0]
     assert check_math(f"\\boxed{{{answer}}}", answer) == 1.0  # the same string still matches
     assert not too_costly("10^{100}") and not too_costly("x^2+2x+1") and not too_costly("5!")
+
+
+# ---------------------------------------------------------------- never raises on a response
+def test_a_raising_checker_scores_zero_with_a_reason_and_the_batch_goes_on(monkeypatch):
+    from heal.scoring import outcome
+
+    monkeypatch.setattr(scoring, "CHECKERS", dict(scoring.CHECKERS))
+    monkeypatch.setattr(scoring, "DATA_SOURCES", dict(scoring.DATA_SOURCES))
+
+    def fragile(solution_str, ground_truth, extra_info=None):
+        if "boom" in solution_str:
+            raise RecursionError("too deep")
+        return float(solution_str.strip() == ground_truth)
+
+    scoring.register_checker("fragile", fragile)
+    scoring.register_data_source("my/fragile", "fragile")
+    outcome.pop_error_metrics()
+    batch = [("my/fragile", "boom", "x"), ("my/fragile", "x", "x"), ("commonsense_qa", "Answer: B", "B"),
+             ("my/fragile", "boom!", "x")]
+    assert [compute_score(*row) for row in batch] == [0.0, 1.0, 1.0, 0.0]
+    assert outcome.pop_error_metrics() == {"scoring/errors/fragile/RecursionError": 2.0}
+    assert outcome.pop_error_metrics() == {}
+    info = [scoring.compute_score_with_info(*row) for row in batch]
+    assert [sorted(i) for i in info] == [["acc", "score", "scoring_error"]] * 4  # the same keys for verl
+    assert [i["scoring_error"] for i in info] == ["fragile/RecursionError", "", "", "fragile/RecursionError"]
+    assert scoring.error_metrics(i["scoring_error"] for i in info) == {"scoring/errors/fragile/RecursionError": 2.0}
+    assert scoring.compute_score_batch(*zip(*batch)) == info  # verl's batch reward manager
+    with pytest.raises(ValueError, match="same length"):
+        scoring.compute_score_batch(["my/fragile"], ["x", "y"], ["x"])
+    s = scoring.score_response("my/fragile", "boom", "x")
+    assert s == 0.0 and s.error == "fragile/RecursionError" and "too deep" in s.detail
+    import pickle
+
+    assert pickle.loads(pickle.dumps(s)).error == s.error
+
+
+@pytest.mark.parametrize("text", ["Answer: \ud800 B", "\\boxed{\ud800}", "\\boxed{" + "[" * 5000 + "}",
+                                  "\\boxed{" + "9" * 5000 + "}", "\\boxed{1e999999}", "\udcff\udcfe"])
+def test_builtin_checkers_never_raise_on_a_response(text):
+    for source, gt in [("commonsense_qa", "B"), ("deepscaler", "7"), ("webinstruct_physics", "7")]:
+        got = compute_score(source, text, gt)
+        assert got in (0.0, 1.0)
+    assert check_choice(None, "B") == 0.0 and check_math(None, "1") == 0.0 and check_physics(None, "1") == 0.0
+
+
+def test_row_faults_raise_named_errors():
+    from heal.scoring import InvalidRowError, validate_row
+
+    with pytest.raises(InvalidRowError, match="one letter"):
+        compute_score("commonsense_qa", "Answer: B", "Paris")
+    with pytest.raises(InvalidRowError, match="missing"):
+        check_math("\\boxed{1}", None)
+    for bad in ["0.05", float("nan"), -0.1, True]:
+        with pytest.raises(InvalidRowError, match="rel_tol"):
+            check_physics("\\boxed{10.4}", "10", {"rel_tol": bad})
+        with pytest.raises(InvalidRowError, match="rel_tol"):
+            validate_row({"data_source": "webinstruct_physics", "reward_model": {"ground_truth": "1"},
+                          "extra_info": {"rel_tol": bad}})
+    # a row cannot loosen the physics tolerance past MAX_REL_TOL (0.1)
+    assert check_physics("\\boxed{19}", "10", {"rel_tol": 1e9}) == 0.0
+    assert check_physics("\\boxed{10.9}", "10", {"rel_tol": 1e9}) == 1.0
+    with pytest.raises(InvalidRowError, match="one letter"):
+        validate_row({"data_source": "medqa", "reward_model": {"ground_truth": "AB"}, "extra_info": {}})
+    validate_row({"data_source": "somewhere/unknown", "reward_model": {"ground_truth": "?"}})  # not routed: not checked
+    validate_row({"data_source": "medqa", "reward_model": {"ground_truth": "(b)"}, "extra_info": None})

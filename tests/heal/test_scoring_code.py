@@ -3,6 +3,7 @@
 import json
 import os
 import sys
+import time
 import uuid
 import warnings
 
@@ -267,3 +268,183 @@ def test_parallel_tests_give_the_sequential_results():
     assert run_tests(code, gt, CodeCheckConfig(**{**FAST.__dict__, "parallel_tests": 4})) == [True, True, True, False]
     with pytest.raises(ValueError, match="parallel_tests"):
         CodeCheckConfig(parallel_tests=0).validate()
+
+
+# ---------------------------------------------------------------- exact verdicts
+def test_integer_tokens_compare_exactly():
+    assert not outputs_match("999999\n", "1000000\n")
+    assert not outputs_match("12345678901234567999", "12345678901234567890")  # 20 digits, last 3 wrong
+    assert not outputs_match("-999999", "-1000000")
+    assert not outputs_match("1 2 999999", "1 2 1000000")
+    big = "7" * 5000  # past int()'s 4300-digit limit: compared as text, exactly
+    assert outputs_match(big, big) and outputs_match("+00" + big, big) and not outputs_match(big[:-1] + "8", big)
+    assert outputs_match("+7", "7") and outputs_match("007", "7") and outputs_match("-0", "0")
+    assert outputs_match("7.0", "7") and outputs_match("7e0", "7")  # the exact value of the expected integer
+    assert not outputs_match("6.9999999", "7") and not outputs_match("7.0000001", "7")
+    # numbers with a fraction or exponent keep the tolerance
+    assert outputs_match("0.3333333", "0.33333333") and outputs_match("1000000", "1000000.5")
+    assert outputs_match("1e6", "1000000.1") and not outputs_match("1.01", "1.0")
+    assert outputs_match("1e400", "1.0e400") and not outputs_match("1e400", "2e400")  # beyond floats: exact
+    # inf / nan / hex / underscores are text, never numbers
+    assert not outputs_match("inf", "1e999") and not outputs_match("nan", "nan0") and not outputs_match("1_000", "1000")
+    assert not outputs_match("0x10", "16") and outputs_match("nan", "nan")
+
+
+def test_functional_results_compare_by_type():
+    from heal.scoring.code import _json_match, values_match
+
+    assert not values_match(1000000999, 1000000000) and values_match(10**400, 10**400)
+    assert not values_match(1.0, 1) and not values_match(True, 1) and not values_match(1, True)
+    assert not values_match(10**400, 1.5) and not values_match(1.5, 10**400)  # no OverflowError
+    assert values_match(2, 2.0) and values_match(0.3333333, 0.33333333) and not values_match(0.33, 0.3333333)
+    assert values_match([1, [2.0000001, {"a": "x"}]], [1, [2.0, {"a": "x"}]])
+    assert not values_match([1, [2, {"a": "x"}]], [1, [2, {"a": "y"}]]) and not values_match([1], [1, 2])
+    assert not values_match({"a": 1, "b": 2}, {"a": 1}) and not values_match(None, 0) and values_match(None, None)
+    assert not values_match(float("nan"), float("nan")) and values_match(float("inf"), float("inf"))
+    assert not _json_match("1000000999", "1000000000") and _json_match(str(10**400), str(10**400))
+    assert not _json_match("true", "1") and not _json_match("1.0", "1") and _json_match("[1, 2.0]", "[1, 2]") is False
+
+
+def test_issue_examples_score_zero():
+    one = {"inputs": ["\n"], "outputs": ["1000000\n"]}
+    assert check_code(fenced("print(999999)"), one, config=FAST) == 0.0
+    assert check_code(fenced("print(1000000)"), one, config=FAST) == 1.0
+    twenty = {"inputs": ["\n"], "outputs": ["12345678901234567890\n"]}
+    assert check_code(fenced("print(12345678901234567999)"), twenty, config=FAST) == 0.0
+    fn = {"inputs": [""], "outputs": ["1000000000"], "fn_name": "f"}
+    assert check_code(fenced("def f():\n    return 1000000999"), fn, config=FAST) == 0.0
+    assert check_code(fenced("def f():\n    return 1000000000"), fn, config=FAST) == 1.0
+
+
+def test_subclasses_and_eq_overrides_cannot_pass():
+    # the value leaves the sandbox as JSON: a subclass's __eq__ / __repr__ never reaches the grader
+    code = fenced(
+        "class F(float):\n    def __eq__(self, o): return True\n    def __repr__(self): return '42.0'\n"
+        "class S(str):\n    def __eq__(self, o): return True\n"
+        "class I(int):\n    def __eq__(self, o): return True\n    def __repr__(self): return '42'\n"
+        "class A:\n    def __eq__(self, o): return True\n"
+        "def f(k):\n    return [F(1.0), S('no'), I(1), A(), True][k]")
+    gt = {"inputs": ["0", "1", "2", "3", "4"], "outputs": ["42.0", '"42"', "42", "42", "1"], "fn_name": "f"}
+    frac = CodeCheckConfig(**{**FAST.__dict__, "score": "fraction"})
+    assert run_tests(code.split("```python\n")[1].split("```")[0], gt, frac) == [False] * 5
+    assert check_code(code, gt, config=frac) == 0.0
+
+
+# ---------------------------------------------------------------- never raises on a response
+def test_huge_return_value_is_judged_without_overflow():
+    for expected, want in [("1.5", 0.0), ("1", 0.0), (str(10**400), 1.0)]:
+        got = check_code(fenced("def f():\n    return 10**400"), {"inputs": [""], "outputs": [expected],
+                                                                  "fn_name": "f"}, config=FAST)
+        assert got == want and getattr(got, "error", None) is None, expected  # judged, not an error
+
+
+def test_deeply_nested_output_scores_zero_with_a_reason():
+    prog = fenced("import os\ndef f():\n    os.write(1, b'[' * 5000 + b']' * 5000)\n    os._exit(0)")
+    gt = json.dumps({"inputs": [""], "outputs": ["1"], "fn_name": "f"})
+    got = check_code(prog, gt, config=FAST)  # json.loads: RecursionError
+    assert got == 0.0 and got.error == "code/RecursionError"
+    from heal.scoring import outcome
+
+    outcome.pop_error_metrics()
+    assert compute_score("livecodebench", prog, gt) == 0.0
+    assert outcome.pop_error_metrics() == {"scoring/errors/code/RecursionError": 1.0}
+
+
+def test_lone_surrogate_in_the_response_scores_zero_with_a_reason():
+    text = fenced("print('\ud800')")
+    got = check_code(text, ADD, config=FAST)  # writing solution.py: UnicodeEncodeError
+    assert got == 0.0 and got.error == "code/UnicodeEncodeError"
+    from heal.scoring import compute_score_with_info, outcome
+
+    outcome.pop_error_metrics()
+    assert compute_score_with_info("livecodebench", text, ADD) == {
+        "score": 0.0, "acc": 0.0, "scoring_error": "code/UnicodeEncodeError"}
+    assert outcome.pop_error_metrics() == {"scoring/errors/code/UnicodeEncodeError": 1.0}
+    good = fenced("a, b = map(int, input().split())\nprint(a + b)")
+    assert compute_score_with_info("livecodebench", good, ADD) == {"score": 1.0, "acc": 1.0, "scoring_error": ""}
+
+
+def test_row_errors_still_raise_named():
+    from heal.scoring import InvalidRowError
+
+    with pytest.raises(InvalidRowError, match="not valid JSON"):
+        check_code(fenced("print(1)"), "{nope")
+    with pytest.raises(InvalidRowError, match="not text or JSON"):
+        parse_tests({"inputs": ["\ud800"], "outputs": ["1"]})
+
+
+# ---------------------------------------------------------------- limits from a data row
+def test_row_limits_are_clamped_to_the_configured_ones():
+    from heal.scoring.code import DEFAULT_CODE_CONFIG as D, _config_for
+
+    cfg = _config_for({"timeout_s": 1e9, "memory_mb": 1e9, "parallel_tests": 1000, "max_output_bytes": 10**12,
+                       "total_timeout_s": 10**400, "max_tests": 10**30})
+    assert (cfg.timeout_s, cfg.memory_mb, cfg.parallel_tests) == (D.timeout_s, D.memory_mb, D.parallel_tests)
+    assert (cfg.max_output_bytes, cfg.total_timeout_s, cfg.max_tests) == (D.max_output_bytes, D.total_timeout_s, 10**30)
+    tight = _config_for({"timeout_s": 0.5, "memory_mb": 128, "parallel_tests": 2, "max_output_bytes": 100,
+                         "score": "fraction", "num_turns": None, "rollout_reward_scores": {}})
+    assert (tight.timeout_s, tight.memory_mb, tight.parallel_tests, tight.max_output_bytes, tight.score) == (
+        0.5, 128, 2, 100, "fraction")
+    # an explicit config is the ceiling too
+    assert _config_for({"timeout_s": 1e9, "memory_mb": 4096}, FAST).timeout_s == FAST.timeout_s
+    assert _config_for({"memory_mb": 4096}, FAST).memory_mb == FAST.memory_mb
+    assert _config_for({"memory_mb": 0.5}, CodeCheckConfig(memory_mb=None)).memory_mb == 0.5
+    from heal.scoring.sandbox import _job
+
+    assert _job(1.0, 0.5, 10, "stdin", None, 4, True, True)["mem_bytes"] == 1 << 19  # not 0 (= no limit)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("max_output_bytes", 4194304.0), ("max_output_bytes", 0), ("max_output_bytes", "4096"), ("max_output_bytes", True),
+    ("parallel_tests", 2.0), ("parallel_tests", 0), ("max_tests", -1), ("memory_mb", 0), ("memory_mb", -5),
+    ("memory_mb", float("nan")), ("memory_mb", float("inf")), ("memory_mb", "512"), ("timeout_s", float("nan")),
+    ("timeout_s", 0), ("timeout_s", -1.0), ("timeout_s", [1]), ("total_timeout_s", float("inf")), ("score", "most"),
+])
+def test_bad_row_limits_are_named_errors(key, value):
+    from heal.scoring import InvalidRowError, validate_row
+
+    with pytest.raises(InvalidRowError, match=f"extra_info\\['{key}'\\]"):
+        check_code(fenced("print(1)"), ADD, {key: value}, config=FAST)
+    with pytest.raises(InvalidRowError, match=f"extra_info\\['{key}'\\]"):
+        validate_row({"data_source": "livecodebench", "reward_model": {"ground_truth": ADD},
+                      "extra_info": {key: value}})
+
+
+def test_a_row_cannot_raise_the_limits_when_run(monkeypatch):
+    # a 6 s sleep and a 3 GB allocation with the row asking for 1e9 s / 1e9 MiB: the configured limits hold
+    from heal.scoring import code as code_module
+
+    monkeypatch.setattr(code_module, "DEFAULT_CODE_CONFIG", FAST)  # the configured limits (1 s, 256 MiB)
+    gt = {"inputs": ["\n"], "outputs": ["ok\n"]}
+    t0 = time.monotonic()
+    assert compute_score("livecodebench", fenced("import time\ntime.sleep(6)\nprint('ok')"), gt,
+                         {"timeout_s": 1e9}) == 0.0
+    assert time.monotonic() - t0 < 5
+    assert compute_score("livecodebench", fenced("import mmap\nm = mmap.mmap(-1, 3 * 1024**3)\nprint('ok')"), gt,
+                         {"memory_mb": 1e9}) == 0.0
+    # max_output_bytes=10**12: clamped, so no MemoryError / TypeError when scoring
+    assert compute_score("livecodebench", fenced("print('ok')"), gt,
+                         {"max_output_bytes": 10**12, "parallel_tests": 1000}) == 1.0
+    assert compute_score("livecodebench", fenced("print('ok')"), gt, {"max_output_bytes": 4 << 20}) == 1.0
+
+
+def test_bad_row_limits_stop_the_loader(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from heal.data.io import read_parquet_rows, write_parquet_rows
+    from heal.scoring import InvalidRowError
+
+    def row(**extra):
+        return {"data_source": "livecodebench", "prompt": [{"role": "user", "content": "q"}],
+                "reward_model": {"style": "rule", "ground_truth": ADD}, "extra_info": {"index": 0, **extra}}
+
+    good = [row(timeout_s=1e9, memory_mb=1e9, parallel_tests=1000, max_output_bytes=10**12)]  # clamped later
+    assert len(read_parquet_rows(write_parquet_rows(good, tmp_path / "good.parquet"))) == 1
+    for bad, key in [(row(max_output_bytes=4194304.0), "max_output_bytes"), (row(memory_mb=-1), "memory_mb")]:
+        with pytest.raises(InvalidRowError, match=f"row 1: extra_info\\['{key}'\\]"):
+            write_parquet_rows([row(), bad], tmp_path / "bad.parquet")
+        path = tmp_path / f"bad-{key}.parquet"
+        pq.write_table(pa.Table.from_pylist([row(), bad]), path)  # written by something else
+        with pytest.raises(InvalidRowError, match=f"bad-{key}.parquet: row 1: extra_info\\['{key}'\\]"):
+            read_parquet_rows(path)
