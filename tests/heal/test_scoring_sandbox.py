@@ -714,3 +714,86 @@ def test_bench_sandbox_tiny(tmp_path, capsys):
     assert (tmp_path / "sandbox-cpu.md").read_text().startswith("# Code sandbox throughput")
     with pytest.raises(ValueError, match="workers"):
         bench.run(parser.parse_args(["--workers", "0"]))
+
+
+# ---------------------------------------------------------------- teardown without races
+def _sandbox_key(isolation):
+    if isolation == "bubblewrap":
+        return ("bubblewrap", not sandbox._user_namespace_mode(), 64, False)
+    return ("audit-hook-only", False, 0, False)
+
+
+@pytest.mark.parametrize("isolation", HOOK_MODES)
+def test_teardown_never_signals_a_reaped_process_group(isolation, monkeypatch):
+    """A reaped group's id may already name an unrelated process group (pid reuse): killpg only while
+    the sandbox's process is unreaped."""
+    calls = []
+    real_killpg = os.killpg
+    current = {}
+
+    def recording_killpg(pgid, sig):
+        proc = current["sb"].proc
+        calls.append((pgid, proc.returncode is not None))  # (group, already reaped by Popen.wait?)
+        return real_killpg(pgid, sig)
+
+    monkeypatch.setattr(sandbox.os, "killpg", recording_killpg)
+    key = _sandbox_key(isolation)
+    kernel = isolation == "bubblewrap"
+    job = sandbox._job(2.0, 256, 4096, "stdin", None, 16, kernel, True)
+    for program, timed_out in [("print('hi')", False), ("import time\ntime.sleep(30)", True)]:
+        current["sb"] = sb = sandbox._Sandbox(key)
+        r = sb.run(program, "", job, 1.0, 4096)
+        sb.close()
+        assert r.timed_out == timed_out and (timed_out or r.stdout == "hi\n"), r
+        assert calls and all(not reaped for _, reaped in calls), calls
+        calls.clear()
+    # a sandbox whose process was reaped before its teardown (e.g. by the pool's alive() check)
+    current["sb"] = sb = sandbox._Sandbox(key)
+    sb.proc.kill()
+    sb.proc.wait()
+    sb.close()
+    assert calls == []
+
+
+def test_teardown_does_not_signal_a_stale_pid_from_the_info_pipe():
+    """The pid bubblewrap reported may have been reaped and reused by the time of the teardown: the
+    namespace's pid 1 is signalled only when it is still our bubblewrap's child."""
+    victim = subprocess.Popen(["sleep", "60"])  # stands for an unrelated process that got the pid
+    sb = sandbox._Sandbox(_sandbox_key("audit-hook-only"))
+    r, w = os.pipe()
+    os.write(w, json.dumps({"child-pid": victim.pid}).encode())
+    os.close(w)
+    sb.info_r = r
+    try:
+        sb.close()  # the sandbox's process is alive and unreaped: it is stopped, the victim is not
+        time.sleep(0.1)
+        assert victim.poll() is None, "teardown killed a process that was not the sandbox's"
+        assert sb.proc.returncode is not None
+    finally:
+        victim.kill()
+        victim.wait()
+
+
+@pytest.mark.parametrize("isolation", HOOK_MODES)
+def test_runs_in_a_process_holding_more_than_1024_descriptors(isolation):
+    """A trainer process may hold thousands of descriptors; waiting on the sandbox must not use
+    select() (which fails on descriptors >= 1024)."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1300:
+        pytest.skip(f"RLIMIT_NOFILE is {soft}")
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        key = _sandbox_key(isolation)
+        job = sandbox._job(2.0, 256, 4096, "stdin", None, 16, isolation == "bubblewrap", True)
+        for program, timed_out in [("print(6 * 7)", False), ("import time\ntime.sleep(30)", True)]:
+            sb = sandbox._Sandbox(key)
+            try:
+                r = sb.run(program, "", job, 1.0, 4096)
+            finally:
+                sb.close()
+            assert r.timed_out == timed_out and (timed_out or r.stdout == "42\n"), r
+    finally:
+        for fd in held:
+            os.close(fd)
