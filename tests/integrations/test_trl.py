@@ -321,6 +321,32 @@ def test_missing_data_source_column(tmp_path):
         trainer.train()
 
 
+def test_scoring_errors_are_logged(tmp_path):
+    """A response heal.scoring could not judge scores 0 and its reason reaches the trainer's metrics."""
+    from heal import scoring
+
+    def always_raises(solution_str, ground_truth, extra_info=None):
+        raise RecursionError("a response nested too deep")
+
+    scoring.register_checker("test_raises", always_raises)
+    scoring.register_data_source("test_raises_source", "test_raises")
+
+    def scored(prompts, completions, answer, **kwargs):
+        return [scoring.compute_score("test_raises_source", str(c), str(a)) for c, a in zip(completions, answer)]
+
+    tokenizer = char_tokenizer()
+    trainer = HEALGRPOTrainer(
+        model=tiny_causal_lm(tokenizer),
+        reward_funcs=[exact_answer_reward, scored],
+        args=_config(tmp_path, max_steps=1, per_device_train_batch_size=NUM_GENERATIONS, max_completion_length=4),
+        train_dataset=toy_dataset(n=4),
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "scoring/errors/test_raises/RecursionError" in h]
+    assert logged and logged[0]["scoring/errors/test_raises/RecursionError"] == NUM_GENERATIONS
+
+
 _TWO_PROCESS_SCRIPT = r"""
 import json, os, sys
 import torch

@@ -397,6 +397,7 @@ class HEALGRPOTrainer(GRPOTrainer):
     # -- the reward step ----------------------------------------------------------------------------
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         from heal.reward import eda_step
+        from heal.scoring import pop_error_metrics
 
         mode = "train" if self.model.training else "eval"
         key = self.heal_data_source_key
@@ -414,6 +415,8 @@ class HEALGRPOTrainer(GRPOTrainer):
         )
 
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        # responses heal.scoring.compute_score could not judge (scored 0, reason counted in this process)
+        scoring_errors = pop_error_metrics()
 
         # EDA looks for neighbours across the whole batch: gather like TRL gathers the rewards
         ent_all = self.accelerator.gather(self.accelerator.pad_across_processes(entropy, dim=1, pad_index=0.0))
@@ -425,7 +428,8 @@ class HEALGRPOTrainer(GRPOTrainer):
         if rewards_per_func.size(0) != len(data_sources) or ent_all.size(0) != len(data_sources):
             raise RuntimeError("HEALGRPOTrainer: gathered rewards, entropies and data sources disagree in size")
 
-        result, metrics = eda_step(ent_all.float(), mask_all, data_sources, uids, self.heal_config)
+        result, metrics = eda_step(ent_all.float(), mask_all, data_sources, uids, self.heal_config,
+                                   num_threads=getattr(self.args, "heal_eda_threads", None))
         if self._heal_batch_he and mode == "train":
             # TRL's quantile rule, over every completion token of the generation batch (all processes)
             valid_all = ent_all[mask_all.bool()].float()
@@ -439,6 +443,7 @@ class HEALGRPOTrainer(GRPOTrainer):
         rewards_per_func[:, self._heal_reward_index] = eda_reward
 
         metrics = dict(metrics)
+        metrics.update(scoring_errors)
         metrics["eda/entropy_forward_time_s"] = t_forward
         metrics["eda/entropy_shared_pass"] = 1.0 if entropy_pass == "old_logp_pass" else 0.0
         for name, value in metrics.items():
