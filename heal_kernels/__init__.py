@@ -12,9 +12,12 @@ CUDA tensors run Triton kernels; CPU tensors run C++/OpenMP kernels (built on fi
 in ``TORCH_EXTENSIONS_DIR``) or, without a compiler or with ``HEAL_KERNELS_NO_BUILD=1``, chunked
 pure-torch code. ``HEAL_KERNELS_BACKEND=auto|triton|cpu|torch`` overrides the choice
 (:mod:`heal_kernels._backend`); ``triton`` on CPU tensors needs ``TRITON_INTERPRET=1`` set before
-triton is imported (the Triton interpreter; slow, for tests).
+triton is imported (the Triton interpreter; slow, for tests). The C++ kernels use
+:func:`available_cpus` threads (this process's affinity mask) unless given ``num_threads=``;
+torch's global thread setting is neither read nor changed.
 """
 
+from heal_kernels._backend import available_cpus
 from heal_kernels.ops.entropy import entropy_and_logprobs, token_entropy
 from heal_kernels.ops.linear import linear_entropy_and_logprobs, linear_token_entropy
 from heal_kernels.ops.pairwise import grouped_max_similarity, pairwise_similarity
@@ -26,5 +29,6 @@ __all__ = [
     "linear_token_entropy",
     "pairwise_similarity",
     "grouped_max_similarity",
+    "available_cpus",
 ]
 __version__ = "0.1.0"

@@ -9,6 +9,12 @@ points selects it:
   set before triton is imported (the Triton interpreter; slow, for tests).
 * ``cpu``: the CPU implementation (C++ extension, falling back to chunked torch).
 * ``torch``: the pure-torch implementation (memory-bounded, no compiled code).
+
+CPU threads (:func:`cpu_threads`): the C++ kernels take their thread count from an explicit
+``num_threads=`` argument, else from the CPUs this process may run on (its affinity mask), never from
+torch's global setting. Ray starts its actors with ``OMP_NUM_THREADS=1``, so inside a verl trainer
+process ``torch.get_num_threads()`` is 1 whatever the node has; the affinity mask is what the
+operating system actually lets the process use.
 """
 
 from __future__ import annotations
@@ -20,6 +26,24 @@ import torch
 
 BACKENDS = ("auto", "triton", "cpu", "torch")
 ENV_VAR = "HEAL_KERNELS_BACKEND"
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask; ``os.cpu_count()`` where there is none)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def cpu_threads(num_threads: Optional[int] = None) -> int:
+    """The thread count a CPU kernel uses: ``num_threads`` when given (an int >= 1), else
+    :func:`available_cpus`. torch's global thread setting is neither read nor changed."""
+    if num_threads is None:
+        return available_cpus()
+    if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
+        raise ValueError(f"num_threads must be an int >= 1 or None (the CPUs this process may use), got {num_threads!r}")
+    return num_threads
 
 
 def requested_backend(explicit: Optional[str] = None) -> str:

@@ -8,7 +8,9 @@
 Nothing is compiled when :mod:`heal_kernels` is imported: only when a CPU op first needs it.
 ``HEAL_KERNELS_NO_BUILD=1`` disables building (the torch fallbacks run). Flags: ``-O3 -fopenmp``,
 plus ``-march=native`` when the compiler accepts it; the extension name then carries a hash of the
-CPU model and flags, so a cache shared between different machines never loads a foreign build.
+CPU model, the flags and the sources' contents, so a cache shared between different machines never
+loads a foreign build, and an edited source always gets its own build (never a stale one that a
+concurrent build compiled from the previous text, which ninja's timestamps alone can miss).
 """
 
 from __future__ import annotations
@@ -116,7 +118,7 @@ def _build(name: str, sources: List[str]):
         from torch.utils import cpp_extension
 
         return cpp_extension.load(
-            name=_tagged_name(name),
+            name=_tagged_name(name, paths),
             sources=[str(p) for p in paths],
             extra_cflags=flags,
             extra_ldflags=["-fopenmp"],
@@ -128,10 +130,18 @@ def _build(name: str, sources: List[str]):
         return None
 
 
-def _tagged_name(name: str) -> str:
-    """The module name torch builds ``name`` under: a hash of this CPU and the flags appended."""
-    tag = hashlib.sha1((_cpu_fingerprint() + "|" + " ".join(extension_flags())).encode()).hexdigest()[:10]
-    return f"{name}_{tag}"
+def _tagged_name(name: str, sources=None) -> str:
+    """The module name torch builds ``name`` under: a hash of this CPU, the flags and the contents of
+    ``sources`` (paths; default: :data:`EXTENSIONS` ``[name]`` in :func:`csrc_dir`) appended."""
+    if sources is None:
+        sources = [csrc_dir() / s for s in EXTENSIONS.get(name, [])]
+    h = hashlib.sha1((_cpu_fingerprint() + "|" + " ".join(extension_flags())).encode())
+    for src in sources:
+        try:
+            h.update(Path(src).read_bytes())
+        except OSError:
+            pass
+    return f"{name}_{h.hexdigest()[:10]}"
 
 
 def _build_directory(tagged: str) -> str:

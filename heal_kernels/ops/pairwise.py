@@ -21,11 +21,22 @@ With ``e = exp(x - M_seq)`` precomputed once per element (``M_seq`` the sequence
 * ``P = softmax(S')``, ``Q = softmax(L)``:
   ``KL = sum_t e_S'(t) (S'_t - L_t) / Z_S' + (M_L - M_S) + log(Z_L / Z_S')``
 
-One pass over the aligned positions per pair, no ``exp`` or ``log`` per element, float32 sums
-(folded into float64); two identical sequences give exactly 0 on the C++ and Triton backends.
-Memory: ``O(total)`` precompute, ``O(B * max_len)`` padded rows (torch path) and a bounded tile;
-nothing ``B x B x T``, and the grouped op never holds ``[B, B]``. Results are deterministic: every
-pair is reduced in a fixed order and the group max is order-free.
+The torch and Triton paths make one pass over the ``n`` aligned positions per pair (float32 ``e``,
+float32 sums folded into float64). The C++ path (``csrc/pairwise.cpp``) uses the run-length form,
+``O(min(m, n))`` per pair: ``src`` is non-decreasing, so each short position ``s`` covers a contiguous
+segment ``[b_s, b_{s+1})`` of the long one, the boundaries ``b_s`` following the float32 rule exactly
+(rounding included; computed in integers, checked against every position in the tests); with
+per-sequence float64 prefix sums of ``e`` and ``x``, every sum above becomes a sum over the ``m``
+segments (counts and prefix-sum differences), and one pass over them gives both directions of the
+pair, so each unordered pair is evaluated once. It computes ``M_seq``, ``e`` and its tables itself, in
+float64 from the float32 values: agreement with the float64 reference is the float32 output's
+rounding, up to 65,536 tokens. Equal lengths use the direct form (two identical sequences give
+exactly 0 on the C++ and Triton backends). Memory: ``O(total)`` precompute (the C++ path: 48 bytes
+per token: ``e``, prefix and difference tables), ``O(B * max_len)`` padded rows (torch path) and a
+bounded tile; nothing ``B x B x T``, and the grouped op never holds ``[B, B]``. Results are
+deterministic: every pair is reduced in a fixed order and the group max is order-free; on the C++
+path every row of the grouped op is bit-identical whatever the thread count and the ``rows`` range
+asked for.
 
 Backends (:func:`heal_kernels._backend.resolve_backend`): ``triton`` (CUDA, or the Triton
 interpreter), ``cpu`` (the C++/OpenMP extension in ``csrc/pairwise.cpp``, built on first use; the
@@ -37,12 +48,11 @@ does a Triton grouped op with more than 64 groups.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
-from heal_kernels._backend import resolve_backend
+from heal_kernels._backend import cpu_threads, resolve_backend
 
 __all__ = [
     "pairwise_similarity",
@@ -154,20 +164,64 @@ def _validate_groups(groups, num_groups, prompt_ids, bsz: int, device: torch.dev
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass
 class SeqStats:
-    """Per-sequence precompute, ``O(total)``; every tensor on the values' device."""
+    """Per-sequence precompute, ``O(total)``; every tensor on the values' device.
 
-    x: torch.Tensor  # float32 [total + 8], values then 8 zeros (sentinel / vector-load padding)
-    e: torch.Tensor  # float32 [total + 8], exp(x - M_seq) then 8 zeros
-    total: int
-    starts: torch.Tensor  # int64 [B]
-    lengths: torch.Tensor  # int64 [B]
-    mx: torch.Tensor  # float64 [B], max (0 for empty)
-    zsum: Optional[torch.Tensor] = None  # float64 [B], sum of e over each sequence
-    seg: Optional[torch.Tensor] = None  # int64 [total], each position's sequence
-    _padded: Optional[tuple] = None
-    _max_len: Optional[int] = None
+    Only the offsets are computed up front; the rest on first use (and kept): the C++ path reads
+    ``values``, ``starts`` and ``lengths`` only (it computes the max, ``e`` and its tables itself), so
+    it never pays for the float64 tensors below (~0.6 s at 12.8M tokens on 2 cores)."""
+
+    def __init__(self, values: torch.Tensor, cu: torch.Tensor):
+        self.values = values.to(torch.float32).contiguous()  # float32 [total]
+        self.cu = cu  # int64 [B + 1]
+        self.total = self.values.numel()
+        self.starts = cu[:-1].contiguous()  # int64 [B]
+        self.lengths = (cu[1:] - cu[:-1]).contiguous()  # int64 [B]
+        self._x = self._e = self._mx = self._seg = self._zsum = None
+        self._padded: Optional[tuple] = None
+        self._max_len: Optional[int] = None
+
+    @property
+    def seg(self) -> torch.Tensor:
+        """int64 [total], each position's sequence."""
+        if self._seg is None:
+            bsz = self.lengths.numel()
+            self._seg = torch.repeat_interleave(torch.arange(bsz, device=self.values.device), self.lengths,
+                                                output_size=self.total)
+        return self._seg
+
+    @property
+    def mx(self) -> torch.Tensor:
+        """float64 [B], each sequence's max (0 for empty)."""
+        if self._mx is None:
+            bsz = self.lengths.numel()
+            mx = torch.full((bsz,), -math.inf, dtype=torch.float64, device=self.values.device)
+            if self.total:
+                mx = mx.scatter_reduce(0, self.seg, self.values.to(torch.float64), reduce="amax", include_self=True)
+            self._mx = torch.where(self.lengths > 0, mx, torch.zeros_like(mx)).contiguous()
+        return self._mx
+
+    @property
+    def x(self) -> torch.Tensor:
+        """float32 [total + 8], values then 8 zeros (sentinel / vector-load padding)."""
+        if self._x is None:
+            self._x = torch.cat([self.values, self.values.new_zeros(_PAD)])
+        return self._x
+
+    @property
+    def e(self) -> torch.Tensor:
+        """float32 [total + 8], exp(x - M_seq) (computed in float64, rounded) then 8 zeros."""
+        if self._e is None:
+            e = torch.exp(self.values.to(torch.float64) - self.mx[self.seg]).to(torch.float32)
+            self._e = torch.cat([e, e.new_zeros(_PAD)])
+        return self._e
+
+    @property
+    def zsum(self) -> torch.Tensor:
+        """float64 [B], sum of e over each sequence."""
+        if self._zsum is None:
+            self._zsum = _segment_sum(_prefix(self.e[: self.total]), self.cu)
+        return self._zsum
 
     @property
     def max_len(self) -> int:
@@ -204,27 +258,8 @@ def _prefix(v: torch.Tensor) -> torch.Tensor:
 
 
 def seq_stats(values: torch.Tensor, cu: torch.Tensor) -> SeqStats:
-    bsz = cu.numel() - 1
-    lengths = cu[1:] - cu[:-1]
-    seg = torch.repeat_interleave(torch.arange(bsz, device=values.device), lengths, output_size=values.numel())
-    x64 = values.to(torch.float64)
-    mx = torch.full((bsz,), -math.inf, dtype=torch.float64, device=values.device)
-    if values.numel():
-        mx = mx.scatter_reduce(0, seg, x64, reduce="amax", include_self=True)
-    mx = torch.where(lengths > 0, mx, torch.zeros_like(mx))
-    e64 = torch.exp(x64 - mx[seg])
-    e = e64.to(torch.float32)
-    pad = values.new_zeros(_PAD)
-    return SeqStats(
-        x=torch.cat([values, pad]),
-        e=torch.cat([e, pad]),
-        total=values.numel(),
-        starts=cu[:-1].contiguous(),
-        lengths=lengths.contiguous(),
-        mx=mx.contiguous(),
-        zsum=_segment_sum(_prefix(e), cu),
-        seg=seg,
-    )
+    """The per-sequence statistics of a packed batch (``cu`` int64 ``[B + 1]``), computed lazily."""
+    return SeqStats(values, cu)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -453,31 +488,57 @@ def _cpu_ext():
     return load_pairwise()
 
 
-def _run_cpu_ext(ext, st: SeqStats, short_first: bool, grouped) -> torch.Tensor:
-    """Call the C++ kernels (they take raw pointers: every tensor here is contiguous, on the CPU)."""
+def _run_cpu_ext(ext, st: SeqStats, short_first: bool, grouped, threads=None, rows=None) -> torch.Tensor:
+    """Call the C++ kernels (they take raw pointers: every tensor here is contiguous, on the CPU).
+
+    The kernels read the float32 values, starts and lengths and compute everything else themselves.
+    ``threads``: the OpenMP thread count (``None``: :func:`heal_kernels._backend.cpu_threads`'s
+    default). ``rows``: ``None`` or ``(begin, end)``: the grouped op scores only rows
+    ``begin .. end - 1`` (every column stays a candidate neighbour) and returns ``[end - begin, G]``,
+    each row bit-identical to the full call's whatever ``threads`` and ``rows``."""
     bsz = st.lengths.numel()
-    # the kernel reads up to 7 floats past a sequence's end (then discards them): st.x / st.e
-    # carry 8 floats of padding
-    ptrs = [t.data_ptr() for t in (st.x, st.e, st.starts, st.lengths, st.mx)]
-    threads = torch.get_num_threads()
+    ptrs = [t.data_ptr() for t in (st.values, st.starts, st.lengths)]
+    threads = cpu_threads(threads)
     if not grouped:
         out = torch.empty((bsz, bsz), dtype=torch.float32)
         ext.pairwise(*ptrs, bsz, short_first, out.data_ptr(), threads)
         return out
     groups, num_groups, exclude_self, pids = grouped
-    out = torch.full((bsz, num_groups), -math.inf, dtype=torch.float32)
+    begin, end = (0, bsz) if rows is None else (int(rows[0]), int(rows[1]))
+    out = torch.empty((end - begin, num_groups), dtype=torch.float32)  # written entirely by the kernel
     pid_ptr = pids.data_ptr() if pids is not None else 0
-    ext.grouped(*ptrs, bsz, short_first, groups.data_ptr(), num_groups, exclude_self, pid_ptr, out.data_ptr(), threads)
+    ext.grouped(*ptrs, bsz, short_first, groups.data_ptr(), num_groups, exclude_self, pid_ptr, out.data_ptr(), threads,
+                begin, end)
     return out
 
 
-def _run(values, cu_seqlens, metric, kl_direction, backend, grouped_args=None, check=True):
+def _check_rows(rows, bsz: int):
+    """``rows`` of the grouped op: ``None`` (every row) or ``(begin, end)`` with ``0 <= begin <= end <= B``."""
+    if rows is None:
+        return None
+    if (not isinstance(rows, (tuple, list)) or len(rows) != 2
+            or any(isinstance(r, bool) or not isinstance(r, int) for r in rows)):
+        raise ValueError(f"rows must be None or a (begin, end) pair of ints, got {rows!r}")
+    begin, end = rows
+    if not 0 <= begin <= end <= bsz:
+        raise ValueError(f"rows=({begin}, {end}) must satisfy 0 <= begin <= end <= B={bsz}")
+    return int(begin), int(end)
+
+
+def _run(values, cu_seqlens, metric, kl_direction, backend, grouped_args=None, check=True, num_threads=None,
+         rows=None):
     _check_metric(metric, kl_direction)
+    threads = cpu_threads(num_threads)
     vals, cu = _validate_packed(values, cu_seqlens, check)
     bsz = cu.numel() - 1
     if grouped_args is not None:
         groups, num_groups, exclude_self, prompt_ids = grouped_args
         groups, pids = _validate_groups(groups, num_groups, prompt_ids, bsz, vals.device, check)
+        rows = _check_rows(rows, bsz)
+        if rows is not None and rows == (0, bsz):
+            rows = None
+        if rows is not None and rows[0] == rows[1]:
+            return torch.full((0, num_groups), -math.inf, dtype=torch.float32, device=vals.device)
     name = resolve_backend(vals.device, backend)
     short_first = kl_direction == "short_first"
     if metric == "kl" and bsz > 0 and name == "triton" and (grouped_args is None or num_groups <= _TRITON_MAX_GROUPS):
@@ -486,15 +547,19 @@ def _run(values, cu_seqlens, metric, kl_direction, backend, grouped_args=None, c
         # the Triton path computes the per-sequence statistics itself (one packing kernel)
         if grouped_args is None:
             return tri.pairwise_kl(vals, cu, short_first)
-        return tri.grouped_max_kl(vals, cu, short_first, groups, num_groups, exclude_self, pids)
+        return tri.grouped_max_kl(vals, cu, short_first, groups, num_groups, exclude_self, pids, rows=rows)
     st = seq_stats(vals, cu)
     if metric == "kl" and bsz > 0 and name == "cpu":
         ext = _cpu_ext()
         if ext is not None:
-            return _run_cpu_ext(ext, st, short_first, grouped_args is not None and (groups, num_groups, exclude_self, pids))
+            return _run_cpu_ext(ext, st, short_first, grouped_args is not None and (groups, num_groups, exclude_self, pids),
+                                threads, rows)
     if grouped_args is None:
         return _pairwise_torch(st, cu, metric, short_first)
-    return _grouped_torch(st, cu, metric, short_first, groups, num_groups, exclude_self, pids)
+    if rows is None:
+        return _grouped_torch(st, cu, metric, short_first, groups, num_groups, exclude_self, pids)
+    sel = torch.arange(rows[0], rows[1], device=vals.device)
+    return _grouped_torch(st, cu, metric, short_first, groups, num_groups, exclude_self, pids, sel)[rows[0]:rows[1]]
 
 
 def pairwise_similarity(
@@ -504,6 +569,7 @@ def pairwise_similarity(
     metric: str = "kl",
     kl_direction: str = "scored_first",
     backend: Optional[str] = None,
+    num_threads: Optional[int] = None,
 ) -> torch.Tensor:
     """Float32 ``[B, B]`` matrix ``out[i, j] = s(seq_i, seq_j)``: row ``i`` scored, column ``j`` neighbour.
 
@@ -511,10 +577,11 @@ def pairwise_similarity(
     ``metric``: ``"kl"`` (``-KL`` after nearest-neighbour alignment; ``kl_direction`` ``"scored_first"``
     = ``KL(P_i || P_j)``, ``"short_first"`` = ``KL(short || long)``), ``"hti"`` or ``"pl"``.
     A pair involving an empty sequence is NaN. ``backend`` overrides ``HEAL_KERNELS_BACKEND``
-    (``auto``/``triton``/``cpu``/``torch``). Raises ``ValueError`` naming the bad argument (and the
-    trajectory for NaN/inf entropies).
+    (``auto``/``triton``/``cpu``/``torch``). ``num_threads``: threads of the C++ kernel (default: the
+    CPUs this process may run on, :func:`heal_kernels.available_cpus`; torch's global setting is
+    not used). Raises ``ValueError`` naming the bad argument (and the trajectory for NaN/inf entropies).
     """
-    return _run(values, cu_seqlens, metric, kl_direction, backend)
+    return _run(values, cu_seqlens, metric, kl_direction, backend, num_threads=num_threads)
 
 
 def grouped_max_similarity(
@@ -529,6 +596,8 @@ def grouped_max_similarity(
     kl_direction: str = "scored_first",
     backend: Optional[str] = None,
     check: bool = True,
+    num_threads: Optional[int] = None,
+    rows: Optional[Tuple[int, int]] = None,
 ) -> torch.Tensor:
     """Float32 ``[B, num_groups]``: for each row ``i`` the max of ``s(seq_i, seq_j)`` over the columns
     ``j`` with ``groups[j] == g``, skipping ``j == i`` (``exclude_self``), ``prompt_ids[j] ==
@@ -540,6 +609,11 @@ def grouped_max_similarity(
     values, group ids in range) on CUDA, so that the Triton path (``metric="kl"``) never
     synchronises with the host; wrong contents then give wrong numbers instead of an error. CPU
     inputs are always checked.
+
+    ``rows=(begin, end)`` computes only scored rows ``begin .. end - 1`` (every row stays a possible
+    neighbour) and returns ``[end - begin, num_groups]``, bit for bit the same rows as the full call:
+    shards of rows can be computed on different workers and concatenated. ``num_threads`` as in
+    :func:`pairwise_similarity`.
     """
     return _run(values, cu_seqlens, metric, kl_direction, backend, (groups, num_groups, bool(exclude_self), prompt_ids),
-                check=bool(check))
+                check=bool(check), num_threads=num_threads, rows=rows)
