@@ -11,7 +11,10 @@ wheel ships ``ptxas``, ``cuobjdump`` and ``nvdisasm``. This module
   as a real launch would (16-byte divisibility, i32 / i64);
 * compiles a variant for ``sm_XX`` (:func:`compile_variant`) and reads the cubin
   (:func:`analyse`): registers, stack / local memory, ``LDL`` / ``STL`` in the SASS, theoretical
-  occupancy, the hot loop's SASS instructions per element, approximate ``div.full.f32`` in PTX.
+  occupancy, the hot loop's SASS instructions per element, approximate ``div.full.f32`` in PTX; for
+  the pair kernel its nine loops (:func:`pairwise_loops`: per form -- direct, run-length P = L,
+  run-length P = S' -- the unrolled, single and masked trips, with their pipe mix) and its per-tile
+  code, which the static model (``heal bench static``) costs.
 
 ``python -m heal_kernels.triton.aot [--arch 80 90 100] [--jobs 2] [--json out.json]`` compiles every
 variant, prints one line each and exits 1 when a gate fails (a compile error, a spill, approximate
@@ -169,8 +172,8 @@ def _pairwise_variants() -> Iterator[Variant]:
     pids = torch.arange(EDA_BATCH, dtype=torch.int64) // 8
     cuda = torch.device("cuda")
     kernel, _, args, kwargs, packed = tri.pack_launch_spec(values, cu64, interpreted=False)
-    # bytes per element: x read twice (4 + 4), the (x, e) pair written (8)
-    yield _row_variant("pairwise_pack_fp32", "pairwise_pack", kernel, args, kwargs, 16.0, dict(lengths=lens.tolist()))
+    # bytes per element: x read twice (4 + 4), the (x, e) pair written (8), the two float64 prefixes (16)
+    yield _row_variant("pairwise_pack_fp32", "pairwise_pack", kernel, args, kwargs, 32.0, dict(lengths=lens.tolist()))
     # one set of variants per tile configuration, each for the archs that launch it
     configs = {}
     for arch in ARCHS:
@@ -214,8 +217,23 @@ def _pairwise_variant(name, kernel, args, kwargs, mode, lens, archs) -> Variant:
         elements_per_thread_per_iteration=per_iter / _threads(kwargs),
         family="pairwise",
         archs=tuple(archs),
-        meta=dict(mode=mode, lengths=lens.tolist()),
+        meta=dict(mode=mode, lengths=lens.tolist(), segments_per_thread_per_trip=tri.segments_per_iteration(kwargs)
+                  / _threads(kwargs)),
     )
+
+
+def pairwise_section_variants(v: Variant) -> Dict[int, Variant]:
+    """Builds of the pair kernel variant ``v`` with only some of its sections compiled (``SECTIONS``
+    bit mask: 1 direct, 2 run-length P = L, 4 run-length P = S'; 0 none), for the static model: each
+    section's share of the per-tile code (setup, lane sums) is its build's tile-loop code less the
+    build without loops. Not launched (the launchers always pass every section)."""
+    out = {}
+    for sections in (0, 1, 2, 4):
+        kw = dict(v.kwargs, SECTIONS=sections)
+        out[sections] = Variant(name=f"{v.name}_sections{sections}", kernel=v.kernel, args=v.args, kwargs=kw,
+                                elements_per_thread_per_iteration=v.elements_per_thread_per_iteration, family=v.family,
+                                archs=v.archs, meta=dict(v.meta))
+    return out
 
 
 def variants() -> List[Variant]:
@@ -337,6 +355,86 @@ def _classify(op: str) -> str:
     return "int"
 
 
+def pipe_class(op: str) -> str:
+    """The execution pipe of a SASS opcode, for the static model's pessimistic bound: ``fp32`` (FADD,
+    FMUL, FFMA), ``fp64`` (DADD, DMUL, DFMA, DSETP), ``xu`` (MUFU and type conversions: the
+    transcendental / conversion unit), ``lsu`` (loads, stores), ``shfl``, ``control`` (branches,
+    barriers, special registers), ``alu`` (integer, logic, compares, selects, moves, address
+    arithmetic: everything else)."""
+    base = op.split(".")[0]
+    if base in ("FADD", "FMUL", "FFMA"):
+        return "fp32"
+    if base in ("DADD", "DMUL", "DFMA", "DSETP", "DMNMX"):
+        return "fp64"
+    if base == "MUFU" or base in ("F2F", "F2FP", "I2F", "F2I", "I2FP", "F2IP", "FRND"):
+        return "xu"
+    if base in ("LDG", "STG", "LDS", "STS", "LDL", "STL", "LD", "ST", "LDGSTS", "ATOM", "RED", "LDC"):
+        return "lsu"
+    if base == "SHFL":
+        return "shfl"
+    if base in ("BRA", "BAR", "EXIT", "BSYNC", "BSSY", "WARPSYNC", "VOTE", "S2R", "S2UR", "CS2R", "CALL", "RET"):
+        return "control"
+    return "alu"
+
+
+PAIRWISE_LOOPS = tuple(f"{form}_{kind}" for form in ("direct", "rl_long", "rl_short")
+                       for kind in ("main", "single", "tail"))
+
+
+def _mix(body) -> Dict[str, int]:
+    mix: Dict[str, int] = {}
+    for i in body:
+        c = pipe_class(i[2])
+        mix[c] = mix.get(c, 0) + 1
+    return mix
+
+
+def pairwise_loops(instrs) -> Dict:
+    """The pair kernel's innermost loops, three per form (:data:`PAIRWISE_LOOPS`; forms in source =
+    address order: direct, run-length P = L, run-length P = S'): the unrolled unmasked loop (``main``,
+    KD or KR trips per iteration), the single unmasked trips (``single``) and the masked trips
+    (``tail``), and the instructions of the column-tile loop outside them (``tile_code``, every form's
+    setup and sums included). Each loop: ``instructions`` (its body, label to backward branch) and
+    ``mix`` (per :func:`pipe_class`); LLVM may unroll a ``single`` loop, which then reads as an
+    unrolled loop and its remainder: ``unrolled`` (instructions of the unrolled body) and
+    ``factor`` are added. Checks the reading (run-length loops shuffle, direct ones do not; the
+    last loop of a form is the only masked one); only ``tile_code`` when the SASS does not have
+    this shape."""
+    loops = _loops(instrs)
+    if not loops:
+        return {}
+    tile = max(loops, key=lambda lp: lp[1] - lp[0])  # the column-tile loop encloses the others
+    nested = [lp for lp in loops if lp != tile and tile[0] <= lp[0] and lp[1] <= tile[1]]
+    out: Dict = {"tile_code": sum(1 for i in _body(instrs, tile) if not any(lp[0] <= i[0] <= lp[1] for lp in nested))}
+    inner = sorted(lp for lp in nested if not any(o != lp and lp[0] <= o[0] and o[1] <= lp[1] for o in nested))
+    seq = []
+    for lp in inner:
+        body = _body(instrs, lp)
+        seq.append(dict(instructions=len(body), mix=_mix(body),
+                        masked=any(i[1] and i[2].startswith("LDG") for i in body)))
+    # split into forms: each form's loops end with its (only) masked loop
+    forms, cur = [], []
+    for lp in seq:
+        cur.append(lp)
+        if lp["masked"]:
+            forms.append(cur)
+            cur = []
+    if cur or len(forms) != 3:
+        return out
+    loops_out = {}
+    for form, group in zip(("direct", "rl_long", "rl_short"), forms):
+        if any((lp["mix"].get("shfl", 0) > 0) != form.startswith("rl_") for lp in group) or len(group) not in (3, 4):
+            return out
+        single = dict(group[-2])
+        if len(group) == 4:  # LLVM's runtime unrolling: the unrolled body, then the remainder
+            single["unrolled"] = group[1]["instructions"]
+            single["factor"] = max(1, round(group[1]["instructions"] / max(1, group[2]["instructions"])))
+        for kind, lp in (("main", group[0]), ("single", single), ("tail", group[-1])):
+            loops_out[f"{form}_{kind}"] = {k: v for k, v in lp.items() if k != "masked"}
+    out.update(loops_out)
+    return out
+
+
 def occupancy(regs: int, shared: int, num_warps: int, arch: int) -> int:
     """Theoretical resident warps per SM from registers (256-register allocation units per warp),
     shared memory and the 64-warp / 32-block limits (sm_80: 64 warps, 164 KB; sm_90/100: 228 KB)."""
@@ -390,6 +488,25 @@ def analyse(v: Variant, arch: int) -> Dict:
         if "outer_overhead" in structure:
             rec["outer_loop_overhead_instructions"] = structure["outer_overhead"]
         rec["kwargs"] = {k: val for k, val in v.kwargs.items() if isinstance(val, (bool, int, float))}
+    if v.family == "pairwise":
+        pl = pairwise_loops(instrs)
+        rec["tile_code_instructions"] = pl.get("tile_code")
+        if all(n in pl for n in PAIRWISE_LOOPS):
+            kw = v.kwargs
+            seg = v.meta["segments_per_thread_per_trip"]
+            pos = v.elements_per_thread_per_iteration
+            rec["loops"] = {n: pl[n] for n in PAIRWISE_LOOPS}
+            # per element of each main loop: aligned positions (direct) or short positions (run-length)
+            rec["instructions_per_position_direct"] = round(pl["direct_main"]["instructions"] / (kw["KD"] * pos), 3)
+            rec["instructions_per_segment_rl_long"] = round(pl["rl_long_main"]["instructions"] / (kw["KR"] * seg), 3)
+            rec["instructions_per_segment_rl_short"] = round(pl["rl_short_main"]["instructions"] / (kw["KR"] * seg), 3)
+            # the headline figure: the run-length loop (P = L), instructions per short position
+            rec["hot_loop_instructions"] = pl["rl_long_main"]["instructions"]
+            rec["hot_loop_mix"] = pl["rl_long_main"]["mix"]
+            rec["elements_per_thread_per_iteration"] = kw["KR"] * seg
+            rec["instructions_per_element"] = rec["instructions_per_segment_rl_long"]
+        elif v.kwargs.get("SECTIONS", 7) == 7:
+            loop = None  # the gate's "no hot loop": the kernel no longer has the loops the model reads
     ptx = k.asm["ptx"]
     rec["approx_f32_division"] = len(re.findall(r"\bdiv\.(?:full|approx)\.f32", ptx))
     failures = []

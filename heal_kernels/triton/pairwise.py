@@ -7,35 +7,58 @@ precomputed once per element:
 * ``P = L``:  ``KL = sum_t e_L (L - S') / Z_L + (M_S - M_L) + log(Z_S' / Z_L)``
 * ``P = S'``: ``KL = sum_t e_S' (S' - L) / Z_S' + (M_L - M_S) + log(Z_L / Z_S')``
 
-``Z_L`` (a whole sequence's ``sum e``) is precomputed per sequence; ``Z_S' = sum_t e_S(src(t))`` is
-accumulated (it equals ``Z_S`` when ``m = n``, which is used: identical sequences give exactly 0).
-No ``exp`` or ``log`` in the pair loop; float32 accumulation with tree reductions, so results are
-deterministic (no atomics).
+Two forms of the sums, chosen per pair (never per tile: a pair's result does not depend on the
+pairs it shares a tile with):
 
-Layout. Rows are length-sorted; program ``p`` scores ``ROWS`` length-adjacent rows, longest first
-(the long programs start first: less load imbalance at the end). It walks the columns in length
-order in tiles of ``BLOCK_J`` columns; one tile holds the ``ROWS x BLOCK_J`` pairs on its first axis
-and ``BLOCK_T`` aligned positions on its second, so a column block is read once from L2 for
-``ROWS`` rows (the other rows' reads hit L1): ``ROWS`` times less L2 traffic than a program per
-row. Positions every pair of the tile has run unmasked; only the last, ragged positions are
-masked. ``x`` and ``e`` are interleaved so one 8-byte load serves both, every sequence starts at an
-even position (the packing kernel pads), so the long side -- read at consecutive positions -- comes two
-positions per 16-byte load; each pair has 64-bit base pointers (a gather of the stretched side is a
-shift-add, no index add); the main loop carries the long side's pointers and ``t`` as float32, so
-its integer work is the trip count. One accumulator takes ``e_P (L - S')`` (a select picks
-``e_P``; one reduction per pair), and the stretch scale ``m / n`` is divided with correct rounding
-(``div_rn``): Triton's default ``div.full.f32`` is off by up to 2 ulp, which moves nearest-neighbour
-indices. Offsets are int32 (the launcher checks the total length). ``maxnreg=128`` keeps two
-8-warp programs per SM on every architecture.
+* **run-length** (``m < n``, ``n >= 1.5 m``, ``n < 2^20``), ``O(m)`` per pair. ``src`` is
+  non-decreasing, so ``seg(s) = {t : src(t) = s} = [b_s, b_{s+1})``. With the long side's float64
+  prefix sums ``PE`` (of ``e``) and ``PX`` (of ``x``), ``c_s = b_{s+1} - b_s``,
+  ``dPE_s = PE[b_{s+1}] - PE[b_s]`` and ``dPX_s`` likewise: ``Z_S' = sum_s c_s e_S[s]``,
+  ``sum_t e_L (L - S') = EX_L - sum_s x_S[s] dPE_s`` (``EX = sum e x`` per sequence) and
+  ``sum_t e_S' (L - S') = sum_s e_S[s] (dPX_s - c_s x_S[s])``. Boundaries follow the float32 rule
+  exactly, rounding included: ``b_s`` = the smallest ``t`` with ``fl32(f32(t) * scale) >= s``, from
+  the estimate ``t~ = round(s * fl32(n fl32(1 / m)))`` (one FMA into ``2^23``: the float's bits hold
+  the integer) and one exact check ``fma(t~ + 2^23, scale, -2^23 scale) < s -> t~ + 1`` (proof in
+  :func:`_boundary`). Lane ``k`` of a ``BLOCK_T``-lane trip computes ``b_{s0+k}`` and gathers ``PE``
+  (P = L) or ``PX`` (P = S') there: 8 bytes, one gather per short position; the segment's other
+  end comes from lane ``k + 1`` by warp shuffles (``tl.gather`` along the lane axis), so a trip
+  covers ``BLOCK_T - 1`` segments.
+* **direct** (``m == n``: identical sequences give exactly 0; ``n < 1.5 m``, where the
+  ``O(max(m, n))`` loop costs less; long sides from ``2^20``): the aligned positions of both sides,
+  the short side gathered at ``src(t)``.
 
-FP contraction is on (``enable_fp_fusion=True`` at launch): the accumulations ``acc + w * d`` are
-FMAs; ``t * scale`` (no addend) is a plain rounded multiply, as in torch's index rule.
+Precision. The prefixes are float64 (``|error| <= n 2^-53 Z``); a segment's sum is their float64
+difference. P = L accumulates ``x_S dPE`` in float64; the other sums take float32 terms (the
+segment sum rounded once) summed in float32 over ``KD`` / ``KR`` trips, then folded into float64
+(the fold points are fixed trip numbers, so tile composition never changes a result); lanes are
+summed in float64 and the per-pair formula runs in float64 (``log`` from the exponent plus a
+float32 ``logf`` of the mantissa, about 5e-8). At 40,000-65,536 tokens the result agrees with a
+float64 evaluation to about 1.4e-7 relative (tests: 1e-6); the remaining error is the float32
+terms' rounding, about ``2^-24 max|x|`` absolute (what limits nearly equal sequences).
 
-The grouped variant keeps a running max per (row, group) in registers and writes
-``[ROWS, num_groups]`` once per program: no ``[B, B]`` buffer, no atomics.
+Layout. Rows are length-sorted; program ``p`` scores ``ROWS`` length-adjacent rows, longest first;
+it walks the columns in length order in tiles of ``BLOCK_J`` columns; a tile holds ``ROWS x
+BLOCK_J`` pairs on its first axis and ``BLOCK_T`` lanes on consecutive positions on its second
+(every 2-D load is one 8-byte load per lane: ``max_contiguous(., 1)`` keeps Triton from
+vectorising, which would put two positions per thread and cost a shared-memory layout conversion
+for every shuffle). Per tile, each form present runs three loops: groups of ``KD`` / ``KR``
+unmasked trips (unrolled), single unmasked trips, masked trips. The indices and lengths of the
+tile's pairs are loaded again after the loops (volatile loads: not merged) so that only two sums
+per pair hold registers across them. The grouped variant keeps its running maxima per (row, group)
+in its slice of the output (-inf to start; one writer), reads them and writes them once per tile: no
+``[B, B]`` buffer, no atomics. ``rows=(begin, end)`` scores only rows ``begin..end-1`` (every
+column still a neighbour): each row's values are bit-identical to the full call.
+
+FP contraction is on (``enable_fp_fusion=True`` at launch): the accumulations are FMAs; the
+boundary's two multiply-adds are explicit ``fma`` (the interpreter, whose ``fma`` rounds twice,
+evaluates them exactly in float64 instead: the same results); the direct form's ``t * scale`` (no
+addend) is a plain rounded multiply. Ratios of lengths are divided with correct rounding
+(``div_rn``; the compile gate rejects ``div.full.f32`` here).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -44,11 +67,25 @@ import triton.language as tl
 from heal_kernels.triton._launch import launch
 
 FP_FUSION = True  # passed at every launch
-MAX_TOTAL = 2**31 - 2**16  # int32 offsets (positions + padding) stay below 2^31
+# int32 offsets: the (x, e) pairs take total + B + 64 positions, the prefixes total + 2 B + 64
+MAX_TOTAL = 2**31 - 2**17
+MAGIC = tl.constexpr(8388608.0)  # 2^23: a float in [2^23, 2^24) holds an integer in its low mantissa bits
+MAGIC_BITS = tl.constexpr(0x4B000000)  # the bits of 2^23
+INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")  # as triton.jit decides
+RL_MAX_LEN = 2**20  # run-length form for long sides below this (the boundary check's proven range)
+RL_NUM, RL_DEN = 3, 2  # run-length form where n >= (3 / 2) m (see heal/bench/static.py)
 
 
 @triton.jit
-def _pair_step(s_ptrs, l_ptrs, w_long, zs, acc, MASKED: tl.constexpr, valid):
+def _unpack(v):
+    """``(x, e)`` of int64 words holding two float32 (``x`` in the low half): bit casts, no arithmetic."""
+    x = v.to(tl.int32).to(tl.float32, bitcast=True)
+    e = (v >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+    return x, e
+
+
+@triton.jit
+def _direct_step(s_ptrs, l_ptrs, w_long, zs, acc, MASKED: tl.constexpr, valid):
     """One ``[P, T]`` block of aligned positions: gathers ``(x, e)`` of both sides (one 8-byte load
     each) and accumulates ``Z_S'`` and ``sum e_P (L - S')`` (``e_P`` = ``e_L`` where ``w_long``, else
     ``e_S'``)."""
@@ -58,28 +95,277 @@ def _pair_step(s_ptrs, l_ptrs, w_long, zs, acc, MASKED: tl.constexpr, valid):
     else:
         vs = tl.load(s_ptrs)
         vl = tl.load(l_ptrs)
-    # low 32 bits: x, high 32 bits: e (bit casts of the two halves; no arithmetic)
-    xs = vs.to(tl.int32).to(tl.float32, bitcast=True)
-    es = (vs >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-    xl = vl.to(tl.int32).to(tl.float32, bitcast=True)
-    el = (vl >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+    xs, es = _unpack(vs)
+    xl, el = _unpack(vl)
     zs += es
     acc += tl.where(w_long, el, es) * (xl - xs)  # select + FMA
     return zs, acc
 
 
 @triton.jit
+def _fma(a, b, c):
+    """``fl32(a * b + c)``, one rounding: the FFMA on a GPU; under the interpreter (whose ``fma`` is a
+    rounded product plus a rounded sum) an exact float64 evaluation, so that both round alike. Exact
+    in float64 when ``a * b + c`` needs at most 53 bits, as in :func:`_boundary`."""
+    if INTERPRETED:
+        return (a.to(tl.float64) * b.to(tl.float64) + c).to(tl.float32)  # c: float32 or a constant
+    else:
+        return tl.math.fma(a, b, c)
+
+
+@triton.jit
+def _boundary(sf, r, sig, nms):
+    """``b_s + 2^23`` as a float32 (exact: an integer below ``2^24``): ``b_s`` is the smallest ``t``
+    with ``fl32(f32(t) * sig) >= s``, i.e. the first long position whose stretched source is ``s``.
+
+    ``sf = f32(s)``, ``sig = fl32(m / n)`` (correctly rounded), ``r = fl32(n * fl32(1 / m))`` (two
+    roundings), ``nms = -sig 2^23`` (exact). With ``q = s n / m`` and ``u = 2^-24``: the estimate
+    ``t~ = round(s * r)`` (one FMA into ``2^23``) has ``|t~ - q| <= 1/2 + 3 u q``; ``fl(t sig) >= s``
+    holds for ``t >= q (1 + 2u)`` and fails for ``t < q (1 - 2u)`` (rounding is monotone), so
+    ``b_s - t~`` lies in ``(-1/2 - 5uq, 3/2 + 5uq)``, i.e. is 0 or 1 while ``q < 2^20``. One exact
+    check picks it: ``fl32(t~ sig) = fma(t~ + 2^23, sig, -2^23 sig)`` (the float ``tm`` holds
+    ``t~ + 2^23``; ``tm sig - 2^23 sig = t~ sig`` exactly, at most 45 bits, rounded once)."""
+    tm = _fma(sf, r, MAGIC)  # round(s * r) + 2^23
+    pr = _fma(tm, sig, nms)  # fl32(t~ * sig): the index rule's product
+    return tm + (pr < sf).to(tl.float32)
+
+
+@triton.jit
+def _rl_step(sf, soff, r, sig, nms, fbase, sbase, nxt, acc, z, CASE_L: tl.constexpr, MASKED: tl.constexpr, kvalid,
+             svalid, n_m):
+    """One trip of the run-length loop over ``[P, T]`` lanes: lane ``k`` takes boundary ``s0 + k``
+    (``sf`` its float, ``soff`` its short position) and segment ``s0 + k`` (lane ``T - 1`` only lends
+    its boundary: its neighbour is itself, so its ``c`` and ``dF`` are 0). Accumulates ``x_S dPE``
+    (``CASE_L``: P is the long side) or ``e_S (dPX - c x_S)`` into ``acc`` and ``c e_S`` into ``z``."""
+    tcm = _boundary(sf[None, :], r[:, None], sig[:, None], nms[:, None])
+    if MASKED:
+        tcm = tl.minimum(tcm, n_m[:, None])  # b_m = n
+        f = tl.load(fbase[:, None] + tcm.to(tl.int32, bitcast=True), mask=kvalid, other=0.0)
+        v = tl.load(sbase[:, None] + soff[None, :], mask=svalid, other=0)
+    else:
+        f = tl.load(fbase[:, None] + tcm.to(tl.int32, bitcast=True))
+        v = tl.load(sbase[:, None] + soff[None, :])
+    f2 = tl.gather(f, nxt, axis=1)  # the next lane's prefix: a warp shuffle
+    t2 = tl.gather(tcm, nxt, axis=1)
+    c = t2 - tcm  # the segment's length (exact)
+    x, e = _unpack(v)
+    if CASE_L:
+        acc += x.to(tl.float64) * (f2 - f)  # float64 FMA: the segment's sum is not rounded
+    else:
+        acc += e * ((f2 - f).to(tl.float32) - c * x)  # the segment's sum rounded once; FMA, then FMA
+    z += c * e
+    return acc, z
+
+
+@triton.jit
+def _rl_sums(m_r, nr_max, nl, inv_m, l_pos, s_pos, f_ptr, xe_ptr, offs_t, nxt, P: tl.constexpr, BLOCK_T: tl.constexpr,
+             KR: tl.constexpr, CASE_L: tl.constexpr):
+    """The run-length sums of the pairs with ``m_r > 0`` (their short length; 0 elsewhere): per pair
+    (float64) ``sum_s x_S dPE_s`` (``CASE_L``) or ``sum_s e_S (dPX_s - c_s x_S)``, and ``Z_S' = sum_s
+    c_s e_S``. ``l_pos``: the long side's first prefix entry in ``f_ptr`` (``PE`` or ``PX``); ``s_pos``:
+    the short side's first position in ``xe``. Other pairs run with ``b_s = s`` on the first entries
+    of both arrays and are dropped by the caller."""
+    STEP: tl.constexpr = BLOCK_T - 1  # segments per trip
+    sel = m_r > 0
+    nr_min = tl.min(tl.where(sel, m_r, nr_max), axis=0)
+    ms_f = tl.maximum(m_r, 1).to(tl.float32)
+    nl_f = tl.where(sel, nl, 1).to(tl.float32)
+    rr = nl_f * tl.where(sel, inv_m, 1.0)  # the estimate's ratio: fl(n fl(1 / m))
+    sg = tl.math.div_rn(ms_f, nl_f)  # the index rule's scale, correctly rounded
+    nms = sg * -MAGIC  # exact
+    # the boundary's float bits are b + MAGIC_BITS: the bias is taken off the base once
+    fbase = f_ptr + (tl.where(sel, l_pos, 0) - MAGIC_BITS)
+    sbase = xe_ptr + tl.where(sel, s_pos, 0)
+    tf0 = offs_t.to(tl.float32)
+    # -0.0, not 0.0: constants of their own (CSE would share the direct loop's, and their layout).
+    # P = L accumulates its terms in float64 (acc_i is then float64 too and never folded)
+    ACC_T: tl.constexpr = tl.float64 if CASE_L else tl.float32
+    acc_i = tl.full([P, BLOCK_T], -0.0, ACC_T)
+    z_i = tl.full([P, BLOCK_T], -0.0, tl.float32)
+    acc_o = tl.full([P, BLOCK_T], -0.0, tl.float64)
+    z_o = tl.full([P, BLOCK_T], -0.0, tl.float64)
+    # unmasked trips: every boundary below m for every pair (b <= n - 1): groups of KR (unrolled), then
+    # single trips; the trip's first position is carried as scalars (loop-carried tensors could take
+    # another loop's layout). Partial sums are folded at trips KR - 1, 2 KR - 1, ... in all three loops
+    # (a pair's sums do not depend on its tile).
+    full = (nr_min - 1) // STEP
+    groups = full // KR
+    s0 = 0
+    s0f = 0.0
+    for _ in range(0, groups):
+        for _k in tl.static_range(KR):
+            acc_i, z_i = _rl_step(tf0 + s0f, tl.max_contiguous(offs_t + s0, 1), rr, sg, nms, fbase, sbase, nxt, acc_i,
+                                  z_i, CASE_L, False, None, None, None)
+            s0 += STEP
+            s0f += STEP
+        if not CASE_L:
+            acc_o += acc_i.to(tl.float64)
+            acc_i = tl.full([P, BLOCK_T], -0.0, ACC_T)
+        z_o += z_i.to(tl.float64)
+        z_i = tl.full([P, BLOCK_T], -0.0, tl.float32)
+    for tt in range(groups * KR, full):
+        acc_i, z_i = _rl_step(tf0 + s0f, tl.max_contiguous(offs_t + s0, 1), rr, sg, nms, fbase, sbase, nxt, acc_i, z_i,
+                              CASE_L, False, None, None, None)
+        s0 += STEP
+        s0f += STEP
+        if tt % KR == KR - 1:
+            if not CASE_L:
+                acc_o += acc_i.to(tl.float64)
+                acc_i = tl.full([P, BLOCK_T], -0.0, ACC_T)
+            z_o += z_i.to(tl.float64)
+            z_i = tl.full([P, BLOCK_T], -0.0, tl.float32)
+    n_m = nl_f + MAGIC
+    for tt in range(full, tl.cdiv(nr_max, STEP)):  # the ragged end, masked
+        k = tt * STEP + offs_t
+        kvalid = k[None, :] <= m_r[:, None]
+        svalid = k[None, :] < m_r[:, None]
+        acc_i, z_i = _rl_step(k.to(tl.float32), tl.max_contiguous(k, 1), rr, sg, nms, fbase, sbase, nxt, acc_i, z_i,
+                              CASE_L, True, kvalid, svalid, n_m)
+        if tt % KR == KR - 1:
+            if not CASE_L:
+                acc_o += acc_i.to(tl.float64)
+                acc_i = tl.full([P, BLOCK_T], -0.0, ACC_T)
+            z_o += z_i.to(tl.float64)
+            z_i = tl.full([P, BLOCK_T], -0.0, tl.float32)
+    acc_o += acc_i.to(tl.float64)
+    z_o += z_i.to(tl.float64)
+    return tl.sum(acc_o, axis=1), tl.sum(z_o, axis=1)
+
+
+@triton.jit
+def _direct_sums(dr, nl_d, nd_max, ms, start_l, start_s, w_long, xe_ptr, offs_t, P: tl.constexpr,
+                 BLOCK_T: tl.constexpr, KD: tl.constexpr, CLAMP_SRC: tl.constexpr):
+    """The direct sums of the pairs ``dr`` (``nl_d``: their long length, 0 elsewhere): per pair
+    (float64) ``sum_t e_P (L - S')`` and ``Z_S' = sum_t e_S(src(t))``. Other pairs read the first
+    positions of ``xe`` (scale 1, ``src = t``) and are dropped by the caller."""
+    nd_min = tl.min(tl.where(dr, nl_d, nd_max), axis=0)
+    ms_c = tl.maximum(tl.where(dr, ms, 0), 1)
+    scale = tl.math.div_rn(ms_c.to(tl.float32), tl.maximum(nl_d, 1).to(tl.float32))  # correctly rounded
+    # every sequence starts at an even position (see pack_launch_spec)
+    base_l = xe_ptr + tl.multiple_of(tl.where(dr, start_l, 0), 2)
+    base_s = xe_ptr + tl.where(dr, start_s, 0)
+    full = nd_min // BLOCK_T  # unmasked trips every direct pair has
+    groups = full // KD
+    zs_i = tl.zeros([P, BLOCK_T], tl.float32)
+    acc_i = tl.zeros([P, BLOCK_T], tl.float32)
+    zs_o = tl.zeros([P, BLOCK_T], tl.float64)
+    acc_o = tl.zeros([P, BLOCK_T], tl.float64)
+    # groups of KD unmasked trips (unrolled), single unmasked trips, masked trips; partial sums folded at
+    # trips KD - 1, 2 KD - 1, ... in all three loops. The trip's first position is carried as scalars
+    # (t exact in float32 below 2^24); one 8-byte load per lane (max_contiguous 1: the run-length loops
+    # need the lanes on consecutive positions, and one layout for the kernel saves shared-memory
+    # conversions)
+    tf0 = offs_t.to(tl.float32)
+    t0 = 0
+    t0f = 0.0
+    for _ in range(0, groups):
+        for _k in tl.static_range(KD):
+            src = ((tf0 + t0f)[None, :] * scale[:, None]).to(tl.int32)  # trunc = floor (>= 0)
+            if CLAMP_SRC:  # the rule's min(., m - 1): a no-op while every length is below 2^22 (CLAMP_FREE_TOTAL)
+                src = tl.minimum(src, ms_c[:, None] - 1)
+            l_off = tl.max_contiguous(offs_t + t0, 1)
+            zs_i, acc_i = _direct_step(base_s[:, None] + src, base_l[:, None] + l_off[None, :], w_long, zs_i, acc_i,
+                                       False, None)
+            t0 += BLOCK_T
+            t0f += BLOCK_T
+        zs_o += zs_i.to(tl.float64)
+        acc_o += acc_i.to(tl.float64)
+        zs_i = tl.zeros([P, BLOCK_T], tl.float32)
+        acc_i = tl.zeros([P, BLOCK_T], tl.float32)
+    for tt in range(groups * KD, full):
+        src = ((tf0 + t0f)[None, :] * scale[:, None]).to(tl.int32)
+        if CLAMP_SRC:
+            src = tl.minimum(src, ms_c[:, None] - 1)
+        zs_i, acc_i = _direct_step(base_s[:, None] + src, base_l[:, None] + tl.max_contiguous(offs_t + t0, 1)[None, :],
+                                   w_long, zs_i, acc_i, False, None)
+        t0 += BLOCK_T
+        t0f += BLOCK_T
+        if tt % KD == KD - 1:
+            zs_o += zs_i.to(tl.float64)
+            acc_o += acc_i.to(tl.float64)
+            zs_i = tl.zeros([P, BLOCK_T], tl.float32)
+            acc_i = tl.zeros([P, BLOCK_T], tl.float32)
+    for t0 in range(full * BLOCK_T, nd_max, BLOCK_T):  # the ragged end, masked
+        t = t0 + offs_t
+        valid = t[None, :] < nl_d[:, None]
+        src = tl.minimum((t.to(tl.float32)[None, :] * scale[:, None]).to(tl.int32), ms_c[:, None] - 1)
+        zs_i, acc_i = _direct_step(base_s[:, None] + src, base_l[:, None] + tl.max_contiguous(t, 1)[None, :], w_long,
+                                   zs_i, acc_i, True, valid)
+        if (t0 // BLOCK_T) % KD == KD - 1:
+            zs_o += zs_i.to(tl.float64)
+            acc_o += acc_i.to(tl.float64)
+            zs_i = tl.zeros([P, BLOCK_T], tl.float32)
+            acc_i = tl.zeros([P, BLOCK_T], tl.float32)
+    zs_o += zs_i.to(tl.float64)
+    acc_o += acc_i.to(tl.float64)
+    return tl.sum(acc_o, axis=1), tl.sum(zs_o, axis=1)
+
+
+@triton.jit
+def _log64(q):
+    """``log(q)`` of a positive normal float64 to about ``5e-8`` absolute, without libdevice's float64
+    log: ``q = 2^k f`` (``f`` in ``[0.75, 1.5)``) from the bits, ``k ln 2`` in float64, ``log f`` in
+    float32 (libdevice's ``logf``, 1 ulp) plus the first-order term of ``f``'s rounding to float32,
+    ``d / f ~ d (2 - f)`` (``|d| <= 2^-25 f``; ``1 / f`` to 25%: ``1e-8``)."""
+    qb = q.to(tl.int64, bitcast=True)
+    k = ((qb >> 52) & 0x7FF) - 1023
+    f = ((qb & 0x000FFFFFFFFFFFFF) | 0x3FF0000000000000).to(tl.float64, bitcast=True)  # [1, 2)
+    big = f > 1.5
+    f = tl.where(big, f * 0.5, f)
+    k = tl.where(big, k + 1, k)
+    f32 = f.to(tl.float32)
+    f32d = f32.to(tl.float64)
+    return k.to(tl.float64) * 0.6931471805599453 + tl.log(f32).to(tl.float64) + (f - f32d) * (2.0 - f)
+
+
+@triton.jit
+def _recip64(q):
+    """``1 / q`` for a positive float64 in float32's range: a correctly rounded float32 seed, then one
+    Newton step in float64 (relative error about ``2^-46``)."""
+    r = tl.math.div_rn(1.0, q.to(tl.float32)).to(tl.float64)
+    return r + r * (1.0 - q * r)
+
+
+@triton.jit
+def _pair(rorder_ptr, order_ptr, lens_ptr, rpos, rmask, jpos, jmask, SHORT_FIRST: tl.constexpr, VOLATILE: tl.constexpr):
+    """A tile's pairs: row ``i``, column ``j``, their lengths, ``ok`` (both non-empty), ``case_long``
+    (P is the long side, or the lengths are equal), ``l_is_row`` (the row is L: the longer side, P on
+    ties), the long and short lengths."""
+    i = tl.load(rorder_ptr + tl.where(rmask, rpos, 0), volatile=VOLATILE)
+    j = tl.load(order_ptr + jpos, mask=jmask, other=0, volatile=VOLATILE)
+    m_i = tl.where(rmask, tl.load(lens_ptr + i, volatile=VOLATILE), 0)
+    m_j = tl.where(jmask, tl.load(lens_ptr + j, volatile=VOLATILE), 0)
+    ok = (m_i > 0) & (m_j > 0)
+    # P = the side whose softmax weights the KL; L = the longer side (P on ties)
+    if SHORT_FIRST:
+        p_is_row = m_i <= m_j
+    else:
+        p_is_row = m_j >= 0  # all true
+    case_long = tl.where(p_is_row, m_i, m_j) >= tl.where(p_is_row, m_j, m_i)
+    l_is_row = case_long == p_is_row
+    return i, j, m_i, m_j, ok, case_long, l_is_row, tl.where(l_is_row, m_i, m_j), tl.where(l_is_row, m_j, m_i)
+
+
+@triton.jit
 def _kl_rows_kernel(
-    xe_ptr,  # int64 [total + pad]: (x, e) float32 pairs, x in the low half
+    xe_ptr,  # int64 [total + B + 64]: (x, e) float32 pairs, x in the low half, even sequence starts
+    pe_ptr,  # float64 [total + 2 B + 64]: per sequence b, PE at starts[b] + b + k = sum_{t<k} e (k = 0..n)
+    px_ptr,  # float64, the same for x
     starts_ptr,  # int32 [B]
     lens_ptr,  # int32 [B]
     mx_ptr,  # float32 [B], max of each sequence
-    zsum_ptr,  # float32 [B], sum exp(x - max) of each sequence
-    order_ptr,  # int32 [B], sequences sorted by length (ascending)
+    z_ptr,  # float64 [B], sum e of each sequence (= its last PE)
+    iz_ptr,  # float64 [B], 1 / z (1 for empty sequences)
+    ex_ptr,  # float64 [B], sum e x of each sequence
+    im_ptr,  # float32 [B], 1 / n, correctly rounded (1 for empty sequences)
+    order_ptr,  # int32 [B], sequences sorted by length (ascending): the columns
+    rorder_ptr,  # int32 [R], the scored rows sorted by length (ascending)
     groups_ptr,  # int32 [B]
     pid_ptr,  # int64 [B] (unused unless HAS_PID)
-    out_ptr,  # float32 [B, B] (FULL) or [SPLIT, B, G]
+    out_ptr,  # float32 [B, B] (FULL) or [SPLIT, R, G]
     B,
+    R,
+    ROW0,  # first scored row (rows = ROW0 .. ROW0 + R - 1; the output's row index is i - ROW0)
     G,
     SHORT_FIRST: tl.constexpr,
     FULL: tl.constexpr,
@@ -91,6 +377,13 @@ def _kl_rows_kernel(
     BLOCK_J: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_G: tl.constexpr,
+    KD: tl.constexpr,  # direct loop: trips per float32 partial sum
+    KR: tl.constexpr,  # run-length loops: trips per float32 partial sum
+    RL_NUM: tl.constexpr,
+    RL_DEN: tl.constexpr,
+    RL_MAX: tl.constexpr,
+    SECTIONS: tl.constexpr = 7,  # which loops are compiled (1 direct, 2 run-length P = L, 4 P = S'): all, but
+    # for the static model's builds that measure each section's share of the per-tile code
 ):
     P: tl.constexpr = ROWS * BLOCK_J
     pair = tl.arange(0, P)
@@ -100,83 +393,69 @@ def _kl_rows_kernel(
     # takes every SPLIT-th column tile (grouped: each split writes its own partial maxima, combined by one amax)
     group = tl.program_id(0)
     split = tl.program_id(1)
-    rpos = B - 1 - (group * ROWS + r_of)
+    rpos = R - 1 - (group * ROWS + r_of)
     rmask = rpos >= 0
-    i = tl.load(order_ptr + tl.where(rmask, rpos, 0))
-    m_i = tl.where(rmask, tl.load(lens_ptr + i), 0)
-    start_i = tl.load(starts_ptr + i)
     offs_t = tl.arange(0, BLOCK_T)
     offs_g = tl.arange(0, BLOCK_G)
-    running = tl.full([ROWS, BLOCK_G], float("-inf"), tl.float32)
+    nxt = tl.broadcast_to(tl.minimum(offs_t + 1, BLOCK_T - 1)[None, :], [P, BLOCK_T])
     for j0 in range(split * BLOCK_J, B, SPLIT * BLOCK_J):
         jmask = (j0 + j_of) < B
-        j = tl.load(order_ptr + j0 + j_of, mask=jmask, other=0)
-        m_j = tl.where(jmask, tl.load(lens_ptr + j), 0)
+        # the pair's indices and lengths are loaded before the loops and again after them (volatile:
+        # not merged), so that nothing per pair but the two sums holds registers across the loops
+        i, j, m_i, m_j, ok, case_long, l_is_row, nl, ms = _pair(rorder_ptr, order_ptr, lens_ptr, rpos, rmask, j0 + j_of,
+                                                                jmask, SHORT_FIRST, False)
+        start_i = tl.load(starts_ptr + i)
         start_j = tl.load(starts_ptr + j)
-        ok = (m_i > 0) & (m_j > 0)
-        # P = the side whose softmax weights the KL; L = the longer side (P on ties)
-        if SHORT_FIRST:
-            p_is_row = m_i <= m_j
-        else:
-            p_is_row = m_j >= 0  # all true
-        m_p = tl.where(p_is_row, m_i, m_j)
-        m_q = tl.where(p_is_row, m_j, m_i)
-        case_long = m_p >= m_q
-        l_is_row = case_long == p_is_row
-        nl = tl.where(ok, tl.where(l_is_row, m_i, m_j), 0)
-        ms = tl.where(l_is_row, m_j, m_i)
-        # pairs with an empty side read the first positions of xe and are dropped: their nl is 0, so
-        # scale = 1 and src = t < n_full, in bounds (the empty side is the stretched one: ms = 0)
-        start_l = tl.where(ok, tl.where(l_is_row, start_i, start_j), 0)
-        start_s = tl.where(ok, tl.where(l_is_row, start_j, start_i), 0)
-        # per-pair 64-bit bases (a gather is then one shift-add, no index add); every sequence starts
-        # at an even position (see pack_launch_spec), so L's (x, e) pairs are read two at a time (16 bytes)
-        base_l = xe_ptr + tl.multiple_of(start_l, 2)
-        base_s = xe_ptr + start_s
-        ms_c = tl.maximum(ms, 1)
-        scale = tl.math.div_rn(ms_c.to(tl.float32), tl.maximum(nl, 1).to(tl.float32))  # correctly rounded
-        n_max = tl.max(nl, axis=0)
-        n_min = tl.min(tl.where(ok, nl, n_max), axis=0)
-        n_full = (n_min // BLOCK_T) * BLOCK_T  # positions every live pair of the tile has
-        zs = tl.zeros([P, BLOCK_T], tl.float32)
-        acc = tl.zeros([P, BLOCK_T], tl.float32)
-        w_long = case_long[:, None]
-        # the main loop carries L's pointers and t as float32 (exact below 2^24): the trip count is
-        # its only integer work
-        l_ptrs = base_l[:, None] + offs_t[None, :]
-        tf = offs_t.to(tl.float32)
-        for _ in range(0, n_full, BLOCK_T):
-            src = (tf[None, :] * scale[:, None]).to(tl.int32)  # trunc = floor (>= 0)
-            if CLAMP_SRC:  # the rule's min(., m - 1): a no-op while every length is below 2^22 (CLAMP_FREE_TOTAL)
-                src = tl.minimum(src, ms_c[:, None] - 1)
-            zs, acc = _pair_step(base_s[:, None] + src, l_ptrs, w_long, zs, acc, False, None)
-            l_ptrs += BLOCK_T
-            tf += BLOCK_T
-        for t0 in range(n_full, n_max, BLOCK_T):  # the ragged end: at most a few blocks
-            t = t0 + offs_t
-            valid = t[None, :] < nl[:, None]
-            src = tl.minimum((t.to(tl.float32)[None, :] * scale[:, None]).to(tl.int32), ms_c[:, None] - 1)
-            zs, acc = _pair_step(base_s[:, None] + src, base_l[:, None] + t[None, :], w_long, zs, acc, True, valid)
-        # the rest is per pair, once per tile: per-sequence values are (re)loaded here (L1 hits) so
-        # that they hold no registers during the loops
-        mx_i = tl.load(mx_ptr + i)
-        z_i = tl.load(zsum_ptr + i)
-        mx_j = tl.load(mx_ptr + j)
-        z_j = tl.load(zsum_ptr + j)
-        # P = L: KL = sum e_L (L - S') / Z_L + (M_S - M_L) + log Z_S' - log Z_L
-        # P = S': KL = -sum e_S' (L - S') / Z_S' + (M_L - M_S) + log Z_L - log Z_S'
-        a = tl.where(case_long, 1.0, -1.0) * tl.sum(acc, axis=1)
-        z_s = tl.where(ms == nl, tl.where(l_is_row, z_j, z_i), tl.sum(zs, axis=1))  # not stretched: Z_S itself
-        z_l = tl.where(l_is_row, z_i, z_j)
+        start_l = tl.where(l_is_row, start_i, start_j)
+        start_s = tl.where(l_is_row, start_j, start_i)
+        l_idx = tl.where(l_is_row, i, j)
+        s_idx = tl.where(l_is_row, j, i)
+        # the form of each pair (see the module docstring); the sums of its form, float64:
+        # a = sum_t e_P (L - S'), zs = Z_S'
+        rl = ok & (ms < nl) & (nl * RL_DEN >= ms * RL_NUM) & (nl < RL_MAX)
+        dr = ok & (rl == 0)
+        a = tl.zeros([P], tl.float64)
+        zs = tl.zeros([P], tl.float64)
+        nl_d = tl.where(dr, nl, 0)
+        nd_max = tl.max(nl_d, axis=0)
+        if (SECTIONS & 1) and nd_max > 0:
+            acc, z = _direct_sums(dr, nl_d, nd_max, ms, start_l, start_s, case_long[:, None], xe_ptr, offs_t, P,
+                                  BLOCK_T, KD, CLAMP_SRC)
+            a = tl.where(dr, acc, a)
+            zs = tl.where(dr, z, zs)
+        # P = L: a = EX_L - sum x_S dPE
+        m_r = tl.where(rl & case_long, ms, 0)
+        nr_max = tl.max(m_r, axis=0)
+        if (SECTIONS & 2) and nr_max > 0:
+            acc, z = _rl_sums(m_r, nr_max, nl, tl.load(im_ptr + s_idx), start_l + l_idx, start_s, pe_ptr, xe_ptr,
+                              offs_t, nxt, P, BLOCK_T, KR, True)
+            a = tl.where(m_r > 0, tl.load(ex_ptr + l_idx) - acc, a)
+            zs = tl.where(m_r > 0, z, zs)
+        # P = S': a = sum e_S (dPX - c x_S)
+        m_r = tl.where(rl & (case_long == 0), ms, 0)
+        nr_max = tl.max(m_r, axis=0)
+        if (SECTIONS & 4) and nr_max > 0:
+            acc, z = _rl_sums(m_r, nr_max, nl, tl.load(im_ptr + s_idx), start_l + l_idx, start_s, px_ptr, xe_ptr,
+                              offs_t, nxt, P, BLOCK_T, KR, False)
+            a = tl.where(m_r > 0, acc, a)
+            zs = tl.where(m_r > 0, z, zs)
+
+        # ---- per pair, once per tile (float64), from reloaded indices. With q = Z_S' / Z_L:
+        # P = L:  KL = a / Z_L + (M_S - M_L) + log q
+        # P = S': KL = -a / Z_S' - ((M_S - M_L) + log q),  1 / Z_S' = (1 / Z_L) (1 / q)
+        i, j, m_i, m_j, ok, case_long, l_is_row, nl, ms = _pair(rorder_ptr, order_ptr, lens_ptr, rpos, rmask, j0 + j_of,
+                                                                jmask, SHORT_FIRST, True)
+        l_idx = tl.where(l_is_row, i, j)
+        s_idx = tl.where(l_is_row, j, i)
+        z_l = tl.load(z_ptr + l_idx)
+        iz_l = tl.load(iz_ptr + l_idx)
+        z_s = tl.where(ms == nl, tl.load(z_ptr + s_idx), zs)  # not stretched: Z_S itself
         z_s = tl.where(ok, z_s, 1.0)
-        z_l = tl.where(ok, z_l, 1.0)
-        z_p = tl.where(case_long, z_l, z_s)
-        mx_l = tl.where(l_is_row, mx_i, mx_j)
-        mx_s = tl.where(l_is_row, mx_j, mx_i)
-        shift = (mx_s - mx_l) + (tl.log(z_s) - tl.log(z_l))  # equal sums cancel exactly: identical sequences give 0
-        # correctly rounded division (the compile gate rejects div.full.f32 in this kernel)
-        kl = tl.math.div_rn(a, z_p) + tl.where(case_long, shift, -shift)
-        sim = -kl
+        q = z_s * iz_l
+        lq = tl.where(z_s == z_l, 0.0, _log64(q))  # equal sums: log 1 = 0 exactly (identical sequences give 0)
+        shift = (tl.load(mx_ptr + s_idx) - tl.load(mx_ptr + l_idx)).to(tl.float64) + lq
+        kl = tl.where(case_long, a * iz_l + shift, -(a * iz_l) * _recip64(q) - shift)
+        sim = (-kl).to(tl.float32)
         if FULL:
             sim = tl.where(ok, sim, float("nan"))
             tl.store(out_ptr + i.to(tl.int64) * B + j, sim, mask=jmask & rmask)
@@ -190,27 +469,33 @@ def _kl_rows_kernel(
             vals = tl.where(elig, sim, float("-inf"))
             hit = g[:, None] == offs_g[None, :]
             vals = tl.reshape(tl.where(hit, vals[:, None], float("-inf")), [ROWS, BLOCK_J, BLOCK_G])
-            running = tl.maximum(running, tl.max(vals, axis=1))
-    if not FULL:
-        rpos_r = B - 1 - (group * ROWS + tl.arange(0, ROWS))
-        i_r = tl.load(order_ptr + tl.where(rpos_r >= 0, rpos_r, 0))
-        ptrs = out_ptr + (split * B + i_r[:, None]).to(tl.int64) * G + offs_g[None, :]
-        tl.store(ptrs, running, mask=(rpos_r[:, None] >= 0) & (offs_g[None, :] < G))
+            # the running maxima live in the output (-inf to start; this program's rows and split: no
+            # other writer), not in registers across the loops
+            rpos_r = R - 1 - (group * ROWS + tl.arange(0, ROWS))
+            i_r = tl.load(rorder_ptr + tl.where(rpos_r >= 0, rpos_r, 0), volatile=True)
+            run_ptrs = out_ptr + (split * R + (i_r - ROW0)[:, None]).to(tl.int64) * G + offs_g[None, :]
+            run_mask = (rpos_r[:, None] >= 0) & (offs_g[None, :] < G)
+            running = tl.load(run_ptrs, mask=run_mask, other=float("-inf"), volatile=True)
+            tl.store(run_ptrs, tl.maximum(running, tl.max(vals, axis=1)), mask=run_mask)
 
 
-# CUDA, every architecture: 8 warps, 2 programs per SM. ``maxnreg`` holds ptxas to the 128 registers
-# of two 256-thread programs per SM: without it ptxas for sm_100 aims at 3 and spills
-TILES = dict(ROWS=4, SPLIT=4, BLOCK_J=8, BLOCK_T=32, num_warps=8, maxnreg=128)
-TILES_INTERPRETED = dict(ROWS=2, SPLIT=2, BLOCK_J=4, BLOCK_T=8, num_warps=1)  # small: quick, still every path
+
+# CUDA: 16 warps (2 pairs of the 4 x 8 tile per warp, lanes on consecutive positions), one program
+# per SM: ``maxnreg`` = the 128 registers of 512 threads. KD / KR trips per float32 partial sum (the
+# unrolled main loops); sm_100's ptxas spills at KD = KR = 8 and at KR = 8, sm_90's at KD = 8.
+TILES = dict(ROWS=4, SPLIT=4, BLOCK_J=8, BLOCK_T=16, KD=8, KR=8, num_warps=16, maxnreg=128)
+TILES_SM100 = dict(TILES)
+# small: quick, still every path (several fold groups, masked and unmasked trips)
+TILES_INTERPRETED = dict(ROWS=2, SPLIT=2, BLOCK_J=4, BLOCK_T=8, KD=2, KR=2, num_warps=1)
 # min(floor(t * f32(m / n)), m - 1) needs no min while n < 2^22: t <= n - 1 and f32(m / n) <= (m / n)(1 + 2^-24)
 # keep the rounded product below m - m / n + m 2^-23 < m. The total length bounds every length (no sync).
 CLAMP_FREE_TOTAL = 2**22
 
 
 def tiles_for_arch(arch: int) -> dict:
-    """The CUDA tile configuration for ``sm_<arch>`` (today one for sm_80, sm_90 and sm_100; the AOT
-    list groups architectures by it)."""
-    return TILES
+    """The CUDA tile configuration for ``sm_<arch>`` (one for sm_80 and sm_90, one for sm_100; the
+    AOT list groups architectures by it)."""
+    return TILES_SM100 if arch >= 100 else TILES
 
 
 def _blocks(device: torch.device, num_groups: int = 1, arch=None):
@@ -233,17 +518,26 @@ def _pack_kernel(
     cu_ptr,  # int64 [B + 1]
     starts_ptr,  # int32 [B], each sequence's (even) start in xe
     xe_ptr,  # float32 view of the int64 [size] (x, e) pairs, zeros
+    pe_ptr,  # float64 [psize] out: prefix sums of e, sequence b's at starts[b] + b (n + 1 entries)
+    px_ptr,  # float64 [psize] out: prefix sums of x, likewise
     mx_ptr,  # float32 [B] out: max of each sequence (0 when empty)
     zsum_ptr,  # float32 [B] out: sum of e over each sequence
+    z_ptr,  # float64 [B] out: sum of e over each sequence (its last PE)
+    iz_ptr,  # float64 [B] out: 1 / z (1 for an empty sequence)
+    ex_ptr,  # float64 [B] out: sum of e x over each sequence
+    im_ptr,  # float32 [B] out: 1 / n, correctly rounded (1 for an empty sequence)
     BLOCK: tl.constexpr,
 ):
     """One program per sequence: ``mx = max x``, ``e = f32(exp(f64(x) - mx))`` (as the CPU paths'
-    ``seq_stats``), the ``(x, e)`` pairs written at the sequence's even start, ``zsum`` the float64
-    sum of the float32 ``e`` (a fixed tree per sequence: identical sequences get identical sums)."""
+    ``seq_stats``), the ``(x, e)`` pairs written at the sequence's even start, the float64 prefix
+    sums of ``e`` and ``x`` (``PE[0] = 0``, ``PE[n] = Z``; a block scan plus a carry: a fixed order per
+    sequence, so identical sequences get identical sums), ``Z`` and ``EX = sum e x`` in float64."""
     b = tl.program_id(0)
     src0 = tl.load(cu_ptr + b)
     n = (tl.load(cu_ptr + b + 1) - src0).to(tl.int32)
-    dst = xe_ptr + 2 * tl.load(starts_ptr + b).to(tl.int64)
+    st = tl.load(starts_ptr + b)
+    dst = xe_ptr + 2 * st.to(tl.int64)
+    pbase = (st + b).to(tl.int64)
     src = values_ptr + src0
     offs = tl.arange(0, BLOCK)
     m = tl.full([BLOCK], float("-inf"), tl.float32)
@@ -252,7 +546,12 @@ def _pack_kernel(
         m = tl.maximum(m, tl.load(src + k, mask=k < n, other=float("-inf")))
     mx = tl.max(m, axis=0)
     mx = tl.where(n > 0, mx, 0.0)
-    z = tl.zeros([BLOCK], tl.float64)
+    tl.store(pe_ptr + pbase, 0.0)
+    tl.store(px_ptr + pbase, 0.0)
+    ce = tl.zeros([BLOCK], tl.float64)  # running prefix at each lane; the carry is its last lane
+    cx = tl.zeros([BLOCK], tl.float64)
+    ex = tl.zeros([BLOCK], tl.float64)
+    last = offs == BLOCK - 1
     for k0 in range(0, n, BLOCK):
         k = k0 + offs
         inb = k < n
@@ -260,12 +559,23 @@ def _pack_kernel(
         e = tl.where(inb, tl.exp(x.to(tl.float64) - mx.to(tl.float64)).to(tl.float32), 0.0)
         tl.store(dst + 2 * k, x, mask=inb)
         tl.store(dst + 2 * k + 1, e, mask=inb)
-        z += e.to(tl.float64)
+        e64 = e.to(tl.float64)
+        x64 = x.to(tl.float64)
+        ce = tl.cumsum(e64, axis=0) + tl.sum(tl.where(last, ce, 0.0), axis=0)
+        cx = tl.cumsum(x64, axis=0) + tl.sum(tl.where(last, cx, 0.0), axis=0)
+        tl.store(pe_ptr + pbase + 1 + k, ce, mask=inb)
+        tl.store(px_ptr + pbase + 1 + k, cx, mask=inb)
+        ex += e64 * x64  # exact products (24 + 24 bits)
+    z = tl.sum(tl.where(last, ce, 0.0), axis=0)  # = PE[n]: masked lanes add 0
     tl.store(mx_ptr + b, mx)
-    tl.store(zsum_ptr + b, tl.sum(z, axis=0).to(tl.float32))
+    tl.store(zsum_ptr + b, z.to(tl.float32))
+    tl.store(z_ptr + b, z)
+    tl.store(iz_ptr + b, 1.0 / tl.where(n > 0, z, 1.0))
+    tl.store(ex_ptr + b, tl.sum(ex, axis=0))
+    tl.store(im_ptr + b, tl.math.div_rn(1.0, tl.maximum(n, 1).to(tl.float32)))
 
 
-PACK = dict(BLOCK=1024, num_warps=4)  # CUDA: lengths of hundreds to thousands of tokens
+PACK = dict(BLOCK=1024, num_warps=8)  # CUDA: lengths of hundreds to thousands of tokens
 PACK_INTERPRETED = dict(BLOCK=8, num_warps=1)  # small: several trips per sequence in the tests
 
 
@@ -276,14 +586,16 @@ def pack_launch_spec(values, cu, interpreted=None):
     kernel's per-sequence inputs, filled by the launch: ``xe`` (each position's ``(x, e)`` float32
     pair as one int64, ``x`` in the low half, every sequence starting at an even position with a zero
     pad after odd-length ones, so the pair kernel's unmasked reads of the long side are 16-byte
-    aligned pairs of positions), ``starts``, ``lens`` (int32), ``mx``, ``zsum`` (float32). No host
-    synchronisation."""
+    aligned pairs of positions), ``pe`` / ``px`` (float64 prefix sums, sequence ``b``'s ``n + 1``
+    entries from ``starts[b] + b``), ``starts``, ``lens`` (int32), ``mx``, ``zsum`` (float32), ``z``,
+    ``ex`` (float64). No host synchronisation."""
     bsz = cu.numel() - 1
     total = values.numel()
     size = total + bsz + 64  # even starts add at most one pad per sequence; zeros after the end
-    if size >= MAX_TOTAL:
+    psize = size + bsz  # one more entry per sequence (PE[n])
+    if psize >= MAX_TOTAL:
         raise ValueError(f"the packed batch has {total} values; the Triton kernel takes fewer than "
-                         f"{MAX_TOTAL - bsz - 64} for {bsz} sequences")
+                         f"{MAX_TOTAL - 2 * bsz - 64} for {bsz} sequences")
     dev = values.device
     if interpreted is None:
         interpreted = dev.type != "cuda"
@@ -291,35 +603,52 @@ def pack_launch_spec(values, cu, interpreted=None):
     span = lens + (lens & 1)  # each sequence's length rounded up to even
     starts = torch.cumsum(span, 0, dtype=torch.int32) - span
     xe = torch.zeros(size, dtype=torch.int64, device=dev)
+    pe = torch.zeros(psize, dtype=torch.float64, device=dev)
+    px = torch.zeros(psize, dtype=torch.float64, device=dev)
     mx = torch.empty(bsz, dtype=torch.float32, device=dev)
     zsum = torch.empty(bsz, dtype=torch.float32, device=dev)
+    z = torch.empty(bsz, dtype=torch.float64, device=dev)
+    iz = torch.empty(bsz, dtype=torch.float64, device=dev)
+    ex = torch.empty(bsz, dtype=torch.float64, device=dev)
+    im = torch.empty(bsz, dtype=torch.float32, device=dev)
     cfg = PACK_INTERPRETED if interpreted else PACK
-    args = (values, cu, starts, xe.view(torch.float32), mx, zsum)
+    args = (values, cu, starts, xe.view(torch.float32), pe, px, mx, zsum, z, iz, ex, im)
     kwargs = dict(BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"], num_stages=1, enable_fp_fusion=FP_FUSION)
-    return _pack_kernel, (bsz,), args, kwargs, dict(xe=xe, starts=starts, lens=lens, mx=mx, zsum=zsum, total=total,
-                                                  cu=cu)
+    return _pack_kernel, (bsz,), args, kwargs, dict(xe=xe, pe=pe, px=px, starts=starts, lens=lens, mx=mx, zsum=zsum,
+                                                  z=z, iz=iz, ex=ex, im=im, total=total, cu=cu)
 
 
 def launch_spec(packed, short_first, full, groups=None, num_groups=1, exclude_self=True, pids=None, device=None,
-                arch=None):
+                arch=None, rows=None):
     """``(kernel, grid, args, kwargs, out)`` of the pair kernel's launch on ``packed`` (from
     :func:`pack_launch_spec`; shared with :mod:`.aot`); ``device`` and ``arch`` override what picks
-    the tile sizes (the AOT list passes ``cuda`` and an SM version)."""
+    the tile sizes (the AOT list passes ``cuda`` and an SM version); ``rows`` (grouped only):
+    ``None`` or ``(begin, end)``, the scored rows."""
     lens = packed["lens"]
     bsz = lens.numel()
     dev = lens.device
     order = torch.argsort(lens, stable=True).to(torch.int32)
+    if rows is None:
+        row0, nrows, rorder = 0, bsz, order
+    else:
+        if full:
+            raise ValueError("rows applies to the grouped op only")
+        row0, row1 = int(rows[0]), int(rows[1])
+        if not 0 <= row0 <= row1 <= bsz:
+            raise ValueError(f"rows must satisfy 0 <= begin <= end <= B={bsz}, got {rows}")
+        nrows = row1 - row0
+        rorder = (row0 + torch.argsort(lens[row0:row1], stable=True)).to(torch.int32)
     cfg = _blocks(device or dev, num_groups, arch)
     split = cfg["SPLIT"]  # column splits: finer programs, less load imbalance (full: disjoint columns)
     if full:
         out = torch.empty((bsz, bsz), dtype=torch.float32, device=dev)
         groups32 = lens  # any int32 [B]: never read (FULL)
     else:
-        out = torch.empty((split, bsz, num_groups), dtype=torch.float32, device=dev)
+        out = torch.full((split, nrows, num_groups), float("-inf"), dtype=torch.float32, device=dev)
         groups32 = groups.to(torch.int32)
     pid_t = pids if pids is not None else packed["cu"]  # any int64 tensor: never read without HAS_PID
-    args = (packed["xe"], packed["starts"], lens, packed["mx"], packed["zsum"], order, groups32, pid_t, out, bsz,
-            num_groups)
+    args = (packed["xe"], packed["pe"], packed["px"], packed["starts"], lens, packed["mx"], packed["z"], packed["iz"],
+            packed["ex"], packed["im"], order, rorder, groups32, pid_t, out, bsz, nrows, row0, num_groups)
     kwargs = dict(
         SHORT_FIRST=bool(short_first),
         FULL=bool(full),
@@ -331,26 +660,33 @@ def launch_spec(packed, short_first, full, groups=None, num_groups=1, exclude_se
         BLOCK_J=cfg["BLOCK_J"],
         BLOCK_T=cfg["BLOCK_T"],
         BLOCK_G=cfg["BLOCK_G"],
+        KD=cfg["KD"],
+        KR=cfg["KR"],
+        RL_NUM=RL_NUM,
+        RL_DEN=RL_DEN,
+        RL_MAX=RL_MAX_LEN,
         num_warps=cfg["num_warps"],
         **({"maxnreg": cfg["maxnreg"]} if "maxnreg" in cfg else {}),
         num_stages=1,
         enable_fp_fusion=FP_FUSION,
     )
-    return _kl_rows_kernel, (triton.cdiv(bsz, cfg["ROWS"]), split), args, kwargs, out
+    return _kl_rows_kernel, (triton.cdiv(nrows, cfg["ROWS"]), split), args, kwargs, out
 
 
-def launches(values, cu, short_first, full, groups=None, num_groups=1, exclude_self=True, pids=None):
+def launches(values, cu, short_first, full, groups=None, num_groups=1, exclude_self=True, pids=None, rows=None):
     """The op's two launches ``[(kernel, grid, args, kwargs)]`` (packing, then the pairs) and the
     pair kernel's output buffer."""
     pk, pgrid, pargs, pkw, packed = pack_launch_spec(values, cu)
-    kernel, grid, args, kwargs, out = launch_spec(packed, short_first, full, groups, num_groups, exclude_self, pids)
+    kernel, grid, args, kwargs, out = launch_spec(packed, short_first, full, groups, num_groups, exclude_self, pids,
+                                                  rows=rows)
     return [(pk, pgrid, pargs, pkw), (kernel, grid, args, kwargs)], out
 
 
-def _launch(values, cu, short_first, full, groups=None, num_groups=1, exclude_self=True, pids=None):
-    specs, out = launches(values, cu, short_first, full, groups, num_groups, exclude_self, pids)
+def _launch(values, cu, short_first, full, groups=None, num_groups=1, exclude_self=True, pids=None, rows=None):
+    specs, out = launches(values, cu, short_first, full, groups, num_groups, exclude_self, pids, rows)
     for spec in specs:
-        launch(*spec)
+        if spec[1][0] > 0:  # rows=(b, b): no program
+            launch(*spec)
     return out if full else out.amax(dim=0)  # combine the column splits' maxima (order-free: deterministic)
 
 
@@ -360,11 +696,19 @@ def pairwise_kl(values, cu, short_first: bool) -> torch.Tensor:
     return _launch(values, cu, short_first, True)
 
 
-def grouped_max_kl(values, cu, short_first: bool, groups, num_groups: int, exclude_self: bool, pids) -> torch.Tensor:
-    """Float32 ``[B, num_groups]``: per-row max of ``-KL`` over each group's eligible columns."""
-    return _launch(values, cu, short_first, False, groups, num_groups, exclude_self, pids)
+def grouped_max_kl(values, cu, short_first: bool, groups, num_groups: int, exclude_self: bool, pids,
+                   rows=None) -> torch.Tensor:
+    """Float32 ``[B, num_groups]`` (``[end - begin, num_groups]`` with ``rows=(begin, end)``): per
+    scored row the max of ``-KL`` over each group's eligible columns (every sequence is a column).
+    A row's values are bit-identical whatever ``rows`` is."""
+    return _launch(values, cu, short_first, False, groups, num_groups, exclude_self, pids, rows)
 
 
 def positions_per_iteration(kwargs) -> int:
-    """Aligned pair positions one trip of the hot loop covers (for the static model)."""
+    """Aligned pair positions one trip of the direct loop covers (for the static model)."""
     return int(kwargs["ROWS"]) * int(kwargs["BLOCK_J"]) * int(kwargs["BLOCK_T"])
+
+
+def segments_per_iteration(kwargs) -> int:
+    """Short positions (segments) one trip of the run-length loop covers (for the static model)."""
+    return int(kwargs["ROWS"]) * int(kwargs["BLOCK_J"]) * (int(kwargs["BLOCK_T"]) - 1)
