@@ -34,7 +34,7 @@ import math
 import time
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 from heal.similarity import DEFAULT_KL_DIRECTION, DEFAULT_METRIC, check_kl_direction, get_metric
 
@@ -110,6 +110,8 @@ def eda_reward(
     general_reward: str = "mirror",
     metric: str = DEFAULT_METRIC,
     kl_direction: str = DEFAULT_KL_DIRECTION,
+    num_threads: Optional[int] = None,
+    grouped_max: Optional[Callable[..., "torch.Tensor"]] = None,
 ) -> EDAResult:
     """Binary EDA reward of a packed batch (the rules are in this module's docstring).
 
@@ -123,6 +125,12 @@ def eda_reward(
         general_reward: ``"mirror"`` (reward generals by the mirrored rule) or ``"none"`` (0).
         metric: ``"kl"`` (default), ``"hti"`` or ``"pl"`` (:mod:`heal.similarity`).
         kl_direction: ``"scored_first"`` (default) or ``"short_first"``; only ``kl`` uses it.
+        num_threads: threads of the C++ kernel on CPU tensors (default: the CPUs this process may
+            run on, :func:`heal_kernels.available_cpus`; torch's global setting is not used).
+        grouped_max: the function that computes the two per-row maxima, with the signature of
+            :func:`heal_kernels.grouped_max_similarity` (default: that op). The verl integration
+            passes one that shards the rows over its actor workers
+            (``heal.eda_placement: workers``); it must return what the op returns.
 
     Returns:
         :class:`EDAResult` on ``values``' device.
@@ -143,7 +151,7 @@ def eda_reward(
     if prompt_ids is not None:
         prompt_ids = _per_row(prompt_ids, "prompt_ids", bsz, device, "int")
 
-    sims = _grouped_max_similarity(
+    sims = (grouped_max or _grouped_max_similarity)(
         values,
         cu_seqlens,
         is_general.to(torch.int32),
@@ -153,7 +161,10 @@ def eda_reward(
         metric=metric,
         kl_direction=kl_direction,
         check=False,  # validate_packed above read the contents once; groups are 0/1 by construction
+        num_threads=num_threads,
     )
+    if tuple(sims.shape) != (bsz, 2):
+        raise RuntimeError(f"grouped_max returned shape {tuple(sims.shape)}, expected [B, 2]=[{bsz}, 2]")
     s_target = sims[:, TARGET].to(torch.float32)
     s_general = sims[:, GENERAL].to(torch.float32)
 
@@ -331,6 +342,9 @@ def eda_step(
     data_sources: Sequence[str],
     uids: Optional[Sequence],
     config: EDAConfig,
+    *,
+    num_threads: Optional[int] = None,
+    grouped_max: Optional[Callable[..., "torch.Tensor"]] = None,
 ) -> Tuple[EDAResult, Dict[str, float]]:
     """The trainer's EDA reward step: padded entropies in, rewards and metrics out.
 
@@ -341,6 +355,7 @@ def eda_step(
         uids: ``B`` prompt ids (any hashable, e.g. verl's ``uid`` strings); used only when
             ``config.exclude_same_prompt`` (then required), to skip same-prompt pairs.
         config: an :class:`EDAConfig`.
+        num_threads, grouped_max: as in :func:`eda_reward`.
 
     Returns:
         ``(EDAResult, metrics)``. ``metrics`` (floats; ``nan`` where a group is empty):
@@ -348,9 +363,11 @@ def eda_step(
         reward 1), ``eda/entropy_mean_target`` / ``eda/entropy_mean_general`` (token-level mean
         entropy of the domain), ``eda/s_intra_{mean,min,max}`` and ``eda/s_inter_{mean,min,max}``
         (over target trajectories where the value is finite), ``eda/num_target``,
-        ``eda/num_general``, ``eda/num_short`` (trajectories with ``<= min_length`` tokens) and
-        ``eda/time_s`` (wall time of this call). The reward itself is not weighted: use
-        :func:`combine_rewards` / :func:`add_to_last_token` with ``config.weight``.
+        ``eda/num_general``, ``eda/num_short`` (trajectories with ``<= min_length`` tokens),
+        ``eda/threads`` (threads of the C++ kernel when the entropies are on the CPU and no
+        ``grouped_max`` is given, else 0) and ``eda/time_s`` (wall time of this call). The reward
+        itself is not weighted: use :func:`combine_rewards` / :func:`add_to_last_token` with
+        ``config.weight``.
     """
     import torch
 
@@ -375,6 +392,9 @@ def eda_step(
             raise ValueError(f"uids has {len(uids)} entries but entropy has B={bsz} rows")
         prompt_ids = _prompt_index(uids).to(entropy.device)
 
+    from heal_kernels._backend import cpu_threads
+
+    threads = cpu_threads(num_threads)
     values, cu_seqlens = pack_padded(entropy.detach(), response_mask)
     general = set(config.general_sources)
     is_general = torch.tensor([str(s) in general for s in data_sources], dtype=torch.bool)
@@ -393,6 +413,9 @@ def eda_step(
         general_reward=config.general_reward,
         metric=config.metric,
         kl_direction=config.kl_direction,
+        # a custom grouped_max (e.g. on other processes) resolves its own default thread count
+        num_threads=threads if grouped_max is None else num_threads,
+        grouped_max=grouped_max,
     )
 
     # metrics, on the CPU (B numbers each)
@@ -423,5 +446,6 @@ def eda_step(
     metrics["eda/num_target"] = float(tgt.sum())
     metrics["eda/num_general"] = float(gen.sum())
     metrics["eda/num_short"] = float((lens <= config.min_length).sum())
+    metrics["eda/threads"] = float(threads if values.device.type == "cpu" and grouped_max is None else 0)
     metrics["eda/time_s"] = time.perf_counter() - t0
     return result, metrics

@@ -21,7 +21,7 @@ GENERAL = "commonsense_qa"
 BLOCK = {"enable": True, "general_sources": [GENERAL], "min_length": 4}
 
 
-def _write_run(tmp_path, *, steps=2, tamper=None, ratio=None, grad_norm=0.5, pids=("101",)):
+def _write_run(tmp_path, *, steps=2, tamper=None, ratio=None, grad_norm=0.5, pids=("101",), workers=None):
     """A consistent metrics log + rollout dump + console log of ``steps`` steps; ``tamper(step, rec,
     rows)`` may change a step's metrics record or dumped rows before they are written."""
     gen = torch.Generator().manual_seed(0)
@@ -32,14 +32,18 @@ def _write_run(tmp_path, *, steps=2, tamper=None, ratio=None, grad_norm=0.5, pid
             sources = ["math", "math", GENERAL, GENERAL] * 2
             uids = ["a", "a", "b", "b", "c", "c", "d", "d"]
             values, cu = pack_sequences(ents)
-            reward = eda_reward(values, cu, torch.tensor([s == GENERAL for s in sources]), min_length=4).reward
+            result = eda_reward(values, cu, torch.tensor([s == GENERAL for s in sources]), min_length=4)
+            reward = result.reward
             acc = [1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0]
-            rows = {"ents": ents, "sources": sources, "uid": uids, "acc": acc, "eda_reward": reward.tolist()}
+            rows = {"ents": ents, "sources": sources, "uid": uids, "acc": acc, "eda_reward": reward.tolist(),
+                    "s_target": result.s_target.tolist(), "s_general": result.s_general.tolist()}
             shaped = [a + e for a, e in zip(acc, rows["eda_reward"])]
             tokens = sum(len(e) for e in ents)
             rec = {"actor/grad_norm": grad_norm, "critic/score/mean": sum(shaped) / len(shaped), "timing_s/step": 3.0,
                    "eda/rate_target": 0.5, "eda/rate_general": 0.5, "eda/time_s": 0.01,
                    "heal/acc_score_target_mean": 0.25, "heal/eda_bonus_mean": 0.5, "heal/time_s": 0.02}
+            if workers is not None:
+                rec["eda/workers"] = float(workers)
             if ratio is not None:  # heal's rule: ceil(ratio * n), ties at the threshold kept (none here)
                 sel = math.ceil(ratio * tokens)
                 rec.update({"heal/high_entropy_selected": float(sel), "heal/high_entropy_frac": sel / tokens})
@@ -47,7 +51,7 @@ def _write_run(tmp_path, *, steps=2, tamper=None, ratio=None, grad_norm=0.5, pid
                 tamper(step, rec, rows)
             mf.write(json.dumps({"step": step, "data": rec}) + "\n")
             append_rollout_dump(dump_path, step, rows["ents"], rows["sources"], uid=rows["uid"], acc=rows["acc"],
-                                eda_reward=rows["eda_reward"])
+                                eda_reward=rows["eda_reward"], s_target=rows["s_target"], s_general=rows["s_general"])
     with open(log_path, "w") as lf:
         for pid in pids:
             lf.write(f"(WorkerDict pid={pid}) heal: fused op in use: verl entropy_from_logits -> heal_kernels "
@@ -78,6 +82,25 @@ def test_flipped_eda_reward_in_the_dump_fails(tmp_path):
 
     with pytest.raises(RunCheckError, match=r"step 2: heal.eda_reward recomputed .* rows \[3\]"):
         _check(_write_run(tmp_path, tamper=flip))
+
+
+def test_dumped_maxima_must_match_the_recomputation(tmp_path):
+    def nudge(step, rec, rows):
+        if step == 1:
+            rows["s_general"][5] += 1e-4  # a different maximum (the reward may stay the same)
+
+    with pytest.raises(RunCheckError, match=r"step 1: s_general recomputed .* rows \[5\]"):
+        _check(_write_run(tmp_path, tamper=nudge))
+
+
+def test_eda_on_workers_must_have_run_on_that_many(tmp_path):
+    paths = _write_run(tmp_path, workers=2)
+    assert _check(paths, eda_workers=2)["per_step"][2]["eda_workers"] == 2.0
+    with pytest.raises(RunCheckError, match="eda/workers = 2.0, the EDA was to run on 3"):
+        _check(paths, eda_workers=3)
+    (tmp_path / "driver").mkdir()
+    with pytest.raises(RunCheckError, match="eda/workers = None"):
+        _check(_write_run(tmp_path / "driver"), eda_workers=2)
 
 
 def test_logged_score_that_is_not_acc_plus_eda_fails(tmp_path):
@@ -122,7 +145,9 @@ def test_high_entropy_ties_at_the_threshold_are_counted(tmp_path):
         rows["ents"] = [torch.full((10,), 1.5) for _ in rows["ents"]]  # 80 tokens, all tied
         values, cu = pack_sequences(rows["ents"])
         sources = torch.tensor([s == GENERAL for s in rows["sources"]])
-        rows["eda_reward"] = eda_reward(values, cu, sources, min_length=4).reward.tolist()
+        result = eda_reward(values, cu, sources, min_length=4)
+        rows["eda_reward"] = result.reward.tolist()
+        rows["s_target"], rows["s_general"] = result.s_target.tolist(), result.s_general.tolist()
         shaped = [a + e for a, e in zip(rows["acc"], rows["eda_reward"])]
         rec["critic/score/mean"] = sum(shaped) / len(shaped)
         rec["heal/high_entropy_selected"], rec["heal/high_entropy_frac"] = 80.0, 1.0

@@ -104,6 +104,12 @@ class HEALGRPOConfig(GRPOConfig):
         default=None, metadata={"help": "Rows per chunk of the entropy forward (default: per-device batch size)."}
     )
 
+    heal_eda_threads: Optional[int] = field(
+        default=None,
+        metadata={"help": "Threads of the CPU EDA kernel when the entropies are on the CPU (default: the CPUs "
+                          "this process may run on, from its affinity; torch's thread setting is not used)."},
+    )
+
     heal_high_entropy_scope: str = field(
         default="batch",
         metadata={"help": "With top_entropy_quantile < 1: batch (one threshold over the generation batch, the "
@@ -122,6 +128,10 @@ class HEALGRPOConfig(GRPOConfig):
             raise ValueError("heal_data_source_key must be a non-empty column name")
         if self.heal_entropy_batch_size is not None and self.heal_entropy_batch_size < 1:
             raise ValueError(f"heal_entropy_batch_size must be a positive integer, got {self.heal_entropy_batch_size}")
+        if self.heal_eda_threads is not None and (
+            isinstance(self.heal_eda_threads, bool) or not isinstance(self.heal_eda_threads, int) or self.heal_eda_threads < 1
+        ):
+            raise ValueError(f"heal_eda_threads must be a positive integer or None, got {self.heal_eda_threads!r}")
         if self.heal_high_entropy_scope not in ("batch", "micro_batch"):
             raise ValueError(
                 f"heal_high_entropy_scope must be 'batch' or 'micro_batch', got {self.heal_high_entropy_scope!r}"

@@ -97,9 +97,9 @@ def _steps_of(dump: Sequence[Mapping[str, Any]]) -> Dict[int, List[Mapping[str, 
     return dict(sorted(out.items()))
 
 
-def _recompute_eda(rows: Sequence[Mapping[str, Any]], eda) -> List[float]:
+def _recompute_eda(rows: Sequence[Mapping[str, Any]], eda):
     """``heal.eda_reward`` of one step's dumped trajectories (in the dump's order, which is the
-    batch's order of the compared rows)."""
+    batch's order of the compared rows), computed in this process: an :class:`heal.reward.EDAResult`."""
     import torch
 
     from heal.dynamics import pack_sequences
@@ -109,9 +109,8 @@ def _recompute_eda(rows: Sequence[Mapping[str, Any]], eda) -> List[float]:
     general = set(eda.general_sources)
     is_general = torch.tensor([r["data_source"] in general for r in rows])
     prompt_ids = _prompt_index([r.get("uid") for r in rows]) if eda.exclude_same_prompt else None
-    result = eda_reward(values, cu, is_general, prompt_ids=prompt_ids, min_length=eda.min_length,
-                        general_reward=eda.general_reward, metric=eda.metric, kl_direction=eda.kl_direction)
-    return [float(x) for x in result.reward.tolist()]
+    return eda_reward(values, cu, is_general, prompt_ids=prompt_ids, min_length=eda.min_length,
+                      general_reward=eda.general_reward, metric=eda.metric, kl_direction=eda.kl_direction)
 
 
 def _check_high_entropy(step: int, m: Mapping[str, float], rows: Sequence[Mapping[str, Any]], ratio: float,
@@ -159,6 +158,7 @@ def check_run(
     eda: bool = True,
     high_entropy_ratio: Optional[float] = None,
     fused_workers: int = 0,
+    eda_workers: int = 0,
     tolerance_tokens: int = 2,
 ) -> Dict[str, Any]:
     """Check a finished run; return a summary (per-step scores, grad norms, EDA rates, times).
@@ -168,9 +168,12 @@ def check_run(
     (``eda/*``, ``heal/*`` metrics, dump, ``score = acc + weight * eda``). ``high_entropy_ratio``:
     the run used the batch-level 80/20 loss: the logged count must be the top ``ratio`` of the whole
     batch's response tokens (:func:`_check_high_entropy`). ``fused_workers``: that many distinct worker
-    processes must have logged heal's fused op in ``log_path``. Raises :class:`RunCheckError`.
+    processes must have logged heal's fused op in ``log_path``. ``eda_workers``: the run computed the EDA
+    on that many actor workers (``heal.eda_placement: workers``, metric ``eda/workers``); its dumped
+    rewards must still equal this process's recomputation exactly, and its dumped maxima to the dump's 6
+    decimals. Raises :class:`RunCheckError`.
     """
-    from heal.analysis.logs import load_metrics, load_rollout_dump
+    from heal.analysis.logs import _plain, load_metrics, load_rollout_dump
     from heal.integrations.verl.settings import HealSettings
 
     problems: List[str] = []
@@ -209,7 +212,15 @@ def check_run(
         differ = False
         if rows:
             dumped = [float(r["eda_reward"]) for r in rows]
-            recomputed = _recompute_eda(rows, settings.eda)
+            result = _recompute_eda(rows, settings.eda)
+            recomputed = [float(x) for x in result.reward.tolist()]
+            for key, values in (("s_target", result.s_target), ("s_general", result.s_general)):
+                mine = [_plain(v) for v in values.tolist()]
+                theirs = [r.get(key) for r in rows]
+                if any(key in r for r in rows) and mine != theirs:
+                    bad = [i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b]
+                    problems.append(f"step {step}: {key} recomputed from the dump differs from the dumped one in "
+                                    f"rows {bad[:10]} ({[(mine[i], theirs[i]) for i in bad[:5]]})")
             if recomputed != dumped:
                 bad = [i for i, (a, b) in enumerate(zip(recomputed, dumped)) if a != b]
                 problems.append(f"step {step}: heal.eda_reward recomputed from the dump differs from the dumped "
@@ -224,7 +235,7 @@ def check_run(
             for r, s in zip(rows, shaped):
                 groups[str(r.get("uid"))].append(s)
             differ = any(max(g) != min(g) for g in groups.values())
-            row.update(eda_rate_target=m.get("eda/rate_target"), trajectories=len(rows),
+            row.update(eda_rate_target=m.get("eda/rate_target"), trajectories=len(rows), eda_threads=m.get("eda/threads"),
                        acc_mean=sum(float(r["acc"]) for r in rows) / len(rows), rewards_differ=differ)
         elif not eda:
             lo, hi = m.get("critic/score/min"), m.get("critic/score/max")
@@ -232,6 +243,11 @@ def check_run(
         if differ and not (m.get("actor/grad_norm") or 0.0) > 0.0:
             problems.append(f"step {step}: rewards differ within a prompt's group but actor/grad_norm = "
                             f"{m.get('actor/grad_norm')}")
+        if eda and eda_workers and m.get("eda/workers") != float(eda_workers):
+            problems.append(f"step {step}: eda/workers = {m.get('eda/workers')}, the EDA was to run on {eda_workers} "
+                            "actor workers (heal.eda_placement=workers)")
+        if eda and eda_workers:
+            row["eda_workers"] = m.get("eda/workers")
         if high_entropy_ratio is not None:
             problems += _check_high_entropy(step, m, rows, high_entropy_ratio, tolerance_tokens, row)
         summary["per_step"][step] = row
@@ -271,6 +287,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     c.add_argument("--min-length", type=int, default=4, help="heal.min_length of the run (default 4: the preset's)")
     c.add_argument("--high-entropy-ratio", type=float, default=None, help="the run used the batch 80/20 loss")
     c.add_argument("--fused-workers", type=int, default=0, help="worker processes that must have run heal's op")
+    c.add_argument("--eda-workers", type=int, default=0,
+                   help="the run computed the EDA on this many actor workers (heal.eda_placement=workers)")
     args = parser.parse_args(argv)
     if args.cmd == "prepare":
         print(json.dumps(prepare_smoke(args.out_dir, steps=args.steps)))
@@ -279,7 +297,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
              "min_length": args.min_length}
     try:
         summary = check_run(args.metrics, args.dump, steps=args.steps, log_path=args.log, heal_block=block,
-                            eda=args.eda, high_entropy_ratio=args.high_entropy_ratio, fused_workers=args.fused_workers)
+                            eda=args.eda, high_entropy_ratio=args.high_entropy_ratio, fused_workers=args.fused_workers,
+                            eda_workers=args.eda_workers)
     except RunCheckError as err:
         print(err, file=sys.stderr)
         return 1

@@ -17,6 +17,8 @@ Keys (defaults in ``heal/integrations/verl/config/heal_trainer.yaml``)::
       rollout_dump: null            # a path: append each step's trajectories (entropies, scores) as JSONL
       high_entropy_scope: batch     # 80/20 loss (high_entropy_tokens): batch (paper) | micro_batch (authors' code)
       entropy_temperature: rollout  # EDA entropies at the rollout temperature (rollout) or at T=1 (1.0)
+      eda_placement: driver         # driver (trainer process) | workers (rows sharded over the actor workers)
+      eda_threads: null             # CPU EDA kernel threads; null: the CPUs the process may run on (affinity)
 
 Every error is a ``ValueError`` whose message starts with the full key, e.g. ``heal.weight``.
 """
@@ -30,11 +32,13 @@ from typing import Any, Mapping, Optional
 
 from heal.reward import EDAConfig
 
-__all__ = ["HealSettings", "INTEGRATION_KEYS", "ROLLOUT_TOPK_MISSING"]
+__all__ = ["HealSettings", "INTEGRATION_KEYS", "EDA_PLACEMENTS", "ROLLOUT_TOPK_MISSING"]
 
 INTEGRATION_KEYS = (
     "enable", "fused_entropy", "rollout_topk_field", "rollout_dump", "high_entropy_scope", "entropy_temperature",
+    "eda_placement", "eda_threads",
 )
+EDA_PLACEMENTS = ("driver", "workers")
 HIGH_ENTROPY_SCOPES = ("batch", "micro_batch")
 HIGH_ENTROPY_TOKENS = "high_entropy_tokens"  # heal's 80/20 policy-loss mode (heal.integrations.verl.losses)
 
@@ -77,6 +81,8 @@ class HealSettings:
     rollout_dump: Optional[str] = None
     high_entropy_scope: str = "batch"
     entropy_temperature: Optional[float] = None  # None = the rollout temperature
+    eda_placement: str = "driver"
+    eda_threads: Optional[int] = None  # None = the CPUs the computing process may run on
 
     @property
     def entropy_temperature_label(self) -> str:
@@ -124,6 +130,15 @@ class HealSettings:
                 )
             temp = 1.0
 
+        placement = block.pop("eda_placement", "driver")
+        if placement not in EDA_PLACEMENTS:
+            raise ValueError(f"{prefix}.eda_placement must be one of {list(EDA_PLACEMENTS)}, got {placement!r}")
+        threads = block.pop("eda_threads", None)
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise ValueError(
+                f"{prefix}.eda_threads must be an integer >= 1 or null (the CPUs the process may run on), got {threads!r}"
+            )
+
         known = [f.name for f in dataclasses.fields(EDAConfig)]
         unknown = [k for k in block if k not in known]
         if unknown:
@@ -151,7 +166,7 @@ class HealSettings:
                 "rollout_topk reproduction uses the log-probs the rollout engine stored"
             )
         return cls(eda=eda, enable=enable, fused_entropy=fused, rollout_topk_field=topk_field, rollout_dump=dump,
-                   high_entropy_scope=scope, entropy_temperature=temp)
+                   high_entropy_scope=scope, entropy_temperature=temp, eda_placement=placement, eda_threads=threads)
 
     @classmethod
     def from_config(cls, config: Any) -> "HealSettings":

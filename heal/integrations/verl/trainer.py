@@ -16,7 +16,8 @@ Select it with ``trainer.v1.trainer_mode=heal_sync`` (verl's default ``trainer.u
    left out of the EDA comparison and keep their scores.
 3. Metrics: everything :func:`heal.reward.eda_step` reports (``eda/rate_target``,
    ``eda/rate_general``, ``eda/entropy_mean_*``, ``eda/s_intra_*``, ``eda/s_inter_*``, counts,
-   ``eda/time_s``) plus ``heal/acc_score_{target,general}_mean``, ``heal/eda_bonus_mean`` and
+   ``eda/threads``, ``eda/time_s``; with ``heal.eda_placement: workers`` also ``eda/workers`` and
+   ``eda/worker_time_s_max``) plus ``heal/acc_score_{target,general}_mean``, ``heal/eda_bonus_mean`` and
    ``heal/time_s`` (the whole step including TransferQueue traffic); verl logs ``timing_s/heal_eda``.
    ``critic/score/*`` (computed by verl from ``rm_scores``) is then the shaped score.
 4. With ``heal.rollout_dump=PATH`` the driver appends every step's trajectories to the JSONL rollout
@@ -35,6 +36,12 @@ Select it with ``trainer.v1.trainer_mode=heal_sync`` (verl's default ``trainer.u
    ``heal.enable: false``): the top-``rho`` entropy tokens of the whole batch (old-log-prob entropies)
    are shipped per token through the TransferQueue (``heal_high_entropy_mask`` and the batch's count
    ``heal_high_entropy_total``), which the loss uses; start-up refuses an off-policy update.
+
+8. Where the EDA runs. ``heal.eda_placement: driver`` (default): in this trainer process, on the CPU
+   tensors read from the TransferQueue, with ``heal.eda_threads`` threads (default: the CPUs this
+   process may run on; Ray starts the trainer with ``OMP_NUM_THREADS=1``, which heal does not follow).
+   ``heal.eda_placement: workers``: the actor workers compute it on their own devices, each for its
+   shard of rows (:mod:`heal.integrations.verl.workers`); the driver receives only ``[B, 2]`` maxima.
 
 The trainer reports its ``trainer_mode`` as ``"sync"`` to verl's base class, so every code path verl
 reserves for the sync trainer (replay buffer, checkpointing, prompt submission) stays the same.
@@ -134,6 +141,7 @@ def shape_scores(
     row_mask: Optional[Sequence[bool]] = None,
     step: int = 0,
     entropy_temperature: Optional[float] = None,
+    grouped_max=None,
 ) -> Dict[str, float]:
     """Add ``settings.eda.weight * r_EDA`` to ``data.batch[score_key]`` in place; return metrics.
 
@@ -147,6 +155,8 @@ def shape_scores(
     ``eda_reward`` (``float32[B]``, 0/1, 0 for rows left out). With ``settings.rollout_dump`` set,
     appends the compared rows to that rollout dump under ``step`` (see the module docstring), with
     ``entropy_temperature`` (the temperature the entropies were taken at) as a column when given.
+    ``grouped_max`` (optional) computes the EDA's per-row maxima elsewhere (``heal.eda_placement:
+    workers``); the CPU kernel's threads follow ``settings.eda_threads``.
     """
     eda_cfg = settings.eda
     if eda_cfg is None:
@@ -187,6 +197,8 @@ def shape_scores(
             [sources[i] for i in idx],
             [uids[i] for i in idx] if uids is not None else None,
             eda_cfg,
+            num_threads=settings.eda_threads,
+            grouped_max=grouped_max,
         )
         reward[torch.as_tensor(idx, dtype=torch.long)] = result.reward.to(torch.float32).cpu()
 
@@ -258,19 +270,34 @@ class HealPPOTrainerSync(PPOTrainerSync):
     def trainer_mode(self, value: str) -> None:
         self.configured_trainer_mode = value
 
+    def _eda_on_workers(self) -> bool:
+        s = self.heal_settings
+        return s.enable and s.eda is not None and s.eda_placement == "workers"
+
     def _init_resource_pool_mgr(self):
         super()._init_resource_pool_mgr()
-        if self.heal_settings.fused_entropy:
+        if self.heal_settings.fused_entropy or self._eda_on_workers():
             import ray
 
-            from heal.integrations.verl.workers import HealActorRolloutRefWorker
+            from heal.integrations.verl.workers import HealActorRolloutRefWorker, HealEDAWorker
             from verl.trainer.ppo.utils import Role
 
-            # verl maps these roles to ActorRolloutRefWorker; use heal's subclass, which turns the
-            # fused entropy/log-prob op on in each worker process before its engine is built
+            # verl maps these roles to ActorRolloutRefWorker; use heal's subclass: HealEDAWorker adds the
+            # EDA's worker method, HealActorRolloutRefWorker also turns the fused entropy/log-prob op on in
+            # each worker process before its engine is built
+            cls = HealActorRolloutRefWorker if self.heal_settings.fused_entropy else HealEDAWorker
             for role in (Role.ActorRollout, Role.ActorRolloutRef, Role.Actor, Role.RefPolicy):
                 if role in self.role_worker_mapping:
-                    self.role_worker_mapping[role] = ray.remote(HealActorRolloutRefWorker)
+                    self.role_worker_mapping[role] = ray.remote(cls)
+
+    def _workers_grouped_max(self, report: Dict[str, float]):
+        """``heal.eda_placement: workers``: the EDA's grouped maxima computed by the actor worker group."""
+        import ray
+
+        from heal.integrations.verl.eda_workers import workers_grouped_max
+        from heal.integrations.verl.workers import WORKER_METHOD
+
+        return workers_grouped_max(getattr(self.actor_rollout_wg, WORKER_METHOD), put=ray.put, report=report)
 
     @property
     def _rollout_temperature(self) -> float:
@@ -390,10 +417,13 @@ class HealPPOTrainerSync(PPOTrainerSync):
         final = final_output_rows(batch.keys)
         row_mask = [bool(final[i]) and not tag.get("is_padding", False) for i, tag in enumerate(batch.tags)]
         temperature = self.heal_entropy_temperature if self.heal_settings.eda.entropy_source == "actor" else None
+        placement: Dict[str, float] = {}
+        grouped_max = self._workers_grouped_max(placement) if self._eda_on_workers() else None
         step_metrics = shape_scores(
             data, self.heal_settings, score_key="rm_scores", row_mask=row_mask,
-            step=int(getattr(self, "global_steps", 0)), entropy_temperature=temperature,
+            step=int(getattr(self, "global_steps", 0)), entropy_temperature=temperature, grouped_max=grouped_max,
         )
+        step_metrics.update(placement)
 
         out = {
             "rm_scores": response_to_nested(data.batch["rm_scores"], response_mask),
