@@ -23,6 +23,9 @@ speed-up per pair over the reference loop, aligned elements per second (sum over
 ``max(m, n)``: the element work every exact method does at least once), peak extra memory; plus
 the max difference of heal's result to the baseline / reference on the rows they share.
 Results: ``benchmarks/results/eda-<device>.{json,md,png}``.
+
+``--scaling B1,B2,...`` runs the scaling table instead (:mod:`heal.bench.eda_scaling`): the EDA's
+cost against the batch size, with 1, 2 and all threads and sharded over worker processes.
 """
 
 from __future__ import annotations
@@ -50,6 +53,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--out-dir", "--output-dir", dest="out_dir", default=None, help="results folder (default benchmarks/results)")
     parser.add_argument("--no-write", action="store_true", help="print the table only, write no files")
+    parser.add_argument(
+        "--scaling",
+        default=None,
+        metavar="B1,B2,...",
+        help="instead of the comparison: the scaling table over these batch sizes (e.g. 1024,2048,4096,8192,16384): "
+        "1, 2 and all threads, driver vs --workers processes on the CPU; the Triton kernel on CUDA "
+        "(results eda_scaling-<device>.*)",
+    )
+    parser.add_argument("--workers", type=int, default=2, help="--scaling on the CPU: worker processes sharing the rows (default 2)")
 
 
 def make_batch(batch: int, min_len: int, max_len: int, general_fraction: float, seed: int, device):
@@ -137,6 +149,10 @@ def baseline_grouped(values, cu, groups, num_groups, rows, *, block_elems=None):
 
 
 def run(args) -> int:
+    if args.scaling:
+        from heal.bench.eda_scaling import run_scaling
+
+        return run_scaling(args)
     import math
     import os
     import random

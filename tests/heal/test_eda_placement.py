@@ -158,3 +158,28 @@ def test_workers_blocks_must_tile_the_batch():
 
     with pytest.raises(RuntimeError, match="do not tile"):
         eda_reward(values, cu, is_general, grouped_max=workers_grouped_max(overlapping))
+
+
+def test_bench_eda_scaling_table(tmp_path):
+    """`heal bench eda --scaling`: every batch size, both placements, the workers' result checked
+    against the driver's (the run fails if they differ)."""
+    import argparse
+    import json
+
+    from heal.bench import eda as bench
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--scaling", "9,20", "--min-len", "1", "--max-len", "40", "--iters", "1",
+                              "--device", "cpu", "--workers", "2", "--out-dir", str(tmp_path)])
+    if pw._cpu_ext() is None:
+        pytest.skip("the C++ extension cannot be built here")
+    assert bench.run(args) == 0
+    doc = json.loads((tmp_path / "eda_scaling-cpu.json").read_text())
+    rows = doc["rows"]
+    assert sorted({r["batch"] for r in rows}) == [9, 20]
+    workers = [r for r in rows if r["placement"] == "workers"]
+    assert len(workers) == 2 and all(r["note"] == "bit-identical to driver" for r in workers)
+    assert (tmp_path / "eda_scaling-cpu.md").read_text().startswith("# EDA cost against batch size")
+    with pytest.raises(SystemExit, match="--scaling"):
+        bench.run(parser.parse_args(["--scaling", "8,x"]))
