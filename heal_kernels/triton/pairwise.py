@@ -575,7 +575,7 @@ def _pack_kernel(
     tl.store(im_ptr + b, tl.math.div_rn(1.0, tl.maximum(n, 1).to(tl.float32)))
 
 
-PACK = dict(BLOCK=1024, num_warps=8)  # CUDA: lengths of hundreds to thousands of tokens
+PACK = dict(BLOCK=512, num_warps=4)  # CUDA: lengths of hundreds to thousands of tokens
 PACK_INTERPRETED = dict(BLOCK=8, num_warps=1)  # small: several trips per sequence in the tests
 
 
