@@ -97,7 +97,7 @@ def run(args) -> int:
         t0 = time.perf_counter()
         r = sandbox._run(code, stdin, isolation=isolation, timeout_s=args.timeout_s, memory_mb=512,
                          max_output_bytes=1 << 20, mode="stdin", fn_name=None, isolate_network=True, disk_mb=64,
-                         max_processes=64, pool=pool)
+                         max_processes=64, pool_size=pool)
         return time.perf_counter() - t0, r.ok and outputs_match(r.stdout, expected)
 
     load_before = os.getloadavg()[0]
@@ -141,7 +141,7 @@ def run(args) -> int:
             rows_checker.append({"path": f"run_tests, parallel_tests={parallel}", "rows": n_rows, "tests_per_s": 8 * n_rows / wall,
                                  "row_ms": wall / n_rows * 1e3, "failed_rows": ok.count(False),
                                  "load_1min": os.getloadavg()[0]})
-    sandbox._pool.close()
+    sandbox.pool._pool.close()
     load_after = os.getloadavg()[0]
 
     def cell(prog, path, w):

@@ -209,12 +209,12 @@ def test_isolation_is_not_taken_from_the_data_row(monkeypatch):
 
     assert _config_for({"isolation": "audit-hook-only", "timeout_s": 1.5}).isolation is None
     # and a config's choice reaches run_python: without kernel isolation, auto refuses, the opt-in runs
-    monkeypatch.setattr(sandbox, "_bubblewrap_probe", lambda: (False, "bubblewrap (`bwrap`) is not installed"))
+    monkeypatch.setattr(sandbox.isolation, "_bubblewrap_probe", lambda: (False, "bubblewrap (`bwrap`) is not installed"))
     monkeypatch.delenv(sandbox.ISOLATION_ENV, raising=False)
     good = fenced("a, b = map(int, input().split())\nprint(a + b)")
     with pytest.raises(sandbox.SandboxUnavailableError):
         check_code(good, ADD, config=FAST)
-    monkeypatch.setattr(sandbox, "_warned_once", [])
+    monkeypatch.setattr(sandbox.isolation, "_warned_once", [])
     with pytest.warns(RuntimeWarning, match="not a security boundary"):
         weak = CodeCheckConfig(**{**FAST.__dict__, "isolation": "audit-hook-only"})
         assert check_code(good, ADD, config=weak) == 1.0
@@ -389,7 +389,7 @@ def test_row_limits_are_clamped_to_the_configured_ones():
     assert _config_for({"timeout_s": 1e9, "memory_mb": 4096}, FAST).timeout_s == FAST.timeout_s
     assert _config_for({"memory_mb": 4096}, FAST).memory_mb == FAST.memory_mb
     assert _config_for({"memory_mb": 0.5}, CodeCheckConfig(memory_mb=None)).memory_mb == 0.5
-    from heal.scoring.sandbox import _job
+    from heal.scoring.sandbox.limits import _job
 
     assert _job(1.0, 0.5, 10, "stdin", None, 4, True, True)["mem_bytes"] == 1 << 19  # not 0 (= no limit)
 

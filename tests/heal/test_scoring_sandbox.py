@@ -35,7 +35,7 @@ KERNEL = sys.platform.startswith("linux") and bubblewrap_available()
 needs_kernel = pytest.mark.skipif(
     not KERNEL,
     reason="kernel isolation unavailable on this machine: %s (%s)"
-    % (sandbox._bubblewrap_probe()[1] if sys.platform.startswith("linux") else "not Linux", sandbox.INSTALL_HINT),
+    % (sandbox.isolation._bubblewrap_probe()[1] if sys.platform.startswith("linux") else "not Linux", sandbox.isolation.INSTALL_HINT),
 )
 HOOK_MODES = ["audit-hook-only", pytest.param("bubblewrap", marks=needs_kernel)]
 STDLIB = os.path.dirname(os.__file__)
@@ -195,7 +195,7 @@ print(json.dumps(out))
     out = _json(r)
     uid = eval(out["uid"])
     # uid 65534 in a user namespace, or (started by root) a fresh unprivileged uid of its own
-    assert uid[0] == uid[1] == uid[2] and (uid[0] == 65534 or uid[0] >= sandbox._DROP_UID_BASE), uid
+    assert uid[0] == uid[1] == uid[2] and (uid[0] == 65534 or uid[0] >= sandbox.launcher._DROP_UID_BASE), uid
     assert out["caps"] == "'0000000000000000'"
     procs = eval(out["procs"])
     assert 1 in procs and len(procs) <= 3, procs  # only the sandbox's own pid namespace
@@ -271,7 +271,7 @@ print(json.dumps(out))
 
 
 @needs_kernel
-@pytest.mark.skipif(sandbox.seccomp_filter() is None, reason="no seccomp filter for this architecture")
+@pytest.mark.skipif(sandbox.seccomp.seccomp_filter() is None, reason="no seccomp filter for this architecture")
 def test_kernel_layer_seccomp_filter(canary):
     r = kernel_only(ATTEMPT + '''
 import socket, threading
@@ -343,7 +343,7 @@ attempt("disk", lambda: fill("/work"))
 print(json.dumps(out))
 ''', canary, max_processes=16, disk_mb=1)
     out = _json(r)
-    if os.geteuid() == 0 and sandbox._user_namespace_mode():
+    if os.geteuid() == 0 and sandbox.isolation._user_namespace_mode():
         # root without the per-run uid variant: the kernel exempts the mapped uid (root) from
         # RLIMIT_NPROC, and isolation_status says so
         assert any("RLIMIT_NPROC" in n for n in isolation_status()["notes"])
@@ -590,7 +590,7 @@ def test_default_is_kernel_isolation_with_the_hook():
     r = run_python("import os\nprint(os.getuid())\nopen('/etc/hostname')", timeout_s=2.0)
     assert r.isolation == "bubblewrap"
     uid = int(r.stdout.strip())
-    assert uid == sandbox.SANDBOX_UID or uid >= sandbox._DROP_UID_BASE
+    assert uid == sandbox.launcher.SANDBOX_UID or uid >= sandbox.launcher._DROP_UID_BASE
     assert "PermissionError: sandbox:" in r.stderr  # the hook's refusal, on top of the kernel's
 
 
@@ -598,14 +598,14 @@ def test_default_is_kernel_isolation_with_the_hook():
 def test_user_namespace_variant(monkeypatch):
     # what a non-root caller gets (uid 65534 in a user namespace, no nested user namespaces);
     # started by root here, so only the view is checked (the kernel exempts root's uid from RLIMIT_NPROC)
-    monkeypatch.setattr(sandbox, "_user_namespace_mode", lambda: True)
+    monkeypatch.setattr(sandbox.isolation, "_user_namespace_mode", lambda: True)
     r = sandbox._run("import os, json\nprint(json.dumps([os.getuid(), sorted(os.listdir('/')), "
                      "[l.split()[1] for l in open('/proc/self/status') if l.startswith('CapEff')][0]]))",
                      "", isolation="bubblewrap", timeout_s=3.0, memory_mb=256, max_output_bytes=4096, mode="stdin",
                      fn_name=None, isolate_network=True, disk_mb=4, max_processes=16, audit_hook=False)
     assert r.ok, r.stderr
     uid, root, caps = json.loads(r.stdout)
-    assert uid == sandbox.SANDBOX_UID and caps == "0000000000000000"
+    assert uid == sandbox.launcher.SANDBOX_UID and caps == "0000000000000000"
     assert "etc" not in root and "work" in root and "heal" in root
     r = run_python(LEGIT, "1\n2\n", timeout_s=10.0, memory_mb=512)
     assert r.ok, r.stderr[-2000:]
@@ -613,15 +613,15 @@ def test_user_namespace_variant(monkeypatch):
 
 @pytest.mark.parametrize("isolation", HOOK_MODES)
 def test_pooled_sandboxes_are_fresh_for_every_run(isolation, monkeypatch):
-    monkeypatch.setenv(sandbox.POOL_ENV, "2")
+    monkeypatch.setenv(sandbox.pool.POOL_ENV, "2")
     write = "open('left-behind.txt', 'w').write('x')\nimport os\nprint(sorted(os.listdir('.')))"
     outs = [run_python(write, timeout_s=2.0, isolation=isolation).stdout.strip() for _ in range(3)]
     assert outs == ["['left-behind.txt']"] * 3  # nothing of a previous run is left
     unpooled = sandbox._run(write, "", isolation=sandbox.resolve_isolation(isolation), timeout_s=2.0, memory_mb=256,
                             max_output_bytes=4096, mode="stdin", fn_name=None, isolate_network=True, disk_mb=64,
-                            max_processes=64, pool=0)
+                            max_processes=64, pool_size=0)
     assert unpooled.stdout.strip() == outs[0]
-    monkeypatch.setenv(sandbox.POOL_ENV, "many")
+    monkeypatch.setenv(sandbox.pool.POOL_ENV, "many")
     with pytest.raises(ValueError, match="HEAL_SANDBOX_POOL"):
         run_python("print(1)", isolation=isolation)
 
@@ -629,30 +629,30 @@ def test_pooled_sandboxes_are_fresh_for_every_run(isolation, monkeypatch):
 @needs_kernel
 @pytest.mark.skipif(os.geteuid() != 0, reason="the per-run uid variant is for callers that are root")
 def test_root_falls_back_to_the_user_namespace_variant(monkeypatch):
-    real_argv = sandbox._bubblewrap_argv
+    real_argv = sandbox.launcher._bubblewrap_argv
 
     def argv(*args):
         out = real_argv(*args)
         return out + ["--this-option-does-not-exist"] if args[-1] else out  # the per-run uid variant fails
 
-    monkeypatch.setattr(sandbox, "_bubblewrap_argv", argv)
-    monkeypatch.setattr(sandbox, "_probed_userns", [])
-    sandbox._bubblewrap_probe.cache_clear()
+    monkeypatch.setattr(sandbox.launcher, "_bubblewrap_argv", argv)
+    monkeypatch.setattr(sandbox.isolation, "_probed_userns", [])
+    sandbox.isolation._bubblewrap_probe.cache_clear()
     try:
-        assert sandbox._bubblewrap_probe() == (True, "")
-        assert sandbox._user_namespace_mode()
+        assert sandbox.isolation._bubblewrap_probe() == (True, "")
+        assert sandbox.isolation._user_namespace_mode()
         r = run_python("import os\nprint(os.getuid())", timeout_s=3.0)
-        assert r.ok and r.stdout.strip() == str(sandbox.SANDBOX_UID)
+        assert r.ok and r.stdout.strip() == str(sandbox.launcher.SANDBOX_UID)
     finally:
-        sandbox._bubblewrap_probe.cache_clear()
+        sandbox.isolation._bubblewrap_probe.cache_clear()
         monkeypatch.undo()
-        sandbox._pool.close()
-    assert not sandbox._user_namespace_mode()
+        sandbox.pool._pool.close()
+    assert not sandbox.isolation._user_namespace_mode()
 
 
 # ------------------------------------------------------------------ no silent weak mode
 def test_refuses_without_kernel_isolation(monkeypatch):
-    monkeypatch.setattr(sandbox, "_bubblewrap_probe", lambda: (False, "bubblewrap (`bwrap`) is not installed"))
+    monkeypatch.setattr(sandbox.isolation, "_bubblewrap_probe", lambda: (False, "bubblewrap (`bwrap`) is not installed"))
     monkeypatch.delenv(sandbox.ISOLATION_ENV, raising=False)
     for isolation in (None, "auto", "bubblewrap"):
         with pytest.raises(SandboxUnavailableError, match="bwrap.*not installed.*apt-get install bubblewrap.*audit-hook-only"):
@@ -660,7 +660,7 @@ def test_refuses_without_kernel_isolation(monkeypatch):
     status = isolation_status()
     assert status["active"] is None and status["missing"] and "bubblewrap" in status["how_to_get"]
     # the explicit opt-in, by argument or environment, runs with the hook alone and warns once per process
-    monkeypatch.setattr(sandbox, "_warned_once", [])
+    monkeypatch.setattr(sandbox.isolation, "_warned_once", [])
     with pytest.warns(RuntimeWarning, match="not a security boundary"):
         assert run_python("print(1)", isolation="audit-hook-only", timeout_s=2.0).stdout.strip() == "1"
     with warnings.catch_warnings():
@@ -691,7 +691,7 @@ def test_isolation_status_reports_the_layer():
     if status["kernel_isolation"]:
         assert status["missing"] == [] and status["bubblewrap"]["usable"]
         binds = status["read_only_binds"]
-        assert sandbox._interpreter() in binds and STDLIB in binds
+        assert sandbox.launcher._interpreter() in binds and STDLIB in binds
         assert not any("site-packages" in b or "dist-packages" in b for b in binds)
     else:
         assert status["missing"] and status["how_to_get"]
@@ -719,7 +719,7 @@ def test_bench_sandbox_tiny(tmp_path, capsys):
 # ---------------------------------------------------------------- teardown without races
 def _sandbox_key(isolation):
     if isolation == "bubblewrap":
-        return ("bubblewrap", not sandbox._user_namespace_mode(), 64, False)
+        return ("bubblewrap", not sandbox.isolation._user_namespace_mode(), 64, False)
     return ("audit-hook-only", False, 0, False)
 
 
@@ -736,19 +736,19 @@ def test_teardown_never_signals_a_reaped_process_group(isolation, monkeypatch):
         calls.append((pgid, proc.returncode is not None))  # (group, already reaped by Popen.wait?)
         return real_killpg(pgid, sig)
 
-    monkeypatch.setattr(sandbox.os, "killpg", recording_killpg)
+    monkeypatch.setattr(sandbox.process.os, "killpg", recording_killpg)
     key = _sandbox_key(isolation)
     kernel = isolation == "bubblewrap"
-    job = sandbox._job(2.0, 256, 4096, "stdin", None, 16, kernel, True)
+    job = sandbox.limits._job(2.0, 256, 4096, "stdin", None, 16, kernel, True)
     for program, timed_out in [("print('hi')", False), ("import time\ntime.sleep(30)", True)]:
-        current["sb"] = sb = sandbox._Sandbox(key)
+        current["sb"] = sb = sandbox.process._Sandbox(key)
         r = sb.run(program, "", job, 1.0, 4096)
         sb.close()
         assert r.timed_out == timed_out and (timed_out or r.stdout == "hi\n"), r
         assert calls and all(not reaped for _, reaped in calls), calls
         calls.clear()
     # a sandbox whose process was reaped before its teardown (e.g. by the pool's alive() check)
-    current["sb"] = sb = sandbox._Sandbox(key)
+    current["sb"] = sb = sandbox.process._Sandbox(key)
     sb.proc.kill()
     sb.proc.wait()
     sb.close()
@@ -759,7 +759,7 @@ def test_teardown_does_not_signal_a_stale_pid_from_the_info_pipe():
     """The pid bubblewrap reported may have been reaped and reused by the time of the teardown: the
     namespace's pid 1 is signalled only when it is still our bubblewrap's child."""
     victim = subprocess.Popen(["sleep", "60"])  # stands for an unrelated process that got the pid
-    sb = sandbox._Sandbox(_sandbox_key("audit-hook-only"))
+    sb = sandbox.process._Sandbox(_sandbox_key("audit-hook-only"))
     r, w = os.pipe()
     os.write(w, json.dumps({"child-pid": victim.pid}).encode())
     os.close(w)
@@ -786,9 +786,9 @@ def test_runs_in_a_process_holding_more_than_1024_descriptors(isolation):
     held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
     try:
         key = _sandbox_key(isolation)
-        job = sandbox._job(2.0, 256, 4096, "stdin", None, 16, isolation == "bubblewrap", True)
+        job = sandbox.limits._job(2.0, 256, 4096, "stdin", None, 16, isolation == "bubblewrap", True)
         for program, timed_out in [("print(6 * 7)", False), ("import time\ntime.sleep(30)", True)]:
-            sb = sandbox._Sandbox(key)
+            sb = sandbox.process._Sandbox(key)
             try:
                 r = sb.run(program, "", job, 1.0, 4096)
             finally:
