@@ -328,12 +328,7 @@ def run(args) -> int:
     if not args.no_write:
         fig = None
         try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-
-            fig, ax = plt.subplots(figsize=(7, 3.2))
+            fig, ax = harness.agg_subplots(figsize=(7, 3.2))
             names = [r["method"] + (" *" if r["extrapolated"] else "") for r in rows_out]
             ax.barh(names, [r["full_batch_ms"] / 1e3 for r in rows_out], color="tab:blue")
             ax.set_xscale("log")

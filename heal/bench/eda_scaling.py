@@ -146,12 +146,7 @@ def run_scaling(args) -> int:
     if not args.no_write:
         fig = None
         try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-
-            fig, ax = plt.subplots(figsize=(6.4, 3.6))
+            fig, ax = harness.agg_subplots(figsize=(6.4, 3.6))
             series: Dict[str, List] = {}
             for r in rows:
                 series.setdefault(f"{r['placement']}, {r['threads']} threads", []).append((r["batch"], r["seconds"]))

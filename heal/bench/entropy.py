@@ -288,16 +288,14 @@ def _markdown(env, payload, gpu) -> str:
 
 
 def _figure(payload):
-    try:
-        import matplotlib
+    from heal.bench.harness import agg_subplots
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    try:
+        fig, ax = agg_subplots(figsize=(7, 3.6))
     except Exception:
         return None
     res = [r for r in payload["results"] if r.get("fwd_ms")]
     names = [r["variant"] for r in res]
-    fig, ax = plt.subplots(figsize=(7, 3.6))
     x = range(len(names))
     w = 0.38
     ax.bar([i - w / 2 for i in x], [r["fwd_ms"] for r in res], w, label="forward")

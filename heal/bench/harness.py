@@ -167,6 +167,18 @@ def markdown_table(rows: Sequence[Dict[str, object]], columns: Sequence[str]) ->
     return "\n".join(lines)
 
 
+def agg_subplots(*args, **kwargs):
+    """``matplotlib.pyplot.subplots(*args, **kwargs)`` on the non-interactive Agg backend: the figure
+    and axes of a result plot, for :func:`write_results` to save. Raises ``ImportError`` when
+    matplotlib is not installed (plotting is optional: callers catch it)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(*args, **kwargs)
+
+
 def write_results(
     name: str,
     device: torch.device,

@@ -446,15 +446,13 @@ def _markdown(env, payload, gpu) -> str:
 
 
 def _figure(payload):
-    try:
-        import matplotlib
+    from heal.bench.harness import agg_subplots
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    runs = payload["runs"]
+    try:
+        fig, axes = agg_subplots(len(runs), 2, figsize=(10, 3.3 * len(runs)), squeeze=False)
     except Exception:
         return None
-    runs = payload["runs"]
-    fig, axes = plt.subplots(len(runs), 2, figsize=(10, 3.3 * len(runs)), squeeze=False)
     for ax_row, run in zip(axes, runs):
         res = [r for r in run["results"] if r.get("fwdbwd_ms")]
         names = [r["variant"] for r in res]

@@ -212,12 +212,7 @@ def run(args) -> int:
         }
         figure = None
         try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-
-            figure, ax = plt.subplots(figsize=(7, 3.4))
+            figure, ax = harness.agg_subplots(figsize=(7, 3.4))
             labels = [
                 "reference loop, wall\n(extrapolated)",
                 "reference loop, CPU time",

@@ -246,12 +246,7 @@ def run(args) -> int:
     md = head + "\n" + table + "\n" + note
     print(md)
     if not args.no_write:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+        fig, axes = harness.agg_subplots(1, 2, figsize=(11, 3.6))
         names = [LABELS[m] for m in results]
         gen = [results[m]["generate_s"] for m in results]
         ent = [results[m]["entropy_pass_s"] for m in results]

@@ -213,12 +213,7 @@ def run(args) -> int:
         }
         figure = None
         try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-
-            figure, axes = plt.subplots(1, len(programs), figsize=(10, 3.6), sharey=True)
+            figure, axes = harness.agg_subplots(1, len(programs), figsize=(10, 3.6), sharey=True)
             for ax, (prog_name, *_) in zip(axes, programs):
                 for label, _, _ in paths:
                     pts = [(r["workers"], r["runs_per_s"]) for r in rows if r["program"] == prog_name and r["path"] == label]

@@ -6,7 +6,6 @@ by torch), ``triton`` (the Triton interpreter on CPU; tiny shapes). The referenc
 """
 
 import math
-import shutil
 import warnings
 
 import pytest
@@ -37,18 +36,6 @@ def pack(lengths, dist="uniform", device="cpu", gen=None):
 
 def close(out, expected):
     torch.testing.assert_close(out.double().cpu(), expected.double(), rtol=RTOL, atol=ATOL, equal_nan=True)
-
-
-@pytest.fixture(scope="module")
-def cpu_ext():
-    """The compiled extension (one build shared by every test; skipped without a compiler)."""
-    if shutil.which("c++") is None:
-        pytest.skip("no C++ compiler")
-    from heal_kernels.cpu import load_pairwise
-
-    ext = load_pairwise()
-    assert ext is not None, "the C++ extension failed to build"
-    return ext
 
 
 def needs(backend, request):

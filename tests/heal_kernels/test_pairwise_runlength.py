@@ -10,7 +10,6 @@ the float64 reference.
 """
 
 import math
-import shutil
 
 import pytest
 import torch
@@ -21,17 +20,6 @@ from heal_kernels.ops import pairwise as pw
 DIRECTIONS = ["scored_first", "short_first"]
 RTOL, ATOL = 1e-6, 1e-9
 LONG = [65536, 40000, 31000, 4095, 17, 2]
-
-
-@pytest.fixture(scope="module")
-def ext():
-    if shutil.which("c++") is None:
-        pytest.skip("no C++ compiler")
-    from heal_kernels.cpu import load_pairwise
-
-    mod = load_pairwise()
-    assert mod is not None, "the C++ extension failed to build"
-    return mod
 
 
 def pack(lengths, gen, dist="uniform"):
@@ -79,7 +67,7 @@ def boundary_cases():
     return cases
 
 
-def test_boundaries_match_float32_rule(ext):
+def test_boundaries_match_float32_rule(cpu_ext):
     """Every boundary of the kernel (vector path and scalar rule) equals brute force over all t; the
     cases include ones where float32 rounding moves a boundary off the exact-integer position (and the
     kernel's rare exact-product test runs)."""
@@ -89,7 +77,7 @@ def test_boundaries_match_float32_rule(ext):
         expected = brute_boundaries(m, n)
         assert int(expected[0]) == 0 and int(expected[m]) == n
         for scalar in (False, True):
-            got, f = kernel_boundaries(ext, m, n, scalar)
+            got, f = kernel_boundaries(cpu_ext, m, n, scalar)
             bad = torch.nonzero(got != expected).flatten()
             assert bad.numel() == 0, (m, n, scalar, bad[:5].tolist(), got[bad[:5]].tolist(), expected[bad[:5]].tolist())
             if not scalar:
@@ -97,16 +85,16 @@ def test_boundaries_match_float32_rule(ext):
         k = torch.arange(m + 1, dtype=torch.int64)
         integer_rule = torch.minimum((k * n + m - 1) // m, torch.tensor(n))  # ceil(k n / m): floor(t m / n)
         differs_from_integer += int((integer_rule != expected).any())
-    if ext.simd():
+    if cpu_ext.simd():
         assert flagged > 0  # the exact float32 test ran
     assert differs_from_integer > 0  # the float32 rule matters here
 
 
-def test_boundaries_rejects_out_of_range(ext):
+def test_boundaries_rejects_out_of_range(cpu_ext):
     out = torch.zeros(8, dtype=torch.int32)
     for m, n in ((0, 5), (5, 5), (6, 5), (1, 1 << 22)):
         with pytest.raises(ValueError):
-            ext.boundaries(m, n, out.data_ptr(), False)
+            cpu_ext.boundaries(m, n, out.data_ptr(), False)
 
 
 def _groups_pids(bsz, gen):
@@ -118,7 +106,7 @@ def _groups_pids(bsz, gen):
 
 @pytest.mark.parametrize("kl_direction", DIRECTIONS)
 @pytest.mark.parametrize("lengths", [LONG, LONG[::-1] + [0, 1, 1]], ids=["long", "long_rev_empty_ones"])
-def test_long_sequences_match_reference(ext, lengths, kl_direction):
+def test_long_sequences_match_reference(cpu_ext, lengths, kl_direction):
     """Lengths up to 65,536 (float64 prefix sums at 1e-6 relative), float32 index rule included."""
     g = torch.Generator().manual_seed(len(lengths) + (kl_direction == "short_first"))
     values, cu = pack(lengths, g, dist="entropy")
@@ -139,7 +127,7 @@ def test_long_sequences_match_reference(ext, lengths, kl_direction):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_random_batches_match_reference(ext, seed):
+def test_random_batches_match_reference(cpu_ext, seed):
     """Random ragged batches (equal lengths, divisors, empties, ones) in both directions, with prompt ids."""
     g = torch.Generator().manual_seed(100 + seed)
     bsz = 14
@@ -175,7 +163,7 @@ def test_random_batches_match_reference(ext, seed):
                     assert torch.equal(got[:, grp], exp_col)
 
 
-def test_direct_form_beyond_run_length_range(ext):
+def test_direct_form_beyond_run_length_range(cpu_ext):
     """A sequence of 2^22 + 3 tokens (past the boundary rule's proven range) takes the direct form."""
     g = torch.Generator().manual_seed(7)
     lengths = [(1 << 22) + 3, 3001, 1]
@@ -200,7 +188,7 @@ def _stats(values, cu):
 
 
 @pytest.mark.parametrize("short_first", [False, True])
-def test_rows_and_threads_are_bit_identical(ext, short_first):
+def test_rows_and_threads_are_bit_identical(cpu_ext, short_first):
     """Every row range, with 1, 2 or 3 threads, gives exactly the full call's rows."""
     g = torch.Generator().manual_seed(11)
     bsz = 45
@@ -213,21 +201,21 @@ def test_rows_and_threads_are_bit_identical(ext, short_first):
     pids = torch.arange(bsz, dtype=torch.int64) // 4
     for exclude_self, p in ((True, None), (False, pids), (True, pids)):
         args = (groups, 2, exclude_self, p)
-        full = pw._run_cpu_ext(ext, st, short_first, args, 1)
+        full = pw._run_cpu_ext(cpu_ext, st, short_first, args, 1)
         assert full.shape == (bsz, 2)
         for threads in (1, 2, 3):
-            assert torch.equal(bits(pw._run_cpu_ext(ext, st, short_first, args, threads)), bits(full))
+            assert torch.equal(bits(pw._run_cpu_ext(cpu_ext, st, short_first, args, threads)), bits(full))
             for begin, end in ((0, 1), (0, bsz), (3, 17), (16, 17), (20, bsz), (bsz - 1, bsz), (5, 5)):
-                part = pw._run_cpu_ext(ext, st, short_first, args, threads, (begin, end))
+                part = pw._run_cpu_ext(cpu_ext, st, short_first, args, threads, (begin, end))
                 assert part.shape == (end - begin, 2)
                 assert torch.equal(bits(part), bits(full[begin:end])), (threads, begin, end)
     # the matrix, too, whatever the thread count
-    mat = pw._run_cpu_ext(ext, st, short_first, False, 1)
+    mat = pw._run_cpu_ext(cpu_ext, st, short_first, False, 1)
     for threads in (2, 3):
-        assert torch.equal(bits(pw._run_cpu_ext(ext, st, short_first, False, threads)), bits(mat))
+        assert torch.equal(bits(pw._run_cpu_ext(cpu_ext, st, short_first, False, threads)), bits(mat))
 
 
-def test_identical_sequences_give_exactly_zero(ext):
+def test_identical_sequences_give_exactly_zero(cpu_ext):
     g = torch.Generator().manual_seed(5)
     base = [1, 2, 9, 257, 5000, 65536]
     lengths = [n for n in base for _ in range(2)]  # each length twice, the copies identical
