@@ -48,7 +48,8 @@ def _run(code, stdin, *, isolation, timeout_s, memory_mb, max_output_bytes, mode
     sandbox = pool._pool.take(key, size) if size > 0 else None
     if sandbox is None:
         sandbox = _Sandbox(key)
-    job = limits._job(timeout_s, memory_mb, max_output_bytes, mode, fn_name, max_processes, kernel, audit_hook)
+    job = limits._job(timeout_s, memory_mb, max_output_bytes, mode, fn_name, max_processes, kernel, audit_hook,
+                     disk_mb)
     try:
         return sandbox.run(code, stdin, job, timeout_s, max_output_bytes)
     finally:
@@ -81,13 +82,17 @@ def run_python(
     ``timeout_s``: wall-clock limit of the program, counted from when it starts (sandbox and
     interpreter start-up are not counted, up to ``STARTUP_TIMEOUT_S``); the CPU-time limit is its
     ceiling + 1 s.
-    ``memory_mb``: address-space limit (None: unlimited). ``max_output_bytes``: the largest
-    stdout / stderr kept (a program writing more is stopped by the file-size limit).
+    ``memory_mb``: address-space limit of the run's one process (None: unlimited).
+    ``max_output_bytes``: the largest stdout / stderr kept (both are pipes the parent reads: stdout
+    past it stops the program, ``output_truncated``; stderr past it is dropped).
     ``isolation``: ``"auto"`` (default, or ``HEAL_SANDBOX_ISOLATION``) / ``"bubblewrap"``: kernel
     isolation, :class:`SandboxUnavailableError` when this machine cannot provide it;
     ``"audit-hook-only"``: the audit hook alone (not a security boundary; warns once per process).
-    ``disk_mb``: size of the private working directory (kernel isolation). ``max_processes``:
-    ``RLIMIT_NPROC`` inside the sandbox, threads included (kernel isolation).
+    ``disk_mb``: everything the program can write (``/work``, ``/tmp`` and ``/dev/shm`` together,
+    :data:`~heal.scoring.sandbox.limits.MAX_FILES` inodes) under kernel isolation; without it, the
+    largest file. ``max_processes``: ``RLIMIT_NPROC`` inside the sandbox: threads (kernel
+    isolation refuses new processes). :mod:`heal.scoring.sandbox.limits` lists what bounds every
+    host resource a run can take.
     ``isolate_network``: in the audit-hook-only mode, also run in a private network namespace
     when available (kernel isolation always has its own).
     Each call gets a fresh sandbox; ``HEAL_SANDBOX_POOL`` of them (default 4) are started ahead of

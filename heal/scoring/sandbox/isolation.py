@@ -128,6 +128,7 @@ def isolation_status() -> Dict[str, object]:
     Keys: ``active`` (``"bubblewrap"``, ``"audit-hook-only"`` (opted in) or ``None``: runs are
     refused), ``requested`` (the mode from ``HEAL_SANDBOX_ISOLATION``, default ``"auto"``),
     ``kernel_isolation`` (bool), ``bubblewrap`` (path / version / usable / why not),
+    ``scratch`` (the writable space and its bounds), ``max_open_files``,
     ``network_namespace`` (``unshare -rn`` works, used by the audit-hook-only mode), ``audit_hook``
     (always on), ``interpreter``, ``read_only_binds`` (what the sandbox sees), ``missing`` and
     ``how_to_get`` (empty when nothing is missing).
@@ -159,6 +160,13 @@ def isolation_status() -> Dict[str, object]:
         else:
             uid_mode = "a fresh unprivileged uid per run (no user namespace)"
     bpf = seccomp_filter()
+    scratch = None
+    if usable:
+        bounded, why = launcher.scratch_mount_available(not _user_namespace_mode())
+        scratch = (f"one private tmpfs for /work, /tmp and /dev/shm: disk_mb bytes, {limits.MAX_FILES} inodes"
+                   if bounded else f"bubblewrap's tmpfs mounts, inodes not bounded ({why})")
+        if not bounded:
+            notes.append(f"the scratch tmpfs's inode count is not bounded: {why}")
     try:
         pool_size = pool._pool_size("bubblewrap")
     except ValueError as exc:
@@ -170,6 +178,8 @@ def isolation_status() -> Dict[str, object]:
         "bubblewrap": {"path": bwrap, "version": version, "usable": usable, "why_not": reason or None},
         "uid": uid_mode,
         "seccomp": f"{len(bpf) // 8}-instruction filter" if bpf is not None else "none (not x86-64 Linux)",
+        "scratch": scratch,
+        "max_open_files": limits.MAX_OPEN_FILES,
         "pool_size": pool_size,
         "network_namespace": launcher.network_namespace_available(),
         "audit_hook": True,

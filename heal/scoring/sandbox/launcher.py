@@ -38,7 +38,10 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from typing import List, Optional, Tuple
+
+from heal.scoring.sandbox.limits import MAX_FILES
 
 SANDBOX_UID = 65534  # "nobody" inside the sandbox's user namespace (caller not root)
 # caller root: each run drops to a uid of its own drawn from this range (no user namespace)
@@ -128,20 +131,61 @@ def _parents(path: str) -> List[str]:
 
 
 
+# One tmpfs holds everything a run can write (/work, /tmp, /dev/shm), mounted with both a size and an
+# inode bound before bubblewrap starts: bubblewrap's own --tmpfs takes a size only, and the kernel's
+# default inode count of a tmpfs is half the machine's memory pages (each empty file costs ~1 KB of
+# unreclaimable kernel memory). util-linux `unshare` gives bubblewrap a private mount namespace (a
+# user namespace too when the caller is not root) in which `mount` mounts it; nothing of it is visible
+# on the host, and it disappears with the sandbox.
+_SCRATCH_SCRIPT = ('mount -t tmpfs -o "mode=0755,size=$2,nr_inodes=$3" heal-scratch "$1" '
+                   '&& mkdir -m 1777 "$1/work" "$1/tmp" "$1/shm" && shift 3 && exec "$@"')
+
+
+def _scratch_prefix(scratch: str, disk_bytes: int, max_files: int, privileged: bool) -> List[str]:
+    """The command that mounts the scratch tmpfs at ``scratch`` and then runs the rest of the argv."""
+    unshare = shutil.which("unshare") or "unshare"
+    userns = [] if privileged else ["--user", "--map-root-user"]
+    return [unshare, *userns, "--mount", "--propagation", "private", "--", "/bin/sh", "-c", _SCRATCH_SCRIPT,
+            "heal-scratch", scratch, str(int(disk_bytes)), str(int(max_files))]
+
+
+@functools.lru_cache(maxsize=2)
+def scratch_mount_available(privileged: bool) -> Tuple[bool, str]:
+    """(True, "") when the bounded scratch tmpfs can be mounted here (checked once per uid mode), else
+    (False, why): runs then get bubblewrap's own tmpfs mounts, whose inode count is not bounded."""
+    if shutil.which("unshare") is None or shutil.which("mount") is None or not os.path.exists("/bin/sh"):
+        return False, "util-linux `unshare` / `mount` not found"
+    with tempfile.TemporaryDirectory(prefix="heal-scratch-probe-") as top:
+        os.chmod(top, 0o755)
+        argv = _scratch_prefix(top, 1 << 20, 64, privileged) + ["/bin/sh", "-c", 'test -d "$0/work"', top]
+        try:
+            r = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError) as exc:
+            return False, f"mounting the scratch tmpfs failed: {exc}"
+    if r.returncode != 0:
+        return False, f"mounting the scratch tmpfs failed: {(r.stderr.strip().splitlines() or ['exit status %d' % r.returncode])[-1]}"
+    return True, ""
+
+
 def _bubblewrap_argv(bwrap: str, src_dir: str, disk_bytes: int, info_fd: Optional[int], seccomp_fd: Optional[int],
-                     privileged: bool) -> List[str]:
-    """bubblewrap's command line. ``privileged`` (the caller is root): no user namespace (bubblewrap
-    would map the sandbox's uid to root outside, which the kernel exempts from ``RLIMIT_NPROC``);
-    the wrapper instead drops to a fresh unprivileged uid (it keeps only CAP_SETUID / CAP_SETGID to
-    do so, and has none left after). Otherwise uid 65534 in a new user namespace, with no further
-    user namespaces allowed."""
+                     scratch: Optional[str], privileged: bool) -> List[str]:
+    """The command line that starts bubblewrap (the wrapper's command follows it). ``privileged`` (the
+    caller is root): no user namespace (bubblewrap would map the sandbox's uid to root outside, which
+    the kernel exempts from ``RLIMIT_NPROC``); the wrapper instead drops to a fresh unprivileged uid
+    (it keeps only CAP_SETUID / CAP_SETGID to do so, and has none left after). Otherwise uid 65534 in
+    a new user namespace, with no further user namespaces allowed.
+
+    ``scratch``: an empty host folder on which the bounded scratch tmpfs (``disk_bytes``,
+    :data:`~heal.scoring.sandbox.limits.MAX_FILES` inodes) is mounted in a private mount namespace and
+    bound at ``/work``, ``/tmp`` and ``/dev/shm``; None: bubblewrap's own tmpfs mounts (size only)."""
     binds, hidden, _ = _layout()
+    argv = _scratch_prefix(scratch, disk_bytes, MAX_FILES, privileged) if scratch else []
     if privileged:
-        argv = [bwrap, "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try",
-                "--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
+        argv += [bwrap, "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try",
+                 "--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
     else:
-        argv = [bwrap, "--unshare-all", "--unshare-user", "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID),
-                "--disable-userns", "--assert-userns-disabled", "--cap-drop", "ALL"]
+        argv += [bwrap, "--unshare-all", "--unshare-user", "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID),
+                 "--disable-userns", "--assert-userns-disabled", "--cap-drop", "ALL"]
     argv += ["--die-with-parent", "--new-session", "--hostname", "sandbox", "--proc", "/proc", "--dev", "/dev"]
     # parent folders of the binds, traversable by the sandbox's uid (bubblewrap would make them 0700)
     parents = sorted({d for path in binds for d in _parents(path)}, key=lambda d: (d.count("/"), d))
@@ -151,11 +195,15 @@ def _bubblewrap_argv(bwrap: str, src_dir: str, disk_bytes: int, info_fd: Optiona
         argv += ["--ro-bind", path, path]
     for path in hidden:
         argv += ["--perms", "0555", "--size", "4096", "--tmpfs", path]
-    small = str(min(disk_bytes, 1 << 20))
-    argv += ["--perms", "1777", "--size", small, "--tmpfs", "/dev/shm",
-             "--perms", "1777", "--size", small, "--tmpfs", "/tmp",
-             "--perms", "1777", "--size", str(disk_bytes), "--tmpfs", "/work",
-             "--ro-bind", src_dir, "/heal", "--remount-ro", "/", "--chdir", "/work"]
+    if scratch:
+        argv += ["--bind", scratch + "/shm", "/dev/shm", "--bind", scratch + "/tmp", "/tmp",
+                 "--bind", scratch + "/work", "/work"]
+    else:
+        small = str(min(disk_bytes, 1 << 20))
+        argv += ["--perms", "1777", "--size", small, "--tmpfs", "/dev/shm",
+                 "--perms", "1777", "--size", small, "--tmpfs", "/tmp",
+                 "--perms", "1777", "--size", str(disk_bytes), "--tmpfs", "/work"]
+    argv += ["--ro-bind", src_dir, "/heal", "--remount-ro", "/", "--chdir", "/work"]
     if info_fd is not None:
         argv += ["--info-fd", str(info_fd)]
     if seccomp_fd is not None:

@@ -51,11 +51,32 @@ class RunResult:
 
 
 # ------------------------------------------------------------------------------ running code
-def _read_capped(path: str, limit: int):
-    with open(path, "rb") as f:
-        # no more than the file holds: f.read(n) allocates n bytes up front, whatever the file's size
-        data = f.read(min(limit, os.fstat(f.fileno()).st_size) + 1)
-    return data[:limit].decode("utf-8", errors="replace"), len(data) > limit
+class _Capture:
+    """One output pipe of a run, read as the program writes: the first ``limit`` bytes are kept.
+    ``stops``: passing the limit stops the program (stdout); otherwise the rest is read and dropped."""
+
+    def __init__(self, fd: int, limit: int, stops: bool = True):
+        self.fd, self.limit, self.stops = fd, limit, stops
+        self.data = bytearray()
+        self.over = self.eof = False
+
+    def read(self) -> None:
+        while True:
+            try:
+                chunk = os.read(self.fd, 1 << 16)
+            except BlockingIOError:
+                return
+            if not chunk:
+                self.eof = True
+                return
+            room = self.limit - len(self.data)
+            if len(chunk) > room:
+                self.over = True
+            if room > 0:
+                self.data += chunk[:room]
+
+    def text(self) -> str:
+        return self.data.decode("utf-8", errors="replace")
 
 
 def _wait_readable(fd: int, timeout_s: float) -> bool:
@@ -108,8 +129,11 @@ class _Sandbox:
     """One sandboxed interpreter, started ahead of its job and used for exactly one run.
 
     Layout of its temporary folder: ``src/`` (``solution.py``, ``stdin``, ``job``: written by the
-    parent when the job comes; bound read-only at ``/heal`` under kernel isolation), ``io/``
-    (``stdout``, ``stderr``: the child's fds 1 and 2) and, without kernel isolation, ``work/``.
+    parent when the job comes; bound read-only at ``/heal`` under kernel isolation) and
+    ``scratch/`` (kernel isolation: the mount point of the run's bounded tmpfs, which only the
+    sandbox's mount namespace sees) or ``work/`` (audit hook only). stdout and stderr are pipes that
+    the parent reads while the program runs (never host files: a program cannot take host disk
+    through them, e.g. with ``fallocate``).
     The wrapper waits on the *go* pipe, reads the job, then writes to the *ready* pipe right before
     the program starts: the wall-clock limit counts from there, not from the start of a sandbox /
     interpreter on a loaded machine.
@@ -122,19 +146,18 @@ class _Sandbox:
         self.top = tempfile.mkdtemp(prefix="heal-sandbox-")
         self.proc = None
         self.pidfd: Optional[int] = None  # of self.proc, taken at spawn (None: no pidfd support)
-        self.go_w = self.ready_r = self.info_r = None
+        self.go_w = self.ready_r = self.info_r = self.out_r = self.err_r = None
         child_fds: List[int] = []
         try:
             top = os.path.realpath(self.top)
-            src_dir, io_dir = os.path.join(top, "src"), os.path.join(top, "io")
+            src_dir = os.path.join(top, "src")
             os.mkdir(src_dir, 0o755)
             os.chmod(src_dir, 0o755)  # whatever the umask: the sandbox's uid must read it
-            os.mkdir(io_dir, 0o700)
             for name in ("solution.py", "stdin", "job"):
                 with open(os.path.join(src_dir, name), "w"):
                     pass
                 os.chmod(os.path.join(src_dir, name), 0o644)
-            self.src_dir, self.out_path, self.err_path = src_dir, os.path.join(io_dir, "stdout"), os.path.join(io_dir, "stderr")
+            self.src_dir = src_dir
             inside = "/heal" if kernel else src_dir
             if kernel:
                 root = "/work"
@@ -164,17 +187,25 @@ class _Sandbox:
                     child_fds.append(filter_r)
                     with os.fdopen(filter_w, "wb") as fw:  # a few hundred bytes: fits the pipe's buffer
                         fw.write(bpf)
+                scratch = None
+                if launcher.scratch_mount_available(privileged)[0]:
+                    scratch = os.path.join(top, "scratch")
+                    os.mkdir(scratch, 0o755)
                 cmd = launcher._bubblewrap_argv(shutil.which("bwrap"), src_dir, int(disk_mb) << 20, info_w, filter_r,
-                                       privileged) + cmd
+                                                scratch, privileged) + cmd
             elif isolate_network and launcher.network_namespace_available():
                 cmd = [shutil.which("unshare"), "-rn", "--"] + cmd
             env = {"PATH": "/usr/bin:/bin", "HOME": root, "LANG": "C.UTF-8", "PYTHONHASHSEED": "0",
                    "OMP_NUM_THREADS": "1"}
-            with open(self.out_path, "wb") as fout, open(self.err_path, "wb") as ferr:
-                self.proc = subprocess.Popen(
-                    cmd, stdin=subprocess.DEVNULL, stdout=fout, stderr=ferr, cwd=src_dir if kernel else root,
-                    env=env, start_new_session=True, close_fds=True, pass_fds=tuple(child_fds),
-                )
+            self.out_r, out_w = os.pipe()
+            self.err_r, err_w = os.pipe()
+            child_fds += [out_w, err_w]
+            for fd in (self.out_r, self.err_r):
+                os.set_blocking(fd, False)
+            self.proc = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=out_w, stderr=err_w, cwd=src_dir if kernel else root,
+                env=env, start_new_session=True, close_fds=True, pass_fds=tuple(child_fds),
+            )
             # only this object ever reaps its process, so the pid is still the child's here
             self.pidfd = _pidfd_open(self.proc.pid)
         except BaseException:
@@ -191,6 +222,7 @@ class _Sandbox:
         for name, text in (("solution.py", code), ("stdin", stdin), ("job", repr(job))):
             with open(os.path.join(self.src_dir, name), "w", encoding="utf-8") as f:
                 f.write(text)
+        out, err = _Capture(self.out_r, max_output_bytes), _Capture(self.err_r, max_output_bytes, stops=False)
         timed_out = False
         try:
             try:
@@ -199,24 +231,56 @@ class _Sandbox:
                 pass  # it died before its job: its stderr says why
             os.close(self.go_w)
             self.go_w = None
-            # start-up (whatever is left of it), then the program's own wall time; the pipe also turns
-            # readable (EOF) when the process ends before the program starts
-            if not _wait_readable(self.ready_r, STARTUP_TIMEOUT_S):
-                raise subprocess.TimeoutExpired("sandbox", STARTUP_TIMEOUT_S)
-            if self.pidfd is not None:
-                # wait for the exit without reaping: until _stop reaps it, the process group id stays ours
-                if not _wait_readable(self.pidfd, timeout_s):
-                    raise subprocess.TimeoutExpired("sandbox", timeout_s)
-            else:
-                self.proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            timed_out = True
+            # start-up (whatever is left of it), then the program's own wall time; the ready pipe also
+            # turns readable (EOF) when the process ends before the program starts. Without a pidfd the
+            # exit is polled (that reaps the process: _stop then signals nothing).
+            end = self._pump((out, err), self.ready_r, STARTUP_TIMEOUT_S)
+            if end == "ready":
+                end = self._pump((out, err), self.pidfd, timeout_s)
+            timed_out = end == "timeout"
         finally:
             self._stop()
+        # every writer is gone now: what is left in the pipes
+        self._pump((out, err), None, 5.0)
         returncode = None if timed_out else self.proc.returncode
-        stdout, truncated = _read_capped(self.out_path, max_output_bytes)
-        stderr, _ = _read_capped(self.err_path, max_output_bytes)
-        return RunResult(returncode, stdout, stderr, timed_out, truncated, self.key[0])
+        return RunResult(returncode, out.text(), err.text(), timed_out, out.over, self.key[0])
+
+    def _pump(self, streams, until_fd: Optional[int], timeout_s: float) -> str:
+        """Read the output pipes until ``until_fd`` turns readable (``"ready"``), the process exits
+        (``until_fd`` None: polled), both pipes reach EOF after the process is gone (``"eof"``),
+        stdout passes its cap (``"over"``) or ``timeout_s`` passes (``"timeout"``)."""
+        deadline = time.monotonic() + timeout_s
+        poller = select.poll()
+        live = {s.fd: s for s in streams if not s.eof}
+        for fd in live:
+            poller.register(fd, select.POLLIN)
+        if until_fd is not None:
+            poller.register(until_fd, select.POLLIN)
+        while True:
+            if until_fd is None and not live and self.proc.returncode is not None:
+                return "eof"
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return "timeout"
+            waiting_for_exit = until_fd is None and self.proc.returncode is None
+            wait_ms = int(math.ceil(min(left, 0.01) if waiting_for_exit else left) * 1000)
+            events = poller.poll(max(0, wait_ms))
+            done = False
+            for fd, _ in events:
+                if fd == until_fd:
+                    done = True
+                    continue
+                stream = live[fd]
+                stream.read()
+                if stream.eof:
+                    poller.unregister(fd)
+                    del live[fd]
+            if any(s.over and s.stops for s in streams):
+                return "over"
+            if done:
+                return "ready"
+            if waiting_for_exit and self.proc.poll() is not None:
+                return "ready"
 
     def _stop(self) -> None:
         """Kill the sandbox (its pid namespace and its process group), reap the process, and return
@@ -252,7 +316,7 @@ class _Sandbox:
     def close(self) -> None:
         """Stop the process (if any), release the pipes and remove the folder."""
         self._stop()
-        for name in ("go_w", "ready_r", "info_r"):
+        for name in ("go_w", "ready_r", "info_r", "out_r", "err_r"):
             fd = getattr(self, name)
             if fd is not None:
                 os.close(fd)

@@ -48,6 +48,7 @@ def _main():
         lim(resource.RLIMIT_AS, cfg["mem_bytes"])
     if cfg["nproc"]:
         lim(resource.RLIMIT_NPROC, cfg["nproc"])
+    lim(resource.RLIMIT_NOFILE, cfg["nofile"])
     with open(cfg["src"], encoding="utf-8", errors="replace") as f:
         src = f.read()
     mode, fn_name = cfg["mode"], cfg["fn_name"]
