@@ -298,20 +298,32 @@ print(json.dumps(out))
 @needs_kernel
 @pytest.mark.parametrize("parent", ["exits", "hangs"])
 def test_kernel_layer_no_process_outlives_the_run(canary, parent):
-    # a double-forked child in a new session (survives killpg) that would sleep on; the parent
-    # then exits normally or hangs until the wall timeout
+    # every way to leave a process behind: a double-forked child in a new session (survives
+    # killpg), posix_spawn and subprocess in new sessions, each of which would sleep on; the seccomp
+    # filter refuses process creation (EPERM); the parent then exits normally or hangs until the
+    # wall timeout, and nothing of the run is left either way
     code = '''
-import os, sys, time
-if os.fork() == 0:
-    os.setsid()
+import os, subprocess, sys, time
+SLEEPER = [sys.executable, "-S", "-c", "import time; time.sleep(60)", "{marker}"]
+def double_fork():
     if os.fork() == 0:
-        os.execv(sys.executable, [sys.executable, "-S", "-c", "import time; time.sleep(60)", "{marker}"])
-    os._exit(0)
+        os.setsid()
+        if os.fork() == 0:
+            os.execv(sys.executable, SLEEPER)
+        os._exit(0)
+refused = []
+for name, spawn in [("fork", double_fork),
+                    ("posix_spawn", lambda: os.posix_spawn(sys.executable, SLEEPER, {}, setsid=True)),
+                    ("subprocess", lambda: subprocess.Popen(SLEEPER, start_new_session=True))]:
+    try:
+        spawn()
+    except PermissionError as e:
+        refused.append("%s:%d" % (name, e.errno))
 time.sleep(0.3)
-print("spawned", flush=True)
+print("spawned; refused:", ",".join(refused), flush=True)
 ''' + ("time.sleep(60)\n" if parent == "hangs" else "")
     r = kernel_only(code, canary, timeout_s=1.5)
-    assert "spawned" in r.stdout
+    assert "spawned; refused: fork:1,posix_spawn:1,subprocess:1" in r.stdout, (r.stdout, r.stderr[-1500:])
     assert r.timed_out == (parent == "hangs")
     assert not _orphans(canary["marker"])
 
@@ -319,19 +331,22 @@ print("spawned", flush=True)
 @needs_kernel
 def test_kernel_layer_process_and_disk_limits(canary):
     r = kernel_only(ATTEMPT + '''
-import time
-pids = []
-def fork_many():
+import threading, time
+def fork():
+    if os.fork() == 0:
+        os._exit(0)
+attempt("fork", fork)  # a run is one process (seccomp); its threads count against max_processes
+threading.stack_size(1 << 18)
+threads = []
+def thread_many():
     try:
         for _ in range(200):
-            pid = os.fork()
-            if pid == 0:
-                time.sleep(5)
-                os._exit(0)
-            pids.append(pid)
+            t = threading.Thread(target=time.sleep, args=(2,), daemon=True)
+            t.start()
+            threads.append(t)
     finally:
-        out["forked"] = len(pids)
-attempt("fork_bomb", fork_many)
+        out["threads"] = len(threads)
+attempt("thread_bomb", thread_many)
 def fill(folder):
     n = 0
     for i in range(100):
@@ -341,15 +356,17 @@ def fill(folder):
     return n
 attempt("disk", lambda: fill("/work"))
 print(json.dumps(out))
-''', canary, max_processes=16, disk_mb=1)
+''', canary, max_processes=16, disk_mb=1, memory_mb=2048)  # (each thread reserves a 64 MiB malloc arena)
     out = _json(r)
+    assert out["fork"].startswith("refused: PermissionError: [Errno 1]"), out["fork"]
     if os.geteuid() == 0 and sandbox.isolation._user_namespace_mode():
         # root without the per-run uid variant: the kernel exempts the mapped uid (root) from
         # RLIMIT_NPROC, and isolation_status says so
         assert any("RLIMIT_NPROC" in n for n in isolation_status()["notes"])
     else:
-        assert out["fork_bomb"].startswith("refused: BlockingIOError"), out["fork_bomb"]
-        assert out["forked"] < 16
+        # RLIMIT_NPROC (threads included) stops the threads, not memory (2 GiB of address space)
+        assert out["thread_bomb"].startswith("refused: RuntimeError: can't start new thread"), out["thread_bomb"]
+        assert 8 <= out["threads"] < 16, out["threads"]
     assert "No space left on device" in out["disk"], out["disk"]
 
 
