@@ -205,3 +205,23 @@ def test_runs_still_work_without_the_bounded_scratch(monkeypatch):
         monkeypatch.undo()
         sandbox.pool._pool.close()
     assert "disk_mb bytes" in sandbox.isolation_status()["scratch"]
+
+
+def test_threads_fit_in_the_memory_limit():
+    """One process, many threads: glibc's per-thread malloc arenas (64 MB of address space each) let
+    only 6 threads start at memory_mb=256; the sandbox caps the arenas (MALLOC_ARENA_MAX)."""
+    code = r'''
+import threading, time
+started = []
+def work():
+    time.sleep(0.3)
+for _ in range(16):
+    t = threading.Thread(target=work)
+    t.start()
+    started.append(t)
+for t in started:
+    t.join()
+print(len(started))
+'''
+    r = run_python(code, memory_mb=256, timeout_s=10.0)
+    assert r.ok and r.stdout.strip() == "16", r.stderr[-500:]

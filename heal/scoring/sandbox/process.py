@@ -196,7 +196,10 @@ class _Sandbox:
             elif isolate_network and launcher.network_namespace_available():
                 cmd = [shutil.which("unshare"), "-rn", "--"] + cmd
             env = {"PATH": "/usr/bin:/bin", "HOME": root, "LANG": "C.UTF-8", "PYTHONHASHSEED": "0",
-                   "OMP_NUM_THREADS": "1"}
+                   "OMP_NUM_THREADS": "1",
+                   # glibc gives each thread a 64 MB malloc arena of address space: under RLIMIT_AS a
+                   # program could start only a handful of threads
+                   "MALLOC_ARENA_MAX": "2"}
             self.out_r, out_w = os.pipe()
             self.err_r, err_w = os.pipe()
             child_fds += [out_w, err_w]
