@@ -106,11 +106,13 @@ def test_paper_hyperparameters(composed):
     assert cfgs["paper_grpo"].trainer.v1.trainer_mode == "sync"
     for name in CONFIG_NAMES[1:]:
         assert cfgs[name].reward.custom_reward_function.path == "pkg://heal.scoring"
+        assert cfgs[name].reward.custom_reward_function.name == "compute_score_with_info"
     from verl.utils.import_utils import load_extern_object
 
-    from heal.scoring import compute_score
+    from heal.scoring import compute_score_with_info
 
-    assert load_extern_object("pkg://heal.scoring", "compute_score") is compute_score  # how verl loads it
+    # how verl loads it
+    assert load_extern_object("pkg://heal.scoring", "compute_score_with_info") is compute_score_with_info
 
 
 def test_heal_blocks(composed):

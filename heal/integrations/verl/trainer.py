@@ -20,6 +20,9 @@ Select it with ``trainer.v1.trainer_mode=heal_sync`` (verl's default ``trainer.u
    ``eda/worker_time_s_max``) plus ``heal/acc_score_{target,general}_mean``, ``heal/eda_bonus_mean`` and
    ``heal/time_s`` (the whole step including TransferQueue traffic); verl logs ``timing_s/heal_eda``.
    ``critic/score/*`` (computed by verl from ``rm_scores``) is then the shaped score.
+   ``scoring/errors/<reason>``: how many of the step's responses the reward function could not judge,
+   by reason (:func:`scoring_error_metrics`; with ``heal.scoring.compute_score_with_info``, the
+   presets' reward function; also with ``heal.enable: false``).
 4. With ``heal.rollout_dump=PATH`` the driver appends every step's trajectories to the JSONL rollout
    dump at ``PATH`` (:func:`heal.analysis.logs.append_rollout_dump`): ``step`` (verl's global step),
    ``data_source``, ``uid``, ``entropy`` (the valid response tokens), ``acc`` (accuracy score),
@@ -69,7 +72,8 @@ from verl.utils.debug import marked_timer
 from heal.integrations.verl.settings import HealSettings
 from heal.reward import add_to_last_token, eda_step
 
-__all__ = ["HealPPOTrainerSync", "TRAINER_MODE", "shape_scores", "ACC_SCORES_KEY", "EDA_REWARD_KEY"]
+__all__ = ["HealPPOTrainerSync", "TRAINER_MODE", "shape_scores", "scoring_error_metrics", "ACC_SCORES_KEY",
+           "EDA_REWARD_KEY", "SCORING_ERROR_KEY"]
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +82,7 @@ ACC_SCORES_KEY = "acc_scores"
 EDA_REWARD_KEY = "eda_reward"
 ENTROPY_KEYS = ("entropy", "entropys")  # v1 TransferQueue name, legacy DataProto name
 EDA_ENTROPY_KEY = "heal_eda_entropy"  # TransferQueue field: response-aligned entropies at T=1 (entropy_temperature=1.0)
+SCORING_ERROR_KEY = "scoring_error"  # heal.scoring.compute_score_with_info: the reason, "" when judged
 
 
 def _as_list(x: Any) -> list:
@@ -112,6 +117,34 @@ def final_output_rows(keys: Sequence[str]) -> np.ndarray:
     for _, row in final.values():
         out[row] = True
     return out
+
+
+def scoring_error_metrics(columns, row_mask: Optional[Sequence[bool]] = None) -> Dict[str, float]:
+    """``scoring/errors/<reason>`` counts (:func:`heal.scoring.error_metrics`) of a batch's scoring errors.
+
+    ``columns`` maps field names to one value per row: the TensorDict read from verl's TransferQueue, or
+    a DataProto's ``non_tensor_batch``. The reasons are the reward function's ``scoring_error`` key,
+    which verl 0.9 keeps in one of two places: its own column when the trainer computes the reward
+    (``_compute_reward_colocate``: a reward model without its own resource pool), else
+    ``extra_fields[i]["reward_extra_info"]`` (the reward loop scores each output during the rollout,
+    verl's default). Rows where ``row_mask`` is False are not counted. Neither present: ``{}``."""
+    from heal.scoring.outcome import error_metrics
+
+    names = set(columns.keys())
+    if SCORING_ERROR_KEY in names:
+        reasons = _as_list(columns[SCORING_ERROR_KEY])
+    elif "extra_fields" in names:
+        reasons = []
+        for extra in _as_list(columns["extra_fields"]):
+            info = extra.get("reward_extra_info") if isinstance(extra, dict) else None
+            reasons.append(info.get(SCORING_ERROR_KEY) if isinstance(info, dict) else None)
+    else:
+        return {}
+    if row_mask is not None:
+        if len(row_mask) != len(reasons):
+            raise ValueError(f"heal: {len(reasons)} scoring_error entries for {len(row_mask)} rows")
+        reasons = [r for r, keep in zip(reasons, row_mask) if keep]
+    return error_metrics(reasons)
 
 
 def _pick_entropy(data: DataProto, settings: HealSettings) -> torch.Tensor:
@@ -350,6 +383,7 @@ class HealPPOTrainerSync(PPOTrainerSync):
         timing = getattr(self, "timing_raw", None)
         if timing is None:
             timing = {}
+        metrics.update(self._scoring_error_metrics(batch))
         if self._heal_batch_mask:
             with marked_timer("heal_high_entropy_mask", timing, color="purple"):
                 self._apply_high_entropy_mask(batch, metrics)
@@ -357,6 +391,19 @@ class HealPPOTrainerSync(PPOTrainerSync):
             with marked_timer("heal_eda", timing, color="purple"):
                 batch = self._apply_heal_reward(batch, metrics)
         return super()._compute_advantage(batch, metrics)
+
+    def _scoring_error_metrics(self, batch) -> Dict[str, float]:
+        """:func:`scoring_error_metrics` of the batch, counting each conversation's final output once (verl
+        copies its reward info to the earlier outputs) and leaving verl's padding rows (copies of a real
+        row) out."""
+        import transfer_queue as tq
+
+        # TransferQueue leaves out the fields it does not hold
+        td = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id,
+                             select_fields=[SCORING_ERROR_KEY, "extra_fields"])
+        final = final_output_rows(batch.keys)
+        rows = [bool(final[i]) and not tag.get("is_padding", False) for i, tag in enumerate(batch.tags)]
+        return scoring_error_metrics(td, rows)
 
     def _apply_high_entropy_mask(self, batch, metrics: dict) -> None:
         """``heal.high_entropy_scope: batch``: the top-``rho`` entropy tokens over the whole batch's response
