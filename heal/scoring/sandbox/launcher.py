@@ -20,11 +20,11 @@ It sees a new, read-only root holding only:
   libraries the interpreter and the standard extension modules need (found with ``ldd``; the
   libraries of ``_ctypes``, ``_sqlite3``, ``_ssl``, ``_tkinter``, ``_curses``, ``readline``,
   ``nis``, ``_dbm`` / ``_gdbm`` and ``_crypt`` are left out, so those modules cannot load);
-* ``/heal`` (read-only: ``solution.py``, its stdin, the job's settings) and a private,
-  size-limited tmpfs working directory ``/work`` (``disk_mb``), also ``HOME`` and the current
-  directory;
-* fresh ``/proc`` (of its own pid namespace), a minimal ``/dev``, and 1 MiB private ``/dev/shm``
-  and ``/tmp`` tmpfs mounts.
+* ``/heal`` (read-only: ``solution.py``, its stdin, the job's settings);
+* the working directory ``/work`` (also ``HOME`` and the current directory), ``/tmp`` and
+  ``/dev/shm``: one private tmpfs of ``disk_mb`` bytes and
+  :data:`~heal.scoring.sandbox.limits.MAX_FILES` inodes (see :func:`_bubblewrap_argv`);
+* fresh ``/proc`` (of its own pid namespace) and a minimal ``/dev``.
 
 There are no host files, no host Unix sockets (filesystem or abstract), no network interface
 but a down loopback, and no other process of the host to see or signal. bubblewrap loads the
