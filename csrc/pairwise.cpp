@@ -502,11 +502,18 @@ static inline void pair_sims(const Ctx& cx, int64_t r, int64_t c, bool short_fir
 // difference tables (kept in L2) and the columns' prefix tables (~5 MB at 1.5k tokens, kept in L3).
 // The column loop is outside (a column is read once per task) and tasks go column block by column
 // block, so the threads share the columns.
+//
+// share / shares (every row scored, shares > 1): only this share's tasks, a contiguous run of the
+// task list cut at equal estimated cost (pairs x (shorter length + a per-pair constant)). The
+// shares together visit every unordered pair exactly once, so processes that each compute one
+// share and combine their maxima with max do the work of one process, split.
 constexpr int64_t kRowBlock = 8;
 constexpr int64_t kColBlock = 192;
+constexpr double kPairOverhead = 64.0;  // per-pair cost in tokens' worth (set-up, finalisation)
 
 template <class F>
-static void for_pairs(const int64_t* lens, int64_t bsz, int64_t rb, int64_t re, int num_threads, F&& visit) {
+static void for_pairs(const int64_t* lens, int64_t bsz, int64_t rb, int64_t re, int num_threads, F&& visit,
+                      int64_t share = 0, int64_t shares = 1) {
   std::vector<int64_t> order(bsz), pos(bsz), rows;
   for (int64_t i = 0; i < bsz; ++i) order[i] = i;
   std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return lens[a] < lens[b]; });
@@ -527,6 +534,35 @@ static void for_pairs(const int64_t* lens, int64_t bsz, int64_t rb, int64_t re, 
       if (all_rows && c1 - 1 < r0) continue;  // every column sorts before every row: visited as a row
       tasks.push_back({r0, r1, c0, c1});
     }
+  }
+  if (shares > 1) {
+    // estimated cost of each task: its visited pairs x (the mean shorter length + overhead); rows and
+    // columns of a task have neighbouring lengths (both in length order), so block means suffice
+    std::vector<double> cost(tasks.size());
+    double total = 0.0;
+    for (size_t t = 0; t < tasks.size(); ++t) {
+      const Task& tk = tasks[t];
+      double lr = 0.0, lc = 0.0;
+      for (int64_t p = tk.r0; p < tk.r1; ++p) lr += (double)lens[rows[p]];
+      for (int64_t p = tk.c0; p < tk.c1; ++p) lc += (double)lens[order[p]];
+      lr /= (double)(tk.r1 - tk.r0);
+      lc /= (double)(tk.c1 - tk.c0);
+      double pairs = (double)(tk.r1 - tk.r0) * (double)(tk.c1 - tk.c0);
+      if (tk.c0 < tk.r1 && tk.r0 < tk.c1) pairs *= 0.5;  // a diagonal task: each pair once
+      cost[t] = pairs * (std::min(lr, lc) + kPairOverhead);
+      total += cost[t];
+    }
+    // task t belongs to share floor(shares * (cost before t + half its own) / total)
+    std::vector<Task> mine;
+    double before = 0.0;
+    for (size_t t = 0; t < tasks.size(); ++t) {
+      const double mid = before + 0.5 * cost[t];
+      int64_t k = total > 0.0 ? (int64_t)std::floor((double)shares * mid / total) : 0;
+      k = std::min<int64_t>(shares - 1, std::max<int64_t>(0, k));
+      if (k == share) mine.push_back(tasks[t]);
+      before += cost[t];
+    }
+    tasks.swap(mine);
   }
   const int64_t nt = (int64_t)tasks.size();
 #pragma omp parallel num_threads(num_threads)
@@ -582,11 +618,18 @@ void pairwise(uintptr_t x, uintptr_t starts, uintptr_t lens, int64_t bsz, bool s
 // groups: int64 [B] in [0, G); prompt_ids: int64 [B] or 0 (none); out: float32 [row_end - row_begin, G],
 // written entirely (-inf where no column is eligible, and for empty rows). Scored rows
 // row_begin .. row_end - 1, every column a candidate neighbour.
+//
+// share / shares (shares > 1; then every row is scored): only this share of the unordered pairs
+// (see for_pairs); out [B, G] holds partial maxima (-inf where the share saw no eligible column), and
+// the element-wise max over the shares 0 .. shares - 1 is the full result, bit for bit.
 void grouped(uintptr_t x, uintptr_t starts, uintptr_t lens, int64_t bsz, bool short_first, uintptr_t groups,
              int64_t num_groups, bool exclude_self, uintptr_t prompt_ids, uintptr_t out, int num_threads,
-             int64_t row_begin, int64_t row_end) {
+             int64_t row_begin, int64_t row_end, int64_t share, int64_t shares) {
   pybind11::gil_scoped_release nogil;
   num_threads = std::max(1, num_threads);
+  shares = std::max<int64_t>(1, shares);
+  if (share < 0 || share >= shares) throw std::invalid_argument("grouped: need 0 <= share < shares");
+  if (shares > 1) row_begin = 0, row_end = bsz;
   row_begin = std::max<int64_t>(0, row_begin);
   row_end = std::max(row_begin, std::min(bsz, row_end));
   const int64_t nrows = row_end - row_begin;
@@ -621,7 +664,7 @@ void grouped(uintptr_t x, uintptr_t starts, uintptr_t lens, int64_t bsz, bool sh
       float& bslot = buf[(c - row_begin) * num_groups + g[r]];
       if (s_cr > bslot) bslot = s_cr;
     }
-  });
+  }, share, shares);
   for (int t = 0; t < num_threads; ++t) {
     const float* p = priv[t].data();
     for (int64_t k = 0; k < nrows * num_groups; ++k) o[k] = std::max(o[k], p[k]);
@@ -662,7 +705,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "heal pairwise entropy-dynamics KL similarity (CPU, OpenMP); pointers from tensor.data_ptr()";
   m.def("pairwise", &pairwise, "fill float32 [B, B] with -KL (row scored)");
   m.def("grouped", &grouped,
-        "per scored row in [row_begin, row_end): max of -KL over each group's eligible columns, float32 [rows, G]");
+        "per scored row in [row_begin, row_end): max of -KL over each group's eligible columns, float32 [rows, G]; "
+        "share < shares > 1: that share of the unordered pairs, partial maxima [B, G]");
   m.def("boundaries", &boundaries, "test: segment boundaries b_0..b_m of the pair (m, n) into int32 [m + 1]");
   m.def("simd", &simd, "whether the AVX2 code is compiled in");
 }

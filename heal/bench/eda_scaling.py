@@ -6,9 +6,9 @@ pairs) is timed
 
 * on the CPU, in this process ("driver"), with 1, 2 and all allowed threads (``num_threads=``;
   the CPUs of this process's affinity mask), and sharded over ``--workers`` worker processes
-  ("workers": each computes its contiguous shard of rows with ``all // workers`` threads, the way
+  ("workers": each computes its share of the pairs with ``all // workers`` threads, the way
   ``heal.eda_placement: workers`` does in verl; the time includes sending the packed batch to every
-  worker and the blocks back). The workers' result is checked to equal the driver's bit for bit.
+  worker and the partial maxima back, and their max). The workers' result is checked to equal the driver's bit for bit.
 * on CUDA, with the Triton kernel.
 
 Reported: seconds per call (median of ``--iters``, at least one), nanoseconds per ordered pair, and
@@ -113,9 +113,11 @@ def run_scaling(args) -> int:
                 warm = _payload(values[: int(cu[k])], cu[: k + 1], groups[:k])
                 list(pool.map(_worker_call, [(warm, r, world, per) for r in range(world)]))
 
+                from heal.integrations.verl.eda_workers import _combine
+
                 def sharded():
                     outs = list(pool.map(_worker_call, [(payload, r, world, per) for r in range(world)]))
-                    return torch.cat([o["sims"] for o in sorted(outs, key=lambda o: o["rows"][0])])
+                    return _combine(outs, bsz, 2)
 
                 secs, out = timed(sharded)
                 same = torch.equal(out, ref)
@@ -136,8 +138,8 @@ def run_scaling(args) -> int:
         "",
         f"Full EDA (both per-row maxima, B(B-1) ordered pairs), lengths U[{args.min_len}, {args.max_len}]; "
         f"median of {max(1, args.iters)} run(s); {cpus} CPUs allowed; load average at the end {load}. "
-        "gelem/s counts sum over pairs of min(m, n). workers = processes each computing a contiguous shard of "
-        "rows (WxT: W workers of T threads), batch sent to each and blocks returned, included in the time.",
+        "gelem/s counts sum over pairs of min(m, n). workers = processes each computing a share of the pairs "
+        "(WxT: W workers of T threads), batch sent to each and partial maxima returned and combined, included in the time.",
         "",
         harness.markdown_table(rows, cols),
     ]

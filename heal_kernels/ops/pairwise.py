@@ -382,7 +382,11 @@ class _TileSource:
     """Yields ``(rows, cols, sims [R, C])`` tiles covering every (row, column) pair, rows restricted
     to ``rows`` when given. Rows and columns are visited in length order so that a tile's pairs have
     similar aligned lengths (little padding); a tile holds at most ``_TORCH_TILE_ELEMENTS`` aligned
-    positions (cache-sized: many small passes over big tiles are memory-bound)."""
+    positions (cache-sized: many small passes over big tiles are memory-bound).
+
+    With ``rows`` given, the tiles are the full batch's, less those holding none of ``rows``: a row's
+    sums are reduced over the same tile width as in the full call, so its values are the same bits
+    (a tile may then also carry rows that were not asked for)."""
 
     def __init__(self, st: SeqStats, cu: torch.Tensor, metric: str, short_first: bool, rows=None):
         self.st, self.metric, self.short_first = st, metric, short_first
@@ -390,13 +394,16 @@ class _TileSource:
             self.pl = _pl_stats(st, cu)
         self.order = torch.argsort(st.lengths, stable=True)
         self.sorted_len = st.lengths[self.order].cpu()
-        if rows is None:
-            self.row_order, self.row_len = self.order, self.sorted_len
-        else:
+        self.row_order, self.row_len, self.wanted = self.order, self.sorted_len, None
+        if rows is not None:
             rows = rows.to(st.lengths.device)
-            ro = torch.argsort(st.lengths[rows], stable=True)
-            self.row_order = rows[ro]
-            self.row_len = st.lengths[self.row_order].cpu()
+            if metric == "pl":  # element-wise: any tiling gives the same bits
+                self.row_order = rows[torch.argsort(st.lengths[rows], stable=True)]
+                self.row_len = st.lengths[self.row_order].cpu()
+            else:
+                wanted = torch.zeros(st.lengths.numel(), dtype=torch.bool)
+                wanted[rows.cpu()] = True
+                self.wanted = wanted[self.order.cpu()]  # in length order
 
     def _col_block(self, c0: int, nrows: int, row_max: int) -> int:
         """Most columns from ``c0`` whose tile stays within ``_TORCH_TILE_ELEMENTS``."""
@@ -424,11 +431,12 @@ class _TileSource:
                 rows = self.row_order[r0 : r0 + step]
                 yield rows, cols, _pl_block(*self.pl, rows, cols, st.lengths)
             return
-        # a full batch: blocks of 16 length-neighbouring rows; a sparse row subset: one row per tile
-        # (its rows' lengths are spread out, so blocks would pad to the longest)
-        rb = 16 if nrows == bsz else 1
+        # blocks of 16 length-neighbouring rows (with a row subset: the blocks that hold one of them)
+        rb = 16
         for r0 in range(0, nrows, rb):
             r1 = min(nrows, r0 + rb)
+            if self.wanted is not None and not bool(self.wanted[r0:r1].any()):
+                continue
             rows = self.row_order[r0:r1]
             row_max = int(self.row_len[r1 - 1])
             c0 = 0
@@ -456,7 +464,8 @@ def _pairwise_torch(st, cu, metric, short_first) -> torch.Tensor:
 
 def _grouped_torch(st, cu, metric, short_first, groups, num_groups, exclude_self, pids, rows=None) -> torch.Tensor:
     """The grouped max on the torch path; ``rows`` (optional) restricts the scored rows: the result
-    is then ``[B, num_groups]`` with only those rows filled (the others stay ``-inf``)."""
+    is then ``[B, num_groups]`` in which those rows are filled (other rows may be too: callers read
+    only the rows they asked for)."""
     bsz = st.lengths.numel()
     dev = st.x.device
     out = torch.full((bsz, num_groups), -math.inf, dtype=torch.float32, device=dev)
@@ -488,14 +497,15 @@ def _cpu_ext():
     return load_pairwise()
 
 
-def _run_cpu_ext(ext, st: SeqStats, short_first: bool, grouped, threads=None, rows=None) -> torch.Tensor:
+def _run_cpu_ext(ext, st: SeqStats, short_first: bool, grouped, threads=None, rows=None, share=None) -> torch.Tensor:
     """Call the C++ kernels (they take raw pointers: every tensor here is contiguous, on the CPU).
 
     The kernels read the float32 values, starts and lengths and compute everything else themselves.
     ``threads``: the OpenMP thread count (``None``: :func:`heal_kernels._backend.cpu_threads`'s
     default). ``rows``: ``None`` or ``(begin, end)``: the grouped op scores only rows
     ``begin .. end - 1`` (every column stays a candidate neighbour) and returns ``[end - begin, G]``,
-    each row bit-identical to the full call's whatever ``threads`` and ``rows``."""
+    each row bit-identical to the full call's whatever ``threads`` and ``rows``. ``share``: ``None`` or
+    ``(index, count)``: that share of the unordered pairs, partial maxima ``[B, G]``."""
     bsz = st.lengths.numel()
     ptrs = [t.data_ptr() for t in (st.values, st.starts, st.lengths)]
     threads = cpu_threads(threads)
@@ -505,11 +515,35 @@ def _run_cpu_ext(ext, st: SeqStats, short_first: bool, grouped, threads=None, ro
         return out
     groups, num_groups, exclude_self, pids = grouped
     begin, end = (0, bsz) if rows is None else (int(rows[0]), int(rows[1]))
+    index, count = (0, 1) if share is None else (int(share[0]), int(share[1]))
     out = torch.empty((end - begin, num_groups), dtype=torch.float32)  # written entirely by the kernel
     pid_ptr = pids.data_ptr() if pids is not None else 0
     ext.grouped(*ptrs, bsz, short_first, groups.data_ptr(), num_groups, exclude_self, pid_ptr, out.data_ptr(), threads,
-                begin, end)
+                begin, end, index, count)
     return out
+
+
+def share_rows(bsz: int, index: int, count: int) -> Tuple[int, int]:
+    """Share ``index``'s contiguous ``(begin, end)`` of ``bsz`` rows split into ``count`` shares (sizes
+    differ by at most one; every row belongs to exactly one share)."""
+    base, extra = divmod(bsz, count)
+    begin = index * base + min(index, extra)
+    return begin, begin + base + (1 if index < extra else 0)
+
+
+def _check_share(share, rows):
+    """``share`` of the grouped op: ``None`` or ``(index, count)`` with ``0 <= index < count``."""
+    if share is None:
+        return None
+    if (not isinstance(share, (tuple, list)) or len(share) != 2
+            or any(isinstance(v, bool) or not isinstance(v, int) for v in share)):
+        raise ValueError(f"share must be None or an (index, count) pair of ints, got {share!r}")
+    index, count = share
+    if not 0 <= index < count:
+        raise ValueError(f"share=({index}, {count}) must satisfy 0 <= index < count")
+    if rows is not None:
+        raise ValueError("share and rows cannot be combined: a share scores every row")
+    return int(index), int(count)
 
 
 def _check_rows(rows, bsz: int):
@@ -526,7 +560,7 @@ def _check_rows(rows, bsz: int):
 
 
 def _run(values, cu_seqlens, metric, kl_direction, backend, grouped_args=None, check=True, num_threads=None,
-         rows=None):
+         rows=None, share=None):
     _check_metric(metric, kl_direction)
     threads = cpu_threads(num_threads)
     vals, cu = _validate_packed(values, cu_seqlens, check)
@@ -534,13 +568,24 @@ def _run(values, cu_seqlens, metric, kl_direction, backend, grouped_args=None, c
     if grouped_args is not None:
         groups, num_groups, exclude_self, prompt_ids = grouped_args
         groups, pids = _validate_groups(groups, num_groups, prompt_ids, bsz, vals.device, check)
+        share = _check_share(share, rows)
         rows = _check_rows(rows, bsz)
         if rows is not None and rows == (0, bsz):
             rows = None
+        if share is not None and share[1] == 1:
+            share = None
         if rows is not None and rows[0] == rows[1]:
             return torch.full((0, num_groups), -math.inf, dtype=torch.float32, device=vals.device)
     name = resolve_backend(vals.device, backend)
     short_first = kl_direction == "short_first"
+    if share is not None and not (metric == "kl" and bsz > 0 and name == "cpu" and _cpu_ext() is not None):
+        # every other path computes each row on its own: the share is a block of whole rows
+        begin, end = share_rows(bsz, *share)
+        out = torch.full((bsz, num_groups), -math.inf, dtype=torch.float32, device=vals.device)
+        if end > begin:
+            out[begin:end] = _run(vals, cu, metric, kl_direction, name, grouped_args, check=False,
+                                  num_threads=num_threads, rows=(begin, end))
+        return out
     if metric == "kl" and bsz > 0 and name == "triton" and (grouped_args is None or num_groups <= _TRITON_MAX_GROUPS):
         from heal_kernels.triton import pairwise as tri
 
@@ -553,7 +598,7 @@ def _run(values, cu_seqlens, metric, kl_direction, backend, grouped_args=None, c
         ext = _cpu_ext()
         if ext is not None:
             return _run_cpu_ext(ext, st, short_first, grouped_args is not None and (groups, num_groups, exclude_self, pids),
-                                threads, rows)
+                                threads, rows, share)
     if grouped_args is None:
         return _pairwise_torch(st, cu, metric, short_first)
     if rows is None:
@@ -598,6 +643,7 @@ def grouped_max_similarity(
     check: bool = True,
     num_threads: Optional[int] = None,
     rows: Optional[Tuple[int, int]] = None,
+    share: Optional[Tuple[int, int]] = None,
 ) -> torch.Tensor:
     """Float32 ``[B, num_groups]``: for each row ``i`` the max of ``s(seq_i, seq_j)`` over the columns
     ``j`` with ``groups[j] == g``, skipping ``j == i`` (``exclude_self``), ``prompt_ids[j] ==
@@ -614,6 +660,13 @@ def grouped_max_similarity(
     neighbour) and returns ``[end - begin, num_groups]``, bit for bit the same rows as the full call:
     shards of rows can be computed on different workers and concatenated. ``num_threads`` as in
     :func:`pairwise_similarity`.
+
+    ``share=(index, count)`` computes one of ``count`` shares of the work and returns partial maxima
+    ``[B, num_groups]`` (``-inf`` where the share saw no eligible column); the element-wise
+    ``torch.maximum`` of the ``count`` shares is the full result, bit for bit. The C++ kernel splits
+    the unordered pairs (each pair is computed once, in both directions, by one share, the shares
+    cut at equal estimated cost); the other paths compute each row on its own anyway, and a share is
+    a block of whole rows (:func:`share_rows`). Not combined with ``rows``.
     """
     return _run(values, cu_seqlens, metric, kl_direction, backend, (groups, num_groups, bool(exclude_self), prompt_ids),
-                check=bool(check), num_threads=num_threads, rows=rows)
+                check=bool(check), num_threads=num_threads, rows=rows, share=share)

@@ -1,5 +1,5 @@
-"""Where the EDA runs: its CPU thread count (affinity, never torch's global setting) and row shards
-computed by several workers, bit for bit the single-process result."""
+"""Where the EDA runs: its CPU thread count (affinity, never torch's global setting), row ranges and
+shares of the work computed by several workers, bit for bit the single-process result."""
 
 import os
 import subprocess
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import heal_kernels
-from heal.integrations.verl.eda_workers import grouped_max_shard, shard_rows, workers_grouped_max
+from heal.integrations.verl.eda_workers import grouped_max_shard, workers_grouped_max
 from heal.reward import EDAConfig, eda_reward, eda_step
 from heal_kernels._backend import available_cpus, cpu_threads
 from heal_kernels.ops import pairwise as pw
@@ -44,9 +44,9 @@ def test_kernel_gets_affinity_threads_not_torchs_setting(monkeypatch):
     seen = []
     real = pw._run_cpu_ext
 
-    def spy(ext, st, short_first, grouped, threads, rows=None):
+    def spy(ext, st, short_first, grouped, threads, rows=None, share=None):
         seen.append(threads)
-        return real(ext, st, short_first, grouped, threads, rows)
+        return real(ext, st, short_first, grouped, threads, rows, share)
 
     monkeypatch.setattr(pw, "_run_cpu_ext", spy)
     if pw._cpu_ext() is None:
@@ -84,11 +84,14 @@ def test_affinity_mask_limits_the_default():
 
 
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
-def test_rows_are_bit_identical_to_the_full_call(backend):
-    values, cu, is_general, pids = _batch(23, 1)
+@pytest.mark.parametrize("bsz", [23, 150])
+def test_rows_are_bit_identical_to_the_full_call(backend, bsz):
+    """(B = 150 on the torch path: a row range computed in tiles of its own width differed from the
+    full call in the last bits; it now reuses the full call's tiles.)"""
+    values, cu, is_general, pids = _batch(bsz, 1, hi=300)
     groups = is_general.to(torch.int32)
     full = heal_kernels.grouped_max_similarity(values, cu, groups, 2, prompt_ids=pids, backend=backend)
-    for begin, end in [(0, 23), (0, 1), (5, 17), (22, 23), (7, 7)]:
+    for begin, end in [(0, bsz), (0, 1), (5, 17), (bsz - 1, bsz), (7, 7), (bsz // 3, bsz - 2)]:
         part = heal_kernels.grouped_max_similarity(values, cu, groups, 2, prompt_ids=pids, backend=backend,
                                                    rows=(begin, end), num_threads=2)
         assert part.shape == (end - begin, 2)
@@ -102,21 +105,63 @@ def test_rows_are_validated():
             heal_kernels.grouped_max_similarity(values, cu, is_general.to(torch.int32), 2, rows=bad)
 
 
-def test_shard_rows_tiles_the_batch():
+def test_share_rows_tiles_the_batch():
     for bsz in (0, 1, 5, 64, 1001):
-        for world in (1, 2, 3, 8):
-            shards = [shard_rows(bsz, r, world) for r in range(world)]
+        for count in (1, 2, 3, 8):
+            shards = [pw.share_rows(bsz, k, count) for k in range(count)]
             assert shards[0][0] == 0 and shards[-1][1] == bsz
             assert all(a[1] == b[0] for a, b in zip(shards, shards[1:]))
             sizes = [e - b for b, e in shards]
             assert max(sizes) - min(sizes) <= 1
-    with pytest.raises(ValueError):
-        shard_rows(10, 2, 2)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_shares_combine_to_the_full_call_bit_for_bit(backend):
+    """The element-wise max of the shares (0 .. count - 1) is the full result at any thread count;
+    with 2 or more shares no share alone is (the work is split)."""
+    bsz = 150 if backend == "cpu" else 60
+    values, cu, is_general, pids = _batch(bsz, 2, hi=300)
+    groups = is_general.to(torch.int32)
+    full = heal_kernels.grouped_max_similarity(values, cu, groups, 2, prompt_ids=pids, backend=backend)
+    for count in (1, 2, 3, 5):
+        for threads in (1, 2):
+            parts = [heal_kernels.grouped_max_similarity(values, cu, groups, 2, prompt_ids=pids, backend=backend,
+                                                         share=(k, count), num_threads=threads) for k in range(count)]
+            assert all(p.shape == (bsz, 2) for p in parts)
+            merged = parts[0]
+            for p in parts[1:]:
+                merged = torch.maximum(merged, p)
+            assert torch.equal(merged, full), (count, threads)
+            if count > 1:
+                assert not any(torch.equal(p, full) for p in parts), (count, threads)
+
+
+def test_cpu_shares_split_the_pairs_not_the_rows():
+    """On the C++ kernel a share computes pairs across the whole batch: several shares write to
+    the same row (a row share would leave every other row at -inf)."""
+    if pw._cpu_ext() is None:
+        pytest.skip("the C++ extension cannot be built here")
+    values, cu, is_general, pids = _batch(150, 3, hi=300)
+    groups = is_general.to(torch.int32)
+    parts = [heal_kernels.grouped_max_similarity(values, cu, groups, 2, prompt_ids=pids, backend="cpu", share=(k, 2))
+             for k in range(2)]
+    touched = [torch.isfinite(p).any(dim=1) for p in parts]
+    assert int((touched[0] & touched[1]).sum()) >= 20
+
+
+def test_shares_are_validated():
+    values, cu, is_general, _ = _batch(6, 2)
+    groups = is_general.to(torch.int32)
+    for bad in [(2, 2), (-1, 2), (0, 0), (0,), (0.0, 2), (True, 2), "0/2"]:
+        with pytest.raises(ValueError, match="share"):
+            heal_kernels.grouped_max_similarity(values, cu, groups, 2, share=bad)
+    with pytest.raises(ValueError, match="share and rows"):
+        heal_kernels.grouped_max_similarity(values, cu, groups, 2, share=(0, 2), rows=(0, 3))
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 7])
 def test_workers_placement_equals_driver_bit_for_bit(world):
-    """eda_step with the rows sharded over `world` workers (each a process in verl; here called in
+    """eda_step with the work shared out over `world` workers (each a process in verl; here called in
     turn, through the payload a worker receives) gives the driver's rewards, maxima and metrics."""
     bsz, t = 29, 70
     g = torch.Generator().manual_seed(world)
@@ -144,20 +189,28 @@ def test_workers_placement_equals_driver_bit_for_bit(world):
     assert report["eda/workers"] == world and report["eda/threads"] == available_cpus()
 
 
-def test_workers_blocks_must_tile_the_batch():
+def test_workers_shares_must_be_one_whole_world():
     values, cu, is_general, _ = _batch(10, 3)
 
     def call(payload):  # a worker group that lost a rank
         return [grouped_max_shard(payload, 0, 2)]
 
-    with pytest.raises(RuntimeError, match="cover rows"):
+    with pytest.raises(RuntimeError, match="shares are not"):
         eda_reward(values, cu, is_general, grouped_max=workers_grouped_max(call))
 
-    def overlapping(payload):
+    def twice(payload):
         return [grouped_max_shard(payload, 0, 2), grouped_max_shard(payload, 0, 2)]
 
-    with pytest.raises(RuntimeError, match="do not tile"):
-        eda_reward(values, cu, is_general, grouped_max=workers_grouped_max(overlapping))
+    with pytest.raises(RuntimeError, match="shares are not"):
+        eda_reward(values, cu, is_general, grouped_max=workers_grouped_max(twice))
+
+    def wrong_shape(payload):
+        outs = [grouped_max_shard(payload, k, 2) for k in range(2)]
+        outs[1]["sims"] = outs[1]["sims"][:5]
+        return outs
+
+    with pytest.raises(RuntimeError, match="shape"):
+        eda_reward(values, cu, is_general, grouped_max=workers_grouped_max(wrong_shape))
 
 
 def test_bench_eda_scaling_table(tmp_path):

@@ -28,9 +28,9 @@ def test_default_ray_actor_eda_uses_the_affinity_cpus(local_ray):
             seen = []
             real = pw._run_cpu_ext
 
-            def spy(ext, st, short_first, grouped, threads, rows=None):
+            def spy(ext, st, short_first, grouped, threads, rows=None, share=None):
                 seen.append(threads)
-                return real(ext, st, short_first, grouped, threads, rows)
+                return real(ext, st, short_first, grouped, threads, rows, share)
 
             pw._run_cpu_ext = spy
             try:

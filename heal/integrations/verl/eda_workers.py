@@ -1,48 +1,40 @@
-"""The EDA's per-row maxima computed in shards of rows on several processes (verl's actor workers).
+"""The EDA's per-row maxima computed in shares on several processes (verl's actor workers).
 
 No verl import here: :mod:`heal.integrations.verl.workers` registers :func:`grouped_max_shard` as a
 worker method, and the driver side is :func:`workers_grouped_max`.
 
-Every worker receives the whole packed batch, computes the two grouped maxima of its contiguous
-shard of rows (:func:`shard_rows` by rank) with :func:`heal_kernels.grouped_max_similarity`
-(``rows=``), which returns the same bits for a row whatever other rows are computed with it; the
-driver concatenates the blocks in row order. On the same kind of device the result is therefore
-bit for bit the single-process one.
+Every worker receives the whole packed batch and computes its share ``(rank, world)`` of the work
+with :func:`heal_kernels.grouped_max_similarity` (``share=``): partial maxima ``[B, G]``, which the
+driver combines with an element-wise max. On a CPU worker the C++ kernel splits the unordered pairs
+(each pair computed once, in both directions, by one worker, the shares cut at equal estimated
+cost), so ``world`` workers do the arithmetic of one process; on a GPU the Triton kernel computes
+each row on its own and a share is a block of rows. A max does not depend on the order or grouping
+of its operands, so on the same kind of device the result is bit for bit the single-process one.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-__all__ = ["shard_rows", "grouped_max_shard", "workers_grouped_max"]
-
-
-def shard_rows(bsz: int, rank: int, world: int) -> Tuple[int, int]:
-    """Rank ``rank``'s contiguous ``(begin, end)`` of ``bsz`` rows split over ``world`` ranks (sizes
-    differ by at most one; every row belongs to exactly one rank)."""
-    if world < 1 or not 0 <= rank < world:
-        raise ValueError(f"rank {rank} is not in a world of {world}")
-    base, extra = divmod(bsz, world)
-    begin = rank * base + min(rank, extra)
-    return begin, begin + base + (1 if rank < extra else 0)
+__all__ = ["grouped_max_shard", "workers_grouped_max"]
 
 
 def grouped_max_shard(payload: Dict[str, Any], rank: int, world: int, device: Optional[torch.device] = None) -> Dict[str, Any]:
-    """One worker's part: the grouped maxima of its shard of rows, computed on ``device`` (default:
-    this process's GPU when it has one, else the CPU) and returned on the CPU with the shard's
-    bounds, the thread count (CPU) and the time taken."""
+    """One worker's part: its share ``(rank, world)`` of the grouped maxima (partial maxima
+    ``[B, G]``), computed on ``device`` (default: this process's GPU when it has one, else the CPU)
+    and returned on the CPU with the share, the thread count (CPU) and the time taken."""
     from heal_kernels import grouped_max_similarity
     from heal_kernels._backend import cpu_threads
 
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is not in a world of {world}")
     t0 = time.perf_counter()
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     values, cu = payload["values"], payload["cu_seqlens"]
-    bsz = cu.numel() - 1
-    begin, end = shard_rows(bsz, rank, world)
     kwargs = dict(payload["kwargs"])
     threads = cpu_threads(kwargs.pop("num_threads", None)) if device.type == "cpu" else 0
     pids = payload.get("prompt_ids")
@@ -52,12 +44,12 @@ def grouped_max_shard(payload: Dict[str, Any], rank: int, world: int, device: Op
         payload["groups"].to(device),
         payload["num_groups"],
         prompt_ids=None if pids is None else pids.to(device),
-        rows=(begin, end),
+        share=(rank, world),
         num_threads=threads or None,
         **kwargs,
     )
     return {
-        "rows": (begin, end),
+        "share": (rank, world),
         "sims": sims.cpu(),
         "device": str(device),
         "threads": threads,
@@ -66,19 +58,18 @@ def grouped_max_shard(payload: Dict[str, Any], rank: int, world: int, device: Op
 
 
 def _combine(outputs: List[Dict[str, Any]], bsz: int, num_groups: int) -> torch.Tensor:
-    """Concatenate the workers' blocks in row order, checking that they tile ``[0, bsz)`` exactly."""
-    blocks = sorted(outputs, key=lambda o: o["rows"][0])
-    at = 0
-    for o in blocks:
-        begin, end = o["rows"]
-        if begin != at or tuple(o["sims"].shape) != (end - begin, num_groups):
-            raise RuntimeError(f"heal: the workers' EDA blocks do not tile the batch: {[b['rows'] for b in blocks]} for B={bsz}")
-        at = end
-    if at != bsz:
-        raise RuntimeError(f"heal: the workers' EDA blocks cover rows [0, {at}) of B={bsz}")
-    if not blocks:
-        return torch.full((0, num_groups), float("-inf"))
-    return torch.cat([o["sims"] for o in blocks], dim=0)
+    """The element-wise max of the workers' partial maxima, checking that they are the shares
+    ``0 .. world - 1`` of one world, each ``[bsz, num_groups]``."""
+    shares = sorted(tuple(o["share"]) for o in outputs)
+    world = len(outputs)
+    if shares != [(k, world) for k in range(world)]:
+        raise RuntimeError(f"heal: the workers' EDA shares are not 0 .. {world - 1} of {world}: {shares}")
+    out = torch.full((bsz, num_groups), float("-inf"))
+    for o in outputs:
+        if tuple(o["sims"].shape) != (bsz, num_groups):
+            raise RuntimeError(f"heal: a worker's EDA share has shape {tuple(o['sims'].shape)}, not ({bsz}, {num_groups})")
+        out = torch.maximum(out, o["sims"])
+    return out
 
 
 def workers_grouped_max(call: Callable[[Any], List[Dict[str, Any]]], put: Callable[[Any], Any] = lambda x: x,

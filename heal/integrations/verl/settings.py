@@ -17,7 +17,7 @@ Keys (defaults in ``heal/integrations/verl/config/heal_trainer.yaml``)::
       rollout_dump: null            # a path: append each step's trajectories (entropies, scores) as JSONL
       high_entropy_scope: batch     # 80/20 loss (high_entropy_tokens): batch (paper) | micro_batch (authors' code)
       entropy_temperature: rollout  # EDA entropies at the rollout temperature (rollout) or at T=1 (1.0)
-      eda_placement: driver         # driver (trainer process) | workers (rows sharded over the actor workers)
+      eda_placement: driver         # driver (trainer process) | workers (the work shared out over the actor workers)
       eda_threads: null             # CPU EDA kernel threads; null: the CPUs the process may run on (affinity)
 
 Every error is a ``ValueError`` whose message starts with the full key, e.g. ``heal.weight``.

@@ -44,7 +44,8 @@ Select it with ``trainer.v1.trainer_mode=heal_sync`` (verl's default ``trainer.u
    tensors read from the TransferQueue, with ``heal.eda_threads`` threads (default: the CPUs this
    process may run on; Ray starts the trainer with ``OMP_NUM_THREADS=1``, which heal does not follow).
    ``heal.eda_placement: workers``: the actor workers compute it on their own devices, each for its
-   shard of rows (:mod:`heal.integrations.verl.workers`); the driver receives only ``[B, 2]`` maxima.
+   share of the work (:mod:`heal.integrations.verl.eda_workers`); the driver receives ``[B, 2]`` partial
+   maxima from each and combines them with a max.
 
 The trainer reports its ``trainer_mode`` as ``"sync"`` to verl's base class, so every code path verl
 reserves for the sync trainer (replay buffer, checkpointing, prompt submission) stays the same.
