@@ -236,7 +236,7 @@ def plot_entropy_dynamics(entropies: Sequence[Sequence[float]], domains: Sequenc
 
 _ENTROPY_KEY_RE = re.compile(r"^eda/entropy(?:_mean)?_(\w+)$")
 # eda/entropy_* keys that are not a domain's entropy (the TRL integration's timing / pass flag)
-_NOT_DOMAIN_ENTROPY = ("eda/entropy_forward_time_s", "eda/entropy_shared_pass")
+_NOT_DOMAIN_ENTROPY = ("eda/entropy_forward_time_s", "eda/entropy_shared_pass", "eda/entropy_source")
 
 
 def entropy_metric_keys(metrics: Mapping[int, Mapping[str, float]]) -> List[str]:

@@ -167,7 +167,8 @@ def test_heatmap_entropy_dynamics_and_curves(tmp_path):
     # the keys heal.reward.eda_step reports
     step_keys = {0: {"eda/entropy_mean_target": 0.3, "eda/entropy_mean_general": 0.5, "eda/rate_target": 0.2}}
     assert plots.entropy_metric_keys(step_keys) == ["eda/entropy_mean_general", "eda/entropy_mean_target"]
-    trl_keys = {0: dict(step_keys[0], **{"eda/entropy_forward_time_s": 0.2, "eda/entropy_shared_pass": 0.0})}
+    trl_keys = {0: dict(step_keys[0], **{"eda/entropy_forward_time_s": 0.2, "eda/entropy_shared_pass": 0.0,
+                                         "eda/entropy_source": 2.0, "eda/capture_time_s": 0.04})}
     assert plots.entropy_metric_keys(trl_keys) == ["eda/entropy_mean_general", "eda/entropy_mean_target"]
     with pytest.raises(ValueError, match="not in the log"):
         plots.plot_entropy_curves(metrics, str(tmp_path / "x.png"), keys=["nope"])

@@ -60,9 +60,16 @@ class HEALGRPOConfig(GRPOConfig):
         heal_data_source_key (`str`, defaults to ``"data_source"``):
             Dataset column holding each prompt's data source.
         heal_entropy_batch_size (`int`, *optional*):
-            Rows per chunk of the no-grad forward that computes the completion entropies
-            (each chunk materialises ``[rows, completion_len, vocab]`` logits). Defaults to
-            ``per_device_train_batch_size``.
+            Rows per chunk of the no-grad forward that computes the completion entropies when they
+            are neither captured during generation nor taken from TRL's old-log-prob pass (each chunk
+            materialises ``[rows, completion_len, vocab]`` logits, unless the model has a plain linear
+            head). Defaults to ``per_device_train_batch_size``.
+        heal_capture_entropies (`bool`, defaults to ``True``):
+            With transformers ``generate`` (no vLLM), capture the completion entropies while TRL
+            samples (a logits processor running ``heal_kernels.token_entropy`` on each step's raw
+            logits at ``temperature``) instead of one extra no-grad forward per batch. Same numbers;
+            ``False`` forces the forward. The trainer logs the source as ``eda/entropy_source``
+            (0 extra forward, 1 TRL's old-log-prob pass, 2 captured during generation).
         heal_high_entropy_scope (`str`, defaults to ``"batch"``):
             Where TRL's 80/20 rule (``top_entropy_quantile < 1``) takes its quantile: ``"batch"``
             (the paper's rule: one threshold over the whole generation batch, all processes, from the
@@ -102,6 +109,11 @@ class HEALGRPOConfig(GRPOConfig):
     )
     heal_entropy_batch_size: Optional[int] = field(
         default=None, metadata={"help": "Rows per chunk of the entropy forward (default: per-device batch size)."}
+    )
+    heal_capture_entropies: bool = field(
+        default=True,
+        metadata={"help": "Capture the completion entropies while transformers generate samples (no extra "
+                          "forward); False: one extra no-grad forward per batch."},
     )
 
     heal_eda_threads: Optional[int] = field(

@@ -3,23 +3,43 @@
 What it changes in TRL's step (``_generate_and_score_completions``), and nothing else:
 
 1. The completion entropies: exact full-vocabulary token entropies of the policy at the
-   sampling temperature (``args.temperature``), through heal's fused ops, on the same padded
-   ``prompt + completion`` tensors TRL's own log-prob pass uses, row chunk by row chunk (only
-   ``[B, T]`` float32 entropies are kept). When the model's head is a plain linear layer (the rule of
-   :func:`heal.rollout.entropy.linear_head_split`: a transformers model whose logits are
-   ``lm_head(last_hidden_state)``, no soft-capping or scaling) they come straight from the hidden
-   states of the completion positions (:func:`heal_kernels.linear_entropy_and_logprobs`): no
-   ``[tokens x vocab]`` logits exist; other models go through their logits
+   sampling temperature (``args.temperature``), through heal's fused ops. A forward that computes
+   them runs on the same padded ``prompt + completion`` tensors TRL's own log-prob pass uses, row
+   chunk by row chunk (only ``[B, T]`` float32 entropies are kept). When the model's head is a
+   plain linear layer (the rule of :func:`heal.rollout.entropy.linear_head_split`: a transformers
+   model whose logits are ``lm_head(last_hidden_state)``, no soft-capping or scaling) they come
+   straight from the hidden states of the completion positions
+   (:func:`heal_kernels.linear_entropy_and_logprobs`): no ``[tokens x vocab]`` logits exist; other
+   models go through their logits
    (:func:`heal_kernels.entropy_and_logprobs`). TRL's own training pass already scores completions
    with its fused LM head (``fused_lm_head=True``), which does not materialise full logits either.
 
-   * When TRL runs its no-grad old-log-prob pass (generation and optimisation misaligned, e.g.
-     ``num_iterations > 1`` or ``steps_per_generation`` not dividing
-     ``gradient_accumulation_steps``, or vLLM importance sampling), that single forward computes
-     both TRL's old log-probs and HEAL's entropies (:func:`heal_kernels.entropy_and_logprobs`):
-     no extra forward.
-   * Otherwise (TRL's default on-policy setting runs no such pass) one extra no-grad forward,
-     :func:`heal_kernels.token_entropy`, batched by ``heal_entropy_batch_size`` rows.
+   Where they come from (metric ``eda/entropy_source``, codes in :data:`ENTROPY_SOURCES`), the first
+   that applies:
+
+   * ``1`` TRL's old-log-prob pass: when TRL runs its no-grad old-log-prob pass (generation and
+     optimisation misaligned, e.g. ``num_iterations > 1`` or ``steps_per_generation`` not dividing
+     ``gradient_accumulation_steps``, or vLLM importance sampling, TRL's default with vLLM), that
+     single forward computes both TRL's old log-probs and HEAL's entropies
+     (:func:`heal_kernels.entropy_and_logprobs`): no extra forward.
+   * ``2`` captured during generation: with transformers ``generate`` (TRL's default, no vLLM) a
+     logits processor (:class:`heal.integrations.trl.capture.EntropyCapture`, passed to ``generate``)
+     takes :func:`heal_kernels.token_entropy` of every step's raw logits at ``args.temperature``, the
+     same full-vocabulary definition as the forward (no top-k / top-p truncation), filed per row and
+     position and masked after EOS like TRL's completion mask: no extra forward. Needs
+     ``heal_capture_entropies=True`` (default), text-only prompts without tools, and no generation
+     option that changes the logits before a user logits processor (``repetition_penalty != 1``,
+     ``min_new_tokens``, suppressed or forced tokens, ...;
+     :func:`heal.integrations.trl.capture.logits_changed_before_capture`).
+   * ``0`` one extra no-grad forward, :func:`heal_kernels.token_entropy`, batched by
+     ``heal_entropy_batch_size`` rows: everywhere else (vLLM without importance sampling, continuous
+     batching, tool calling, capture disabled or blocked). TRL 1.16 builds its colocated vLLM engine
+     itself (``VLLMGeneration``: ``vllm.LLM(...)`` with a fixed argument list, no ``logits_processors``),
+     and vLLM v1 takes logits processors only when an engine is built (``LLM(logits_processors=...)``
+     or the ``vllm.logits_processors`` entry points of every installed package), so heal's vLLM
+     processor (:mod:`heal.rollout.vllm_entropy`) cannot be attached there; nor could it file the
+     entropies per request, since TRL sends one ``SamplingParams`` for all prompts of a call (the
+     processor's per-request ``extra_args`` tag). TRL's server mode samples in another process.
 2. The rewards of all reward functions are computed as usual (TRL gathers them across
    processes); the entropies, completion masks and data sources are gathered the same way, and
    :func:`heal.reward.eda_step` computes ``r_EDA`` over the whole generation batch, trajectories
@@ -29,9 +49,10 @@ What it changes in TRL's step (``_generate_and_score_completions``), and nothing
    own advantage computation sees ``r = sum_k w_k r_k + heal_weight * r_EDA``. TRL logs
    ``rewards/eda/mean`` next to the accuracy reward; the EDA metrics (``eda/rate_target``,
    ``eda/rate_general``, ``eda/entropy_mean_*``, ``eda/s_*``, ``eda/time_s``, plus
-   ``eda/entropy_forward_time_s``, the time of the forward that produced the entropies, and
-   ``eda/entropy_shared_pass``, 1 when it was TRL's old-log-prob pass) go through TRL's metrics,
-   averaged per logging step.
+   ``eda/entropy_source`` (the code above), ``eda/entropy_forward_time_s``, the time of the forward
+   that produced the entropies (0 when captured), ``eda/capture_time_s``, the time the capture took
+   inside ``generate`` (0 otherwise), and ``eda/entropy_shared_pass``, 1 when it was TRL's
+   old-log-prob pass) go through TRL's metrics, averaged per logging step.
 4. With ``heal_rollout_dump=PATH`` the main process appends every training EDA step's completions
    to that JSONL rollout dump (:func:`heal.analysis.logs.append_rollout_dump`), for ``heal plot
    heatmap|dynamics``. ``step`` = ``state.global_step + 1``: the first optimizer step the batch
@@ -59,17 +80,28 @@ import torch
 import trl
 from accelerate.utils import gather_object
 from packaging.version import Version
+from transformers import LogitsProcessorList
 from trl import GRPOConfig, GRPOTrainer
+from trl.extras.profiling import profiling_context
+from trl.models import unwrap_model_for_generation
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import pad
 
+from heal.integrations.trl.capture import EntropyCapture, logits_changed_before_capture
 from heal.integrations.trl.config import HEALGRPOConfig
 
-__all__ = ["HEALGRPOTrainer", "completion_entropies", "EDA_REWARD_NAME"]
+__all__ = ["HEALGRPOTrainer", "completion_entropies", "EDA_REWARD_NAME", "ENTROPY_SOURCES"]
 
 EDA_REWARD_NAME = "eda"
 
-# The trainer overrides private GRPOTrainer methods (_generate, _calculate_rewards,
+# The values of the metric eda/entropy_source: where a batch's completion entropies came from.
+ENTROPY_SOURCES = {
+    "extra_forward": 0,  # one extra no-grad forward over prompt + completion
+    "old_logp_pass": 1,  # TRL's own old-log-prob pass, shared
+    "generate": 2,  # captured by a logits processor while transformers generate sampled
+}
+
+# The trainer overrides private GRPOTrainer methods (_generate, _generate_single_turn, _calculate_rewards,
 # _generate_and_score_completions, _get_per_token_logps_and_entropies) as TRL 1.16 defines them.
 TESTED_TRL = "1.16"
 if not Version("1.16") <= Version(trl.__version__) < Version("2.0"):
@@ -196,9 +228,11 @@ class HEALGRPOTrainer(GRPOTrainer):
         trainer.train()
 
     After each scored batch, :attr:`heal_last_batch` holds (detached, on the CPU) what the EDA step
-    used: ``entropy`` and ``mask`` ``[B, T]`` (this process's rows), ``input_ids`` /
-    ``attention_mask`` / ``logits_to_keep`` of the entropy forward, and the gathered
-    ``data_sources``, ``uids``, ``eda_reward``, ``metrics``.
+    used: ``entropy`` and ``mask`` ``[B, T]`` (this process's rows), ``entropy_pass`` (a key of
+    :data:`ENTROPY_SOURCES`), ``input_ids`` / ``attention_mask`` / ``logits_to_keep`` of the
+    prompt + completion batch (what an entropy forward runs on), and the gathered ``data_sources``,
+    ``uids``, ``eda_reward``, ``metrics``. :attr:`heal_capture_blocked` says why completions are not
+    captured during generation in this setting (None when they are).
     """
 
     def __init__(self, model, reward_funcs=None, args: Optional[GRPOConfig] = None, *rest, heal_config=None, **kwargs):
@@ -254,7 +288,39 @@ class HEALGRPOTrainer(GRPOTrainer):
         self._heal_rollout = None
         self._heal_share_old_logp_pass = False
         self._heal_shared = None
+        self._heal_captured = None  # (entropy [B, T] masked after EOS, lengths, capture seconds)
+        self.heal_capture_blocked = self._heal_capture_blocked_reason()
+        if self.heal_capture_blocked and getattr(self.args, "heal_capture_entropies", True) and not self.use_vllm:
+            warnings.warn(
+                "HEALGRPOTrainer: completion entropies are not captured during generation "
+                f"({self.heal_capture_blocked}); they take one extra no-grad forward per batch instead "
+                "(eda/entropy_source=0)",
+                stacklevel=2,
+            )
         self.heal_last_batch: dict[str, Any] = {}
+
+    def _heal_capture_blocked_reason(self) -> Optional[str]:
+        """Why this trainer cannot capture entropies inside transformers ``generate`` (None: it can)."""
+        if not getattr(self.args, "heal_capture_entropies", True):
+            return "heal_capture_entropies=False"
+        if self.use_vllm:
+            return "vLLM generation (TRL builds the engine without logits processors)"
+        if getattr(self, "use_transformers_continuous_batching", False):
+            return "use_transformers_continuous_batching (generate_batch takes no logits processor)"
+        if getattr(self, "rollout_func", None) is not None:
+            return "a custom rollout_func generates"
+        if getattr(self, "tools", None):
+            return "tool calling (multi-turn generation)"
+        if getattr(self, "_is_vlm", False):
+            return "a vision-language model"
+        model = self.accelerator.unwrap_model(self.model)
+        changed = logits_changed_before_capture(self.generation_config, getattr(model, "generation_config", None))
+        if changed:
+            return (
+                f"generation options {changed} change the logits before a user logits processor sees them, so the "
+                "captured distribution would not be the policy's softmax(z / T)"
+            )
+        return None
 
     # -- capture what generation produced (token ids, tool masks) ---------------------------------
     def _generate(self, prompts: list):
@@ -262,6 +328,71 @@ class HEALGRPOTrainer(GRPOTrainer):
         prompt_ids, completion_ids, tool_mask = out[0], out[1], out[2]
         self._heal_rollout = (prompt_ids, completion_ids, tool_mask)
         return out
+
+    # -- capture the entropies while transformers generate samples -----------------------------------
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        self._heal_captured = None
+        if (
+            self.heal_capture_blocked is not None
+            or self._heal_share_old_logp_pass  # TRL's old-log-prob pass will give them at no cost
+            or images is not None
+            or multimodal_fields
+        ):
+            return super()._generate_single_turn(
+                prompt_ids, images, multimodal_fields, num_generations, has_tool_images
+            )
+        # TRL 1.16's regular (transformers generate) text-only path, plus the logits processor.
+        device = self.accelerator.device
+        prompt_tensors = [torch.tensor(ids) for ids in prompt_ids]
+        padded_ids = pad(
+            prompt_tensors,
+            padding_value=self._tokenizer.pad_token_id,
+            padding_side="left",
+            pad_to_multiple_of=self.pad_to_multiple_of,
+        )
+        attention_mask = pad(
+            [torch.ones_like(t) for t in prompt_tensors],
+            padding_value=0,
+            padding_side="left",
+            pad_to_multiple_of=self.pad_to_multiple_of,
+        )
+        generate_inputs = {"input_ids": padded_ids, "attention_mask": attention_mask}
+        generate_inputs = super(GRPOTrainer, self)._prepare_inputs(generate_inputs)  # as TRL's super()._prepare_inputs
+        prompt_length = generate_inputs["input_ids"].size(1)
+        capture = EntropyCapture(self.temperature, prompt_length)
+        with (
+            profiling_context(self, "transformers.generate"),
+            unwrap_model_for_generation(
+                self.model_wrapped,
+                self.accelerator,
+                gather_deepspeed3_params=self.args.ds3_gather_for_generation,
+                generation_kwargs=self.generation_kwargs,
+                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+            ) as unwrapped_model,
+            torch.no_grad(),
+            self._dist.summon_full_params(self.model_wrapped, recurse=False),
+        ):
+            prompt_completion_ids = unwrapped_model.generate(
+                **generate_inputs,
+                generation_config=self.generation_config,
+                logits_processor=LogitsProcessorList([capture]),
+            )
+        completion_ids = prompt_completion_ids[:, prompt_length:]
+
+        # Mask everything after the first EOS token (TRL's completion mask)
+        is_eos = torch.isin(completion_ids, torch.tensor(self.eos_token_ids, device=device))
+        eos_idx = torch.full((is_eos.size(0),), is_eos.size(1), dtype=torch.long, device=device)
+        eos_idx[is_eos.any(dim=1)] = is_eos.int().argmax(dim=1)[is_eos.any(dim=1)]
+        sequence_indices = torch.arange(is_eos.size(1), device=device).expand(is_eos.size(0), -1)
+        completion_mask = (sequence_indices <= eos_idx.unsqueeze(1)).int()
+        entropy = capture.entropies()
+        if entropy is not None and entropy.shape == completion_ids.shape:
+            entropy = entropy.to(device).masked_fill(completion_mask == 0, 0.0)
+            self._heal_captured = (entropy, completion_mask.sum(dim=1).tolist(), capture.time_s)
+        completion_ids = [
+            c[m].tolist() for c, m in zip(completion_ids.cpu(), completion_mask.bool().cpu(), strict=True)
+        ]
+        return completion_ids, None
 
     # -- share TRL's old-log-prob pass when it runs ---------------------------------------------------
     def _generate_and_score_completions(self, inputs):
@@ -274,6 +405,7 @@ class HEALGRPOTrainer(GRPOTrainer):
             or (self.use_vllm and self.vllm_importance_sampling_correction)
         ) and not self.mask_truncated_completions
         self._heal_shared = None
+        self._heal_captured = None
         self._heal_he_mask = None
         try:
             output = super()._generate_and_score_completions(inputs)
@@ -287,6 +419,7 @@ class HEALGRPOTrainer(GRPOTrainer):
         finally:
             self._heal_share_old_logp_pass = False
             self._heal_shared = None
+            self._heal_captured = None
             self._heal_he_mask = None
 
     # -- 80/20 over the whole batch (heal_high_entropy_scope="batch") ---------------------------------
@@ -308,6 +441,7 @@ class HEALGRPOTrainer(GRPOTrainer):
     ):
         if (
             self._heal_share_old_logp_pass
+            and self._heal_captured is None
             and model is self.model
             and not torch.is_grad_enabled()
             and not compute_entropy
@@ -374,6 +508,18 @@ class HEALGRPOTrainer(GRPOTrainer):
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
         attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
         logits_to_keep = completion_ids.size(1)
+        captured, self._heal_captured = self._heal_captured, None
+        if captured is not None:
+            if captured[1] == lengths.tolist():
+                entropy = torch.zeros(completion_ids.shape, dtype=torch.float32, device=device)
+                width = min(logits_to_keep, captured[0].size(1))
+                entropy[:, :width] = captured[0][:, :width].to(device)
+                return entropy, eda_mask, input_ids, attention_mask, logits_to_keep, "generate", captured[2]
+            warnings.warn(
+                "HEALGRPOTrainer: the entropies captured during generation do not match the scored completions' "
+                "lengths; computing them with an extra forward instead",
+                stacklevel=2,
+            )
         shared = self._heal_shared
         if (
             shared is not None
@@ -444,7 +590,9 @@ class HEALGRPOTrainer(GRPOTrainer):
 
         metrics = dict(metrics)
         metrics.update(scoring_errors)
-        metrics["eda/entropy_forward_time_s"] = t_forward
+        metrics["eda/entropy_source"] = float(ENTROPY_SOURCES[entropy_pass])
+        metrics["eda/entropy_forward_time_s"] = 0.0 if entropy_pass == "generate" else t_forward
+        metrics["eda/capture_time_s"] = t_forward if entropy_pass == "generate" else 0.0
         metrics["eda/entropy_shared_pass"] = 1.0 if entropy_pass == "old_logp_pass" else 0.0
         for name, value in metrics.items():
             self._metrics[mode][name].append(float(value))
