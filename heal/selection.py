@@ -378,6 +378,12 @@ class SelectConfig:
     questions_per_batch: int = 8
     token_budget: int = 8192
     limit: Optional[int] = None
+    # vLLM engine options (--backend vllm only): None = vLLM's / heal's default
+    tensor_parallel_size: Optional[int] = None
+    gpu_memory_utilization: Optional[float] = None
+    max_model_len: Optional[int] = None
+    enforce_eager: Optional[bool] = None
+    vllm_args: Dict[str, Any] = dataclasses.field(default_factory=dict)  # any other vllm.LLM argument
 
     def require(self) -> "SelectConfig":
         """The fields without a default must be set (from the command line or the file)."""
@@ -402,7 +408,35 @@ class SelectConfig:
             raise ValueError(f"field 'device' must be auto, cpu or cuda, got {self.device!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"field 'dtype' must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        for name in ("tensor_parallel_size", "max_model_len"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"field '{name}' must be >= 1, got {getattr(self, name)}")
+        if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"field 'gpu_memory_utilization' must be in (0, 1], got {self.gpu_memory_utilization}")
+        for key in self.vllm_args:
+            if not str(key).isidentifier():
+                raise ValueError(f"field 'vllm_args': key {key!r} is not a vllm.LLM argument name")
+            if key in _VLLM_ARGS_WITH_AN_OPTION:
+                raise ValueError(f"field 'vllm_args': {key!r} has an option of its own: "
+                                 f"{_VLLM_ARGS_WITH_AN_OPTION[key]}")
         return self
+
+    def vllm_options(self) -> Dict[str, Any]:
+        """The vLLM engine options given (named ones and ``vllm_args``), as ``vllm.LLM`` keyword arguments."""
+        named = {k: getattr(self, k) for k in _VLLM_NAMED_OPTIONS if getattr(self, k) is not None}
+        return {**self.vllm_args, **named}
+
+    def vllm_engine_kwargs(self) -> Dict[str, Any]:
+        """Keyword arguments of ``heal.rollout.vllm.VLLMBackend`` for ``heal select --backend vllm``."""
+        return {"dtype": self.dtype, **self.vllm_options()}
+
+
+_VLLM_NAMED_OPTIONS = ("tensor_parallel_size", "gpu_memory_utilization", "max_model_len", "enforce_eager")
+_VLLM_ARGS_WITH_AN_OPTION = {
+    "model": "--model", "dtype": "--dtype", "tensor_parallel_size": "--tensor-parallel-size",
+    "gpu_memory_utilization": "--gpu-memory-utilization", "max_model_len": "--max-model-len",
+    "enforce_eager": "--enforce-eager", "worker_extension_cls": "none (heal's entropy processor uses it)",
+}
 
 
 def _entropy_temperature_field(value: Any) -> Any:

@@ -42,13 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from heal.rollout.vllm import VLLMUnavailableError
+    from heal.rollout.vllm import EntropyCaptureError, VLLMUnavailableError
 
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args._run(args) or 0)
-    except (ValueError, FileNotFoundError, VLLMUnavailableError) as exc:
+    except (ValueError, FileNotFoundError, VLLMUnavailableError, EntropyCaptureError) as exc:
         # bad input / bad config: one clear line, no traceback
         print(f"heal {args.command}: error: {exc}", file=sys.stderr)
         return 2

