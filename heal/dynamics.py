@@ -11,7 +11,8 @@ empty trajectories (``n_i = 0``) are allowed.
 Converters: :func:`pack_padded` (a padded ``[B, T]`` tensor and its mask, what trainers hold),
 :func:`pack_sequences` (a list of 1-D sequences), :func:`pack_nested` (a torch nested tensor) and back
 with :func:`unpack`. :func:`validate_packed` checks a pair and raises ``ValueError`` naming the
-argument (and the trajectory, for a non-finite entropy).
+argument (and the trajectory, for a non-finite entropy); it reads the contents back once (one
+device-to-host copy of four flags on CUDA).
 """
 
 from __future__ import annotations
@@ -49,14 +50,8 @@ def _as_tensor(x, name: str) -> torch.Tensor:
         raise TypeError(f"{name} must be a tensor or array, got {type(x).__name__}") from exc
 
 
-def pack_padded(values, mask) -> Packed:
-    """Pack a padded ``[B, T]`` batch: keep the positions where ``mask`` is set, row by row.
-
-    ``values``: ``[B, T]`` floating tensor (or array); padding positions may hold anything,
-    NaN included. ``mask``: ``[B, T]``, bool or 0/1 integers/floats (e.g. verl's ``response_mask``).
-    The mask need not be a prefix: the masked positions of each row are taken in order.
-    Returns ``(values float32[total], cu_seqlens int32[B + 1])`` on ``values``' device.
-    """
+def _check_padded(values, mask) -> Packed:
+    """The checks of :func:`pack_padded` that read no tensor contents (types, shapes, devices)."""
     values = _as_tensor(values, "values")
     mask = _as_tensor(mask, "mask")
     if values.dim() != 2:
@@ -67,9 +62,21 @@ def pack_padded(values, mask) -> Packed:
         raise ValueError(f"mask must have the shape of values {tuple(values.shape)}, got {tuple(mask.shape)}")
     if mask.device != values.device:
         raise ValueError(f"mask is on {mask.device} but values on {values.device}")
+    if mask.dtype != torch.bool and mask.is_complex():
+        raise ValueError(f"mask must be bool or 0/1 numbers, got dtype {mask.dtype}")
+    return values, mask
+
+
+def pack_padded(values, mask) -> Packed:
+    """Pack a padded ``[B, T]`` batch: keep the positions where ``mask`` is set, row by row.
+
+    ``values``: ``[B, T]`` floating tensor (or array); padding positions may hold anything,
+    NaN included. ``mask``: ``[B, T]``, bool or 0/1 integers/floats (e.g. verl's ``response_mask``).
+    The mask need not be a prefix: the masked positions of each row are taken in order.
+    Returns ``(values float32[total], cu_seqlens int32[B + 1])`` on ``values``' device.
+    """
+    values, mask = _check_padded(values, mask)
     if mask.dtype != torch.bool:
-        if mask.is_complex():
-            raise ValueError(f"mask must be bool or 0/1 numbers, got dtype {mask.dtype}")
         if mask.numel():
             lo, hi = torch.aminmax(mask)  # one pass; locate the culprit only on error
             if lo < 0 or hi > 1 or (mask.is_floating_point() and bool(((mask != 0) & (mask != 1)).any())):
@@ -78,6 +85,39 @@ def pack_padded(values, mask) -> Packed:
         mask = mask != 0
     packed = values[mask].to(torch.float32)  # boolean indexing walks rows in order
     return packed.contiguous(), _cu_from_lengths(mask.sum(dim=1))
+
+
+def _pack_padded_no_sync(values, mask) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`pack_padded` without reading anything back to the host (for CUDA tensors).
+
+    Returns ``(packed, cu_seqlens, mask_bad)``: ``packed`` float32 ``[B * T]`` holds the packed
+    values in its first ``cu_seqlens[-1]`` entries, exactly :func:`pack_padded`'s, then zeros (the
+    packed length is only known on the device); ``cu_seqlens`` int32 ``[B + 1]`` as there;
+    ``mask_bad`` a 0-d bool tensor, True when the mask holds a value other than 0 / 1 (then
+    :func:`pack_padded` raises the error: call it once the flag has been read). The caller keeps
+    ``B * T`` below 2^31 (the int32 offsets cannot overflow then). Each position moves to
+    ``cumsum(mask) - 1`` (a kept one) or after the kept ones (a padding one, zeroed): a
+    permutation, so one deterministic ``index_copy_`` places every element and no output size
+    depends on the contents.
+    """
+    values, mask = _check_padded(values, mask)
+    dev = values.device
+    if mask.dtype != torch.bool:
+        mask_bad = ((mask != 0) & (mask != 1)).any() if mask.numel() else torch.zeros((), dtype=torch.bool, device=dev)
+        mask = mask != 0
+    else:
+        mask_bad = torch.zeros((), dtype=torch.bool, device=dev)
+    keep = mask.reshape(-1)
+    n = keep.numel()
+    kept = torch.cumsum(keep, 0)  # int64: kept positions up to and including each one
+    total = kept[-1:] if n else kept  # [1] (or [0]), stays on the device
+    pos = torch.arange(n, device=dev)
+    dest = torch.where(keep, kept - 1, total + pos - kept)
+    src = values.reshape(-1).to(torch.float32).masked_fill(~keep, 0.0)
+    packed = torch.empty(n, dtype=torch.float32, device=dev).index_copy_(0, dest, src)
+    cu = torch.zeros(values.shape[0] + 1, dtype=torch.int64, device=dev)
+    torch.cumsum(mask.sum(dim=1), dim=0, out=cu[1:])
+    return packed, cu.to(torch.int32), mask_bad
 
 
 def pack_sequences(sequences: Sequence) -> Packed:
@@ -142,7 +182,16 @@ def validate_packed(values: torch.Tensor, cu_seqlens: torch.Tensor, *, check_fin
     ``values`` must be a 1-D ``float32`` tensor, ``cu_seqlens`` a 1-D ``int32`` tensor on the same
     device that starts at 0, never decreases and ends at ``len(values)``. With ``check_finite``
     every entropy must be finite (a NaN or infinite entropy names its trajectory and token).
+    The contents are read back once: four flags in one copy (a device-to-host sync on CUDA); only
+    a batch found bad pays for locating the culprit.
     """
+    bsz = _check_packed_form(values, cu_seqlens)
+    _raise_packed_contents(values, cu_seqlens, _packed_flags(values, cu_seqlens, check_finite).tolist(), check_finite)
+    return bsz
+
+
+def _check_packed_form(values, cu_seqlens) -> int:
+    """The checks of :func:`validate_packed` that read no tensor contents; returns ``B``."""
     if not isinstance(values, torch.Tensor):
         raise TypeError(f"values must be a torch.Tensor, got {type(values).__name__}")
     if not isinstance(cu_seqlens, torch.Tensor):
@@ -157,6 +206,26 @@ def validate_packed(values: torch.Tensor, cu_seqlens: torch.Tensor, *, check_fin
         raise ValueError(f"cu_seqlens must be int32, got {cu_seqlens.dtype}")
     if cu_seqlens.device != values.device:
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but values on {values.device}")
+    return cu_seqlens.numel() - 1
+
+
+def _packed_flags(values: torch.Tensor, cu_seqlens: torch.Tensor, check_finite: bool = True) -> torch.Tensor:
+    """int64 ``[4]`` on the device, all 0 for a good batch (of a valid form): ``cu_seqlens[0] != 0``,
+    a decreasing step, ``cu_seqlens[-1] != len(values)``, and (with ``check_finite``) a non-finite sum
+    of the values (the fast test: a finite sum means every entry is finite; an overflowing one only
+    costs the exact search, which then finds nothing). Read nothing back."""
+    cu = cu_seqlens
+    no = torch.zeros((), dtype=torch.bool, device=cu.device)
+    decreasing = (cu[1:] < cu[:-1]).any() if cu.numel() > 1 else no
+    nonfinite = ~torch.isfinite(values.sum()) if check_finite and values.numel() else no
+    return torch.stack([cu[0] != 0, decreasing, cu[-1].to(torch.int64) != values.numel(), nonfinite]).to(torch.int64)
+
+
+def _raise_packed_contents(values: torch.Tensor, cu_seqlens: torch.Tensor, flags, check_finite: bool = True) -> None:
+    """Raise :func:`validate_packed`'s error for the contents when ``flags`` (the host copy of
+    :func:`_packed_flags`) shows one; this search reads the batch back (an error path)."""
+    if not any(flags):
+        return
     cu = cu_seqlens.cpu()
     if int(cu[0]) != 0:
         raise ValueError(f"cu_seqlens must start at 0, got {int(cu[0])}")
@@ -179,4 +248,3 @@ def validate_packed(values: torch.Tensor, cu_seqlens: torch.Tensor, *, check_fin
             raise ValueError(
                 f"values: trajectory {traj} has {what} entropy at token {pos - int(cu[traj])}"
             )
-    return cu.numel() - 1

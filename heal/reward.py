@@ -56,6 +56,10 @@ GENERAL_REWARD_MODES = ("mirror", "none")
 ENTROPY_SOURCES = ("actor", "rollout_topk")
 
 TARGET, GENERAL = 0, 1  # group ids passed to grouped_max_similarity
+# eda_step packs CUDA entropies into a [B * T] buffer without a host sync up to this many entries
+# (far below 2^31: the int32 offsets and the Triton kernel's packed size stay in range); beyond, it
+# packs to the exact length (one sync for the size)
+_NO_SYNC_PACK_LIMIT = 1 << 30
 
 
 class EDAResult(NamedTuple):
@@ -78,26 +82,80 @@ def _grouped_max_similarity(*args, **kwargs):
     return grouped_max_similarity(*args, **kwargs)
 
 
-def _per_row(x, name: str, bsz: int, device, kind: str) -> "torch.Tensor":
+def _to_device(t: "torch.Tensor", device) -> "torch.Tensor":
+    """``t`` on ``device``. Host data goes to a CUDA device from pinned memory without waiting: a
+    copy from pageable memory would synchronise with the device."""
     import torch
+
+    device = torch.device(device)
+    if t.device == device:
+        return t
+    if t.device.type == "cpu" and device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def _per_row(x, name: str, bsz: int, device, kind: str):
+    """``(tensor on device, pending)``: ``x`` checked and converted (``kind`` ``"bool"`` or ``"int"``).
+
+    Reading a CUDA tensor's contents is a host sync, so the 0/1 check of a non-bool CUDA tensor is
+    left ``pending``: ``(flag, raise_if)``, ``flag`` an int64 ``[1]`` on the device and ``raise_if``
+    called with its host value (None when nothing is pending)."""
+    import torch
+
+    from heal_kernels.ops.entropy import reading_syncs
 
     if x is None:
         raise ValueError(f"{name} is required")
     t = x if isinstance(x, torch.Tensor) else torch.as_tensor(x)
     if t.dim() != 1 or t.numel() != bsz:
         raise ValueError(f"{name} must have shape [B]=[{bsz}], got {tuple(t.shape)}")
+    pending = None
     if kind == "bool":
         if t.dtype != torch.bool:
             if t.is_floating_point() or t.is_complex():
                 raise ValueError(f"{name} must be bool (or 0/1 integers), got {t.dtype}")
-            if bool(((t != 0) & (t != 1)).any()):
-                raise ValueError(f"{name} must be bool or 0/1, got values {sorted(set(t.tolist()))[:5]}")
+            orig = t
+
+            def raise_if(bad):
+                if bad:
+                    raise ValueError(f"{name} must be bool or 0/1, got values {sorted(set(orig.tolist()))[:5]}")
+
+            bad = ((t != 0) & (t != 1)).any()
+            if reading_syncs(t.device):
+                pending = (bad.reshape(1).to(torch.int64), raise_if)
+            else:
+                raise_if(bool(bad))
             t = t != 0
     else:  # integer ids
         if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
             raise ValueError(f"{name} must hold integers, got {t.dtype}")
         t = t.to(torch.int64)
-    return t.to(device)
+    return _to_device(t, device), pending
+
+
+def _read_pending(pending, device) -> None:
+    """Read every pending content check back in one device-to-host copy and raise the first error,
+    in the order of ``pending`` (a list of ``(flags [k] int64, raise_if)``)."""
+    import torch
+
+    if not pending:
+        return
+    host = torch.cat([flags.to(device) for flags, _ in pending]).tolist()
+    at = 0
+    for flags, raise_if in pending:
+        k = flags.numel()
+        raise_if(host[at] if k == 1 else host[at : at + k])
+        at += k
+
+
+def _check_options(metric, kl_direction, general_reward, min_length) -> None:
+    get_metric(metric)
+    check_kl_direction(kl_direction)
+    if general_reward not in GENERAL_REWARD_MODES:
+        raise ValueError(f"general_reward must be one of {GENERAL_REWARD_MODES}, got {general_reward!r}")
+    if isinstance(min_length, bool) or not isinstance(min_length, int) or min_length < 0:
+        raise ValueError(f"min_length must be an integer >= 0, got {min_length!r}")
 
 
 def eda_reward(
@@ -134,23 +192,40 @@ def eda_reward(
 
     Returns:
         :class:`EDAResult` on ``values``' device.
+
+    On CUDA tensors it synchronises with the host once (with the default ``grouped_max``): the
+    contents checks (offsets, finite entropies, 0/1 ``is_general``) are read back in one copy,
+    before the kernels run; host ``is_general`` / ``prompt_ids`` go to the device from pinned memory.
     """
+    from heal.dynamics import _check_packed_form, _packed_flags, _raise_packed_contents
+
+    _check_options(metric, kl_direction, general_reward, min_length)
+    bsz = _check_packed_form(values, cu_seqlens)
+    device = values.device
+    pending = [(_packed_flags(values, cu_seqlens), lambda flags: _raise_packed_contents(values, cu_seqlens, flags))]
+    try:
+        is_general, check_general = _per_row(is_general, "is_general", bsz, device, "bool")
+        if check_general is not None:
+            pending.append(check_general)
+        if prompt_ids is not None:
+            prompt_ids, _ = _per_row(prompt_ids, "prompt_ids", bsz, device, "int")
+    except (TypeError, ValueError):
+        _read_pending(pending, device)  # an error in the contents checked before this one comes first
+        raise
+    _read_pending(pending, device)  # the one read: every contents check at once
+    return _eda_core(values, cu_seqlens, is_general, prompt_ids, bsz, min_length, general_reward, metric,
+                     kl_direction, num_threads, grouped_max)
+
+
+def _eda_core(values, cu_seqlens, is_general, prompt_ids, bsz, min_length, general_reward, metric, kl_direction,
+              num_threads, grouped_max) -> EDAResult:
+    """:func:`eda_reward` on checked inputs (``is_general`` bool and ``prompt_ids`` int64 on the values'
+    device): reads nothing back to the host (with the default ``grouped_max``)."""
     import torch
 
-    from heal.dynamics import lengths, validate_packed
+    from heal.dynamics import lengths
 
-    get_metric(metric)
-    check_kl_direction(kl_direction)
-    if general_reward not in GENERAL_REWARD_MODES:
-        raise ValueError(f"general_reward must be one of {GENERAL_REWARD_MODES}, got {general_reward!r}")
-    if isinstance(min_length, bool) or not isinstance(min_length, int) or min_length < 0:
-        raise ValueError(f"min_length must be an integer >= 0, got {min_length!r}")
-    bsz = validate_packed(values, cu_seqlens)
     device = values.device
-    is_general = _per_row(is_general, "is_general", bsz, device, "bool")
-    if prompt_ids is not None:
-        prompt_ids = _per_row(prompt_ids, "prompt_ids", bsz, device, "int")
-
     sims = (grouped_max or _grouped_max_similarity)(
         values,
         cu_seqlens,
@@ -160,7 +235,7 @@ def eda_reward(
         prompt_ids=prompt_ids,
         metric=metric,
         kl_direction=kl_direction,
-        check=False,  # validate_packed above read the contents once; groups are 0/1 by construction
+        check=False,  # the caller checked the contents; groups are 0/1 by construction
         num_threads=num_threads,
     )
     if tuple(sims.shape) != (bsz, 2):
@@ -224,10 +299,15 @@ def add_to_last_token(token_scores, bonus, response_mask) -> "torch.Tensor":
     mask = response_mask.to(device=token_scores.device) != 0
     pos = torch.arange(1, width + 1, device=token_scores.device, dtype=torch.int32)
     last = (mask * pos).amax(dim=1).to(torch.int64) - 1  # -1 for an empty row
-    rows = (last >= 0).nonzero().squeeze(1)
     out = token_scores.clone()
-    out[rows, last[rows]] += bonus[rows].to(out.dtype)
-    return out
+    if width == 0:
+        return out
+    # no data-dependent shapes (no host sync on CUDA): every row writes its last position (column 0
+    # for an empty row), the old value where the row is empty
+    col = last.clamp(min=0).unsqueeze(1)
+    old = out.gather(1, col)
+    new = torch.where((last >= 0).unsqueeze(1), old + bonus.to(out.dtype).unsqueeze(1), old)
+    return out.scatter_(1, col, new)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,10 +448,18 @@ def eda_step(
         ``grouped_max`` is given, else 0) and ``eda/time_s`` (wall time of this call). The reward
         itself is not weighted: use :func:`combine_rewards` / :func:`add_to_last_token` with
         ``config.weight``.
+
+    On CUDA tensors (``metric="kl"``, the default ``grouped_max``) it synchronises with the host
+    exactly once: one device-to-host copy, at the end, of the per-trajectory results the metrics
+    are computed from and of the input checks (mask values, finite entropies), which raise only
+    then. The entropies are packed into a buffer of ``B * T`` entries (the packed length is known
+    only on the device) and the uids' prompt indices go to the device from pinned memory. Other
+    metrics and a custom ``grouped_max`` pack to the exact length first (a few more syncs).
     """
     import torch
 
-    from heal.dynamics import lengths, pack_padded
+    from heal.dynamics import _pack_padded_no_sync, lengths, pack_padded, validate_packed
+    from heal_kernels.ops.entropy import reading_syncs
 
     t0 = time.perf_counter()
     if not isinstance(config, EDAConfig):
@@ -390,43 +478,69 @@ def eda_step(
         uids = list(uids)
         if len(uids) != bsz:
             raise ValueError(f"uids has {len(uids)} entries but entropy has B={bsz} rows")
-        prompt_ids = _prompt_index(uids).to(entropy.device)
+        prompt_ids = _to_device(_prompt_index(uids), entropy.device)
 
     from heal_kernels._backend import cpu_threads
 
     threads = cpu_threads(num_threads)
-    values, cu_seqlens = pack_padded(entropy.detach(), response_mask)
     general = set(config.general_sources)
-    is_general = torch.tensor([str(s) in general for s in data_sources], dtype=torch.bool)
-    if bsz and not bool(is_general.any()):
+    general_rows = [str(s) in general for s in data_sources]
+    is_general = torch.tensor(general_rows, dtype=torch.bool)
+    if bsz and not any(general_rows):
         warnings.warn(
             f"EDA: no trajectory in this batch comes from general_sources={list(config.general_sources)} "
             f"(data sources seen: {sorted(set(map(str, data_sources)))[:10]}); every EDA reward is 0",
             stacklevel=2,
         )
-    result = eda_reward(
-        values,
-        cu_seqlens,
-        is_general.to(values.device),
-        prompt_ids=prompt_ids,
-        min_length=config.min_length,
-        general_reward=config.general_reward,
-        metric=config.metric,
-        kl_direction=config.kl_direction,
-        # a custom grouped_max (e.g. on other processes) resolves its own default thread count
-        num_threads=threads if grouped_max is None else num_threads,
-        grouped_max=grouped_max,
-    )
+    late_checks = None
+    if (grouped_max is None and config.metric == "kl" and reading_syncs(entropy.device)
+            and entropy.numel() < _NO_SYNC_PACK_LIMIT):
+        # nothing read back before the kernels: the packed batch is valid by construction, and its
+        # two content checks travel with the results (the Triton path reads only inside the offsets)
+        values, cu_seqlens, mask_bad = _pack_padded_no_sync(entropy.detach(), response_mask)
+        nonfinite = ~torch.isfinite(values.sum())  # the zeros after the packed values add nothing
+        late_checks = torch.stack([mask_bad, nonfinite])
+        result = _eda_core(values, cu_seqlens, _to_device(is_general, values.device), prompt_ids, bsz,
+                           config.min_length, config.general_reward, config.metric, config.kl_direction,
+                           threads, None)
+    else:
+        values, cu_seqlens = pack_padded(entropy.detach(), response_mask)
+        result = eda_reward(
+            values,
+            cu_seqlens,
+            _to_device(is_general, values.device),
+            prompt_ids=prompt_ids,
+            min_length=config.min_length,
+            general_reward=config.general_reward,
+            metric=config.metric,
+            kl_direction=config.kl_direction,
+            # a custom grouped_max (e.g. on other processes) resolves its own default thread count
+            num_threads=threads if grouped_max is None else num_threads,
+            grouped_max=grouped_max,
+        )
 
-    # metrics, on the CPU (B numbers each)
-    reward = result.reward.cpu()
-    gen = is_general
-    tgt = ~gen
-    lens = lengths(cu_seqlens).cpu()
+    # metrics, on the CPU (B numbers each), from one copy of the per-trajectory results
     csum = torch.zeros(values.numel() + 1, dtype=torch.float64, device=values.device)
     torch.cumsum(values.to(torch.float64), dim=0, out=csum[1:])
     cu = cu_seqlens.to(torch.int64)
-    row_sums = (csum[cu[1:]] - csum[cu[:-1]]).cpu()
+    row_sums = csum[cu[1:]] - csum[cu[:-1]]
+    f64 = torch.float64
+    table = torch.stack([result.reward.to(f64), result.s_target.to(f64), result.s_general.to(f64),
+                         result.is_general.to(f64), row_sums, lengths(cu_seqlens).to(f64)])
+    parts = [table.reshape(-1)] + ([late_checks.to(f64)] if late_checks is not None else [])
+    host = torch.cat(parts).cpu()  # the one device-to-host copy
+    if late_checks is not None:
+        mask_bad, nonfinite = host[6 * bsz :].tolist()
+        if mask_bad:
+            pack_padded(entropy, response_mask)  # raises pack_padded's error for the mask
+        if nonfinite:
+            validate_packed(*pack_padded(entropy.detach(), response_mask))  # raises for a NaN / inf entropy
+    table = host[: 6 * bsz].reshape(6, bsz)
+    reward = table[0].to(torch.float32)
+    gen = table[3] != 0
+    tgt = ~gen
+    lens = table[5].to(torch.int64)
+    row_sums = table[4]
 
     def rate(sel):
         return float(reward[sel].double().mean()) if bool(sel.any()) else math.nan
@@ -441,8 +555,8 @@ def eda_step(
         "eda/entropy_mean_target": entropy_mean(tgt),
         "eda/entropy_mean_general": entropy_mean(gen),
     }
-    _stats("eda/s_intra", result.s_target.cpu()[tgt], metrics)
-    _stats("eda/s_inter", result.s_general.cpu()[tgt], metrics)
+    _stats("eda/s_intra", table[1].to(torch.float32)[tgt], metrics)
+    _stats("eda/s_inter", table[2].to(torch.float32)[tgt], metrics)
     metrics["eda/num_target"] = float(tgt.sum())
     metrics["eda/num_general"] = float(gen.sum())
     metrics["eda/num_short"] = float((lens <= config.min_length).sum())

@@ -43,6 +43,19 @@ from heal_kernels._backend import resolve_backend
 
 __all__ = ["token_entropy", "entropy_and_logprobs"]
 
+# device types on which reading a tensor's contents from the host (``.item()``, ``bool()``, ``.cpu()``,
+# a data-dependent output size) waits for the device: a device-to-host synchronisation. Every
+# ``check=False`` decision of the ops and of heal's EDA step goes through :func:`reading_syncs`, so a
+# CPU test can follow the CUDA path's Python logic by adding ``"cpu"`` here
+# (tests/heal_kernels/test_no_host_sync.py).
+_SYNCING_DEVICE_TYPES = ("cuda",)
+
+
+def reading_syncs(device) -> bool:
+    """Whether reading a tensor's contents on ``device`` from the host synchronises with the device
+    (CUDA: yes; the CPU: no, the contents are already host memory)."""
+    return torch.device(device).type in _SYNCING_DEVICE_TYPES
+
 # bytes of each of the two float32 temporaries per block of rows on the CPU path
 _CPU_CHUNK_BYTES = 4 << 20
 _FLT_MAX = torch.finfo(torch.float32).max
@@ -327,6 +340,8 @@ def _check_temperature(temperature) -> float:
     if isinstance(temperature, torch.Tensor):
         if temperature.numel() != 1:
             raise ValueError(f"temperature must be a single number, got a tensor of shape {tuple(temperature.shape)}")
+        # the kernels take T by value (launch arguments): a CUDA tensor is read back here, one host
+        # sync; a CPU tensor is host memory already
         temperature = temperature.item()
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise TypeError(f"temperature must be a real number, got {type(temperature).__name__}")
@@ -358,8 +373,8 @@ def _flatten_labels(labels, ref: torch.Tensor, lead, vocab: int, check: bool = T
     """Labels as a contiguous int64 ``[N]``, validated against ``ref`` (the ``logits``, or the
     ``hidden`` states of the linear op: same device, shape ``ref_name.shape[:-1] == lead``). Their
     range ``[0, vocab)`` is checked on the CPU always and on CUDA only with ``check`` (reading
-    ``min`` / ``max`` back is a device-to-host sync); unchecked CUDA labels outside ``[0, V)`` are
-    never dereferenced: their log-prob is NaN."""
+    ``min`` / ``max`` back is a device-to-host sync, :func:`reading_syncs`); unchecked CUDA labels
+    outside ``[0, V)`` are never dereferenced: their log-prob is NaN."""
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
@@ -372,7 +387,7 @@ def _flatten_labels(labels, ref: torch.Tensor, lead, vocab: int, check: bool = T
     flat = labels.reshape(-1)
     if flat.dtype != torch.int64:
         flat = flat.to(torch.int64)
-    if flat.numel() and not torch.compiler.is_compiling() and (check or flat.device.type != "cuda"):
+    if flat.numel() and not torch.compiler.is_compiling() and (check or not reading_syncs(flat.device)):
         lo, hi = int(flat.min()), int(flat.max())
         if lo < 0 or hi >= vocab:
             bad = lo if lo < 0 else hi
@@ -409,11 +424,15 @@ def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tenso
     Args:
         logits: floating tensor ``[..., V]`` (float32 / bfloat16 / float16), any leading shape,
             rows may be strided; ``-inf`` entries are masked-out vocabulary.
-        temperature: finite number > 0.
+        temperature: finite number > 0 (a Python number or a one-element tensor).
 
     Returns:
         float32 tensor of shape ``logits.shape[:-1]``; differentiable w.r.t. ``logits``. A row
         with a NaN / ``+inf`` entry or only ``-inf`` entries gives NaN.
+
+    On CUDA neither the forward nor the backward synchronises with the host, except that a
+    temperature given as a CUDA tensor is read back once (the kernels take it by value): pass a
+    float or a CPU tensor.
 
     Raises:
         TypeError: ``logits`` not a floating tensor, ``temperature`` not a number.
@@ -442,7 +461,9 @@ def entropy_and_logprobs(
             (NaN or ``+inf`` entry, or all entries ``-inf``), and on CUDA also check that the labels
             lie in ``[0, V)``. Costs small device-to-host syncs. With False (the default) the CUDA
             path never synchronises with the host: an out-of-range label then gives a NaN
-            log-prob instead of an error (CPU labels are always checked).
+            log-prob instead of an error (CPU labels are always checked). A temperature given as
+            a CUDA tensor is read back once (the kernels take it by value): pass a float or a CPU
+            tensor.
 
     Returns:
         ``(entropy, logprobs)``, both float32 of shape ``logits.shape[:-1]`` and differentiable

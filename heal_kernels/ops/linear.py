@@ -4,7 +4,8 @@ ever holding ``[tokens x vocab]`` logits.
 Public API::
 
     linear_entropy_and_logprobs(hidden, weight, labels, temperature=1.0, *, bias=None,
-                                chunk_tokens=None, chunk_vocab=None, process_group=None) -> (entropy, logprobs)
+                                chunk_tokens=None, chunk_vocab=None, process_group=None,
+                                check=False) -> (entropy, logprobs)
     linear_token_entropy(hidden, weight, temperature=1.0, *, bias=None, chunk_tokens=None,
                          chunk_vocab=None, process_group=None) -> entropy
 
@@ -52,7 +53,7 @@ from typing import Optional, Tuple
 import torch
 
 from heal_kernels._backend import resolve_backend
-from heal_kernels.ops.entropy import _check_temperature, _flatten_labels
+from heal_kernels.ops.entropy import _check_temperature, _flatten_labels, reading_syncs
 
 __all__ = ["linear_entropy_and_logprobs", "linear_token_entropy", "default_chunks"]
 
@@ -263,7 +264,7 @@ def _backward(h, w, b, labels, coef, inv_t, ct, cv, backend, vocab_start, need_h
 
 class _LinearEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, w, b, labels, temperature, ct, cv, backend, group, vocab_start):
+    def forward(ctx, h, w, b, labels, temperature, ct, cv, backend, group, vocab_start, v_unchecked):
         inv_t = 1.0 / temperature
         state = _forward(h, w, b, labels, inv_t, ct, cv, backend, vocab_start)
         if group is not None:
@@ -274,6 +275,11 @@ class _LinearEntropy(torch.autograd.Function):
         lse = m + log_s
         mean = m + t / s  # sum p x
         logprob = state[:, 3] - lse if labels is not None else entropy.new_empty(0)
+        if labels is not None and v_unchecked:
+            # labels not range-checked (CUDA, check=False): no block picked an out-of-range label's
+            # logit up, so state[:, 3] holds 0 there; make its log-prob NaN (as the logits op), on the
+            # device
+            logprob = torch.where((labels >= 0) & (labels < v_unchecked), logprob, torch.nan)
         ctx.save_for_backward(h, w, b, labels, torch.stack([lse, mean], dim=1))
         ctx.cfg = (inv_t, ct, cv, backend, vocab_start)
         ctx.set_materialize_grads(False)
@@ -288,7 +294,7 @@ class _LinearEntropy(torch.autograd.Function):
         if labels is None:
             g_logprob = None
         if g_entropy is None and g_logprob is None:
-            return (None,) * 10
+            return (None,) * 11
         n = h.shape[0]
         coef = torch.zeros((n, 4), dtype=torch.float32, device=h.device)
         coef[:, :2] = lm
@@ -304,7 +310,7 @@ class _LinearEntropy(torch.autograd.Function):
             d_h = d_h.to(h.dtype)
         if d_b is not None:
             d_b = d_b.to(b.dtype)
-        return d_h, d_w, d_b, None, None, None, None, None, None, None
+        return d_h, d_w, d_b, None, None, None, None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,7 +328,9 @@ def _check_chunk(value, name: str, default: int) -> int:
     return value
 
 
-def _prepare(hidden, weight, labels, bias, chunk_tokens, chunk_vocab, process_group):
+def _prepare(hidden, weight, labels, bias, chunk_tokens, chunk_vocab, process_group, check=False):
+    """Validate and flatten the inputs. The last value returned is ``V_total`` when the labels were not
+    range-checked (CUDA with ``check=False``: reading them back would be a host sync), else 0."""
     if not isinstance(hidden, torch.Tensor):
         raise TypeError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
     if not isinstance(weight, torch.Tensor):
@@ -368,11 +376,14 @@ def _prepare(hidden, weight, labels, bias, chunk_tokens, chunk_vocab, process_gr
         vocab_start, v_total = rank * v_local, world * v_local
 
     lab = None
+    unchecked = 0
     if labels is not None:
         what = "the vocabulary size" if process_group is None else "the vocabulary size over the process group"
-        lab = _flatten_labels(labels, hidden, lead, v_total, check=True, ref_name="hidden", vocab_what=what)
+        lab = _flatten_labels(labels, hidden, lead, v_total, check=check, ref_name="hidden", vocab_what=what)
+        if not check and reading_syncs(lab.device):
+            unchecked = v_total
     backend = resolve_backend(h.device)
-    return h, lab, lead, ct, cv, backend, vocab_start
+    return h, lab, lead, ct, cv, backend, vocab_start, unchecked
 
 
 @torch.compiler.disable
@@ -386,6 +397,7 @@ def linear_entropy_and_logprobs(
     chunk_tokens: Optional[int] = None,
     chunk_vocab: Optional[int] = None,
     process_group=None,
+    check: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Entropy of ``softmax((hidden @ weight.T + bias) / temperature)`` and the log-probability of
     ``labels``, never materialising more than one ``[chunk_tokens, chunk_vocab]`` block of logits.
@@ -400,6 +412,11 @@ def linear_entropy_and_logprobs(
         chunk_tokens, chunk_vocab: block shape (defaults: :func:`default_chunks`).
         process_group: a ``torch.distributed`` group over which the vocabulary is sharded
             (module docstring); None for a full head.
+        check: when True, also check on CUDA that the labels lie in their range (reading their
+            ``min`` / ``max`` back is a device-to-host sync). With False (the default) the CUDA path
+            never synchronises with the host: an out-of-range label then gives a NaN log-prob
+            instead of an error (CPU labels are always checked). A tensor ``temperature`` on CUDA is
+            read back once (the kernels take it by value): pass a float or a CPU tensor.
 
     Returns:
         ``(entropy, logprobs)``, float32 of shape ``hidden.shape[:-1]``, differentiable w.r.t.
@@ -407,13 +424,15 @@ def linear_entropy_and_logprobs(
 
     Raises:
         TypeError: non-tensor or non-floating inputs, mismatched dtypes, non-integer labels.
-        ValueError: mismatched shapes or devices, labels out of range, bad temperature or chunk.
+        ValueError: mismatched shapes or devices, labels out of range (CUDA: only with
+            ``check=True``), bad temperature or chunk.
     """
     if labels is None:
         raise TypeError("labels must be an integer tensor; use linear_token_entropy(hidden, weight) for the entropy alone")
     t = _check_temperature(temperature)
-    h, lab, lead, ct, cv, backend, vs = _prepare(hidden, weight, labels, bias, chunk_tokens, chunk_vocab, process_group)
-    entropy, logprob = _LinearEntropy.apply(h, weight, bias, lab, t, ct, cv, backend, process_group, vs)
+    h, lab, lead, ct, cv, backend, vs, unchecked = _prepare(hidden, weight, labels, bias, chunk_tokens, chunk_vocab,
+                                                          process_group, check=bool(check))
+    entropy, logprob = _LinearEntropy.apply(h, weight, bias, lab, t, ct, cv, backend, process_group, vs, unchecked)
     return entropy.reshape(lead), logprob.reshape(lead)
 
 
@@ -431,6 +450,6 @@ def linear_token_entropy(
     """Entropy of ``softmax((hidden @ weight.T + bias) / temperature)``, float32 of shape
     ``hidden.shape[:-1]``; arguments as :func:`linear_entropy_and_logprobs` (without labels)."""
     t = _check_temperature(temperature)
-    h, _, lead, ct, cv, backend, vs = _prepare(hidden, weight, None, bias, chunk_tokens, chunk_vocab, process_group)
-    entropy, _ = _LinearEntropy.apply(h, weight, bias, None, t, ct, cv, backend, process_group, vs)
+    h, _, lead, ct, cv, backend, vs, _ = _prepare(hidden, weight, None, bias, chunk_tokens, chunk_vocab, process_group)
+    entropy, _ = _LinearEntropy.apply(h, weight, bias, None, t, ct, cv, backend, process_group, vs, 0)
     return entropy.reshape(lead)

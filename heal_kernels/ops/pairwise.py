@@ -53,6 +53,7 @@ from typing import Optional, Tuple
 import torch
 
 from heal_kernels._backend import cpu_threads, resolve_backend
+from heal_kernels.ops.entropy import reading_syncs
 
 __all__ = [
     "pairwise_similarity",
@@ -87,7 +88,7 @@ def _validate_packed(values: torch.Tensor, cu_seqlens: torch.Tensor, check: bool
     """Check a packed batch; return ``(values float32 contiguous, cu_seqlens int64 contiguous)``.
 
     Types, shapes and devices are always checked; the contents (offsets, finite values) only with
-    ``check`` or on the CPU: reading them back is a device-to-host sync on CUDA."""
+    ``check`` or on the CPU: reading them back is a device-to-host sync on CUDA (:func:`reading_syncs`)."""
     if not isinstance(values, torch.Tensor):
         raise TypeError(f"values must be a torch.Tensor, got {type(values).__name__}")
     if not isinstance(cu_seqlens, torch.Tensor):
@@ -106,7 +107,7 @@ def _validate_packed(values: torch.Tensor, cu_seqlens: torch.Tensor, check: bool
     if cu_seqlens.numel() < 1:
         raise ValueError("cu_seqlens must have at least one entry (B + 1 offsets)")
     cu = cu_seqlens.to(torch.int64).contiguous()
-    if not check and values.device.type == "cuda":
+    if not check and reading_syncs(values.device):
         return values.to(torch.float32).contiguous(), cu
     cu_cpu = cu.cpu()
     if int(cu_cpu[0]) != 0:
@@ -132,6 +133,9 @@ def _validate_packed(values: torch.Tensor, cu_seqlens: torch.Tensor, check: bool
 
 
 def _validate_groups(groups, num_groups, prompt_ids, bsz: int, device: torch.device, check: bool = True):
+    """``(groups int64, prompt ids int64 or None)`` on ``device``. The group ids' range is read (a
+    device-to-host sync on CUDA) only with ``check`` or on the CPU; host ``prompt_ids`` (a list, an
+    array) go to a CUDA device from pinned memory without waiting (``non_blocking``)."""
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
         raise ValueError(f"num_groups must be a positive int, got {num_groups!r}")
     if not isinstance(groups, torch.Tensor):
@@ -143,12 +147,16 @@ def _validate_groups(groups, num_groups, prompt_ids, bsz: int, device: torch.dev
     if tuple(groups.shape) != (bsz,):
         raise ValueError(f"groups must have shape [B]=[{bsz}], got {tuple(groups.shape)}")
     g = groups.to(torch.int64).contiguous()
-    if bsz and (check or device.type != "cuda") and (bool((g < 0).any()) or bool((g >= num_groups).any())):
+    if bsz and (check or not reading_syncs(device)) and (bool((g < 0).any()) or bool((g >= num_groups).any())):
         raise ValueError(f"groups must lie in [0, num_groups={num_groups}), got values in [{int(g.min())}, {int(g.max())}]")
     pids = None
     if prompt_ids is not None:
         if not isinstance(prompt_ids, torch.Tensor):
-            prompt_ids = torch.as_tensor(prompt_ids, device=device)
+            prompt_ids = torch.as_tensor(prompt_ids)
+            if device.type == "cuda":  # a pageable host-to-device copy would wait for the device
+                prompt_ids = prompt_ids.pin_memory().to(device, non_blocking=True)
+            else:
+                prompt_ids = prompt_ids.to(device)
         if prompt_ids.device != device:
             raise ValueError(f"prompt_ids is on {prompt_ids.device} but values is on {device}")
         if prompt_ids.dtype.is_floating_point or prompt_ids.dtype.is_complex:
@@ -614,6 +622,7 @@ def pairwise_similarity(
     metric: str = "kl",
     kl_direction: str = "scored_first",
     backend: Optional[str] = None,
+    check: bool = True,
     num_threads: Optional[int] = None,
 ) -> torch.Tensor:
     """Float32 ``[B, B]`` matrix ``out[i, j] = s(seq_i, seq_j)``: row ``i`` scored, column ``j`` neighbour.
@@ -625,8 +634,12 @@ def pairwise_similarity(
     (``auto``/``triton``/``cpu``/``torch``). ``num_threads``: threads of the C++ kernel (default: the
     CPUs this process may run on, :func:`heal_kernels.available_cpus`; torch's global setting is
     not used). Raises ``ValueError`` naming the bad argument (and the trajectory for NaN/inf entropies).
+
+    ``check=False`` skips the checks that read tensor contents (``cu_seqlens`` offsets, finite
+    values) on CUDA, so that the Triton path (``metric="kl"``) never synchronises with the host;
+    wrong contents then give wrong numbers instead of an error. CPU inputs are always checked.
     """
-    return _run(values, cu_seqlens, metric, kl_direction, backend, num_threads=num_threads)
+    return _run(values, cu_seqlens, metric, kl_direction, backend, check=bool(check), num_threads=num_threads)
 
 
 def grouped_max_similarity(
@@ -653,8 +666,8 @@ def grouped_max_similarity(
 
     ``check=False`` skips the checks that read tensor contents (``cu_seqlens`` offsets, finite
     values, group ids in range) on CUDA, so that the Triton path (``metric="kl"``) never
-    synchronises with the host; wrong contents then give wrong numbers instead of an error. CPU
-    inputs are always checked.
+    synchronises with the host (``prompt_ids`` given as a host list go over from pinned memory);
+    wrong contents then give wrong numbers instead of an error. CPU inputs are always checked.
 
     ``rows=(begin, end)`` computes only scored rows ``begin .. end - 1`` (every row stays a possible
     neighbour) and returns ``[end - begin, num_groups]``, bit for bit the same rows as the full call:
