@@ -23,7 +23,12 @@ general questions one pass is 4 steps, each target question seen 4 times).
 Target and general rows come from --target and --general files, or, with --general-sources,
 from the data_source of every input row. Command-line options override --config (a YAML/JSON
 file with keys target, general, output, k, repeat, general_per_batch, steps, seed,
-general_sources, shuffle_within_batch)."""
+general_sources, shuffle_within_batch).
+
+Every input is checked before any work: it must have the columns verl's dataset loader and
+heal's reward read (data_source, prompt as a chat list, reward_model.ground_truth, extra_info;
+what `heal prepare` writes), and no data_source may be on both the target and the general side.
+The output file appears only once it is complete and checked; a failed run leaves none."""
 
 EPILOG = """\
 examples:

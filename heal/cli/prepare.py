@@ -11,7 +11,9 @@ HELP = "convert a local dataset file (JSON/JSONL/parquet/CSV) of one domain into
 DESCRIPTION = """\
 Convert a local dataset file of one domain into verl's RL parquet layout: columns data_source,
 prompt (chat list), ability, reward_model {style: rule, ground_truth}, extra_info. The input
-format comes from the extension (.json .jsonl .ndjson .parquet .csv .tsv) unless --format is given.
+format comes from the extension (.json .jsonl .ndjson .parquet .csv .tsv) unless --format is given;
+text files are read as UTF-8 unless --encoding is given. Errors name the file and the row (1-based,
+with its line for JSONL / CSV); the output file is written only once all went well, never in part.
 
 Domains and the answer each row must carry (field names are auto-detected; see --field-map):
   commonsense, medicine  multiple choice: question, choices/options, answer letter (answerKey, answer_idx, ...)
@@ -19,8 +21,8 @@ Domains and the answer each row must carry (field names are auto-detected; see -
   code                   question and stdin/stdout test cases (input_output, tests, public_test_cases, ...)
 
 Command-line options override the values of --config (a YAML/JSON file whose keys are the long
-option names with '_' for '-': domain, input, output, data_source, split, format, field_map,
-prompt_template, system_prompt, sample, seed, skip_invalid)."""
+option names with '_' for '-': domain, input, output, data_source, split, format, encoding,
+field_map, prompt_template, system_prompt, sample, seed, skip_invalid)."""
 
 EPILOG = """\
 examples:
@@ -45,6 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default=None, help="split name stored in extra_info (default: train)")
     parser.add_argument("--format", default=None, choices=["json", "jsonl", "parquet", "csv", "tsv"],
                         help="input format (default: from the file extension)")
+    parser.add_argument("--encoding", default=None, metavar="NAME",
+                        help="text encoding of a JSON/JSONL/CSV input (default: utf-8; e.g. latin-1, cp1252, utf-16)")
     parser.add_argument("--field-map", dest="field_map", nargs="+", action="extend", default=None,
                         metavar="FIELD=COLUMN",
                         help="take a field from a differently named column, e.g. question=Problem answer=Answer "
@@ -80,8 +84,8 @@ def run(args) -> int:
     cfg = load_config(args.config, PrepareConfig) if args.config else PrepareConfig()
     cli_map = parse_field_map(args.field_map)
     args.field_map = {**cfg.field_map, **cli_map} if cli_map else None
-    cfg = merge_args(cfg, args, ["domain", "input", "output", "data_source", "split", "format", "field_map",
-                                 "prompt_template", "system_prompt", "sample", "seed", "skip_invalid"])
+    cfg = merge_args(cfg, args, ["domain", "input", "output", "data_source", "split", "format", "encoding",
+                                 "field_map", "prompt_template", "system_prompt", "sample", "seed", "skip_invalid"])
     for name, flag in (("domain", "--domain"), ("input", "--input"), ("output", "--output")):
         if not getattr(cfg, name):
             raise ValueError(f"{flag} is required (or '{name}' in --config)")

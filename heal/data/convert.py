@@ -33,8 +33,9 @@ code       question       question_content, question, problem, prompt, descripti
            id             (every domain, optional) id, question_id, qid, task_id, problem_id
 ========== ============== ===================================================================
 
-A row that lacks a required field raises ``ValueError`` naming the row and the field (or is
-skipped and counted with ``skip_invalid=True``).
+A row that lacks a required field raises ``ValueError`` naming the row (1-based, and its line for
+JSONL / CSV files: ``data.jsonl: row 3 (1-based), line 5: missing field 'answer' ...``) and the
+field (or is skipped and counted with ``skip_invalid=True``).
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ import string
 import warnings
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
-from heal.data.io import read_records, write_parquet_rows
+from heal.data.io import (_canonical_encoding, check_training_rows, read_records_with_lines, row_label,
+                          write_parquet_rows)
 
 __all__ = ["DOMAINS", "Domain", "convert_records", "prepare_file", "ConversionStats", "PROMPTS", "PrepareConfig"]
 
@@ -356,6 +358,8 @@ def convert_records(
     system_prompt: Optional[str] = None,
     skip_invalid: bool = False,
     stats: Optional[ConversionStats] = None,
+    where: Optional[str] = None,
+    lines: Optional[Sequence[int]] = None,
 ) -> List[Dict[str, Any]]:
     """verl rows (see the module docstring) from raw records of one domain.
 
@@ -364,6 +368,8 @@ def convert_records(
     ``prompt_template``: replaces the domain's template (placeholders ``{question}``, and
     ``{options}`` / ``{starter_code}`` where they apply). ``system_prompt``: adds a system turn.
     ``skip_invalid``: skip rows that cannot be converted instead of raising (counted in ``stats``).
+    ``where``: the file the records came from, named in errors; ``lines``: the (1-based) line each
+    record starts on (:func:`heal.data.io.read_records_with_lines`), named next to the row.
     """
     if domain not in DOMAINS:
         raise ValueError(f"domain must be one of {sorted(DOMAINS)}, got {domain!r}")
@@ -392,9 +398,9 @@ def convert_records(
             if skip_invalid:
                 stats.skipped += 1
                 if len(stats.reasons) < 5:
-                    stats.reasons.append(f"row {i}: {exc}")
+                    stats.reasons.append(f"{row_label(i, lines)}: {exc}")
                 continue
-            raise ValueError(f"row {i}: {exc}") from None
+            raise ValueError(f"{where + ': ' if where else ''}{row_label(i, lines)}: {exc}") from None
         sid, _ = _lookup(row, "id", dom.fields["id"], fm, required=False)
         prompt = ([{"role": "system", "content": system_prompt}] if system_prompt else [])
         prompt.append({"role": "user", "content": content})
@@ -425,20 +431,24 @@ def prepare_file(
     fmt: Optional[str] = None,
     sample: Optional[int] = None,
     seed: int = 0,
+    encoding: str = "utf-8",
     **kwargs,
 ) -> ConversionStats:
     """Convert one local file (format from its extension, or ``fmt``) into a verl parquet file.
 
     ``sample``: keep a seeded random ``sample`` of the converted rows (few-shot sets; see
-    :func:`heal.data.mix.sample_few_shot`). Other keyword arguments go to :func:`convert_records`.
+    :func:`heal.data.mix.sample_few_shot`). ``encoding``: of a text input (default UTF-8).
+    Other keyword arguments go to :func:`convert_records`. Errors name the file and the row
+    (1-based; and its line for JSONL / CSV). ``output_path`` is written only when every step
+    succeeded (never a partial file; see :func:`heal.data.io.write_parquet_rows`).
     """
     from heal.data.mix import sample_few_shot
 
-    records = read_records(input_path, fmt)
+    records, lines = read_records_with_lines(input_path, fmt, encoding)
     if not records:
         raise ValueError(f"{input_path}: no records")
     stats = ConversionStats()
-    rows = convert_records(records, domain, stats=stats, **kwargs)
+    rows = convert_records(records, domain, stats=stats, where=str(input_path), lines=lines, **kwargs)
     if not rows:
         raise ValueError(f"{input_path}: no row could be converted ({'; '.join(stats.reasons)})")
     if sample is not None:
@@ -446,6 +456,7 @@ def prepare_file(
         for i, r in enumerate(rows):
             r["extra_info"]["index"] = i
         stats.written = len(rows)
+    check_training_rows(rows, str(output_path))
     write_parquet_rows(rows, output_path, metadata={"heal.prepare": json.dumps(
         {"domain": domain, "input": str(input_path), "sample": sample, "seed": seed})})
     return stats
@@ -461,6 +472,7 @@ class PrepareConfig:
     data_source: Optional[str] = None
     split: str = "train"
     format: Optional[str] = None  # json | jsonl | parquet | csv | tsv (default: from the extension)
+    encoding: str = "utf-8"  # of a text input file (json, jsonl, csv, tsv)
     field_map: Dict[str, str] = dataclasses.field(default_factory=dict)
     prompt_template: Optional[str] = None
     system_prompt: Optional[str] = None
@@ -471,6 +483,10 @@ class PrepareConfig:
     def validate(self) -> "PrepareConfig":
         if self.domain and self.domain not in DOMAINS:
             raise ValueError(f"field 'domain' must be one of {sorted(DOMAINS)}, got {self.domain!r}")
+        try:
+            _canonical_encoding(self.encoding)
+        except ValueError as exc:
+            raise ValueError(f"field 'encoding': {exc}") from None
         if self.sample is not None and self.sample < 1:
             raise ValueError(f"field 'sample' must be >= 1, got {self.sample}")
         if self.domain:
@@ -488,6 +504,7 @@ class PrepareConfig:
         self.validate()
         return prepare_file(
             self.input, self.output, self.domain, fmt=self.format, sample=self.sample, seed=self.seed,
+            encoding=self.encoding,
             data_source=self.data_source, split=self.split, field_map=self.field_map,
             prompt_template=self.prompt_template, system_prompt=self.system_prompt,
             skip_invalid=self.skip_invalid,

@@ -33,7 +33,7 @@ import math
 import random
 from typing import Any, Deque, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from heal.data.io import read_parquet_rows, write_parquet_rows
+from heal.data.io import check_training_rows, read_training_rows, row_label, write_parquet_rows
 
 __all__ = ["sample_few_shot", "split_by_source", "hybrid_mix", "MixConfig", "mix_files"]
 
@@ -54,7 +54,7 @@ def split_by_source(rows: Iterable[Dict[str, Any]], general_sources: Iterable[st
     target, general = [], []
     for i, r in enumerate(rows):
         if "data_source" not in r:
-            raise ValueError(f"row {i}: missing field 'data_source'")
+            raise ValueError(f"{row_label(i)}: missing field 'data_source'")
         (general if r["data_source"] in general_sources else target).append(r)
     return target, general
 
@@ -153,8 +153,23 @@ class MixConfig:
         return self.k * self.repeat + self.general_per_batch
 
 
+def _sources(files: Sequence[Tuple[str, List[Dict[str, Any]]]]) -> Dict[str, List[str]]:
+    """data_source -> the files (in order, once each) that hold it."""
+    out: Dict[str, List[str]] = {}
+    for path, rows in files:
+        for source in dict.fromkeys(r["data_source"] for r in rows):
+            out.setdefault(source, []).append(path)
+    return out
+
+
 def mix_files(config: MixConfig) -> Dict[str, Any]:
     """Read the parquet inputs, mix them (:func:`hybrid_mix`) and write ``config.output``.
+
+    Before any work every input file is checked (:func:`heal.data.io.read_training_rows`: the
+    columns verl's dataset loader and heal's reward read; :class:`heal.data.io.DataFileError` names
+    the file, the missing / invalid columns and the first bad row, 1-based), and, when target and
+    general rows come from separate files, no ``data_source`` may be on both sides (the EDA reward
+    tells target from general rows by ``data_source``). The output appears only once complete.
 
     Returns a summary: batch_size, steps, rows, target/general counts and data_sources.
     """
@@ -163,14 +178,26 @@ def mix_files(config: MixConfig) -> Dict[str, Any]:
         raise ValueError("field 'output' is required")
     if not config.target:
         raise ValueError("field 'target' is required (one or more parquet files)")
-    target = [r for p in config.target for r in read_parquet_rows(p)]
-    general = [r for p in config.general for r in read_parquet_rows(p)]
+    if config.general_sources is None and not config.general and config.general_per_batch:
+        raise ValueError("field 'general' is required unless general_per_batch is 0 or general_sources is given")
+    target_files = [(str(p), read_training_rows(p)) for p in config.target]
+    general_files = [(str(p), read_training_rows(p)) for p in config.general]
+    target = [r for _, rows in target_files for r in rows]
+    general = [r for _, rows in general_files for r in rows]
     if config.general_sources is not None:
         target, general = split_by_source(target + general, config.general_sources)
         if not general and config.general_per_batch:
             raise ValueError(f"no row has a data_source in general_sources {config.general_sources}")
-    elif not config.general and config.general_per_batch:
-        raise ValueError("field 'general' is required unless general_per_batch is 0 or general_sources is given")
+    else:
+        t_src, g_src = _sources(target_files), _sources(general_files)
+        both = [s for s in t_src if s in g_src]
+        if both:
+            files = lambda by: ", ".join(dict.fromkeys(p for s in both for p in by[s]))  # noqa: E731
+            raise ValueError(
+                f"data_source {', '.join(repr(s) for s in both)} is on both sides of the mix (target: "
+                f"{files(t_src)}; general: {files(g_src)}): the EDA reward tells target from general rows "
+                "by data_source, so its comparison would be meaningless. Give one side its own data_source "
+                "(heal prepare --data-source NAME), or pool the files with --general-sources NAME")
     rows = hybrid_mix(target, general, k=config.k, repeat=config.repeat,
                       general_per_batch=config.general_per_batch, steps=config.steps, seed=config.seed,
                       shuffle_within_batch=config.shuffle_within_batch)
@@ -188,6 +215,7 @@ def mix_files(config: MixConfig) -> Dict[str, Any]:
         "target_sources": sorted({r["data_source"] for r in target}),
         "general_sources": sorted({r["data_source"] for r in general}),
     }
+    check_training_rows(rows, config.output)
     write_parquet_rows(rows, config.output, metadata={"heal.mix": json.dumps(summary)})
     summary["output"] = config.output
     return summary

@@ -73,7 +73,7 @@ def test_config_file_and_cli_override(heal_main, files, capsys):
     [
         (["prepare", "--domain", "math", "--output", "o.parquet"], "--input is required"),
         (["prepare", "--domain", "math", "--input", "{csqa}", "--output", "{tmp}/o.parquet"],
-         "row 0: missing field 'answer'"),
+         "csqa.jsonl: row 1 (1-based), line 1: missing field 'answer'"),
         (["prepare", "--domain", "commonsense", "--input", "{csqa}", "--output", "{tmp}/o.parquet",
           "--field-map", "question"], "--field-map: expected FIELD=COLUMN"),
         (["prepare", "--domain", "commonsense", "--input", "{csqa}", "--output", "{tmp}/o.parquet",

@@ -100,9 +100,9 @@ def test_medicine_medqa_and_medmcqa_layouts():
 @pytest.mark.parametrize(
     "record, match",
     [
-        ({"choices": ["a", "b"], "answerKey": "A"}, "row 0: missing field 'question'"),
-        ({"question": "q", "answerKey": "A"}, "row 0: missing field 'choices'"),
-        ({"question": "q", "choices": ["a", "b"]}, "row 0: missing field 'answer'"),
+        ({"choices": ["a", "b"], "answerKey": "A"}, "row 1 \\(1-based\\): missing field 'question'"),
+        ({"question": "q", "answerKey": "A"}, "row 1 \\(1-based\\): missing field 'choices'"),
+        ({"question": "q", "choices": ["a", "b"]}, "row 1 \\(1-based\\): missing field 'answer'"),
         ({"question": "q", "choices": ["a", "b"], "answerKey": "F"}, "field 'answerKey'"),
         ({"question": "q", "choices": ["a", "b"], "answerKey": 5}, "out of range"),
         ({"question": "q", "choices": ["a"], "answerKey": "A"}, "at least 2"),
@@ -124,7 +124,7 @@ def test_math_layouts():
 
 
 def test_math_solution_without_final_answer_is_an_error():
-    with pytest.raises(ValueError, match="row 0: field 'solution'"):
+    with pytest.raises(ValueError, match="row 1 \\(1-based\\): field 'solution'"):
         convert_records([{"problem": "p", "solution": "no box here"}], "math")
 
 
@@ -157,11 +157,11 @@ def test_code_livecodebench_functional_uses_metadata_fn_name():
 def test_code_apps_layout_and_errors():
     (row,) = convert_records([APPS], "code")
     assert json.loads(row["reward_model"]["ground_truth"]) == {"inputs": ["2\n"], "outputs": ["4\n"]}
-    with pytest.raises(ValueError, match="row 0: missing field 'tests'"):
+    with pytest.raises(ValueError, match="row 1 \\(1-based\\): missing field 'tests'"):
         convert_records([{"question": "q"}], "code")
-    with pytest.raises(ValueError, match="row 0: field 'tests'"):
+    with pytest.raises(ValueError, match="row 1 \\(1-based\\): field 'tests'"):
         convert_records([{"question": "q", "tests": "not json"}], "code")
-    with pytest.raises(ValueError, match="row 0: field 'tests'"):
+    with pytest.raises(ValueError, match="row 1 \\(1-based\\): field 'tests'"):
         convert_records([{"question": "q", "tests": {"inputs": ["1"], "outputs": []}}], "code")
 
 
@@ -198,7 +198,7 @@ def test_skip_invalid_counts_rows():
     stats = ConversionStats()
     rows = convert_records([DEEPSCALER, {"problem": "no answer"}, GSM8K], "math", skip_invalid=True, stats=stats)
     assert len(rows) == 2 and (stats.read, stats.written, stats.skipped) == (3, 2, 1)
-    assert stats.reasons[0].startswith("row 1: missing field 'answer'")
+    assert stats.reasons[0].startswith("row 2 (1-based): missing field 'answer'")
     assert [r["extra_info"]["index"] for r in rows] == [0, 1]
 
 
@@ -258,7 +258,7 @@ def test_read_records_errors(tmp_path):
     with pytest.raises(ValueError, match="bad.jsonl:2"):
         read_records(tmp_path / "bad.jsonl")
     (tmp_path / "bad.json").write_text('[1, 2]')
-    with pytest.raises(ValueError, match="row 0"):
+    with pytest.raises(ValueError, match=r"row 1 \(1-based\)"):
         read_records(tmp_path / "bad.json")
     with pytest.raises(ValueError, match="format must be"):
         read_records(tmp_path / "bad.json", fmt="xml")

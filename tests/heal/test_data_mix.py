@@ -109,7 +109,7 @@ def test_split_by_source():
     t, g = split_by_source(_rows("med", 3) + _rows("csqa", 2) + _rows("med2", 1), ["csqa"])
     assert [r["data_source"] for r in t] == ["med"] * 3 + ["med2"]
     assert len(g) == 2
-    with pytest.raises(ValueError, match="row 0: missing field 'data_source'"):
+    with pytest.raises(ValueError, match=r"row 1 \(1-based\): missing field 'data_source'"):
         split_by_source([{"x": 1}], ["csqa"])
 
 

@@ -442,9 +442,9 @@ def test_bad_row_limits_stop_the_loader(tmp_path):
     good = [row(timeout_s=1e9, memory_mb=1e9, parallel_tests=1000, max_output_bytes=10**12)]  # clamped later
     assert len(read_parquet_rows(write_parquet_rows(good, tmp_path / "good.parquet"))) == 1
     for bad, key in [(row(max_output_bytes=4194304.0), "max_output_bytes"), (row(memory_mb=-1), "memory_mb")]:
-        with pytest.raises(InvalidRowError, match=f"row 1: extra_info\\['{key}'\\]"):
+        with pytest.raises(InvalidRowError, match=f"row 2 \\(1-based\\): extra_info\\['{key}'\\]"):
             write_parquet_rows([row(), bad], tmp_path / "bad.parquet")
         path = tmp_path / f"bad-{key}.parquet"
         pq.write_table(pa.Table.from_pylist([row(), bad]), path)  # written by something else
-        with pytest.raises(InvalidRowError, match=f"bad-{key}.parquet: row 1: extra_info\\['{key}'\\]"):
+        with pytest.raises(InvalidRowError, match=f"bad-{key}.parquet: row 2 \\(1-based\\): extra_info\\['{key}'\\]"):
             read_parquet_rows(path)
