@@ -65,17 +65,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def make_batch(batch: int, min_len: int, max_len: int, general_fraction: float, seed: int, device):
-    import torch
+    """The benchmark batch ``(values, cu_seqlens, groups, lengths)``: :func:`heal_kernels.triton.shapes.make_batch`
+    (the AOT variant list specialises the kernels on the same batch)."""
+    from heal_kernels.triton.shapes import make_batch as _make_batch
 
-    g = torch.Generator().manual_seed(seed)
-    lens = torch.randint(min_len, max_len + 1, (batch,), generator=g)
-    cu = torch.zeros(batch + 1, dtype=torch.int32)
-    cu[1:] = lens.cumsum(0)
-    # entropy-like values: mostly low with high-entropy spikes, a per-trajectory scale
-    values = (torch.rand(int(cu[-1]), generator=g) ** 4) * 3.0
-    values = values * torch.repeat_interleave(0.5 + torch.rand(batch, generator=g), lens)
-    groups = (torch.rand(batch, generator=g) < general_fraction).to(torch.int64)
-    return values.to(device), cu.to(device), groups.to(device), lens
+    return _make_batch(batch, min_len, max_len, general_fraction, seed, device)
 
 
 def reference_pair_kl(a, b) -> float:

@@ -11,15 +11,19 @@ wheel ships ``ptxas``, ``cuobjdump`` and ``nvdisasm``. This module
   as a real launch would (16-byte divisibility, i32 / i64);
 * compiles a variant for ``sm_XX`` (:func:`compile_variant`) and reads the cubin
   (:func:`analyse`): registers, stack / local memory, ``LDL`` / ``STL`` in the SASS, theoretical
-  occupancy, the hot loop's SASS instructions per element, approximate ``div.full.f32`` in PTX; for
-  the pair kernel its nine loops (:func:`pairwise_loops`: per form -- direct, run-length P = L,
-  run-length P = S' -- the unrolled, single and masked trips, with their pipe mix) and its per-tile
-  code, which the static model (``heal bench static``) costs.
+  occupancy, the hot loop's SASS instructions per element, the PTX's floating-point divisions and
+  reciprocals (:func:`division_forms`); for the pair kernel the stretched index's instructions
+  (:func:`stretched_index`), its nine loops (:func:`pairwise_loops`: per form -- direct,
+  run-length P = L, run-length P = S' -- the unrolled, single and masked trips, with their pipe
+  mix) and its per-tile code, which the static model (``heal bench static``) costs.
 
 ``python -m heal_kernels.triton.aot [--arch 80 90 100] [--jobs 2] [--json out.json]`` compiles every
-variant, prints one line each and exits 1 when a gate fails (a compile error, a spill, approximate
-division in a pairwise kernel). It must run without ``TRITON_INTERPRET`` (the test suite starts it
-in a subprocess with a fresh ``TRITON_CACHE_DIR``).
+variant, prints one line each and exits 1 when a gate fails: a compile error, a spill, or in the
+pairwise kernels (packing and pairs) a floating-point division other than ``div.rn.f32`` /
+``div.rn.f64`` or any ``rcp`` (:func:`inexact_division`), or a stretched index that FP
+contraction could change (:func:`stretched_index`); ``tests/heal_kernels/test_aot_gate_mutations.py``
+injects each forbidden form and expects a failure. It must run without ``TRITON_INTERPRET`` (the
+test suite starts it in a subprocess with a fresh ``TRITON_CACHE_DIR``).
 
 Adding a kernel: give its launcher a ``*_launch_spec`` function returning
 ``(kernel, grid, args, kwargs)``, launch through :func:`heal_kernels.triton._launch.launch`, and
@@ -44,11 +48,17 @@ from typing import Dict, Iterator, List, Optional
 
 import torch
 
+from heal_kernels.triton.shapes import (  # noqa: F401 - the benchmark shapes, re-exported
+    BENCH_VOCAB,
+    EDA_BATCH,
+    EDA_GENERAL_FRACTION,
+    EDA_MAX_LEN,
+    EDA_MIN_LEN,
+    SMALL_VOCABS,
+    make_batch,
+)
+
 ARCHS = (80, 90, 100)
-# benchmark shapes (heal bench entropy on CUDA: [16384, 151936] bf16; heal bench eda: B=1024)
-BENCH_VOCAB = 151936
-SMALL_VOCABS = (1008, 304, 112)  # the other launch_config classes (4, 2 and 1 warps); multiples of 16 like real vocabularies
-EDA_BATCH, EDA_MIN_LEN, EDA_MAX_LEN = 1024, 64, 3072
 _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
@@ -158,14 +168,15 @@ def _linear_variants() -> Iterator[Variant]:
 def eda_batch(seed: int = 0):
     """The EDA benchmark's batch (``heal bench eda`` defaults): packed float32 values, int32
     ``cu_seqlens``, int64 groups, lengths."""
-    from heal.bench.eda import make_batch
-
-    values, cu, groups, lens = make_batch(EDA_BATCH, EDA_MIN_LEN, EDA_MAX_LEN, 0.25, seed, "cpu")
+    values, cu, groups, lens = make_batch(EDA_BATCH, EDA_MIN_LEN, EDA_MAX_LEN, EDA_GENERAL_FRACTION, seed, "cpu")
     return values, cu, groups, lens
 
 
-def _pairwise_variants() -> Iterator[Variant]:
-    from heal_kernels.triton import pairwise as tri
+def _pairwise_variants(tri=None) -> Iterator[Variant]:
+    """The pair kernels' variants; ``tri``: the module holding the kernels and their launch specs
+    (default :mod:`heal_kernels.triton.pairwise`; the gate's mutation tests pass a modified copy)."""
+    if tri is None:
+        from heal_kernels.triton import pairwise as tri
 
     values, cu, groups, lens = eda_batch()
     cu64 = cu.to(torch.int64)
@@ -183,7 +194,7 @@ def _pairwise_variants() -> Iterator[Variant]:
         for short_first in (False, True):
             direction = "short_first" if short_first else "scored_first"
             kernel, _, args, kwargs, _ = tri.launch_spec(packed, short_first, True, device=cuda, arch=arch)
-            yield _pairwise_variant(f"pairwise_full_fp32_{direction}", kernel, args, kwargs, "full", lens, archs)
+            yield _pairwise_variant(f"pairwise_full_fp32_{direction}", kernel, args, kwargs, "full", lens, archs, tri)
             for exclude_self in (True, False):
                 for with_pids in (False, True):
                     kernel, _, args, kwargs, _ = tri.launch_spec(
@@ -192,7 +203,7 @@ def _pairwise_variants() -> Iterator[Variant]:
                     )
                     tag = ("exself" if exclude_self else "inself") + ("_pid" if with_pids else "")
                     yield _pairwise_variant(f"pairwise_grouped_fp32_{direction}_{tag}", kernel, args, kwargs,
-                                            "grouped", lens, archs)
+                                            "grouped", lens, archs, tri)
         # batches of 2^22 values or more keep the index rule's min(., m - 1) (the EDA default path)
         saved = tri.CLAMP_FREE_TOTAL
         tri.CLAMP_FREE_TOTAL = 0
@@ -202,12 +213,10 @@ def _pairwise_variants() -> Iterator[Variant]:
         finally:
             tri.CLAMP_FREE_TOTAL = saved
         yield _pairwise_variant("pairwise_grouped_fp32_scored_first_exself_clamp", kernel, args, kwargs, "grouped",
-                                lens, archs)
+                                lens, archs, tri)
 
 
-def _pairwise_variant(name, kernel, args, kwargs, mode, lens, archs) -> Variant:
-    from heal_kernels.triton import pairwise as tri
-
+def _pairwise_variant(name, kernel, args, kwargs, mode, lens, archs, tri) -> Variant:
     per_iter = tri.positions_per_iteration(kwargs)
     return Variant(
         name=f"{name}_J{kwargs['BLOCK_J']}_T{kwargs['BLOCK_T']}_w{kwargs['num_warps']}",
@@ -435,6 +444,170 @@ def pairwise_loops(instrs) -> Dict:
     return out
 
 
+# ---------------------------------------------------------------------------------------------
+# exactness: the pair kernels' divisions and the stretched index, read from the PTX (and SASS)
+# ---------------------------------------------------------------------------------------------
+
+# PTX ISA 8.x grammar of the forms the rules read (``{}`` optional):
+#   div.approx{.ftz}.f32, div.full{.ftz}.f32, div.rnd{.ftz}.f32, div.rnd.f64   (.rnd: .rn .rz .rm .rp)
+#   rcp.approx{.ftz}.f32, rcp.rnd{.ftz}.f32, rcp.rnd.f64, rcp.approx.ftz.f64
+#   cvt.irnd{.ftz}{.sat}.dtype.atype  (float -> integer: .irnd .rni .rzi .rmi .rpi required)
+#   mul{.rnd}{.ftz}{.sat}.f32, fma.rnd{.ftz}{.sat}.f32
+# Integer division (div.s32, div.u64, ...) names an integer type and is not a float division.
+FLOAT_DIVISION = re.compile(r"^div(?:\.[a-z0-9]+)*\.f(?:16|32|64)(?:x2)?$")  # any floating-point division
+EXACT_DIVISION = re.compile(r"^div\.rn\.f(?:32|64)$")  # the one accepted: IEEE round-to-nearest, no .ftz
+RECIPROCAL = re.compile(r"^rcp(?:\.[a-z0-9]+)*$")  # any reciprocal (approx, rounded, .ftz, f32 / f64): refused
+FLOAT_TO_INT = re.compile(r"^cvt(?:\.[a-z0-9]+)*\.[su](?:8|16|32|64)\.f(?:16|32|64)$")  # every float -> int conversion
+STRETCHED_TRUNC = "cvt.rzi.s32.f32"  # the index rule's truncation (int32 toward zero = floor: t * scale >= 0)
+PLAIN_PRODUCT = re.compile(r"^mul(?:\.rn)?\.f32$")  # one rounding, no .ftz / .sat; not an fma
+SASS_PLAIN_PRODUCT = "FMUL"  # no .FTZ / .SAT / rounding modifier; not FFMA
+# float -> signed integer in the SASS (F2I.TRUNC.NTZ, F2I.S64.TRUNC, ...); not ptxas' integer division
+# idiom (I2F.RP, MUFU.RCP, F2I.FTZ.U32.TRUNC.NTZ), which is no float index
+SASS_INDEX_TRUNC = re.compile(r"^F2I(?!.*\.(?:FTZ|U8|U16|U32|U64)\b)(?:\.[A-Z0-9]+)*$")
+_PTX_REG = re.compile(r"%[A-Za-z_][\w]*")
+
+
+def parse_ptx(ptx: str):
+    """``[(opcode, [operands])]`` of the PTX's instructions in order (comments, directives, labels and
+    braces dropped; a guard predicate ``@%p`` / ``@!%p`` dropped). One instruction per ``;``."""
+    out = []
+    for line in ptx.splitlines():
+        line = line.split("//", 1)[0]
+        if ";" not in line:
+            continue  # directives (.loc, .reg, ...), labels, braces
+        for stmt in line.split(";")[:-1]:
+            stmt = re.sub(r"^(?:\s*[{}]|\s*[$\w]+:)+", "", stmt).strip()
+            stmt = re.sub(r"^@!?%\w+\s+", "", stmt)
+            if not stmt or stmt.startswith("."):
+                continue
+            m = re.match(r"([a-z][a-z0-9_]*(?:\.[a-z0-9_]+)*)\s*(.*)$", stmt, re.S)
+            if not m:
+                continue
+            operands, depth, cur = [], 0, ""
+            for ch in m.group(2):
+                if ch in "{[(":
+                    depth += 1
+                elif ch in "}])":
+                    depth -= 1
+                if ch == "," and depth == 0:
+                    operands.append(cur.strip())
+                    cur = ""
+                else:
+                    cur += ch
+            if cur.strip():
+                operands.append(cur.strip())
+            out.append((m.group(1), operands))
+    return out
+
+
+def division_forms(ptx_instrs) -> Dict[str, int]:
+    """``{opcode: count}`` of the floating-point divisions and reciprocals in the PTX."""
+    forms: Dict[str, int] = {}
+    for op, _ in ptx_instrs:
+        if FLOAT_DIVISION.match(op) or RECIPROCAL.match(op):
+            forms[op] = forms.get(op, 0) + 1
+    return forms
+
+
+def inexact_division(forms: Dict[str, int]) -> Dict[str, int]:
+    """The forms of :func:`division_forms` the exactness rule refuses: every floating-point division
+    other than ``div.rn.f32`` / ``div.rn.f64`` (approx, full, rz / rm / rp, any ``.ftz``) and every
+    reciprocal."""
+    return {op: n for op, n in forms.items() if RECIPROCAL.match(op) or not EXACT_DIVISION.match(op)}
+
+
+def _ptx_dataflow(ptx_instrs):
+    """``defs``, ``uses``: register -> ``[(opcode, operands)]`` (the first operand is the destination
+    unless it is an address ``[...]``, as in ``st``)."""
+    defs: Dict[str, list] = {}
+    uses: Dict[str, list] = {}
+    for ins in ptx_instrs:
+        op, operands = ins
+        if not operands:
+            continue
+        first_is_dest = not operands[0].startswith("[") and not op.startswith(("bra", "call", "ret", "bar"))
+        if first_is_dest:
+            for r in _PTX_REG.findall(operands[0]):
+                defs.setdefault(r, []).append(ins)
+        for o in operands[1:] if first_is_dest else operands:
+            for r in _PTX_REG.findall(o):
+                uses.setdefault(r, []).append(ins)
+    return defs, uses
+
+
+def _sass_regs(operand: str):
+    return re.findall(r"\bU?R(?:\d+|Z)\b", operand)
+
+
+def stretched_index(ptx_instrs, sass_instrs) -> Dict:
+    """The pair kernel's float-to-integer conversions (its only one is the float32 index rule's
+    ``src = trunc(f32(t) * scale)``, ``scale = fl32(m / n)``), checked so that FP contraction cannot
+    change the index: in the PTX each is ``cvt.rzi.s32.f32`` of a register written only by a plain
+    ``mul.f32`` / ``mul.rn.f32`` (not ``fma``, no ``.ftz``) whose factor is a ``div.rn.f32`` result
+    (through ``mov``) and whose product feeds nothing but such truncations (ptxas fuses a ``mul.f32``
+    only into an add that uses it); in the SASS each signed ``F2I`` (:data:`SASS_INDEX_TRUNC`)
+    converts the result of an ``FMUL`` (the nearest earlier instruction writing its source register;
+    not ``FFMA``). ``{ptx_truncations,
+    sass_truncations, problems}`` (``problems``: one line per kind, with its count and first instance)."""
+    defs, uses = _ptx_dataflow(ptx_instrs)
+    found: Dict[str, list] = {}  # kind of problem -> instances
+
+    def problem(kind, where):
+        found.setdefault(kind, []).append(where)
+
+    def from_div(reg, depth=0):
+        for op, operands in defs.get(reg, []):
+            if EXACT_DIVISION.match(op) and op.endswith(".f32"):
+                return True
+            if op.startswith("mov") and depth < 8 and len(operands) > 1:
+                if any(from_div(r, depth + 1) for r in _PTX_REG.findall(operands[1])):
+                    return True
+        return False
+
+    n_ptx = 0
+    for op, operands in ptx_instrs:
+        if not FLOAT_TO_INT.match(op):
+            continue
+        n_ptx += 1
+        if op != STRETCHED_TRUNC:
+            problem(f"PTX {op} (the index rule truncates with {STRETCHED_TRUNC})", ", ".join(operands))
+        srcs = _PTX_REG.findall(operands[1]) if len(operands) > 1 else []
+        for src in srcs:
+            writers = defs.get(src, [])
+            if not writers:
+                problem(f"PTX {op} of a register no instruction writes", src)
+            for wop, wargs in writers:
+                if not PLAIN_PRODUCT.match(wop):
+                    problem(f"PTX {op} of a {wop} result (the index must be a plain product, one rounding)",
+                            f"{wop} {', '.join(wargs)}")
+                elif not any(from_div(r) for a in wargs[1:] for r in _PTX_REG.findall(a)):
+                    problem(f"PTX {op} of a {wop} with no div.rn.f32 factor (the scale must be fl32(m / n))",
+                            f"{wop} {', '.join(wargs)}")
+            for uop, _ in uses.get(src, []):
+                if not FLOAT_TO_INT.match(uop):
+                    problem(f"PTX product also feeds {uop} (ptxas may contract it into an FFMA)", src)
+    n_sass = 0
+    for k, (addr, _pred, op, operands) in enumerate(sass_instrs):
+        if not SASS_INDEX_TRUNC.match(op):
+            continue
+        n_sass += 1
+        regs = [_sass_regs(o) for o in operands.split(",")]
+        src = regs[1][0] if len(regs) > 1 and regs[1] else None
+        writer = None
+        for b in range(k - 1, -1, -1):
+            first = sass_instrs[b][3].split(",")[0]
+            if src is not None and _sass_regs(first) == [src]:
+                writer = sass_instrs[b]
+                break
+        if writer is None:
+            problem(f"SASS {op} of a register no earlier instruction writes", f"{addr:#x}")
+        elif writer[2] != SASS_PLAIN_PRODUCT:
+            problem(f"SASS {op} of a {writer[2]} result (the index must be a plain {SASS_PLAIN_PRODUCT})",
+                    f"{addr:#x} <- {writer[0]:#x} {writer[2]} {writer[3]}")
+    problems = [f"{kind}: {len(where)}x, first {where[0]}" for kind, where in found.items()]
+    return dict(ptx_truncations=n_ptx, sass_truncations=n_sass, problems=problems)
+
+
 def occupancy(regs: int, shared: int, num_warps: int, arch: int) -> int:
     """Theoretical resident warps per SM from registers (256-register allocation units per warp),
     shared memory and the 64-warp / 32-block limits (sm_80: 64 warps, 164 KB; sm_90/100: 228 KB)."""
@@ -507,13 +680,22 @@ def analyse(v: Variant, arch: int) -> Dict:
             rec["instructions_per_element"] = rec["instructions_per_segment_rl_long"]
         elif v.kwargs.get("SECTIONS", 7) == 7:
             loop = None  # the gate's "no hot loop": the kernel no longer has the loops the model reads
-    ptx = k.asm["ptx"]
-    rec["approx_f32_division"] = len(re.findall(r"\bdiv\.(?:full|approx)\.f32", ptx))
+    ptx_instrs = parse_ptx(k.asm["ptx"])
+    rec["division"] = division_forms(ptx_instrs)
+    bad_div = inexact_division(rec["division"])
+    rec["inexact_division"] = sum(bad_div.values())
     failures = []
     if rec["spill_bytes"] > 0 or ldl_stl:
         failures.append(f"spills: stack {stack} B, local {local} B, {ldl_stl} LDL/STL")
-    if v.family.startswith("pairwise") and rec["approx_f32_division"]:
-        failures.append(f"{rec['approx_f32_division']} approximate f32 division(s) in the PTX")
+    if v.family.startswith("pairwise") and bad_div:
+        failures.append("inexact division in the PTX: " + ", ".join(f"{n} {op}" for op, n in sorted(bad_div.items()))
+                        + " (only div.rn.f32 / div.rn.f64, no rcp)")
+    if v.family == "pairwise":
+        idx = stretched_index(ptx_instrs, instrs)
+        rec["stretched_index"] = idx
+        failures.extend(f"stretched index: {p}" for p in idx["problems"])
+        if v.kwargs.get("SECTIONS", 7) & 1 and not (idx["ptx_truncations"] and idx["sass_truncations"]):
+            failures.append("stretched index: no float -> int truncation in the direct form's PTX / SASS")
     if loop is None:
         failures.append("no hot loop found in the SASS")
     rec["failures"] = failures

@@ -53,7 +53,9 @@ FP contraction is on (``enable_fp_fusion=True`` at launch): the accumulations ar
 boundary's two multiply-adds are explicit ``fma`` (the interpreter, whose ``fma`` rounds twice,
 evaluates them exactly in float64 instead: the same results); the direct form's ``t * scale`` (no
 addend) is a plain rounded multiply. Ratios of lengths are divided with correct rounding
-(``div_rn``; the compile gate rejects ``div.full.f32`` here).
+(``div_rn``; the compile gate accepts no float division here but ``div.rn``, no ``rcp``, and checks
+that every stretched index is a plain ``mul.f32`` / ``FMUL`` of the ``div.rn`` scale, then a
+truncation).
 """
 
 from __future__ import annotations

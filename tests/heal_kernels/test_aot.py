@@ -26,8 +26,11 @@ def _toolchain_or_skip():
 
 def test_compile_gate(tmp_path):
     """Every launched variant compiles for sm_80, sm_90 (and sm_100 when this Triton accepts it)
-    with no register spill (stack, local memory, LDL/STL) and no approximate f32 division in the
-    pairwise kernel. A fresh TRITON_CACHE_DIR: nothing is reused between runs."""
+    with no register spill (stack, local memory, LDL/STL); in the pairwise kernels every
+    floating-point division is div.rn (no approx / full / rz / rm / rp / .ftz division, no rcp) and
+    the pair kernel's stretched index is a plain multiply then truncate (no fma). A fresh
+    TRITON_CACHE_DIR: nothing is reused between runs. The rules' mutation tests:
+    test_aot_gate_mutations.py."""
     _toolchain_or_skip()
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
@@ -52,7 +55,11 @@ def test_compile_gate(tmp_path):
         assert r["spill_bytes"] == 0 and r["ldl_stl"] == 0, r
         assert r["instructions_per_element"] > 0, r
         if r["family"].startswith("pairwise"):
-            assert r["approx_f32_division"] == 0, r
+            assert r["inexact_division"] == 0 and set(r["division"]) <= {"div.rn.f32", "div.rn.f64"}, r
+        if r["family"] == "pairwise":
+            idx = r["stretched_index"]
+            assert idx["problems"] == [] and idx["ptx_truncations"] > 0 and idx["sass_truncations"] > 0, r
+    assert any(r["division"].get("div.rn.f32") for r in recs if r["family"] == "pairwise"), "the rule read no division"
 
 
 def _ops_under_interpreter(monkeypatch):
