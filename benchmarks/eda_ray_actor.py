@@ -53,7 +53,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=4096, help="trajectories (default 4096)")
     parser.add_argument("--iters", type=int, default=3, help="timed calls per setting, median reported (default 3)")
-    parser.add_argument("--output-dir", default=None, help="results folder (default benchmarks/results)")
+    parser.add_argument("--output-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
+                        help="results folder (default: benchmarks/results, the committed tables)")
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args(argv)
 

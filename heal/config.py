@@ -16,15 +16,31 @@ import dataclasses
 import json
 import os
 import typing
-from typing import Any, Mapping, Optional, Type, TypeVar
+from typing import Any, Dict, Mapping, Optional, Type, TypeVar
 
 __all__ = ["load_config", "config_from_dict", "merge_args", "read_config_file"]
 
 T = TypeVar("T")
 
 
+def option_style_keys(data: Dict[Any, Any], source: str) -> Dict[Any, Any]:
+    """A config mapping with its keys spelled like the long options (``general-per-batch``) turned into
+    the field names (``general_per_batch``); one key in both spellings is a ``ValueError``."""
+    out: Dict[Any, Any] = {}
+    spelled: Dict[Any, Any] = {}
+    for key, value in data.items():
+        name = key.replace("-", "_") if isinstance(key, str) else key
+        if name in spelled:
+            raise ValueError(f"{source}: keys {spelled[name]!r} and {key!r} name the same option; keep one")
+        spelled[name] = key
+        out[name] = value
+    return out
+
+
 def read_config_file(path) -> dict:
-    """The mapping stored in a ``.yaml`` / ``.yml`` / ``.json`` file (an empty file gives ``{}``)."""
+    """The mapping stored in a ``.yaml`` / ``.yml`` / ``.json`` file (an empty file gives ``{}``), its
+    keys spelled as fields (``general_per_batch``) or as the command line's options
+    (``general-per-batch``), returned as field names."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file not found: {path}")
@@ -50,7 +66,7 @@ def read_config_file(path) -> dict:
         return {}
     if not isinstance(data, dict):
         raise ValueError(f"{path}: the top level must be a mapping of field: value, got {type(data).__name__}")
-    return data
+    return option_style_keys(data, path)
 
 
 def _type_name(tp) -> str:

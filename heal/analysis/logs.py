@@ -2,12 +2,13 @@
 
 Metrics log (``heal plot curves``), one JSON object per line, any of:
 
-* flat: ``{"step": 12, "eda/entropy_target": 0.41, "eda/entropy_general": 0.57, ...}`` -- e.g. the
-  metrics dict returned by :func:`heal.reward.eda_step` with the step added;
+* flat: ``{"step": 12, "eda/entropy_mean_target": 0.41, "eda/entropy_mean_general": 0.57, ...}`` -- e.g.
+  the metrics dict returned by :func:`heal.reward.eda_step` with the step added;
 * verl's file logger (``trainer.logger=['file']``, ``VERL_FILE_LOGGER_PATH``):
   ``{"step": 12, "data": {"actor/entropy": 0.5, ...}}``;
-* verl's console logger lines pasted into a text file: ``step:12 - actor/entropy:0.5 - ...``
-  (lines not of that form are skipped);
+* verl's console logger lines pasted into a text file: ``step:12 - actor/entropy:0.5 - ...``, also as
+  Ray prints them (``(TaskRunner pid=123) step:12 - ...``, ANSI colour codes, a trailing
+  ``[repeated 2x across cluster]``: all stripped); lines not of that form are skipped;
 * TRL's ``trainer_state.json`` (written with each checkpoint, ``out/checkpoint-*/trainer_state.json``):
   one JSON document ``{"log_history": [{"step": 12, "eda/entropy_mean_target": 0.41, ...}, ...]}``
   (entries without a ``step`` are skipped).
@@ -40,6 +41,18 @@ __all__ = [
 ]
 
 _CONSOLE_RE = re.compile(r"^\s*step:(\d+)\s*-\s*(.*)$")
+# what Ray adds to a worker's console output: colour codes, "(TaskRunner pid=123)" / "(WorkerDict pid=1,
+# ip=10.0.0.2)" in front, "[repeated 2x across cluster]" behind (log deduplication)
+_ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+_RAY_PREFIX_RE = re.compile(r"^\s*\([^()]*\bpid=\d+[^()]*\)\s*")
+_RAY_REPEATED_RE = re.compile(r"\s*\[repeated \d+x across cluster\]\s*$")
+
+
+def _strip_console_decorations(line: str) -> str:
+    """A console line without Ray's colour codes, ``(Actor pid=N)`` prefix and dedup suffix."""
+    line = _ANSI_RE.sub("", line)
+    line = _RAY_PREFIX_RE.sub("", line, count=1)
+    return _RAY_REPEATED_RE.sub("", line)
 
 
 def _number(v: Any) -> Optional[float]:
@@ -56,8 +69,9 @@ def _number(v: Any) -> Optional[float]:
 
 
 def parse_console_line(line: str) -> Optional[Dict[str, float]]:
-    """``step:3 - a/b:0.5 - c:1`` -> ``{"step": 3, "a/b": 0.5, "c": 1.0}``; None if not such a line."""
-    m = _CONSOLE_RE.match(line)
+    """``step:3 - a/b:0.5 - c:1`` -> ``{"step": 3, "a/b": 0.5, "c": 1.0}``; None if not such a line.
+    Ray's decorations (``(TaskRunner pid=N)`` prefix, ANSI colours, dedup suffix) are stripped first."""
+    m = _CONSOLE_RE.match(_strip_console_decorations(line))
     if not m:
         return None
     rec: Dict[str, float] = {"step": int(m.group(1))}
@@ -107,6 +121,8 @@ def load_metrics(path: str) -> Dict[int, Dict[str, float]]:
             line = line.strip()
             if not line:
                 continue
+            if not line.startswith("{"):  # a console line, perhaps as Ray prints it
+                line = _strip_console_decorations(line).strip()
             if line.startswith("{"):
                 try:
                     obj = json.loads(line)

@@ -1,7 +1,9 @@
 """Pictures: entropy dynamics per domain, the pairwise ED distance heatmap (paper Figure 9),
 entropy curves over training steps, and the selection report's figure.
 
-Everything draws with matplotlib's Agg backend into a PNG file and returns the file's path.
+Everything draws with matplotlib's Agg backend into a PNG file (its folder must exist) and returns the
+file's path. A domain has one colour in every figure (:func:`domain_colors`): the target domain blue,
+the general domain red, any other domain a colour picked by its name.
 
 The distance between two entropy dynamics is ``d = -s`` (paper appendix D.1) with ``s`` the EDA
 similarity (default ``kl``: ``s = -KL(softmax(a') || softmax(b'))`` after nearest-neighbour alignment),
@@ -16,6 +18,9 @@ import re
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 __all__ = [
+    "DOMAIN_COLORS",
+    "domain_color",
+    "domain_colors",
     "entropy_temperature_note",
     "distance_matrix",
     "domain_order",
@@ -27,7 +32,46 @@ __all__ = [
     "plot_selection",
 ]
 
-DOMAIN_COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
+# One colour per domain in every figure (demo report, heal plot curves / dynamics, the selection report):
+# HEAL's two roles have fixed colours, any other domain (a data_source name) keeps one picked by its name.
+TARGET_COLOR = "#1f77b4"  # blue
+GENERAL_COLOR = "#d62728"  # red
+DOMAIN_COLORS = {"target": TARGET_COLOR, "general": GENERAL_COLOR}
+_OTHER_COLORS = ["#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
+
+
+def _domain_role(label: str) -> str:
+    """``"target (heal_demo_math)"`` (the demo's labels) -> ``"target"``; other labels as they are."""
+    head = re.split(r"[\s(]", str(label).strip(), maxsplit=1)[0].lower()
+    return head if head in DOMAIN_COLORS else str(label)
+
+
+def domain_colors(labels: Sequence[str]) -> Dict[str, str]:
+    """The colour of each label: ``target`` / ``general`` (also ``"target (<data_source>)"``) always
+    :data:`TARGET_COLOR` / :data:`GENERAL_COLOR`; any other domain the colour its name hashes to, the
+    next free one where two names of the same figure hash alike (so it does not depend on the order
+    the domains come in)."""
+    import hashlib
+
+    out: Dict[str, str] = {}
+    taken = set()
+    for label in dict.fromkeys(labels):
+        role = _domain_role(label)
+        if role in DOMAIN_COLORS:
+            out[label] = DOMAIN_COLORS[role]
+    for label in sorted(set(labels) - set(out)):
+        # md5 (a spread, not security): heal prepare's default data_sources and the demo's all differ
+        start = int(hashlib.md5(str(label).encode("utf-8")).hexdigest(), 16) % len(_OTHER_COLORS)
+        free = [_OTHER_COLORS[(start + i) % len(_OTHER_COLORS)] for i in range(len(_OTHER_COLORS))]
+        color = next((c for c in free if c not in taken), free[0])
+        taken.add(color)
+        out[label] = color
+    return out
+
+
+def domain_color(label: str, labels: Optional[Sequence[str]] = None) -> str:
+    """The colour of ``label`` in a figure that shows ``labels`` (default: only it); see :func:`domain_colors`."""
+    return domain_colors(list(labels or []) + [label])[label]
 
 
 def _plt():
@@ -40,9 +84,14 @@ def _plt():
 
 
 def _save(fig, path: str) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    _plt().close(fig)
+    """Write ``fig`` to ``path``. The folder must exist: a mistyped path is an error, not a new folder."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"output folder does not exist: {folder}")
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+    finally:
+        _plt().close(fig)
     return path
 
 
@@ -99,7 +148,7 @@ def _heatmap_axes(ax, d, domains_sorted: Sequence[str], names: Sequence[str], vm
             ax.axvline(start - 0.5, color="white", lw=1.5)
         start += size
     ax.set_xticks(ticks)
-    ax.set_xticklabels(labels, fontsize=8)
+    ax.set_xticklabels(labels, fontsize=8, rotation=30, ha="right", rotation_mode="anchor")
     ax.set_yticks(ticks)
     ax.set_yticklabels(labels, fontsize=8)
     return im
@@ -132,7 +181,7 @@ def plot_distance_heatmap(entropies: Sequence[Sequence[float]], domains: Sequenc
     order, names = domain_order(domains, first)
     d = d[np.ix_(order, order)]
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.4, 5.6))
+    fig, ax = plt.subplots(figsize=(6.4, 5.6), layout="constrained")
     vmin, vmax = _finite_range([d])
     im = _heatmap_axes(ax, d, [domains[i] for i in order], names, vmin, vmax, cmap)
     fig.colorbar(im, ax=ax, label=f"distance d = -s ({metric})")
@@ -174,7 +223,9 @@ def plot_distance_heatmaps_by_step(records: Sequence[Mapping[str, Any]], path: s
         panels.append((st, d[np.ix_(order, order)], [doms[i] for i in order], names))
     vmin, vmax = _finite_range([p[1] for p in panels])
     plt = _plt()
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels) + 1.0, 4.2), squeeze=False)
+    # constrained layout keeps each panel's tick labels (the domain names) clear of its neighbours
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels) + 1.2, 4.8), squeeze=False,
+                             layout="constrained")
     im = None
     for ax, (st, d, doms, names) in zip(axes[0], panels):
         im = _heatmap_axes(ax, d, doms, names, vmin, vmax, cmap)
@@ -195,13 +246,14 @@ def plot_entropy_dynamics(entropies: Sequence[Sequence[float]], domains: Sequenc
     if len(entropies) != len(domains):
         raise ValueError(f"entropies and domains must have the same length, got {len(entropies)} and {len(domains)}")
     _, names = domain_order(domains, first)
+    colors = domain_colors(names)
     plt = _plt()
     fig, axes = plt.subplots(1, len(names) + 1, figsize=(4.6 * (len(names) + 1), 3.6), squeeze=False)
     axes = axes[0]
     grid = np.linspace(0, 1, 50)
     for k, name in enumerate(names):
         ax = axes[k]
-        color = DOMAIN_COLORS[k % len(DOMAIN_COLORS)]
+        color = colors[name]
         seqs = [np.asarray(e, dtype=float) for e, d in zip(entropies, domains) if d == name]
         seqs_ne = [s for s in seqs if s.size]
         for s in seqs_ne:
@@ -258,25 +310,26 @@ def plot_entropy_curves(metrics: Mapping[int, Mapping[str, float]], path: str, *
 
     keys = list(keys) if keys else entropy_metric_keys(metrics)
     if not keys:
-        raise ValueError("no entropy metrics found (expected keys like eda/entropy_target, "
-                         "eda/entropy_general or actor/entropy); pass keys=... to choose")
+        raise ValueError("no entropy metrics found (expected keys like eda/entropy_mean_target, "
+                         "eda/entropy_mean_general or actor/entropy); pass keys=... to choose")
     present = {k for rec in metrics.values() for k in rec}
     missing = [k for k in keys if k not in present]
     if missing:
         raise ValueError(f"metric keys not in the log: {missing}")
     if smooth < 1:
         raise ValueError(f"smooth must be >= 1, got {smooth}")
+    labels = {key: (m.group(1) if m else key) for key in keys for m in [_ENTROPY_KEY_RE.match(key)]}
+    colors = domain_colors(list(labels.values()))
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4))
-    for n, key in enumerate(keys):
+    for key in keys:
         pts = [(s, rec[key]) for s, rec in metrics.items() if key in rec]
         xs = np.array([p[0] for p in pts], dtype=float)
         ys = np.array([p[1] for p in pts], dtype=float)
         if smooth > 1 and ys.size >= smooth:
             kernel = np.ones(smooth) / smooth
             ys = np.convolve(np.pad(ys, (smooth // 2, smooth - 1 - smooth // 2), mode="edge"), kernel, mode="valid")
-        m = _ENTROPY_KEY_RE.match(key)
-        ax.plot(xs, ys, lw=1.8, color=DOMAIN_COLORS[n % len(DOMAIN_COLORS)], label=m.group(1) if m else key,
+        ax.plot(xs, ys, lw=1.8, color=colors[labels[key]], label=labels[key],
                 marker="o" if xs.size <= 30 else None, ms=3)
     ax.set_xlabel("training step")
     ax.set_ylabel("mean token entropy (nats)")
@@ -288,35 +341,42 @@ def plot_entropy_curves(metrics: Mapping[int, Mapping[str, float]], path: str, *
 
 
 def plot_selection(stats: Sequence[Any], chosen: Sequence[Any], path: str) -> str:
-    """Score histogram (chosen vs rejected) and the mean Acc / Uncertainty / Diversity / score of each group."""
+    """Score histogram (chosen vs rejected) and the mean ± sd of each group's statistics, one axis per
+    unit: Acc and Uncertainty are fractions in [0, 1], Diversity and the score c = Uncertainty x
+    Diversity are in nats."""
     import numpy as np
 
     chosen_keys = {s.key for s in chosen}
     rej = [s for s in stats if s.key not in chosen_keys]
     ch = [s for s in stats if s.key in chosen_keys]
     plt = _plt()
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, (ax1, ax_frac, ax_nats) = plt.subplots(1, 3, figsize=(13, 3.8), layout="constrained",
+                                                gridspec_kw={"width_ratios": [1.5, 1, 1]})
     scores = np.array([s.score for s in stats], dtype=float)
     bins = np.linspace(0, max(scores.max() if scores.size else 1.0, 1e-6), 21)
     ax1.hist([[s.score for s in rej], [s.score for s in ch]], bins=bins, stacked=True,
              color=["#bbbbbb", "#d62728"], label=[f"rejected ({len(rej)})", f"chosen ({len(ch)})"])
     if ch:
         ax1.axvline(min(s.score for s in ch), color="k", ls="--", lw=1, label="cut")
-    ax1.set_xlabel("score c = Uncertainty x Diversity")
+    ax1.set_xlabel("score c = Uncertainty x Diversity (nats)")
     ax1.set_ylabel("questions")
     ax1.set_title("Score distribution")
     ax1.legend(fontsize=8)
-    names = ["Acc", "Uncertainty", "Diversity", "score"]
-    attrs = ["acc", "uncertainty", "diversity", "score"]
-    x = np.arange(len(names))
-    for off, group, color, label in ((-0.2, ch, "#d62728", "chosen"), (0.2, rej, "#888888", "rejected")):
-        means = [np.mean([getattr(s, a) for s in group]) if group else 0.0 for a in attrs]
-        sds = [np.std([getattr(s, a) for s in group]) if group else 0.0 for a in attrs]
-        ax2.bar(x + off, means, width=0.4, yerr=sds, color=color, label=label, capsize=3)
-    ax2.set_xticks(x)
-    ax2.set_xticklabels(names)
-    ax2.set_title("Chosen vs rejected (mean ± sd)")
-    ax2.legend(fontsize=8)
-    ax2.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
+    groups = ((-0.2, ch, "#d62728", "chosen"), (0.2, rej, "#888888", "rejected"))
+    for ax, names, attrs, ylabel, title in (
+            (ax_frac, ["Acc", "Uncertainty"], ["acc", "uncertainty"], "fraction (0-1)", "Acc, Uncertainty"),
+            (ax_nats, ["Diversity", "score"], ["diversity", "score"], "nats", "Diversity, score")):
+        x = np.arange(len(names))
+        for off, group, color, label in groups:
+            means = [np.mean([getattr(s, a) for s in group]) if group else 0.0 for a in attrs]
+            sds = [np.std([getattr(s, a) for s in group]) if group else 0.0 for a in attrs]
+            ax.bar(x + off, means, width=0.4, yerr=sds, color=color, label=label, capsize=3)
+        ax.set_xticks(x)
+        ax.set_xticklabels(names)
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{title} (mean ± sd)")
+        ax.grid(axis="y", alpha=0.3)
+    ax_frac.set_ylim(0, 1.05)
+    ax_nats.set_ylim(bottom=0)
+    ax_frac.legend(fontsize=8)
     return _save(fig, path)

@@ -36,6 +36,8 @@ DESCRIPTION = __doc__
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from heal.bench import harness
+
     parser.add_argument("--batch", type=int, default=1024, help="trajectories (default 1024)")
     parser.add_argument("--min-len", type=int, default=64, help="shortest trajectory (default 64)")
     parser.add_argument("--max-len", type=int, default=3072, help="longest trajectory (default 3072)")
@@ -51,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--skip-torch", action="store_true", help="skip heal's pure-torch backend")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--out-dir", "--output-dir", dest="out_dir", default=None, help="results folder (default benchmarks/results)")
+    harness.add_output_dir_argument(parser, dest="out_dir")
     parser.add_argument("--no-write", action="store_true", help="print the table only, write no files")
     parser.add_argument(
         "--scaling",

@@ -32,6 +32,8 @@ _DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf1
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from heal.bench import harness
+
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                         help="where to run (default auto: cuda when available)")
     parser.add_argument("--rows", type=int, default=None,
@@ -44,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iters", type=int, default=None,
                         help="timed runs per variant, median reported (default 20 on CUDA, 3 on CPU)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
-    parser.add_argument("--output-dir", default=None, help="results folder (default benchmarks/results)")
+    harness.add_output_dir_argument(parser)
     parser.add_argument("--no-write", action="store_true", help="print the table only, write no files")
 
 

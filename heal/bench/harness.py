@@ -1,23 +1,60 @@
-"""Shared benchmark plumbing: device description, timing, memory, result files."""
+"""Shared benchmark plumbing: device description, timing, memory, result files, the results-folder option.
+
+torch is imported inside the functions that need it: the benchmarks' ``add_arguments`` use this module
+while ``heal --help`` builds its parser, which must stay instant.
+"""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
+import os
 import platform
 import re
 import statistics
+import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Sequence
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-DEFAULT_RESULTS_DIR = Path("benchmarks") / "results"
+# Where `heal bench NAME` writes unless --output-dir says otherwise: a folder of the current directory that
+# is never the repository's committed benchmarks/results/ (the tables the README quotes). The scripts
+# benchmarks/<name>.py and benchmarks/gpu_run.sh, which produce those tables, pass --output-dir explicitly.
+DEFAULT_RESULTS_DIR = Path("heal-bench-results")
+
+
+class _DeprecatedAlias(argparse.Action):
+    """A hidden old spelling of an option: stores like it and says which spelling to use instead."""
+
+    def __init__(self, option_strings, dest, replacement: str = "", **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        self.replacement = replacement
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"{parser.prog}: warning: {option_string} is deprecated; use {self.replacement}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def add_output_dir_argument(parser: argparse.ArgumentParser, dest: str = "output_dir") -> None:
+    """``--output-dir DIR`` (default ``./heal-bench-results``) into ``args.<dest>``, and the old spelling
+    ``--out-dir`` as a hidden alias that warns. Every benchmark takes its results folder this way."""
+    parser.add_argument("--output-dir", dest=dest, default=str(DEFAULT_RESULTS_DIR), metavar="DIR",
+                        help=f"results folder (default: ./{DEFAULT_RESULTS_DIR}; the scripts benchmarks/<name>.py "
+                        "write the repository's committed tables, benchmarks/results)")
+    parser.add_argument("--out-dir", dest=dest, action=_DeprecatedAlias, replacement="--output-dir",
+                        default=argparse.SUPPRESS, metavar="DIR", help=argparse.SUPPRESS)
 
 
 def resolve_device(name: str) -> torch.device:
     """The device a benchmark's ``--device`` names: ``auto`` = CUDA when present, else the CPU;
     ``cuda`` without a CUDA device stops with a clear message."""
+    import torch
+
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device available")
@@ -26,6 +63,8 @@ def resolve_device(name: str) -> torch.device:
 
 def device_name(device: torch.device) -> str:
     """Human name of the device, e.g. ``NVIDIA H100 80GB HBM3`` or the CPU model."""
+    import torch
+
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     name = platform.processor() or platform.machine()
@@ -47,6 +86,8 @@ def device_slug(device: torch.device) -> str:
 
 
 def environment(device: torch.device) -> Dict[str, object]:
+    import torch
+
     info: Dict[str, object] = {
         "device": device_name(device),
         "device_type": device.type,
@@ -73,6 +114,8 @@ def environment(device: torch.device) -> Dict[str, object]:
 
 
 def synchronize(device: torch.device) -> None:
+    import torch
+
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -90,6 +133,8 @@ def time_fn(
     On CUDA each iteration is timed with events after a synchronize; on CPU with
     ``perf_counter``. Stops early once ``max_seconds`` have been spent (at least one timed run).
     """
+    import torch
+
     for _ in range(warmup):
         fn()
     synchronize(device)
@@ -121,6 +166,8 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> Optiona
     counted once (``self_cpu_memory_usage``: a nested op does not count its children's allocations
     again), replayed in time order; ``None`` when the profiler gives nothing usable.
     """
+    import torch
+
     if device.type == "cuda":
         synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -131,7 +178,7 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> Optiona
     try:
         from torch.profiler import ProfilerActivity, profile
 
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with _without_kineto_markers(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             fn()
         events = sorted(
             (e for e in prof.events() if getattr(e, "self_cpu_memory_usage", 0)),
@@ -146,8 +193,43 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> Optiona
         return None
 
 
+# What kineto (torch.profiler's backend) writes to stderr at every profiler start and stop, e.g.
+# "USDT:2026-12-07 05:08:53 5011:5011 SyncActivityProfilerHandler.cpp:52] profiler_start": trace markers
+# at its highest log level, so KINETO_LOG_LEVEL cannot drop them without dropping its errors as well.
+_KINETO_MARKER = re.compile(rb"^USDT:.*\] profiler_(start|stop)\s*$")
+
+
+@contextlib.contextmanager
+def _without_kineto_markers() -> Iterator[None]:
+    """Run the block with the process's stderr (file descriptor 2, where C++ code writes) going to a
+    temporary file; afterwards pass every line on to stderr except kineto's start / stop markers."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no usable stderr: nothing to filter
+        yield
+        return
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            try:
+                sys.stderr.flush()
+            except ValueError:
+                pass
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            kept = b"".join(line for line in tmp.read().splitlines(keepends=True) if not _KINETO_MARKER.match(line))
+            while kept:
+                kept = kept[os.write(2, kept):]
+
+
 def copy_bandwidth_gbps(device: torch.device, nbytes: int = 1 << 30) -> float:
     """Measured device-to-device copy bandwidth (bytes read + bytes written per second), GB/s."""
+    import torch
+
     n = nbytes // 4
     src = torch.empty(n, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
@@ -187,7 +269,8 @@ def write_results(
     out_dir: Optional[Path] = None,
     figure=None,
 ) -> Dict[str, Path]:
-    """Write ``<name>-<device>.json`` / ``.md`` (and ``.png`` when a matplotlib figure is given)."""
+    """Write ``<name>-<device>.json`` / ``.md`` (and ``.png`` when a matplotlib figure is given) into
+    ``out_dir`` (default :data:`DEFAULT_RESULTS_DIR`, ``./heal-bench-results``)."""
     out_dir = Path(out_dir) if out_dir is not None else DEFAULT_RESULTS_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{name}-{device_slug(device)}"

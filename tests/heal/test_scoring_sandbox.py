@@ -721,7 +721,7 @@ def test_bench_sandbox_tiny(tmp_path, capsys):
 
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
-    args = parser.parse_args(["--runs", "2", "--workers", "1", "--pool", "1", "--checker-rows", "1", "--out-dir", str(tmp_path)])
+    args = parser.parse_args(["--runs", "2", "--workers", "1", "--pool", "1", "--checker-rows", "1", "--output-dir", str(tmp_path)])
     assert bench.run(args) == 0
     doc = json.loads((tmp_path / "sandbox-cpu.json").read_text())
     assert doc["benchmark"] == "sandbox" and all(r["failed"] == 0 for r in doc["rows"])
