@@ -63,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "1, 2 and all threads, driver vs --workers processes on the CPU; the Triton kernel on CUDA "
         "(results eda_scaling-<device>.*)",
     )
-    parser.add_argument("--workers", type=int, default=2, help="--scaling on the CPU: worker processes sharing the rows (default 2)")
+    parser.add_argument("--workers", type=int, default=2, help="--scaling on the CPU: worker processes sharing the work (default 2)")
 
 
 def make_batch(batch: int, min_len: int, max_len: int, general_fraction: float, seed: int, device):

@@ -225,3 +225,12 @@ print(len(started))
 '''
     r = run_python(code, memory_mb=256, timeout_s=10.0)
     assert r.ok and r.stdout.strip() == "16", r.stderr[-500:]
+
+
+def test_endless_stderr_still_times_out():
+    """stderr past the cap is read and dropped: a program that writes it without end is still
+    stopped by its wall clock (the parent's reads never starve its deadline)."""
+    t0 = time.monotonic()
+    r = run_python("import os\nb = b'e' * 65536\nwhile True:\n    os.write(2, b)", max_output_bytes=1000, timeout_s=1.0)
+    assert r.timed_out and r.returncode is None and len(r.stderr) == 1000
+    assert time.monotonic() - t0 < 15.0

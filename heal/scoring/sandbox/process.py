@@ -60,8 +60,10 @@ class _Capture:
         self.data = bytearray()
         self.over = self.eof = False
 
-    def read(self) -> None:
-        while True:
+    def read(self, max_chunks: int = 16) -> None:
+        """Read what the pipe holds, at most ``max_chunks`` x 64 KiB: a program that writes as fast as
+        the parent reads must not keep the caller from its deadline."""
+        for _ in range(max_chunks):
             try:
                 chunk = os.read(self.fd, 1 << 16)
             except BlockingIOError:
@@ -74,6 +76,8 @@ class _Capture:
                 self.over = True
             if room > 0:
                 self.data += chunk[:room]
+            if self.over and self.stops:
+                return
 
     def text(self) -> str:
         return self.data.decode("utf-8", errors="replace")
