@@ -234,3 +234,28 @@ def test_endless_stderr_still_times_out():
     r = run_python("import os\nb = b'e' * 65536\nwhile True:\n    os.write(2, b)", max_output_bytes=1000, timeout_s=1.0)
     assert r.timed_out and r.returncode is None and len(r.stderr) == 1000
     assert time.monotonic() - t0 < 15.0
+
+
+def test_probe_drops_the_scratch_mount_when_bubblewrap_fails_under_it(monkeypatch):
+    """Where the scratch tmpfs mounts but bubblewrap cannot start under util-linux's unshare (e.g. a
+    security module confining what unshare starts), the probe keeps kernel isolation and runs get
+    bubblewrap's own tmpfs mounts, with the reason in isolation_status()."""
+    monkeypatch.setattr(launcher, "_scratch_mount_probe", lambda privileged: (True, ""))
+    monkeypatch.setattr(launcher, "_SCRATCH_SCRIPT", 'echo "bwrap: confined (test)" >&2; exit 3')
+    monkeypatch.setattr(launcher, "_scratch_refused", {})
+    monkeypatch.setattr(sandbox.isolation, "_probed_userns", [])
+    sandbox.isolation._bubblewrap_probe.cache_clear()
+    sandbox.pool._pool.close()
+    try:
+        assert sandbox.isolation._bubblewrap_probe() == (True, "")
+        privileged = not sandbox.isolation._user_namespace_mode()
+        assert "confined (test)" in launcher._scratch_refused[privileged]
+        r = run_python("open('/work/x', 'w').write('x')\nprint(open('/work/x').read())", timeout_s=5.0)
+        assert r.ok and r.stdout.strip() == "x"
+        assert "inodes not bounded" in sandbox.isolation_status()["scratch"]
+    finally:
+        sandbox.isolation._bubblewrap_probe.cache_clear()
+        monkeypatch.undo()
+        sandbox.pool._pool.close()
+    assert sandbox.isolation._bubblewrap_probe() == (True, "")
+    assert "disk_mb bytes" in sandbox.isolation_status()["scratch"]

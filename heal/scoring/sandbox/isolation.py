@@ -61,21 +61,33 @@ def _bubblewrap_probe() -> Tuple[bool, str]:
     if bwrap is None:
         return False, "bubblewrap (`bwrap`) is not installed"
     reasons = []
-    # root: the per-run uid first (RLIMIT_NPROC holds), else a user namespace
-    for privileged in ((True, False) if os.geteuid() == 0 else (False,)):
-        try:
-            sandbox = process._Sandbox(("bubblewrap", privileged, 1, False))
-        except OSError as exc:
-            return False, f"bubblewrap could not start: {exc}"
+
+    def trial(privileged: bool) -> Tuple[bool, str]:
+        sandbox = process._Sandbox(("bubblewrap", privileged, 1, False))
         try:
             res = sandbox.run(_TRIAL, "", limits._job(10.0, None, 4096, "stdin", None, 16, True, True), 10.0, 4096)
         finally:
             sandbox.close()
-        if res.ok and res.stdout.strip() == "ok":
+        ok = res.ok and res.stdout.strip() == "ok"
+        return ok, "" if ok else (res.stderr.strip().splitlines() or [f"exit status {res.returncode}"])[-1]
+
+    # root: the per-run uid first (RLIMIT_NPROC holds), else a user namespace
+    for privileged in ((True, False) if os.geteuid() == 0 else (False,)):
+        try:
+            ok, why = trial(privileged)
+            if not ok and launcher.scratch_mount_available(privileged)[0]:
+                # the scratch tmpfs mounts, but bubblewrap does not start under it: without it, then
+                launcher._scratch_refused[privileged] = f"a trial sandbox failed under the scratch mount: {why}"
+                ok, _ = trial(privileged)
+                if not ok:
+                    del launcher._scratch_refused[privileged]
+        except OSError as exc:
+            return False, f"bubblewrap could not start: {exc}"
+        if ok:
             if os.geteuid() == 0 and not privileged:
                 _probed_userns.append(True)
             return True, ""
-        reasons.append((res.stderr.strip().splitlines() or [f"exit status {res.returncode}"])[-1])
+        reasons.append(why)
     return False, f"bubblewrap is installed but a trial sandbox failed: {' / '.join(reasons)}"
 
 

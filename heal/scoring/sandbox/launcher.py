@@ -39,7 +39,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from heal.scoring.sandbox.limits import MAX_FILES
 
@@ -149,10 +149,23 @@ def _scratch_prefix(scratch: str, disk_bytes: int, max_files: int, privileged: b
             "heal-scratch", scratch, str(int(disk_bytes)), str(int(max_files))]
 
 
-@functools.lru_cache(maxsize=2)
+# uid mode -> why a trial sandbox failed under the scratch mount although the mount itself works
+# (e.g. a security module that confines what util-linux's unshare starts); its runs then get
+# bubblewrap's own tmpfs mounts (set by heal.scoring.sandbox.isolation's trial)
+_scratch_refused: Dict[bool, str] = {}
+
+
 def scratch_mount_available(privileged: bool) -> Tuple[bool, str]:
-    """(True, "") when the bounded scratch tmpfs can be mounted here (checked once per uid mode), else
-    (False, why): runs then get bubblewrap's own tmpfs mounts, whose inode count is not bounded."""
+    """(True, "") when the bounded scratch tmpfs can be mounted here and a sandbox starts under it
+    (checked once per uid mode), else (False, why): runs then get bubblewrap's own tmpfs mounts, whose
+    inode count is not bounded."""
+    if privileged in _scratch_refused:
+        return False, _scratch_refused[privileged]
+    return _scratch_mount_probe(privileged)
+
+
+@functools.lru_cache(maxsize=2)
+def _scratch_mount_probe(privileged: bool) -> Tuple[bool, str]:
     if shutil.which("unshare") is None or shutil.which("mount") is None or not os.path.exists("/bin/sh"):
         return False, "util-linux `unshare` / `mount` not found"
     with tempfile.TemporaryDirectory(prefix="heal-scratch-probe-") as top:
