@@ -32,8 +32,12 @@
 //                  each group's eligible columns (all B of them)
 //
 // Work: each unordered pair once (the upper triangle of the rows asked for, in length order), by one
-// thread, in cache tiles (for_pairs). A pair's value depends only on its two sequences (one code
-// path, pair_kl, never inlined; the pair oriented by length, equal lengths by index) and the group max
+// thread, in cache tiles (for_pairs). The boundaries depend on the two lengths only, so a row is run
+// against the columns of one length together (rl_group: boundaries, offsets and the short side's
+// loads once for up to 4 long sequences); at B = 8192 with lengths U[64, 3072] a length is shared by
+// ~2.7 sequences, and the share grows with the batch, since response lengths are bounded. A pair's
+// value depends only on its two sequences (the same sums in a group of one or of four, one
+// out-of-line finalisation; the pair oriented by length, equal lengths by index) and the group max
 // is order-free (per-thread [rows, G] buffers merged by max), so every row is bit-identical whatever
 // the thread count and row range, and pairwise() and grouped() agree bit for bit.
 
@@ -292,91 +296,88 @@ struct Bound8 {
 // one pair
 // ------------------------------------------------------------------------------------------------
 
-struct RLSums {
-  double zs, a1, a2, a3;  // Z_S', sum x dPE, sum e dPX, sum c e x
-};
-
-// Run-length sums for short S (length m >= 1, its D table at ds) and long L (its P table at pl,
-// length n > m, n < 2^22): boundaries k = 0..m; padding lanes (k > m) read zero D entries.
-static inline RLSums rl_sums(const double* __restrict ds, const double* __restrict pl, int32_t m, int32_t n) {
+// Run-length sums for short S (length m >= 1, its D table at ds) against K long sequences of one
+// length n > m (n < 2^22; their P tables at pls[0..K)): the boundaries b_k (k = 0..m) depend on (m, n)
+// only, so they, the short side's loads and Z_S', sum c e x are computed once for the K of them;
+// padding lanes (k > m) read zero D entries. Per long sequence the accumulation (its two
+// accumulators, FMA order, the final horizontal sums) is the same whatever K and the position in
+// the group, so a pair's sums do not depend on which other sequences share its length.
+//   zs = Z_S', a3 = sum c e x (shared); a1[i] = sum x dPE, a2[i] = sum e dPX (long sequence i)
+template <int K>
+static inline void rl_sums(const double* __restrict ds, const double* const* pls, int32_t m, int32_t n, double& zs,
+                           double& a3, double* a1, double* a2) {
   const BoundaryRule br(m, n);
-  RLSums r;
 #if HEAL_AVX2
   Bound8 bd8(br);
-  __m256d z0 = _mm256_setzero_pd(), a10 = z0, a20 = z0, a30 = z0;
-  __m256d z1 = z0, a11 = z0, a21 = z0, a31 = z0;
-  const char* plc = reinterpret_cast<const char*>(pl);
-  const __m256i vn = _mm256_set1_epi32(n);
-  // byte offsets 16 b_k of the (PE, PX) pairs into general registers: two per 64-bit move (fewer
-  // vector-pipe operations than 8 single-lane extractions; a store and 8 reloads is slower)
-#define HEAL_RL_OFFSETS(B)                                                                                   \
-  const __m256i o16 = _mm256_slli_epi32((B), 4);                                                             \
-  const __m128i olo = _mm256_castsi256_si128(o16), ohi = _mm256_extracti128_si256(o16, 1);                   \
-  const uint64_t q0 = (uint64_t)_mm_cvtsi128_si64(olo), q1 = (uint64_t)_mm_extract_epi64(olo, 1);           \
-  const uint64_t q2 = (uint64_t)_mm_cvtsi128_si64(ohi), q3 = (uint64_t)_mm_extract_epi64(ohi, 1);           \
-  const uint64_t off[8] = {(uint32_t)q0, q0 >> 32, (uint32_t)q1, q1 >> 32, (uint32_t)q2, q2 >> 32, (uint32_t)q3, q3 >> 32};
-  // 4 boundaries: gather (PE, PX) pairs, transpose to PE x4 and PX x4, 4 FMAs
-#define HEAL_RL_HALF(H, Z, A1, A2, A3)                                                                       \
-  {                                                                                                          \
-    const __m256d p02 = _mm256_insertf128_pd(                                                                \
-        _mm256_castpd128_pd256(_mm_loadu_pd(reinterpret_cast<const double*>(plc + off[4 * (H)]))),           \
-        _mm_loadu_pd(reinterpret_cast<const double*>(plc + off[4 * (H) + 2])), 1);                           \
-    const __m256d p13 = _mm256_insertf128_pd(                                                                \
-        _mm256_castpd128_pd256(_mm_loadu_pd(reinterpret_cast<const double*>(plc + off[4 * (H) + 1]))),       \
-        _mm_loadu_pd(reinterpret_cast<const double*>(plc + off[4 * (H) + 3])), 1);                           \
-    const __m256d E = _mm256_unpacklo_pd(p02, p13);                                                          \
-    const __m256d X = _mm256_unpackhi_pd(p02, p13);                                                          \
-    const __m256d bk = _mm256_cvtepi32_pd((H) ? _mm256_extracti128_si256(b, 1) : _mm256_castsi256_si128(b)); \
-    const double* d = ds + 12 * (2 * j + (H));                                                               \
-    const __m256d de = _mm256_load_pd(d + 4);                                                                \
-    Z = _mm256_fmadd_pd(bk, de, Z);                                                                          \
-    A3 = _mm256_fmadd_pd(bk, _mm256_load_pd(d + 8), A3);                                                     \
-    A1 = _mm256_fmadd_pd(E, _mm256_load_pd(d), A1);                                                          \
-    A2 = _mm256_fmadd_pd(X, de, A2);                                                                         \
+  __m256d z = _mm256_setzero_pd(), s3 = z;
+  __m256d A1[K], A2[K];
+  const char* plc[K];
+  for (int i = 0; i < K; ++i) {
+    A1[i] = A2[i] = z;
+    plc[i] = reinterpret_cast<const char*>(pls[i]);
   }
+  const __m256i vn = _mm256_set1_epi32(n);
   const int32_t nfull = m / 8;           // blocks of 8 with every k < m: b_k <= n, no clamp
   const int32_t nall = (m + 1 + 7) / 8;  // blocks covering k = 0..m
-  int32_t j = 0;
-  for (; j < nfull; ++j) {
-    const __m256i b = bd8.get(br, nullptr);
+  for (int32_t j = 0; j < nall; ++j) {
+    __m256i b = bd8.get(br, nullptr);
+    if (j >= nfull) b = _mm256_min_epi32(b, vn);  // the last block: k >= m clamped to n (b_m = n)
     bd8.next();
-    HEAL_RL_OFFSETS(b)
-    HEAL_RL_HALF(0, z0, a10, a20, a30)
-    HEAL_RL_HALF(1, z1, a11, a21, a31)
+    // byte offsets 16 b_k of the (PE, PX) pairs into general registers: two per 64-bit move (fewer
+    // vector-pipe operations than 8 single-lane extractions; a store and 8 reloads is slower)
+    const __m256i o16 = _mm256_slli_epi32(b, 4);
+    const __m128i olo = _mm256_castsi256_si128(o16), ohi = _mm256_extracti128_si256(o16, 1);
+    const uint64_t q0 = (uint64_t)_mm_cvtsi128_si64(olo), q1 = (uint64_t)_mm_extract_epi64(olo, 1);
+    const uint64_t q2 = (uint64_t)_mm_cvtsi128_si64(ohi), q3 = (uint64_t)_mm_extract_epi64(ohi, 1);
+    const uint64_t off[8] = {(uint32_t)q0, q0 >> 32, (uint32_t)q1, q1 >> 32,
+                             (uint32_t)q2, q2 >> 32, (uint32_t)q3, q3 >> 32};
+    const int halves = (8 * j + 4 <= m) ? 2 : 1;  // the D table ends at round_up(m + 1, 4)
+    for (int h = 0; h < halves; ++h) {
+      const double* d = ds + 12 * (2 * j + h);
+      const __m256d bkv = _mm256_cvtepi32_pd(h ? _mm256_extracti128_si256(b, 1) : _mm256_castsi256_si128(b));
+      const __m256d dx = _mm256_load_pd(d), de = _mm256_load_pd(d + 4);
+      z = _mm256_fmadd_pd(bkv, de, z);
+      s3 = _mm256_fmadd_pd(bkv, _mm256_load_pd(d + 8), s3);
+      for (int i = 0; i < K; ++i) {
+        // 4 boundaries: gather (PE, PX) pairs, transpose to PE x4 and PX x4
+        const char* base = plc[i];
+        const __m256d p02 = _mm256_insertf128_pd(
+            _mm256_castpd128_pd256(_mm_loadu_pd(reinterpret_cast<const double*>(base + off[4 * h]))),
+            _mm_loadu_pd(reinterpret_cast<const double*>(base + off[4 * h + 2])), 1);
+        const __m256d p13 = _mm256_insertf128_pd(
+            _mm256_castpd128_pd256(_mm_loadu_pd(reinterpret_cast<const double*>(base + off[4 * h + 1]))),
+            _mm_loadu_pd(reinterpret_cast<const double*>(base + off[4 * h + 3])), 1);
+        A1[i] = _mm256_fmadd_pd(_mm256_unpacklo_pd(p02, p13), dx, A1[i]);
+        A2[i] = _mm256_fmadd_pd(_mm256_unpackhi_pd(p02, p13), de, A2[i]);
+      }
+    }
   }
-  for (; j < nall; ++j) {  // the last block: k >= m clamped to n (b_m = n; D is zero past m)
-    const __m256i b = _mm256_min_epi32(bd8.get(br, nullptr), vn);
-    bd8.next();
-    HEAL_RL_OFFSETS(b)
-    HEAL_RL_HALF(0, z0, a10, a20, a30)
-    if (8 * j + 4 <= m) HEAL_RL_HALF(1, z1, a11, a21, a31)  // the D table ends at round_up(m + 1, 4)
+  zs = hsum4(z);
+  a3 = hsum4(s3);
+  for (int i = 0; i < K; ++i) {
+    a1[i] = hsum4(A1[i]);
+    a2[i] = hsum4(A2[i]);
   }
-#undef HEAL_RL_HALF
-#undef HEAL_RL_OFFSETS
-  auto hsum = [](__m256d a, __m256d b) { return hsum4(_mm256_add_pd(a, b)); };
-  r.zs = hsum(z0, z1);
-  r.a1 = hsum(a10, a11);
-  r.a2 = hsum(a20, a21);
-  r.a3 = hsum(a30, a31);
 #else
   const int32_t nblk = (m + 1 + 3) / 4;  // boundaries k = 0..m, in blocks of 4
-  double zs = 0.0, a1 = 0.0, a2 = 0.0, a3 = 0.0;
+  double z = 0.0, s3 = 0.0, A1[K], A2[K];
+  for (int i = 0; i < K; ++i) A1[i] = A2[i] = 0.0;
   for (int32_t j = 0; j < nblk; ++j) {
     const double* d = ds + 12 * j;
     for (int l = 0; l < 4; ++l) {
       const int32_t b = br.scalar(4 * j + l);  // clamped to n
-      zs = std::fma((double)b, d[4 + l], zs);
-      a3 = std::fma((double)b, d[8 + l], a3);
-      a1 = std::fma(pl[2 * b], d[l], a1);
-      a2 = std::fma(pl[2 * b + 1], d[4 + l], a2);
+      z = std::fma((double)b, d[4 + l], z);
+      s3 = std::fma((double)b, d[8 + l], s3);
+      for (int i = 0; i < K; ++i) {
+        A1[i] = std::fma(pls[i][2 * b], d[l], A1[i]);
+        A2[i] = std::fma(pls[i][2 * b + 1], d[4 + l], A2[i]);
+      }
     }
   }
-  r.zs = zs;
-  r.a1 = a1;
-  r.a2 = a2;
-  r.a3 = a3;
+  zs = z;
+  a3 = s3;
+  for (int i = 0; i < K; ++i) a1[i] = A1[i], a2[i] = A2[i];
 #endif
-  return r;
 }
 
 // Equal lengths n (src(t) = t): za = sum e_a, zb = sum e_b, aab = sum e_a (x_a - x_b),
@@ -436,10 +437,34 @@ struct Ctx {
   Prep pr;
 };
 
+// The run-length pair's two KLs from its sums: one out-of-line instance (the compiler may contract
+// scalar a * b + c into an FMA differently where code is inlined), so the finalisation is the same
+// for every caller.
+__attribute__((noinline)) static void rl_finish(const Ctx& cx, int64_t S, int64_t L, double zs, double a1, double a2,
+                                                double a3, double& kl_sl, double& kl_ls) {
+  const Stats& st = cx.st;
+  const double zl = cx.pr.P.get()[2 * cx.pr.base[L] + 2 * st.lens[L]];  // PE[n]
+  const double lr = std::log(zs / zl), dm = st.mx[S] - st.mx[L];
+  kl_ls = (cx.pr.ex[L] - a1) / zl + dm + lr;
+  kl_sl = -(a2 - a3) / zs - dm - lr;
+}
+
+// KL(S' || L_i) and KL(L_i || S') for the short S (length m >= 1) against K long sequences Ls[i] of one
+// length n, m < n < 2^22.
+template <int K>
+static void rl_group(const Ctx& cx, int64_t S, const int64_t* Ls, double* kl_sl, double* kl_ls) {
+  const double* pls[K];
+  for (int i = 0; i < K; ++i) pls[i] = cx.pr.P.get() + 2 * cx.pr.base[Ls[i]];
+  double zs, a3, a1[K], a2[K];
+  rl_sums<K>(cx.pr.D.get() + 3 * cx.pr.base[S], pls, (int32_t)cx.st.lens[S], (int32_t)cx.st.lens[Ls[0]], zs, a3, a1,
+             a2);
+  for (int i = 0; i < K; ++i) rl_finish(cx, S, Ls[i], zs, a1[i], a2[i], a3, kl_sl[i], kl_ls[i]);
+}
+
 // KL(P_a || P_b) and KL(P_b || P_a) ("scored first": P = the first argument's softmax after the
-// alignment) for non-empty a != b or a == b. One out-of-line instance, and the pair is oriented
-// canonically (by length; equal lengths by index) before any arithmetic, so the values depend on
-// the two sequences only.
+// alignment) for non-empty a != b or a == b. The pair is oriented canonically (by length; equal
+// lengths by index) before any arithmetic, and its sums and finalisation are those of a group of one
+// (above), so the values depend on the two sequences only.
 __attribute__((noinline)) static void pair_kl(const Ctx& cx, int64_t a, int64_t b, double& kl_ab, double& kl_ba) {
   const Stats& st = cx.st;
   const int64_t la = st.lens[a], lb = st.lens[b];
@@ -460,13 +485,7 @@ __attribute__((noinline)) static void pair_kl(const Ctx& cx, int64_t a, int64_t 
   const int64_t m = st.lens[S], n = st.lens[L];
   double kl_sl, kl_ls;  // KL(S' || L), KL(L || S')
   if (n < kRunLengthMaxLen) {
-    const double* ds = cx.pr.D.get() + 3 * cx.pr.base[S];
-    const double* pl = cx.pr.P.get() + 2 * cx.pr.base[L];
-    const RLSums r = rl_sums(ds, pl, (int32_t)m, (int32_t)n);
-    const double zl = pl[2 * n];
-    const double lr = std::log(r.zs / zl), dm = st.mx[S] - st.mx[L];
-    kl_ls = (cx.pr.ex[L] - r.a1) / zl + dm + lr;
-    kl_sl = -(r.a2 - r.a3) / r.zs - dm - lr;
+    rl_group<1>(cx, S, &L, &kl_sl, &kl_ls);
   } else {
     double zs, zl, acc_l, acc_s;
     direct_general(st.x + st.starts[S], st.e + st.starts[S], st.x + st.starts[L], st.e + st.starts[L], m, n, zs, zl,
@@ -479,16 +498,40 @@ __attribute__((noinline)) static void pair_kl(const Ctx& cx, int64_t a, int64_t 
   kl_ba = a_short ? kl_ls : kl_sl;
 }
 
-// -KL for row r scored against neighbour c, and for c scored against r (non-empty r, c).
-static inline void pair_sims(const Ctx& cx, int64_t r, int64_t c, bool short_first, float& s_rc, float& s_cr) {
-  double k_rc, k_cr;
-  pair_kl(cx, r, c, k_rc, k_cr);
-  if (short_first && cx.st.lens[r] != cx.st.lens[c]) {  // KL(short || long) both ways
-    const double k = cx.st.lens[r] < cx.st.lens[c] ? k_rc : k_cr;
-    k_rc = k_cr = k;
+// -KL for row r scored against each neighbour cs[i], and for cs[i] scored against r (s_rc[i], s_cr[i]),
+// for non-empty r and cs[i] != r, the cs all of one length. Where that length exceeds r's, the group
+// shares its segment boundaries and r's loads (rl_group, up to 4 at a time); the values are those of
+// pair_kl, bit for bit.
+static void row_sims(const Ctx& cx, int64_t r, const int64_t* cs, int cnt, bool short_first, float* s_rc,
+                     float* s_cr) {
+  const int64_t m = cx.st.lens[r], n = cx.st.lens[cs[0]];
+  if (m < n && n < kRunLengthMaxLen) {
+    double k_sl[4], k_ls[4];
+    for (int i0 = 0; i0 < cnt; i0 += 4) {
+      const int k = std::min(4, cnt - i0);
+      switch (k) {
+        case 4: rl_group<4>(cx, r, cs + i0, k_sl, k_ls); break;
+        case 3: rl_group<3>(cx, r, cs + i0, k_sl, k_ls); break;
+        case 2: rl_group<2>(cx, r, cs + i0, k_sl, k_ls); break;
+        default: rl_group<1>(cx, r, cs + i0, k_sl, k_ls); break;
+      }
+      for (int i = 0; i < k; ++i) {  // r is the short side: k_rc = KL(S' || L), k_cr = KL(L || S')
+        s_rc[i0 + i] = (float)(-k_sl[i]);
+        s_cr[i0 + i] = (float)(-(short_first ? k_sl[i] : k_ls[i]));
+      }
+    }
+    return;
   }
-  s_rc = (float)(-k_rc);
-  s_cr = (float)(-k_cr);
+  for (int i = 0; i < cnt; ++i) {
+    double k_rc, k_cr;
+    pair_kl(cx, r, cs[i], k_rc, k_cr);
+    if (short_first && m != n) {  // KL(short || long) both ways
+      const double k = m < n ? k_rc : k_cr;
+      k_rc = k_cr = k;
+    }
+    s_rc[i] = (float)(-k_rc);
+    s_cr[i] = (float)(-k_cr);
+  }
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -497,9 +540,10 @@ static inline void pair_sims(const Ctx& cx, int64_t r, int64_t c, bool short_fir
 
 // Rows r in [rb, re) against every column c in [0, B): each unordered pair {r, c} is visited once,
 // as (row, column), (r, c) with c no earlier than r in length order when both are rows (r == c
-// included). Rows and columns are visited in length order (stable), so in a task of kRowBlock rows
-// against kColBlock columns the rows are (nearly all) the shorter sides: the task touches the rows'
-// difference tables (kept in L2) and the columns' prefix tables (~5 MB at 1.5k tokens, kept in L3).
+// included). visit(tid, r, cols, cnt) gets a row and up to kColBlock of its columns, all of one
+// length (a run of equal lengths in length order, inside one task). Rows and columns are visited in
+// length order (stable), so in a task of kRowBlock rows against kColBlock columns the rows are
+// (nearly all) the shorter sides: the task touches the rows' difference tables (kept in L2) and the columns' prefix tables (~5 MB at 1.5k tokens, kept in L3).
 // The column loop is outside (a column is read once per task) and tasks go column block by column
 // block, so the threads share the columns.
 //
@@ -571,16 +615,22 @@ static void for_pairs(const int64_t* lens, int64_t bsz, int64_t rb, int64_t re, 
 #ifdef _OPENMP
     tid = omp_get_thread_num();
 #endif
+    int64_t cols[kColBlock];
 #pragma omp for schedule(dynamic, 1)
     for (int64_t ti = 0; ti < nt; ++ti) {
       const Task tk = tasks[ti];
-      for (int64_t cp = tk.c0; cp < tk.c1; ++cp) {
-        const int64_t c = order[cp];
-        const bool c_row = c >= rb && c < re;
+      for (int64_t cs = tk.c0, ce; cs < tk.c1; cs = ce) {  // runs of columns of one length
+        const int64_t n = lens[order[cs]];
+        for (ce = cs + 1; ce < tk.c1 && lens[order[ce]] == n;) ++ce;
         for (int64_t rp = tk.r0; rp < tk.r1; ++rp) {
           const int64_t r = rows[rp];
-          if (c_row && cp < pos[r]) continue;  // visited as (c, r)
-          visit(tid, r, c, c_row);
+          int cnt = 0;
+          for (int64_t cp = cs; cp < ce; ++cp) {
+            const int64_t c = order[cp];
+            if (c >= rb && c < re && cp < pos[r]) continue;  // a row visited as (c, r)
+            cols[cnt++] = c;
+          }
+          if (cnt > 0) visit(tid, r, (const int64_t*)cols, cnt);
         }
       }
     }
@@ -607,11 +657,28 @@ void pairwise(uintptr_t x, uintptr_t starts, uintptr_t lens, int64_t bsz, bool s
   prepare(cx.st, bsz, num_threads, cx.pr);
   float* o = reinterpret_cast<float*>(out);
   const float nan = std::numeric_limits<float>::quiet_NaN();
-  for_pairs(cx.st.lens, bsz, 0, bsz, num_threads, [&](int, int64_t r, int64_t c, bool) {
-    float s_rc = nan, s_cr = nan;
-    if (cx.st.lens[r] != 0 && cx.st.lens[c] != 0) pair_sims(cx, r, c, short_first, s_rc, s_cr);
-    o[r * bsz + c] = s_rc;
-    o[c * bsz + r] = s_cr;
+  for_pairs(cx.st.lens, bsz, 0, bsz, num_threads, [&](int, int64_t r, const int64_t* cs, int cnt) {
+    float s_rc[kColBlock], s_cr[kColBlock];
+    int64_t nb[kColBlock];
+    int k = 0;
+    for (int i = 0; i < cnt; ++i) {
+      const int64_t c = cs[i];
+      if (cx.st.lens[r] == 0 || cx.st.lens[c] == 0) {
+        o[r * bsz + c] = o[c * bsz + r] = nan;
+      } else if (c == r) {
+        float s, s2;
+        row_sims(cx, r, &c, 1, short_first, &s, &s2);  // equal lengths: pair_kl's direct form, exactly 0
+        o[r * bsz + r] = s;
+      } else {
+        nb[k++] = c;
+      }
+    }
+    if (k == 0) return;
+    row_sims(cx, r, nb, k, short_first, s_rc, s_cr);
+    for (int i = 0; i < k; ++i) {
+      o[r * bsz + nb[i]] = s_rc[i];
+      o[nb[i] * bsz + r] = s_cr[i];
+    }
   });
 }
 
@@ -644,25 +711,35 @@ void grouped(uintptr_t x, uintptr_t starts, uintptr_t lens, int64_t bsz, bool sh
   const int64_t* pid = reinterpret_cast<const int64_t*>(prompt_ids);
   const int64_t* len = cx.st.lens;
   std::vector<std::vector<float>> priv(num_threads, std::vector<float>(nrows * num_groups, ninf));
-  for_pairs(cx.st.lens, bsz, row_begin, row_end, num_threads, [&](int tid, int64_t r, int64_t c, bool c_row) {
-    if (len[r] == 0 || len[c] == 0) return;
-    if (pid != nullptr && pid[r] == pid[c]) return;  // symmetric: both directions ineligible
+  for_pairs(cx.st.lens, bsz, row_begin, row_end, num_threads, [&](int tid, int64_t r, const int64_t* cs, int cnt) {
+    if (len[r] == 0 || len[cs[0]] == 0) return;  // the cs are all of one length
     float* buf = priv[tid].data();
-    if (r == c) {
-      if (exclude_self) return;
-      float s, s2;
-      pair_sims(cx, r, r, short_first, s, s2);
-      float& slot = buf[(r - row_begin) * num_groups + g[r]];
-      if (s > slot) slot = s;
-      return;
+    float s_rc[kColBlock], s_cr[kColBlock];
+    int64_t nb[kColBlock];
+    int k = 0;
+    for (int i = 0; i < cnt; ++i) {
+      const int64_t c = cs[i];
+      if (pid != nullptr && pid[r] == pid[c]) continue;  // symmetric: both directions ineligible
+      if (c == r) {
+        if (exclude_self) continue;
+        float s, s2;
+        row_sims(cx, r, &c, 1, short_first, &s, &s2);
+        float& slot = buf[(r - row_begin) * num_groups + g[r]];
+        if (s > slot) slot = s;
+        continue;
+      }
+      nb[k++] = c;
     }
-    float s_rc, s_cr;
-    pair_sims(cx, r, c, short_first, s_rc, s_cr);
-    float& a = buf[(r - row_begin) * num_groups + g[c]];
-    if (s_rc > a) a = s_rc;
-    if (c_row) {
-      float& bslot = buf[(c - row_begin) * num_groups + g[r]];
-      if (s_cr > bslot) bslot = s_cr;
+    if (k == 0) return;
+    row_sims(cx, r, nb, k, short_first, s_rc, s_cr);
+    for (int i = 0; i < k; ++i) {
+      const int64_t c = nb[i];
+      float& a = buf[(r - row_begin) * num_groups + g[c]];
+      if (s_rc[i] > a) a = s_rc[i];
+      if (c >= row_begin && c < row_end) {
+        float& bslot = buf[(c - row_begin) * num_groups + g[r]];
+        if (s_cr[i] > bslot) bslot = s_cr[i];
+      }
     }
   }, share, shares);
   for (int t = 0; t < num_threads; ++t) {

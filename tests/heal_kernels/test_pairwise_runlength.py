@@ -234,3 +234,36 @@ def test_identical_sequences_give_exactly_zero(cpu_ext):
                                         kl_direction=kl_direction, backend="cpu")
         for k in range(len(lengths)):
             assert got[k, k // 2].item() == 0.0
+
+
+@pytest.mark.parametrize("short_first", [False, True])
+def test_columns_of_one_length_share_boundaries_bit_for_bit(cpu_ext, short_first):
+    """Columns of equal length are computed as a group (shared segment boundaries, up to 4 at a time):
+    every pair's value equals that of the same pair in a batch of just those two sequences, bit for bit,
+    and the float64 reference at 1e-6."""
+    g = torch.Generator().manual_seed(23)
+    # runs of 1 .. 9 sequences per length (groups of 4, 4 and 1 for 9), lengths interleaved
+    lengths = [n for k, n in enumerate((3, 40, 41, 129, 700, 1031, 2, 1500, 64)) for _ in range(k + 1)]
+    perm = torch.randperm(len(lengths), generator=g).tolist()
+    lengths = [lengths[p] for p in perm]
+    values, cu = pack(lengths, g, dist="entropy")
+    mat = pw._run_cpu_ext(cpu_ext, _stats(values, cu), short_first, False, 2)
+    seqs = [values[cu[i]:cu[i + 1]] for i in range(len(lengths))]
+    pairs = [(i, j) for i in range(len(lengths)) for j in range(len(lengths)) if lengths[i] < lengths[j]]
+    for i, j in pairs[:: max(1, len(pairs) // 150)]:
+        two = torch.cat([seqs[i], seqs[j]])
+        cu2 = torch.tensor([0, lengths[i], lengths[i] + lengths[j]])
+        alone = pw._run_cpu_ext(cpu_ext, _stats(two, cu2), short_first, False, 1)
+        assert bits(alone[0, 1]) == bits(mat[i, j]) and bits(alone[1, 0]) == bits(mat[j, i]), (i, j)
+        direction = DIRECTIONS[short_first]
+        for a, b in ((i, j), (j, i)):
+            exp = ref.kl_similarity(seqs[a], seqs[b], direction)
+            assert mat[a, b].item() == pytest.approx(exp, rel=RTOL, abs=ATOL), (a, b)
+    # the grouped op over the same batch: each row's max of its matrix entries (self excluded)
+    groups = torch.tensor([k % 3 for k in range(len(lengths))])
+    got = pw._run_cpu_ext(cpu_ext, _stats(values, cu), short_first, (groups, 3, True, None), 2)
+    m = mat.clone()
+    m.fill_diagonal_(float("-inf"))
+    for k in range(3):
+        col = torch.where(groups == k)[0]
+        assert torch.equal(bits(got[:, k]), bits(m[:, col].max(dim=1).values))
