@@ -27,7 +27,8 @@
 // proof's range; not met in practice) use a scalar direct form. Against the float64 reference the
 // results agree to the float32 output's rounding (~6e-8 relative) up to 65,536 tokens.
 //
-//   pairwise(...)  fills float32 [B, B]           out[i, j] = -KL, NaN when a side is empty
+//   pairwise(...)  fills float32 [B, B]           out[i, j] = -KL, NaN when a side is empty or holds a
+//                                                  NaN / infinity
 //   grouped(...)   fills float32 [end - begin, G]  for each scored row in [begin, end), the max over
 //                  each group's eligible columns (all B of them)
 //
@@ -110,6 +111,7 @@ static double* alloc_doubles(size_t n) {
 struct Prep {
   std::vector<int64_t> base;
   std::vector<double> ex, mx;
+  std::vector<uint8_t> bad;  // [B] the sequence holds a NaN or an infinity
   std::unique_ptr<double, FreeDeleter> P, D, e;
 };
 
@@ -117,6 +119,7 @@ static void prepare(Stats& st, int64_t bsz, int num_threads, Prep& pr) {
   pr.base.resize(bsz + 1);
   pr.ex.assign(bsz, 0.0);
   pr.mx.assign(bsz, 0.0);
+  pr.bad.assign(bsz, 0);
   int64_t total = 0;
   for (int64_t b = 0; b < bsz; ++b) total = std::max(total, st.starts[b] + st.lens[b]);
   pr.e.reset(alloc_doubles((size_t)total));
@@ -138,7 +141,12 @@ static void prepare(Stats& st, int64_t bsz, int num_threads, Prep& pr) {
     const float* x = st.x + st.starts[b];
     double* e = pr.e.get() + st.starts[b];
     float xmax = n > 0 ? x[0] : 0.0f;
-    for (int64_t t = 1; t < n; ++t) xmax = std::max(xmax, x[t]);
+    bool bad = false;
+    for (int64_t t = 0; t < n; ++t) {
+      xmax = std::max(xmax, x[t]);
+      bad |= !std::isfinite(x[t]);
+    }
+    pr.bad[b] = bad;
     const double M = (double)xmax;
     pr.mx[b] = M;
     for (int64_t t = 0; t < n; ++t) e[t] = std::exp((double)x[t] - M);
@@ -502,8 +510,8 @@ __attribute__((noinline)) static void pair_kl(const Ctx& cx, int64_t a, int64_t 
 // for non-empty r and cs[i] != r, the cs all of one length. Where that length exceeds r's, the group
 // shares its segment boundaries and r's loads (rl_group, up to 4 at a time); the values are those of
 // pair_kl, bit for bit.
-static void row_sims(const Ctx& cx, int64_t r, const int64_t* cs, int cnt, bool short_first, float* s_rc,
-                     float* s_cr) {
+static void row_sims_finite(const Ctx& cx, int64_t r, const int64_t* cs, int cnt, bool short_first, float* s_rc,
+                            float* s_cr) {
   const int64_t m = cx.st.lens[r], n = cx.st.lens[cs[0]];
   if (m < n && n < kRunLengthMaxLen) {
     double k_sl[4], k_ls[4];
@@ -532,6 +540,24 @@ static void row_sims(const Ctx& cx, int64_t r, const int64_t* cs, int cnt, bool 
     s_rc[i] = (float)(-k_rc);
     s_cr[i] = (float)(-k_cr);
   }
+}
+
+// row_sims_finite, then NaN (one quiet NaN) for every pair with a side holding a NaN or an infinity
+// (the sums of such a sequence are not used: its tables are whatever the arithmetic gave).
+static void row_sims(const Ctx& cx, int64_t r, const int64_t* cs, int cnt, bool short_first, float* s_rc,
+                     float* s_cr) {
+  row_sims_finite(cx, r, cs, cnt, short_first, s_rc, s_cr);
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const bool bad_r = cx.pr.bad[r] != 0;
+  for (int i = 0; i < cnt; ++i)
+    if (bad_r || cx.pr.bad[cs[i]]) s_rc[i] = s_cr[i] = nan;
+}
+
+// The grouped op's running max: NaN, once seen, stays (a non-finite similarity is never dropped, nor
+// taken for "no eligible neighbour", -inf); otherwise the larger.
+static inline void max_into(float& slot, float v) {
+  if (std::isnan(slot)) return;
+  if (std::isnan(v) || v > slot) slot = v;
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -643,7 +669,8 @@ static Stats make_stats(uintptr_t x, uintptr_t starts, uintptr_t lens) {
 }
 
 // Raw pointers come from Python (tensor.data_ptr()); the caller (heal_kernels/ops/pairwise.py:
-// _run_cpu_ext) guarantees contiguity, dtypes and sizes: x float32 [total] (finite), starts / lens
+// _run_cpu_ext) guarantees contiguity, dtypes and sizes: x float32 [total] (a NaN or infinity makes its
+// sequence's similarities NaN), starts / lens
 // int64 [B]. Only pybind11 is included, which keeps the first-use build to seconds instead of the
 // minute torch/extension.h costs.
 
@@ -683,7 +710,8 @@ void pairwise(uintptr_t x, uintptr_t starts, uintptr_t lens, int64_t bsz, bool s
 }
 
 // groups: int64 [B] in [0, G); prompt_ids: int64 [B] or 0 (none); out: float32 [row_end - row_begin, G],
-// written entirely (-inf where no column is eligible, and for empty rows). Scored rows
+// written entirely (-inf where no column is eligible, and for empty rows; NaN where an eligible
+// column's similarity is NaN: a side holding a NaN / infinity). Scored rows
 // row_begin .. row_end - 1, every column a candidate neighbour.
 //
 // share / shares (shares > 1; then every row is scored): only this share of the unordered pairs
@@ -724,8 +752,7 @@ void grouped(uintptr_t x, uintptr_t starts, uintptr_t lens, int64_t bsz, bool sh
         if (exclude_self) continue;
         float s, s2;
         row_sims(cx, r, &c, 1, short_first, &s, &s2);
-        float& slot = buf[(r - row_begin) * num_groups + g[r]];
-        if (s > slot) slot = s;
+        max_into(buf[(r - row_begin) * num_groups + g[r]], s);
         continue;
       }
       nb[k++] = c;
@@ -734,17 +761,13 @@ void grouped(uintptr_t x, uintptr_t starts, uintptr_t lens, int64_t bsz, bool sh
     row_sims(cx, r, nb, k, short_first, s_rc, s_cr);
     for (int i = 0; i < k; ++i) {
       const int64_t c = nb[i];
-      float& a = buf[(r - row_begin) * num_groups + g[c]];
-      if (s_rc[i] > a) a = s_rc[i];
-      if (c >= row_begin && c < row_end) {
-        float& bslot = buf[(c - row_begin) * num_groups + g[r]];
-        if (s_cr[i] > bslot) bslot = s_cr[i];
-      }
+      max_into(buf[(r - row_begin) * num_groups + g[c]], s_rc[i]);
+      if (c >= row_begin && c < row_end) max_into(buf[(c - row_begin) * num_groups + g[r]], s_cr[i]);
     }
   }, share, shares);
   for (int t = 0; t < num_threads; ++t) {
     const float* p = priv[t].data();
-    for (int64_t k = 0; k < nrows * num_groups; ++k) o[k] = std::max(o[k], p[k]);
+    for (int64_t k = 0; k < nrows * num_groups; ++k) max_into(o[k], p[k]);
   }
 }
 

@@ -38,6 +38,15 @@ deterministic: every pair is reduced in a fixed order and the group max is order
 path every row of the grouped op is bit-identical whatever the thread count and the ``rows`` range
 asked for.
 
+Non-finite values. Entropies are finite. ``check=True`` (the default) raises ``ValueError`` naming the
+trajectory and position of the first NaN or infinity, on every device. ``check=False`` does not look
+(no host sync on CUDA), and every backend gives the same output: a sequence holding a NaN or an
+infinity makes every similarity it takes part in NaN (as the scored row and as the neighbour, every
+metric); in the grouped op such a NaN is an eligible value and propagates (the group's max is NaN,
+as ``torch.amax`` of the matrix's eligible entries would be), never dropped and never ``-inf``, which
+means "no eligible neighbour" only. (The float64 reference would give a finite value for a ``-inf``
+entropy, a zero softmax weight; the ops do not: an infinite entropy is an upstream bug to surface.)
+
 Backends (:func:`heal_kernels._backend.resolve_backend`): ``triton`` (CUDA, or the Triton
 interpreter), ``cpu`` (the C++/OpenMP extension in ``csrc/pairwise.cpp``, built on first use; the
 torch path when it cannot be built) and ``torch`` (length-sorted, cache-sized tiles of pairs). The
@@ -87,8 +96,10 @@ def _check_metric(metric: str, kl_direction: str) -> None:
 def _validate_packed(values: torch.Tensor, cu_seqlens: torch.Tensor, check: bool = True):
     """Check a packed batch; return ``(values float32 contiguous, cu_seqlens int64 contiguous)``.
 
-    Types, shapes and devices are always checked; the contents (offsets, finite values) only with
-    ``check`` or on the CPU: reading them back is a device-to-host sync on CUDA (:func:`reading_syncs`)."""
+    Types, shapes and devices are always checked; the offsets with ``check`` or on the CPU (reading
+    them back is a device-to-host sync on CUDA, :func:`reading_syncs`; the C++ kernel needs them
+    right), finite values with ``check`` only (without: see "Non-finite values" in the module
+    docstring)."""
     if not isinstance(values, torch.Tensor):
         raise TypeError(f"values must be a torch.Tensor, got {type(values).__name__}")
     if not isinstance(cu_seqlens, torch.Tensor):
@@ -121,6 +132,8 @@ def _validate_packed(values: torch.Tensor, cu_seqlens: torch.Tensor, check: bool
     if int(cu_cpu[-1]) != values.numel():
         raise ValueError(f"cu_seqlens must end at len(values)={values.numel()}, got {int(cu_cpu[-1])}")
     vals = values.to(torch.float32).contiguous()
+    if not check:
+        return vals, cu
     finite = torch.isfinite(vals)
     if vals.numel() and not bool(finite.all()):
         pos = int(torch.nonzero(~finite)[0, 0])
@@ -185,7 +198,7 @@ class SeqStats:
         self.total = self.values.numel()
         self.starts = cu[:-1].contiguous()  # int64 [B]
         self.lengths = (cu[1:] - cu[:-1]).contiguous()  # int64 [B]
-        self._x = self._e = self._mx = self._seg = self._zsum = None
+        self._x = self._e = self._mx = self._seg = self._zsum = self._bad = None
         self._padded: Optional[tuple] = None
         self._max_len: Optional[int] = None
 
@@ -208,6 +221,15 @@ class SeqStats:
                 mx = mx.scatter_reduce(0, self.seg, self.values.to(torch.float64), reduce="amax", include_self=True)
             self._mx = torch.where(self.lengths > 0, mx, torch.zeros_like(mx)).contiguous()
         return self._mx
+
+    @property
+    def bad(self) -> torch.Tensor:
+        """bool [B], the sequence holds a NaN or an infinity."""
+        if self._bad is None:
+            bsz = self.lengths.numel()
+            nf = (~torch.isfinite(self.values)).to(torch.int64)
+            self._bad = torch.zeros(bsz, dtype=torch.int64, device=self.values.device).index_add_(0, self.seg, nf) > 0
+        return self._bad
 
     @property
     def x(self) -> torch.Tensor:
@@ -386,6 +408,12 @@ def _pl_block(angle, r, rows: torch.Tensor, cols: torch.Tensor, lengths) -> torc
     return torch.where(empty, torch.full_like(out, math.nan), out)
 
 
+def _poison(st: SeqStats, rows: torch.Tensor, cols: torch.Tensor, sims: torch.Tensor) -> torch.Tensor:
+    """NaN for every pair of the ``[rows, cols]`` tile with a side holding a NaN or an infinity."""
+    bad = st.bad[rows].unsqueeze(1) | st.bad[cols].unsqueeze(0)
+    return torch.where(bad, torch.full((), math.nan, dtype=sims.dtype, device=sims.device), sims)
+
+
 class _TileSource:
     """Yields ``(rows, cols, sims [R, C])`` tiles covering every (row, column) pair, rows restricted
     to ``rows`` when given. Rows and columns are visited in length order so that a tile's pairs have
@@ -437,7 +465,7 @@ class _TileSource:
             cols = torch.arange(bsz, device=order.device)
             for r0 in range(0, nrows, step):
                 rows = self.row_order[r0 : r0 + step]
-                yield rows, cols, _pl_block(*self.pl, rows, cols, st.lengths)
+                yield rows, cols, _poison(st, rows, cols, _pl_block(*self.pl, rows, cols, st.lengths))
             return
         # blocks of 16 length-neighbouring rows (with a row subset: the blocks that hold one of them)
         rb = 16
@@ -458,7 +486,7 @@ class _TileSource:
                     sims = _kl_pairs_torch(st, pi, pj, self.short_first)
                 else:
                     sims = _hti_pairs_torch(st, pi, pj)
-                yield rows, cols, sims.reshape(r1 - r0, c1 - c0)
+                yield rows, cols, _poison(st, rows, cols, sims.reshape(r1 - r0, c1 - c0))
                 c0 = c1
 
 
@@ -477,8 +505,9 @@ def _grouped_torch(st, cu, metric, short_first, groups, num_groups, exclude_self
     bsz = st.lengths.numel()
     dev = st.x.device
     out = torch.full((bsz, num_groups), -math.inf, dtype=torch.float32, device=dev)
+    nonempty = st.lengths > 0
     for rows, cols, sims in _TileSource(st, cu, metric, short_first, rows).tiles():
-        ok = ~torch.isnan(sims)
+        ok = nonempty[rows].unsqueeze(1) & nonempty[cols].unsqueeze(0)  # NaN of a non-finite side stays
         if exclude_self:
             ok &= rows.unsqueeze(1) != cols.unsqueeze(0)
         if pids is not None:
@@ -487,7 +516,10 @@ def _grouped_torch(st, cu, metric, short_first, groups, num_groups, exclude_self
         idx = groups[cols].unsqueeze(0).expand(rows.numel(), -1)
         part = torch.full((rows.numel(), num_groups), -math.inf, dtype=torch.float32, device=dev)
         part = part.scatter_reduce(1, idx, vals, reduce="amax", include_self=True)
-        out[rows] = torch.maximum(out[rows], part)
+        # NaN propagates (explicitly: scatter_reduce's amax is not documented to on every device)
+        nan = torch.zeros_like(part).scatter_reduce(1, idx, torch.isnan(vals).to(part.dtype), reduce="amax")
+        part = torch.where(nan > 0, torch.full((), math.nan, device=dev), part)
+        out[rows] = torch.maximum(out[rows], part)  # propagates NaN
     return out
 
 
@@ -635,9 +667,11 @@ def pairwise_similarity(
     CPUs this process may run on, :func:`heal_kernels.available_cpus`; torch's global setting is
     not used). Raises ``ValueError`` naming the bad argument (and the trajectory for NaN/inf entropies).
 
-    ``check=False`` skips the checks that read tensor contents (``cu_seqlens`` offsets, finite
-    values) on CUDA, so that the Triton path (``metric="kl"``) never synchronises with the host;
-    wrong contents then give wrong numbers instead of an error. CPU inputs are always checked.
+    ``check=False`` skips the checks that read tensor contents, so that the Triton path
+    (``metric="kl"``) never synchronises with the host: the ``cu_seqlens`` offsets on CUDA (wrong
+    offsets then give wrong numbers instead of an error; on the CPU they are always checked) and
+    finite values on every device (a sequence holding a NaN or an infinity then gives NaN in its row
+    and column, on every backend; see the module docstring).
     """
     return _run(values, cu_seqlens, metric, kl_direction, backend, check=bool(check), num_threads=num_threads)
 
@@ -664,10 +698,13 @@ def grouped_max_similarity(
     empty rows. Never builds the ``[B, B]`` matrix; deterministic. Other arguments as in
     :func:`pairwise_similarity`.
 
-    ``check=False`` skips the checks that read tensor contents (``cu_seqlens`` offsets, finite
-    values, group ids in range) on CUDA, so that the Triton path (``metric="kl"``) never
-    synchronises with the host (``prompt_ids`` given as a host list go over from pinned memory);
-    wrong contents then give wrong numbers instead of an error. CPU inputs are always checked.
+    ``check=False`` skips the checks that read tensor contents, so that the Triton path
+    (``metric="kl"``) never synchronises with the host (``prompt_ids`` given as a host list go over
+    from pinned memory): ``cu_seqlens`` offsets and group ids in range on CUDA (wrong contents then
+    give wrong numbers instead of an error; on the CPU they are always checked) and finite values on
+    every device: a sequence holding a NaN or an infinity makes its similarities NaN, and a group
+    with such an eligible neighbour gets NaN (never ``-inf``, which means no eligible neighbour), on
+    every backend.
 
     ``rows=(begin, end)`` computes only scored rows ``begin .. end - 1`` (every row stays a possible
     neighbour) and returns ``[end - begin, num_groups]``, bit for bit the same rows as the full call:

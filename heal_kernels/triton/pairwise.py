@@ -478,7 +478,12 @@ def _kl_rows_kernel(
             run_ptrs = out_ptr + (split * R + (i_r - ROW0)[:, None]).to(tl.int64) * G + offs_g[None, :]
             run_mask = (rpos_r[:, None] >= 0) & (offs_g[None, :] < G)
             running = tl.load(run_ptrs, mask=run_mask, other=float("-inf"), volatile=True)
-            tl.store(run_ptrs, tl.maximum(running, tl.max(vals, axis=1)), mask=run_mask)
+            # NaN (a sequence holding a NaN / infinity) propagates explicitly: the GPU's max.f32
+            # returns the other operand, the interpreter's NaN
+            isnan = vals != vals
+            nan_hit = (tl.max(isnan.to(tl.int32), axis=1) > 0) | (running != running)
+            best = tl.maximum(running, tl.max(tl.where(isnan, float("-inf"), vals), axis=1))
+            tl.store(run_ptrs, tl.where(nan_hit, float("nan"), best), mask=run_mask)
 
 
 
@@ -522,7 +527,7 @@ def _pack_kernel(
     xe_ptr,  # float32 view of the int64 [size] (x, e) pairs, zeros
     pe_ptr,  # float64 [psize] out: prefix sums of e, sequence b's at starts[b] + b (n + 1 entries)
     px_ptr,  # float64 [psize] out: prefix sums of x, likewise
-    mx_ptr,  # float32 [B] out: max of each sequence (0 when empty)
+    mx_ptr,  # float32 [B] out: max of each sequence (0 when empty; NaN when it holds a NaN or infinity)
     zsum_ptr,  # float32 [B] out: sum of e over each sequence
     z_ptr,  # float64 [B] out: sum of e over each sequence (its last PE)
     iz_ptr,  # float64 [B] out: 1 / z (1 for an empty sequence)
@@ -531,7 +536,8 @@ def _pack_kernel(
     BLOCK: tl.constexpr,
 ):
     """One program per sequence: ``mx = max x``, ``e = f32(exp(f64(x) - mx))`` (as the CPU paths'
-    ``seq_stats``), the ``(x, e)`` pairs written at the sequence's even start, the float64 prefix
+    ``seq_stats``; ``mx`` is stored as NaN for a sequence holding a NaN or infinity, which makes its
+    pairs NaN), the ``(x, e)`` pairs written at the sequence's even start, the float64 prefix
     sums of ``e`` and ``x`` (``PE[0] = 0``, ``PE[n] = Z``; a block scan plus a carry: a fixed order per
     sequence, so identical sequences get identical sums), ``Z`` and ``EX = sum e x`` in float64."""
     b = tl.program_id(0)
@@ -550,6 +556,7 @@ def _pack_kernel(
     mx = tl.where(n > 0, mx, 0.0)
     tl.store(pe_ptr + pbase, 0.0)
     tl.store(px_ptr + pbase, 0.0)
+    nonfinite = tl.zeros([BLOCK], tl.int32)
     ce = tl.zeros([BLOCK], tl.float64)  # running prefix at each lane; the carry is its last lane
     cx = tl.zeros([BLOCK], tl.float64)
     ex = tl.zeros([BLOCK], tl.float64)
@@ -558,6 +565,7 @@ def _pack_kernel(
         k = k0 + offs
         inb = k < n
         x = tl.load(src + k, mask=inb, other=0.0)
+        nonfinite = tl.maximum(nonfinite, tl.where((x == x) & (tl.abs(x) < float("inf")), 0, 1))
         e = tl.where(inb, tl.exp(x.to(tl.float64) - mx.to(tl.float64)).to(tl.float32), 0.0)
         tl.store(dst + 2 * k, x, mask=inb)
         tl.store(dst + 2 * k + 1, e, mask=inb)
@@ -569,7 +577,9 @@ def _pack_kernel(
         tl.store(px_ptr + pbase + 1 + k, cx, mask=inb)
         ex += e64 * x64  # exact products (24 + 24 bits)
     z = tl.sum(tl.where(last, ce, 0.0), axis=0)  # = PE[n]: masked lanes add 0
-    tl.store(mx_ptr + b, mx)
+    # a NaN max poisons every pair of this sequence (the pair kernel's shift M_S - M_L): NaN, as on
+    # the CPU backends, whatever the GPU's max.f32 made of the values above
+    tl.store(mx_ptr + b, tl.where(tl.max(nonfinite, axis=0) > 0, float("nan"), mx))
     tl.store(zsum_ptr + b, z.to(tl.float32))
     tl.store(z_ptr + b, z)
     tl.store(iz_ptr + b, 1.0 / tl.where(n > 0, z, 1.0))
