@@ -20,8 +20,14 @@ CHUNK]``: ``CHUNK`` contiguous elements (16 bytes: 8 bf16/fp16, 4 fp32) per thre
 The forward keeps running statistics per chunk lane, a max of the *raw* logits ``m`` and
 ``s = sum 2^((z - m) k2)``, ``t = sum 2^((z - m) k2) (z - m) k2``; each block takes the chunk's max
 in registers and rescales ``s, t`` once per chunk (one ``exp2`` per chunk), then one ``exp2`` per
-element. The lanes are merged once, after the loop. Whole blocks run unmasked; only the last,
-partial block is masked. ``exp2`` is one MUFU instruction (``exp`` adds a multiply and fix-ups).
+element. The lanes are merged once, after the loop. Any vocabulary size, row stride or slice:
+the kernels take a 16-byte aligned base pointer and each row's offset from it
+(:func:`aligned_base`), peel the elements before the row's first 16-byte boundary as one masked
+block, run whole blocks from the boundary unmasked (16-byte loads and stores; the backward's
+gradient is allocated at the logits' offset from a boundary, so contiguous logits of any ``V`` get
+16-byte stores too), and mask only the partial last block. sm_90, bf16: 10.3 SASS instructions
+per element forward and 9.1 backward for V = 151936, 50257 or a slice alike (a slice whose rows
+sit at another offset than its gradient's: 9.5, scalar loads). ``exp2`` is one MUFU instruction (``exp`` adds a multiply and fix-ups).
 
 FP contraction: the launchers pass ``enable_fp_fusion=True`` explicitly (Triton's default differs
 between versions). It only fuses the products the comments say it fuses (``a * b + c`` forms); the
@@ -75,24 +81,39 @@ def _fwd_block(z, m, s, t, k2):
 
 
 @triton.jit
-def _row_stats(row_ptr, V, k2, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    """One pass over ``row_ptr[0:V]``: ``(c, S, M)`` with ``c = max z`` (``-inf`` for a row of only
-    ``-inf``), ``S = sum 2^((z - c) k2)``, ``M = sum 2^((z - c) k2) (z - c) k2`` (shift 0 when
-    ``c = -inf``; then ``S = M = 0``). Whole blocks unmasked, the partial last block masked; the
-    chunk lanes are merged once, after the loop."""
+def _head(o, V, CHUNK: tl.constexpr):
+    """Elements before the row's first 16-byte boundary: the row starts ``o`` elements after a
+    16-byte aligned base (``o`` int64), so ``o + head`` is a multiple of ``CHUNK`` (at most ``V``)."""
+    return tl.minimum((CHUNK - o % CHUNK) % CHUNK, V).to(tl.int32)
+
+
+@triton.jit
+def _row_stats(base_ptr, o, V, k2, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """One pass over the row ``base_ptr[o:o + V]`` (``base_ptr`` 16-byte aligned, ``o`` int64):
+    ``(c, S, M)`` with ``c = max z`` (``-inf`` for a row of only ``-inf``), ``S = sum 2^((z - c) k2)``,
+    ``M = sum 2^((z - c) k2) (z - c) k2`` (shift 0 when ``c = -inf``; then ``S = M = 0``). Any
+    ``o`` and ``V``: the elements before the first 16-byte boundary (fewer than ``CHUNK``) form a
+    masked head block, then whole blocks from the boundary run unmasked with 16-byte loads, then
+    the partial last block masked; the chunk lanes are merged once, after the loop."""
     ROWS: tl.constexpr = BLOCK // CHUNK
     cols = tl.arange(0, ROWS)[:, None] * CHUNK + tl.arange(0, CHUNK)[None, :]  # int32
     neg_inf = float("-inf")
     m = tl.full([ROWS], neg_inf, tl.float32)  # running max of raw z per chunk lane
     s = tl.zeros([ROWS], tl.float32)  # sum 2^((z - m) k2)
     t = tl.zeros([ROWS], tl.float32)  # sum 2^((z - m) k2) * (z - m) k2  (<= 0: no cancellation)
-    v_full = (V // BLOCK) * BLOCK
+    head = _head(o, V, CHUNK)
+    if head > 0:  # the unaligned first elements
+        z = tl.load(base_ptr + o + cols, mask=cols < head, other=neg_inf).to(tl.float32)
+        m, s, t = _fwd_block(z, m, s, t, k2)
+    row_ptr = base_ptr + tl.multiple_of(o + head, CHUNK)  # 16-byte aligned
+    rest = V - head
+    v_full = (rest // BLOCK) * BLOCK
     for start in range(0, v_full, BLOCK):  # whole blocks: no mask
         z = tl.load(row_ptr + start + cols).to(tl.float32)
         m, s, t = _fwd_block(z, m, s, t, k2)
-    if v_full < V:  # the partial last block
+    if v_full < rest:  # the partial last block
         offs = v_full + cols
-        z = tl.load(row_ptr + offs, mask=offs < V, other=neg_inf).to(tl.float32)
+        z = tl.load(row_ptr + offs, mask=offs < rest, other=neg_inf).to(tl.float32)
         m, s, t = _fwd_block(z, m, s, t, k2)
     # merge the lanes (a lane that saw only -inf has m = -inf and s = t = 0)
     c = tl.max(m, axis=0)
@@ -106,7 +127,8 @@ def _row_stats(row_ptr, V, k2, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
 
 @triton.jit
 def _entropy_fwd_kernel(
-    logits_ptr,
+    logits_ptr,  # 16-byte aligned (see aligned_base): the logits start col0 elements after it
+    col0,
     stride_row,
     labels_ptr,
     entropy_ptr,
@@ -120,8 +142,9 @@ def _entropy_fwd_kernel(
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    row_ptr = logits_ptr + row * stride_row
-    c, s_row, t_row = _row_stats(row_ptr, V, k2, CHUNK, BLOCK)
+    o = row * stride_row + col0  # the row's first element, from the aligned base
+    row_ptr = logits_ptr + o
+    c, s_row, t_row = _row_stats(logits_ptr, o, V, k2, CHUNK, BLOCK)
     c = tl.where(c == float("-inf"), 0.0, c)
     log_s = tl.log(s_row)
     tl.store(entropy_ptr + row, log_s - tl.math.div_rn(t_row, s_row) * 0.6931471805599453)
@@ -145,35 +168,53 @@ def _bwd_block(z, c, k2, b2, a_coef, b_coef, lo):
 
 
 @triton.jit
-def _row_grad(row_ptr, out_ptr, V, c, k2, b2, a_coef, b_coef, lo, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    """``out[0:V] = dz`` of :func:`_bwd_block` for the row ``row_ptr[0:V]``, in ``out_ptr``'s dtype.
-    ``out_ptr`` may be ``row_ptr`` (in place: each element is read before the same thread writes it).
-    Whole blocks unmasked, the partial last block masked."""
+def _row_grad(in_base, o_in, out_base, o_out, V, c, k2, b2, a_coef, b_coef, lo, CHUNK: tl.constexpr,
+              BLOCK: tl.constexpr, SAME_ALIGN: tl.constexpr):
+    """``out_base[o_out:o_out + V] = dz`` of :func:`_bwd_block` for the row ``in_base[o_in:o_in + V]``,
+    in ``out_base``'s dtype (both bases 16-byte aligned, offsets int64). The output may be the input
+    (in place: each element is read before the same thread writes it). The head before the output's
+    first 16-byte boundary is a masked block, then whole blocks unmasked (16-byte stores; 16-byte
+    loads too where ``SAME_ALIGN``: the input's rows sit at the same offset from a boundary), then
+    the partial last block masked."""
     ROWS: tl.constexpr = BLOCK // CHUNK
     cols = tl.arange(0, ROWS)[:, None] * CHUNK + tl.arange(0, CHUNK)[None, :]  # int32
-    v_full = (V // BLOCK) * BLOCK
+    head = _head(o_out, V, CHUNK)
+    if head > 0:  # the unaligned first elements
+        inb = cols < head
+        z = tl.load(in_base + o_in + cols, mask=inb, other=float("-inf")).to(tl.float32)
+        dz = _bwd_block(z, c, k2, b2, a_coef, b_coef, lo)
+        tl.store(out_base + o_out + cols, dz.to(out_base.dtype.element_ty), mask=inb)
+    out_ptr = out_base + tl.multiple_of(o_out + head, CHUNK)
+    if SAME_ALIGN:
+        row_ptr = in_base + tl.multiple_of(o_in + head, CHUNK)
+    else:
+        row_ptr = in_base + (o_in + head)
+    rest = V - head
+    v_full = (rest // BLOCK) * BLOCK
     for start in range(0, v_full, BLOCK):  # whole blocks: no mask
         z = tl.load(row_ptr + start + cols).to(tl.float32)
         dz = _bwd_block(z, c, k2, b2, a_coef, b_coef, lo)
-        tl.store(out_ptr + start + cols, dz.to(out_ptr.dtype.element_ty))
-    if v_full < V:
+        tl.store(out_ptr + start + cols, dz.to(out_base.dtype.element_ty))
+    if v_full < rest:
         offs = v_full + cols
-        inb = offs < V
+        inb = offs < rest
         z = tl.load(row_ptr + offs, mask=inb, other=float("-inf")).to(tl.float32)
         dz = _bwd_block(z, c, k2, b2, a_coef, b_coef, lo)
-        tl.store(out_ptr + offs, dz.to(out_ptr.dtype.element_ty), mask=inb)
+        tl.store(out_ptr + offs, dz.to(out_base.dtype.element_ty), mask=inb)
 
 
 @triton.jit
 def _entropy_bwd_kernel(
-    logits_ptr,
+    logits_ptr,  # 16-byte aligned: the logits start col0 elements after it
+    col0,
     stride_row,
     labels_ptr,
     entropy_ptr,
     stats_ptr,
     g_entropy_ptr,
     g_logprob_ptr,
-    grad_ptr,
+    grad_ptr,  # 16-byte aligned: the gradient starts grad_col0 elements after it
+    grad_col0,
     stride_grad_row,
     V,
     k2,
@@ -182,10 +223,13 @@ def _entropy_bwd_kernel(
     HAS_G_LOGPROB: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
+    SAME_ALIGN: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    row_ptr = logits_ptr + row * stride_row
-    out_ptr = grad_ptr + row * stride_grad_row
+    o_in = row * stride_row + col0
+    o_out = row * stride_grad_row + grad_col0
+    row_ptr = logits_ptr + o_in
+    out_ptr = grad_ptr + o_out
 
     c = tl.load(stats_ptr + row * 3)
     mx = tl.load(stats_ptr + row * 3 + 1)  # 0 from the Triton forward; any shift is allowed
@@ -205,7 +249,7 @@ def _entropy_bwd_kernel(
     b_coef = (g_h * mean - g_lp) * inv_t
     lo = -8.5e37 / tl.maximum(tl.abs(a_coef), 1.0)
 
-    _row_grad(row_ptr, out_ptr, V, c, k2, b2, a_coef, b_coef, lo, CHUNK, BLOCK)
+    _row_grad(logits_ptr, o_in, grad_ptr, o_out, V, c, k2, b2, a_coef, b_coef, lo, CHUNK, BLOCK, SAME_ALIGN)
     if HAS_G_LOGPROB:
         # the one-hot term, once per row instead of a compare per element: rewrite the label's
         # entry after every thread of the program has stored its blocks (the barrier orders them)
@@ -259,6 +303,20 @@ def row_launch_options(rows: torch.Tensor, v: int, interpreted: Optional[bool] =
                 enable_fp_fusion=FP_FUSION)
 
 
+def aligned_base(t: torch.Tensor) -> Tuple[torch.Tensor, int]:
+    """``(base, col0)``: ``base`` a view of ``t``'s storage whose data pointer is the 16-byte boundary
+    at or before ``t``'s, and ``col0`` = ``t``'s offset from it in elements, so that a kernel can
+    find every row's first 16-byte boundary and run 16-byte loads from it whatever the slice. ``(t, 0)``
+    when ``t`` is aligned already, or its storage starts after that boundary (then the kernels
+    still compute the right values, with narrower loads)."""
+    es = t.element_size()
+    mis = t.data_ptr() % 16
+    if mis == 0 or mis % es or t.storage_offset() < mis // es:
+        return t, 0
+    k = mis // es
+    return t.as_strided((1,), (1,), t.storage_offset() - k), k
+
+
 def _constants(temperature: float):
     t = float(temperature)
     return LOG2E / t, 1.0 / t
@@ -269,8 +327,10 @@ def forward_launch_spec(logits, labels, entropy, logprob, stats, temperature, bl
     n, v = logits.shape
     has_labels = labels is not None
     k2, inv_t = _constants(temperature)
+    base, col0 = aligned_base(logits)
     args = (
-        logits,
+        base,
+        col0,
         logits.stride(0),
         labels if has_labels else entropy,  # dummy pointer, never read
         entropy,
@@ -291,21 +351,29 @@ def backward_launch_spec(logits, labels, entropy, stats, g_entropy, g_logprob, g
     has_gh = g_entropy is not None
     has_glp = g_logprob is not None and labels is not None
     k2, inv_t = _constants(temperature)
+    base, col0 = aligned_base(logits)
+    gbase, gcol0 = aligned_base(grad)
+    opts = row_launch_options(logits, v, interpreted, block)
+    chunk = opts["CHUNK"]
+    # the input's rows sit as far from a 16-byte boundary as the gradient's: 16-byte loads as well
+    same = (col0 - gcol0) % chunk == 0 and (logits.stride(0) - grad.stride(0)) % chunk == 0
     args = (
-        logits,
+        base,
+        col0,
         logits.stride(0),
         labels if has_glp else entropy,
         entropy,
         stats,
         g_entropy if has_gh else entropy,
         g_logprob if has_glp else entropy,
-        grad,
+        gbase,
+        gcol0,
         grad.stride(0),
         v,
         k2,
         inv_t,
     )
-    kwargs = dict(HAS_G_ENTROPY=has_gh, HAS_G_LOGPROB=has_glp, **row_launch_options(logits, v, interpreted, block))
+    kwargs = dict(HAS_G_ENTROPY=has_gh, HAS_G_LOGPROB=has_glp, SAME_ALIGN=bool(same), **opts)
     return _entropy_bwd_kernel, (n,), args, kwargs
 
 
@@ -346,9 +414,16 @@ def entropy_backward(
     block: Optional[int] = None,
 ) -> torch.Tensor:
     """Gradient w.r.t. ``logits[N, V]`` (same dtype, contiguous) for upstream ``g_entropy`` /
-    ``g_logprob`` (float32 ``[N]`` or None for zero)."""
+    ``g_logprob`` (float32 ``[N]`` or None for zero). The gradient starts as far from a 16-byte
+    boundary as the logits do, so that rows of contiguous logits of any ``V`` (or a slice of them
+    starting mid-chunk) are read and written with 16-byte accesses."""
     n, v = logits.shape
-    grad = torch.empty((n, v), dtype=logits.dtype, device=logits.device)
+    chunk = chunk_elements(logits.element_size(), 16)
+    col0 = (logits.data_ptr() % 16) // logits.element_size() if logits.data_ptr() % logits.element_size() == 0 else 0
+    buf = torch.empty(n * v + chunk, dtype=logits.dtype, device=logits.device)
+    base_mis = (buf.data_ptr() % 16) // logits.element_size()
+    off = (col0 - base_mis) % chunk
+    grad = buf[off:off + n * v].view(n, v)
     if n == 0 or v == 0:
         return grad
     if g_entropy is None and (g_logprob is None or labels is None):

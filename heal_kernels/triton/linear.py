@@ -44,14 +44,15 @@ from heal_kernels.triton._launch import launch
 
 # block rows run the entropy kernels' row passes (one program per row, 16-byte chunks per thread,
 # exp2) with their launch options
-from heal_kernels.triton.entropy import _bwd_block, _constants, _row_grad, _row_stats, row_launch_options
+from heal_kernels.triton.entropy import _bwd_block, _constants, _row_grad, _row_stats, aligned_base, row_launch_options
 
 __all__ = ["block_stats", "block_grad"]
 
 
 @triton.jit
 def _block_stats_kernel(
-    z_ptr,
+    z_ptr,  # 16-byte aligned: the block starts col0 elements after it
+    col0,
     stride_row,
     labels_ptr,
     state_ptr,
@@ -63,10 +64,11 @@ def _block_stats_kernel(
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    row_ptr = z_ptr + row * stride_row
+    o = row * stride_row + col0
+    row_ptr = z_ptr + o
     neg_inf = float("-inf")
     # the entropy forward's pass: (max z, sum 2^((z - c) k2), sum 2^((z - c) k2) (z - c) k2)
-    c, sb, tb = _row_stats(row_ptr, V, k2, CHUNK, BLOCK)
+    c, sb, tb = _row_stats(z_ptr, o, V, k2, CHUNK, BLOCK)
     tb = tb * 0.6931471805599453  # natural units
     mb = c * inv_t  # max x = max z / T (T > 0: the same element)
     nan_row = sb != sb
@@ -100,7 +102,8 @@ def _block_stats_kernel(
 
 @triton.jit
 def _block_grad_kernel(
-    z_ptr,
+    z_ptr,  # 16-byte aligned: the block starts col0 elements after it
+    col0,
     stride_row,
     labels_ptr,
     coef_ptr,
@@ -112,7 +115,8 @@ def _block_grad_kernel(
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    row_ptr = z_ptr + row * stride_row
+    o = row * stride_row + col0
+    row_ptr = z_ptr + o
     lse = tl.load(coef_ptr + row * 4)
     mean = tl.load(coef_ptr + row * 4 + 1)
     g_h = tl.load(coef_ptr + row * 4 + 2)
@@ -131,7 +135,7 @@ def _block_grad_kernel(
         ok = (label >= 0) & (label < V)
         safe = tl.where(ok, label, 0)
         zl = tl.load(row_ptr + safe).to(tl.float32)
-    _row_grad(row_ptr, row_ptr, V, c, k2, b2, a_coef, b_coef, lo, CHUNK, BLOCK)  # in place
+    _row_grad(z_ptr, o, z_ptr, o, V, c, k2, b2, a_coef, b_coef, lo, CHUNK, BLOCK, True)  # in place
     if HAS_LABELS:
         # the one-hot term once per row, not a compare per element: rewrite the label's entry after
         # every thread of the program has stored its blocks (the barrier orders them)
@@ -143,7 +147,8 @@ def _block_grad_kernel(
 def _launch_spec(kernel, z, labels, rowwise, temperature, interpreted):
     r, c = z.shape
     k2, inv_t = _constants(temperature)
-    args = (z, z.stride(0), labels if labels is not None else rowwise, rowwise, c, k2, inv_t)
+    base, col0 = aligned_base(z)
+    args = (base, col0, z.stride(0), labels if labels is not None else rowwise, rowwise, c, k2, inv_t)
     kwargs = dict(HAS_LABELS=labels is not None, **row_launch_options(z, c, interpreted))
     return kernel, (r,), args, kwargs
 
