@@ -113,11 +113,11 @@ def run_scaling(args) -> int:
                 warm = _payload(values[: int(cu[k])], cu[: k + 1], groups[:k])
                 list(pool.map(_worker_call, [(warm, r, world, per) for r in range(world)]))
 
-                from heal.integrations.verl.eda_workers import _combine
+                from heal.integrations.verl.eda_workers import combine_shares
 
                 def sharded():
                     outs = list(pool.map(_worker_call, [(payload, r, world, per) for r in range(world)]))
-                    return _combine(outs, bsz, 2)
+                    return combine_shares(outs, bsz, 2)
 
                 secs, out = timed(sharded)
                 same = torch.equal(out, ref)

@@ -571,32 +571,34 @@ def share_rows(bsz: int, index: int, count: int) -> Tuple[int, int]:
     return begin, begin + base + (1 if index < extra else 0)
 
 
+def _int_pair(value, name: str, what: str):
+    """``value`` as a pair of ints (not bools), or ``ValueError`` naming ``name``."""
+    if (not isinstance(value, (tuple, list)) or len(value) != 2
+            or any(isinstance(v, bool) or not isinstance(v, int) for v in value)):
+        raise ValueError(f"{name} must be None or {what} pair of ints, got {value!r}")
+    return int(value[0]), int(value[1])
+
+
 def _check_share(share, rows):
     """``share`` of the grouped op: ``None`` or ``(index, count)`` with ``0 <= index < count``."""
     if share is None:
         return None
-    if (not isinstance(share, (tuple, list)) or len(share) != 2
-            or any(isinstance(v, bool) or not isinstance(v, int) for v in share)):
-        raise ValueError(f"share must be None or an (index, count) pair of ints, got {share!r}")
-    index, count = share
+    index, count = _int_pair(share, "share", "an (index, count)")
     if not 0 <= index < count:
         raise ValueError(f"share=({index}, {count}) must satisfy 0 <= index < count")
     if rows is not None:
         raise ValueError("share and rows cannot be combined: a share scores every row")
-    return int(index), int(count)
+    return index, count
 
 
 def _check_rows(rows, bsz: int):
     """``rows`` of the grouped op: ``None`` (every row) or ``(begin, end)`` with ``0 <= begin <= end <= B``."""
     if rows is None:
         return None
-    if (not isinstance(rows, (tuple, list)) or len(rows) != 2
-            or any(isinstance(r, bool) or not isinstance(r, int) for r in rows)):
-        raise ValueError(f"rows must be None or a (begin, end) pair of ints, got {rows!r}")
-    begin, end = rows
+    begin, end = _int_pair(rows, "rows", "a (begin, end)")
     if not 0 <= begin <= end <= bsz:
         raise ValueError(f"rows=({begin}, {end}) must satisfy 0 <= begin <= end <= B={bsz}")
-    return int(begin), int(end)
+    return begin, end
 
 
 def _run(values, cu_seqlens, metric, kl_direction, backend, grouped_args=None, check=True, num_threads=None,

@@ -57,7 +57,7 @@ def grouped_max_shard(payload: Dict[str, Any], rank: int, world: int, device: Op
     }
 
 
-def _combine(outputs: List[Dict[str, Any]], bsz: int, num_groups: int) -> torch.Tensor:
+def combine_shares(outputs: List[Dict[str, Any]], bsz: int, num_groups: int) -> torch.Tensor:
     """The element-wise max of the workers' partial maxima, checking that they are the shares
     ``0 .. world - 1`` of one world, each ``[bsz, num_groups]``."""
     shares = sorted(tuple(o["share"]) for o in outputs)
@@ -93,7 +93,7 @@ def workers_grouped_max(call: Callable[[Any], List[Dict[str, Any]]], put: Callab
         }
         outputs = call(put(payload))
         bsz = cu_seqlens.numel() - 1
-        sims = _combine(list(outputs), bsz, int(num_groups))
+        sims = combine_shares(list(outputs), bsz, int(num_groups))
         if report is not None:
             report["eda/workers"] = float(len(outputs))
             report["eda/threads"] = float(max((o["threads"] for o in outputs), default=0))
