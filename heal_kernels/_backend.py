@@ -1,7 +1,7 @@
 """Which implementation runs an op: one rule for every op family.
 
-``HEAL_KERNELS_BACKEND`` (environment) or an explicit ``backend=`` argument of the internal entry
-points selects it:
+``HEAL_KERNELS_BACKEND`` (environment; unset or empty means ``auto``) or an explicit ``backend=``
+argument of the internal entry points selects it:
 
 * ``auto`` (default): CUDA tensors -> ``triton``; CPU tensors -> ``cpu`` (the C++ extension when it
   builds, else the chunked pure-torch path).
@@ -47,11 +47,20 @@ def cpu_threads(num_threads: Optional[int] = None) -> int:
 
 
 def requested_backend(explicit: Optional[str] = None) -> str:
-    name = explicit if explicit is not None else os.environ.get(ENV_VAR, "auto")
-    name = name.strip().lower()
-    if name not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS} (from argument or ${ENV_VAR}), got {name!r}")
-    return name
+    """The backend asked for: ``explicit`` when given, else ``$HEAL_KERNELS_BACKEND`` (unset, empty or
+    blank: ``auto``). ``ValueError`` listing the valid names for anything else."""
+    if explicit is not None:
+        name, where = explicit, "backend"
+    else:
+        name, where = os.environ.get(ENV_VAR, ""), f"${ENV_VAR}"
+        if not name.strip():  # HEAL_KERNELS_BACKEND= (empty) is the same as unset
+            return "auto"
+    if not isinstance(name, str) or name.strip().lower() not in BACKENDS:
+        raise ValueError(
+            f"{where}={name!r} is not a backend; valid values: {', '.join(BACKENDS)}"
+            + (" (or leave it unset: auto)" if explicit is None else "")
+        )
+    return name.strip().lower()
 
 
 def resolve_backend(device: torch.device, explicit: Optional[str] = None) -> str:

@@ -13,7 +13,10 @@ questions (general domain), computes exact per-token entropies with heal's fused
 answers, runs the general-domain selection and the EDA reward over the batch, and writes
 report.md with entropy-dynamics curves, the pairwise entropy-dynamics distance heatmap (d = -s,
 paper Figure 9), the selection table and the per-trajectory reward table into --output.
-Takes a few minutes on 2 CPU cores with the defaults."""
+Takes a few minutes on 2 CPU cores with the defaults. The first run on a machine also compiles
+heal's C++ kernels (about a minute) and converts the GGUF model once to a transformers folder under
+$HEAL_CACHE_DIR (about 30 s); both are cached, said on stderr / in the log while they happen, and
+named in the report. A run that fails leaves no new or half-written --output folder behind."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,7 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = DemoConfig()
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     a = parser.add_argument
-    a("--output", default="heal-demo", metavar="DIR", help="report folder (default: ./heal-demo)")
+    a("--output", default="heal-demo", metavar="DIR",
+      help="report folder (default: ./heal-demo); created if missing, and written only when the run succeeds")
     a("--samples", type=int, default=d.samples, help=f"responses per question (default {d.samples})")
     a("--max-new-tokens", dest="max_new_tokens", type=int, default=d.max_new_tokens,
       help=f"response length cap (default {d.max_new_tokens})")

@@ -117,7 +117,8 @@ def parse_vllm_args(items: Sequence[str], option: str = "--vllm-arg") -> Dict[st
 
 
 def default_cache_dir() -> str:
-    """Where converted models are kept: ``$HEAL_CACHE_DIR/vllm-models`` (default ``~/.cache/heal``)."""
+    """Where converted models are kept: ``$HEAL_CACHE_DIR/vllm-models`` (default ``~/.cache/heal``); the
+    transformers loader (:func:`heal.models.load_model`) keeps its GGUF conversions here too."""
     root = os.environ.get("HEAL_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "heal")
     return os.path.join(root, "vllm-models")
 
@@ -155,7 +156,8 @@ def prepare_model_folder(model: str, cache_dir: Optional[str] = None, *, log=Non
     if os.path.isfile(os.path.join(out, "config.json")):
         return out
     if log:
-        log(f"converting {model} to a transformers folder for vLLM: {out}")
+        log(f"converting the GGUF model {os.path.basename(model)} once to a transformers folder "
+            f"(about 30 s for the demo's SmolLM2-135M; later runs load the folder): {out}")
     _convert_gguf(model, out)
     return out
 

@@ -7,10 +7,21 @@
 
 Nothing is compiled when :mod:`heal_kernels` is imported: only when a CPU op first needs it.
 ``HEAL_KERNELS_NO_BUILD=1`` disables building (the torch fallbacks run). Flags: ``-O3 -fopenmp``,
-plus ``-march=native`` when the compiler accepts it; the extension name then carries a hash of the
-CPU model, the flags and the sources' contents, so a cache shared between different machines never
-loads a foreign build, and an edited source always gets its own build (never a stale one that a
-concurrent build compiled from the previous text, which ninja's timestamps alone can miss).
+plus ``-march=native`` when the compiler accepts it.
+
+The cache key (:func:`extension_key`) is a hash of what the compiled module depends on: the
+contents of the ``.cpp`` sources and of the headers beside them, the flags, the CPU model, the torch
+version and the Python ABI -- never the sources' paths. The module is built under that key, in its
+own folder ``<cache>/<name>_<key>`` (``TORCH_EXTENSIONS_DIR`` or torch's per-user extension cache),
+so a cache shared between machines never loads a foreign build, an edited source or header always
+gets its own build (never a stale one that a concurrent build compiled from the previous text, which
+ninja's timestamps alone can miss), and two checkouts or virtual environments with the same sources
+and torch share one build. A module already in the cache is imported directly, without asking ninja
+(whose build file names the sources' paths, so a second checkout would otherwise rebuild it).
+
+A build prints one line to stderr when it starts and one when it ends (``heal: building ...`` /
+``heal: built heal_linear in 41.2 s``); loading from the cache prints nothing.
+:func:`builds_this_process` tells which extensions this process compiled and how long each took.
 """
 
 from __future__ import annotations
@@ -24,11 +35,13 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import warnings
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, Dict, List, Optional
 
-__all__ = ["load_extension", "load_pairwise", "csrc_dir", "extension_flags", "EXTENSIONS", "extension_info"]
+__all__ = ["load_extension", "load_pairwise", "csrc_dir", "extension_flags", "EXTENSIONS", "extension_info",
+           "extension_key", "builds_this_process"]
 
 # every C++ extension heal builds: name -> sources in csrc/ (``heal env`` reports each one)
 EXTENSIONS = {
@@ -39,6 +52,8 @@ EXTENSIONS = {
 
 _LOCK = threading.Lock()
 _CACHE: dict = {}
+_BUILT: Dict[str, float] = {}  # extension name -> seconds its build took, for builds this process ran
+_HEADER_SUFFIXES = (".h", ".hpp", ".hh", ".cuh")
 
 
 def csrc_dir() -> Path:
@@ -101,6 +116,15 @@ def load_extension(name: str, sources: List[str]):
         return mod
 
 
+def builds_this_process() -> Dict[str, float]:
+    """``{name: seconds}`` for every extension this process compiled (not those loaded from the cache)."""
+    return dict(_BUILT)
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
 def _build(name: str, sources: List[str]):
     if os.environ.get("HEAL_KERNELS_NO_BUILD", "") == "1":
         return None
@@ -114,40 +138,103 @@ def _build(name: str, sources: List[str]):
         warnings.warn(f"heal_kernels: no C++ compiler ({cxx!r}) found; using the pure-torch CPU path (slower)")
         return None
     flags = extension_flags()
+    tagged = _tagged_name(name, paths)
+    directory = _build_directory(tagged)
+    lock = os.path.join(directory, "lock")  # torch's marker of a build in progress
+    cached = os.path.join(directory, tagged + _lib_suffix())
+    if os.path.isfile(cached) and not os.path.exists(lock):
+        try:  # built before, here or by another checkout / venv with the same key: no ninja, no rebuild
+            return _import_built(tagged, cached)
+        except ImportError:  # unreadable or foreign file: build it again below
+            pass
+    if os.path.exists(lock):
+        _say(f"heal: waiting for another process that is building heal's C++ kernels ({name}) ...")
+    else:
+        _say(f"heal: building heal's C++ kernels ({name}), once per source version; this can take a minute ...")
+    t0 = time.perf_counter()
     try:
         from torch.utils import cpp_extension
 
-        return cpp_extension.load(
-            name=_tagged_name(name, paths),
+        os.makedirs(directory, exist_ok=True)
+        mod = cpp_extension.load(
+            name=tagged,
             sources=[str(p) for p in paths],
             extra_cflags=flags,
             extra_ldflags=["-fopenmp"],
+            build_directory=directory,
             verbose=os.environ.get("HEAL_KERNELS_VERBOSE_BUILD", "") == "1",
         )
     except Exception as exc:  # compiler errors, missing ninja, ...
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         warnings.warn(f"heal_kernels: building C++ extension {name!r} failed ({first}); using the pure-torch CPU path")
         return None
+    _BUILT[name] = seconds = time.perf_counter() - t0
+    _say(f"heal: built {name} in {seconds:.1f} s (cached in {directory})")
+    return mod
+
+
+def _lib_suffix() -> str:
+    return ".pyd" if sys.platform == "win32" else ".so"
+
+
+def _import_built(module_name: str, path: str):
+    """Import the compiled module at ``path``, as ``cpp_extension.load`` does after its build."""
+    import importlib.util
+
+    import torch  # noqa: F401  (the module links against libtorch: torch loads its libraries first)
+
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def extension_key(name: str, sources=None) -> str:
+    """The cache key of extension ``name``: a hash of the contents of ``sources`` (paths; default:
+    :data:`EXTENSIONS` ``[name]`` in :func:`csrc_dir`) and of every header in their folders, the
+    compile flags, this CPU, the torch version and the Python ABI. Paths are not part of it: two
+    copies of the same sources have the same key; any changed byte gives another."""
+    import torch
+
+    if sources is None:
+        sources = [csrc_dir() / s for s in EXTENSIONS.get(name, [])]
+    sources = [Path(s) for s in sources]
+    h = hashlib.sha1()
+    for part in (_cpu_fingerprint(), " ".join(extension_flags()), f"torch {torch.__version__}",
+                 f"python {sys.implementation.cache_tag}{getattr(sys, 'abiflags', '')}"):
+        h.update(part.encode() + b"\0")
+    for src in sources:
+        h.update(b"source\0")
+        try:
+            h.update(src.read_bytes())
+        except OSError:
+            pass
+    # the headers the sources may include ("heal_simd.h"), by file name: an edited header is a new build
+    for folder in sorted({src.parent for src in sources}, key=str):
+        try:
+            headers = sorted(p for p in folder.iterdir() if p.suffix in _HEADER_SUFFIXES and p.is_file())
+        except OSError:
+            headers = []
+        for hdr in headers:
+            h.update(b"header\0" + hdr.name.encode() + b"\0")
+            try:
+                h.update(hdr.read_bytes())
+            except OSError:
+                pass
+    return h.hexdigest()[:10]
 
 
 def _tagged_name(name: str, sources=None) -> str:
-    """The module name torch builds ``name`` under: a hash of this CPU, the flags and the contents of
-    ``sources`` (paths; default: :data:`EXTENSIONS` ``[name]`` in :func:`csrc_dir`) appended."""
-    if sources is None:
-        sources = [csrc_dir() / s for s in EXTENSIONS.get(name, [])]
-    h = hashlib.sha1((_cpu_fingerprint() + "|" + " ".join(extension_flags())).encode())
-    for src in sources:
-        try:
-            h.update(Path(src).read_bytes())
-        except OSError:
-            pass
-    return f"{name}_{h.hexdigest()[:10]}"
+    """The module name torch builds ``name`` under: ``name`` + ``_`` + :func:`extension_key`."""
+    return f"{name}_{extension_key(name, sources)}"
 
 
 def _build_directory(tagged: str) -> str:
-    """Where ``torch.utils.cpp_extension.load`` builds and caches ``tagged``: ``TORCH_EXTENSIONS_DIR``
-    or torch's per-user cache with its ``py<ver>_<accelerator>`` folder, as torch computes it (without
-    creating anything)."""
+    """The folder ``tagged`` is built and cached in (:func:`_build` passes it to ``cpp_extension.load``):
+    ``TORCH_EXTENSIONS_DIR`` or torch's per-user cache with its ``py<ver>_<accelerator>`` folder, as
+    torch computes its default (without creating anything)."""
     import torch
     from torch.utils import cpp_extension
 
@@ -164,25 +251,40 @@ def _build_directory(tagged: str) -> str:
     return os.path.join(root, tagged)
 
 
-def extension_info(build: bool = False) -> List[dict]:
+def extension_info(build: bool = False, log: Optional[Callable[[str], None]] = None) -> List[dict]:
     """One dict per extension in :data:`EXTENSIONS`: ``name``, ``module`` (the tagged name),
     ``sources_found``, ``cache_dir``, ``built`` (a compiled module is in the cache) and, when
     ``build`` is true, ``loaded`` (building / loading it now succeeded; this compiles on a first
-    call). Never compiles unless ``build``."""
+    call) and ``build_s`` (seconds this call spent compiling it; 0 when it came from the cache).
+    Never compiles unless ``build``. ``log``: called with one line per extension before it is built
+    or loaded (``heal env --build`` prints them), e.g. ``[2/3] heal_linear: not built yet, compiling``."""
     out = []
-    for name, sources in EXTENSIONS.items():
+    for i, (name, sources) in enumerate(EXTENSIONS.items(), 1):
         tagged = _tagged_name(name)
         d = _build_directory(tagged)
+        lib = os.path.join(d, tagged + _lib_suffix())
         row = {
             "name": name,
             "module": tagged,
             "sources_found": all((csrc_dir() / s).is_file() for s in sources),
             "cache_dir": d,
-            "built": os.path.isfile(os.path.join(d, tagged + ".so")),
+            "built": os.path.isfile(lib),
         }
         if build:
+            if log is not None:
+                if name in _CACHE:
+                    state = "already loaded"
+                elif row["built"]:
+                    state = "loading the cached build"
+                elif os.environ.get("HEAL_KERNELS_NO_BUILD", "") == "1":
+                    state = "not built, and building is disabled (HEAL_KERNELS_NO_BUILD=1)"
+                else:
+                    state = "not built yet, compiling it"
+                log(f"[{i}/{len(EXTENSIONS)}] {name}: {state}")
+            built_before = name in _BUILT
             row["loaded"] = load_extension(name, sources) is not None
-            row["built"] = os.path.isfile(os.path.join(d, tagged + ".so"))
+            row["build_s"] = _BUILT[name] if name in _BUILT and not built_before else 0.0
+            row["built"] = os.path.isfile(lib)
         out.append(row)
     return out
 

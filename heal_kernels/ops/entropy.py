@@ -391,8 +391,19 @@ def _flatten_labels(labels, ref: torch.Tensor, lead, vocab: int, check: bool = T
         lo, hi = int(flat.min()), int(flat.max())
         if lo < 0 or hi >= vocab:
             bad = lo if lo < 0 else hi
-            raise ValueError(f"labels must lie in [0, {vocab}) ({vocab_what}), found {bad}")
+            msg = f"labels must lie in [0, {vocab}) ({vocab_what}), found {bad}"
+            if lo < 0 and bool((flat == IGNORE_INDEX).any()):
+                msg += f"; {IGNORE_INDEX_HINT}"
+            raise ValueError(msg)
     return flat.contiguous()
+
+
+IGNORE_INDEX = -100
+IGNORE_INDEX_HINT = (
+    "-100 is the ignore index of HF / TRL losses, but these ops take a real token at every position: "
+    "replace it before the call (e.g. labels.masked_fill(labels == -100, 0)) and drop those positions "
+    "from what you use afterwards (multiply the log-probs / entropies by your response or attention mask)"
+)
 
 
 def _raise_bad_rows(entropy: torch.Tensor, stats: torch.Tensor, lead) -> None:
@@ -455,7 +466,8 @@ def entropy_and_logprobs(
         logits: floating tensor ``[..., V]`` (float32 / bfloat16 / float16), any leading shape,
             rows may be strided; ``-inf`` entries are masked-out vocabulary.
         labels: integer tensor of shape ``logits.shape[:-1]`` on the same device, values in
-            ``[0, V)``.
+            ``[0, V)``. There is no ignore index: where HF / TRL labels hold ``-100``, put any valid
+            id there (``labels.masked_fill(labels == -100, 0)``) and mask those positions' outputs.
         temperature: finite number > 0 (logits are divided by it).
         check: when True, raise ``ValueError`` naming the first row without a valid distribution
             (NaN or ``+inf`` entry, or all entries ``-inf``), and on CUDA also check that the labels

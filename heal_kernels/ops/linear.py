@@ -406,7 +406,8 @@ def linear_entropy_and_logprobs(
         hidden: ``[..., D]`` float32 / bfloat16 / float16 (any leading shape, may be strided).
         weight: ``[V, D]`` in hidden's dtype (a vocabulary shard with ``process_group``).
         labels: integer tensor of shape ``hidden.shape[:-1]``, values in ``[0, V)`` (global ids in
-            ``[0, V * world_size)`` with ``process_group``).
+            ``[0, V * world_size)`` with ``process_group``). No ignore index: replace HF / TRL's
+            ``-100`` by any valid id (``labels.masked_fill(labels == -100, 0)``) and mask those positions.
         temperature: finite number > 0 (logits are divided by it).
         bias: optional ``[V]`` in hidden's dtype; ``-inf`` entries mask tokens out.
         chunk_tokens, chunk_vocab: block shape (defaults: :func:`default_chunks`).

@@ -88,3 +88,33 @@ def test_summary_line_for_report_headers():
     line = summary_line(collect())
     assert f"torch {torch.__version__}" in line
     assert "CPU ops:" in line
+
+
+@pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
+def test_build_flag_reports_progress_on_stderr(monkeypatch, tmp_path, capfd):
+    """`heal env --build` says what it builds while it builds, and that a second run only loads."""
+    from heal_kernels import cpu
+
+    src = tmp_path / "csrc" / "tiny.cpp"
+    src.parent.mkdir()
+    src.write_text('#include <pybind11/pybind11.h>\n'
+                   'PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("one", [] { return 1; }); }\n')
+    monkeypatch.setattr(cpu, "EXTENSIONS", {"heal_test_env": [str(src)]})
+    monkeypatch.setattr(cpu, "_CACHE", {})
+    monkeypatch.setattr(cpu, "_BUILT", {})
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    monkeypatch.delenv("HEAL_KERNELS_NO_BUILD", raising=False)
+
+    assert main(["env", "--build"]) == 0
+    cap = capfd.readouterr()
+    err = cap.err.splitlines()
+    assert "heal env: C++ extension [1/1] heal_test_env: not built yet, compiling it" in err
+    assert any(l.startswith("heal: building heal's C++ kernels (heal_test_env)") for l in err)
+    assert any(l.startswith("heal: built heal_test_env in ") for l in err)
+    assert "compiled now in" in cap.out and "heal_test_env" in cap.out
+
+    monkeypatch.setattr(cpu, "_CACHE", {})  # as a new process would
+    assert main(["env", "--build"]) == 0
+    cap = capfd.readouterr()
+    assert "heal env: C++ extension [1/1] heal_test_env: loading the cached build" in cap.err
+    assert "heal: building" not in cap.err and "compiled now" not in cap.out

@@ -425,6 +425,22 @@ def test_public_names():
     assert heal_kernels.entropy_and_logprobs is entropy_and_logprobs
 
 
+def test_ignore_index_labels_get_a_hint():
+    """HF / TRL mark prompt and padding positions with -100; the error says what to do with them."""
+    z = torch.randn(3, 10)
+    with pytest.raises(ValueError, match=r"found -100; -100 is the ignore index of HF / TRL") as err:
+        entropy_and_logprobs(z, torch.tensor([0, -100, 1]))
+    assert "labels.masked_fill(labels == -100, 0)" in str(err.value) and "mask" in str(err.value)
+    # the documented workaround gives the log-probs of the other positions unchanged
+    labels = torch.tensor([4, -100, 7])
+    _, lp = entropy_and_logprobs(z, labels.masked_fill(labels == -100, 0))
+    _, ref = entropy_and_logprobs(z, torch.tensor([4, 0, 7]))
+    assert torch.equal(lp, ref)
+    with pytest.raises(ValueError) as err:  # other negative labels: no ignore-index hint
+        entropy_and_logprobs(z, torch.tensor([0, -1, 1]))
+    assert "-100" not in str(err.value)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 def test_unaligned_rows_triton(dtype):
     """Rows at every offset from a 16-byte boundary (contiguous logits of an odd vocabulary, slices

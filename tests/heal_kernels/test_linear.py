@@ -368,3 +368,10 @@ def test_public_names():
     assert heal_kernels.linear_entropy_and_logprobs is linear_entropy_and_logprobs
     assert heal_kernels.linear_token_entropy is linear_token_entropy
     assert "linear_entropy_and_logprobs" in heal_kernels.__all__
+
+
+def test_ignore_index_labels_get_a_hint():
+    h, w, _, _ = make_inputs(4, 8, 10, torch.float32, "cpu")
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\).*found -100; -100 is the ignore index") as err:
+        linear_entropy_and_logprobs(h, w, torch.tensor([0, -100, 2, -100]))
+    assert "labels.masked_fill(labels == -100, 0)" in str(err.value)

@@ -306,21 +306,51 @@ def test_trainer_needs_heal_options(tmp_path):
     with pytest.raises(ValueError, match="entropy_source"):
         HEALGRPOTrainer(args=plain, heal_config=EDAConfig(general_sources=("x",), entropy_source="rollout_topk"),
                         **common)
-    trainer = HEALGRPOTrainer(args=plain, heal_config=EDAConfig(general_sources=("x",), weight=0.5), **common)
+    trainer = HEALGRPOTrainer(args=plain, heal_config=EDAConfig(general_sources=(GENERAL_SOURCE,), weight=0.5),
+                              **common)
     assert trainer.reward_weights.tolist() == [1.0, 0.5]
 
 
 def test_missing_data_source_column(tmp_path):
+    """Found when the trainer is built (the dataset is known then), not at the first training step."""
     tokenizer = char_tokenizer()
-    trainer = HEALGRPOTrainer(
-        model=tiny_causal_lm(tokenizer),
-        reward_funcs=exact_answer_reward,
-        args=_config(tmp_path, max_steps=1, per_device_train_batch_size=NUM_GENERATIONS, max_completion_length=4),
-        train_dataset=toy_dataset(n=4).remove_columns("data_source"),
-        processing_class=tokenizer,
-    )
-    with pytest.raises(ValueError, match="data_source"):
-        trainer.train()
+    common = dict(model=tiny_causal_lm(tokenizer), reward_funcs=exact_answer_reward,
+                  args=_config(tmp_path, max_steps=1, per_device_train_batch_size=NUM_GENERATIONS,
+                               max_completion_length=4), processing_class=tokenizer)
+    with pytest.raises(ValueError) as err:
+        HEALGRPOTrainer(train_dataset=toy_dataset(n=4).remove_columns("data_source"), **common)
+    assert str(err.value) == (
+        "HEALGRPOTrainer: train_dataset has no 'data_source' column (heal_data_source_key), which tags each prompt "
+        "as target or general domain for the EDA reward; its columns are ['prompt', 'answer']. Add the column, or "
+        "set heal_data_source_key to the column that holds each row's data source")
+    with pytest.raises(ValueError, match=r"eval_dataset\['held_out'\] has no 'data_source' column"):
+        HEALGRPOTrainer(train_dataset=toy_dataset(n=4),
+                        eval_dataset={"held_out": toy_dataset(n=4).remove_columns("data_source")}, **common)
+    # a renamed column, named by heal_data_source_key, is fine
+    renamed = toy_dataset(n=4).rename_column("data_source", "domain")
+    HEALGRPOTrainer(train_dataset=renamed, **{**common, "args": _config(
+        tmp_path, max_steps=1, per_device_train_batch_size=NUM_GENERATIONS, heal_data_source_key="domain")})
+
+
+def test_unknown_general_source_fails_when_the_trainer_is_built(tmp_path):
+    """A misspelt heal_general_sources entry would leave every EDA reward at 0 (one warning per step)."""
+    tokenizer = char_tokenizer()
+    common = dict(model=tiny_causal_lm(tokenizer), reward_funcs=exact_answer_reward, train_dataset=toy_dataset(n=8),
+                  processing_class=tokenizer)
+    typo = "toy_leters"
+    with pytest.raises(ValueError) as err:
+        HEALGRPOTrainer(args=_config(tmp_path, heal_general_sources=[typo]), **common)
+    msg = str(err.value)
+    assert f"heal_general_sources ['{typo}'] match no row of train_dataset's 'data_source' column" in msg
+    assert f"['{GENERAL_SOURCE}', '{TARGET_SOURCE}']" in msg
+    with pytest.raises(ValueError, match=r"heal_general_sources \['nope'\]"):  # one good name does not hide a bad one
+        HEALGRPOTrainer(args=_config(tmp_path, heal_general_sources=[GENERAL_SOURCE, "nope"]), **common)
+    with pytest.raises(ValueError, match="match no row"):  # the heal_config= route too
+        from trl import GRPOConfig
+
+        plain = GRPOConfig(output_dir=str(tmp_path), report_to="none", bf16=False, use_cpu=True, num_generations=2,
+                           per_device_train_batch_size=2)
+        HEALGRPOTrainer(args=plain, heal_config=EDAConfig(general_sources=(typo,)), **common)
 
 
 def test_scoring_errors_are_logged(tmp_path):

@@ -6,7 +6,8 @@ TRL is imported on first attribute access, so ``import heal.integrations.trl`` w
     from heal.integrations.trl import HEALGRPOConfig, HEALGRPOTrainer
 """
 
-__all__ = ["HEALGRPOConfig", "HEALGRPOTrainer", "completion_entropies", "EDA_REWARD_NAME", "ENTROPY_SOURCES"]
+__all__ = ["HEALGRPOConfig", "HEALGRPOTrainer", "completion_entropies", "check_heal_dataset", "EDA_REWARD_NAME",
+           "ENTROPY_SOURCES"]
 
 
 def __getattr__(name):
@@ -14,7 +15,7 @@ def __getattr__(name):
         from heal.integrations.trl.config import HEALGRPOConfig
 
         return HEALGRPOConfig
-    if name in ("HEALGRPOTrainer", "completion_entropies", "EDA_REWARD_NAME", "ENTROPY_SOURCES"):
+    if name in ("HEALGRPOTrainer", "completion_entropies", "check_heal_dataset", "EDA_REWARD_NAME", "ENTROPY_SOURCES"):
         from heal.integrations.trl import trainer
 
         return getattr(trainer, name)

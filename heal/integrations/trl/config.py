@@ -42,7 +42,8 @@ class HEALGRPOConfig(GRPOConfig):
         heal_general_sources (`list[str]`):
             Values of the dataset's ``heal_data_source_key`` column that mark a prompt as
             general-domain (e.g. ``["commonsense_qa"]``); every other value is target-domain.
-            Required (no default: it depends on your data).
+            Required (no default: it depends on your data). Each name must occur in the training
+            dataset: :class:`HEALGRPOTrainer` refuses to start otherwise, listing the sources there.
         heal_weight (`float`, defaults to ``1.0``):
             ``w`` in ``r = r_acc + w * r_EDA``. ``0.0`` computes and logs the EDA metrics without
             shaping the reward.
@@ -58,7 +59,8 @@ class HEALGRPOConfig(GRPOConfig):
         heal_exclude_same_prompt (`bool`, defaults to ``False``):
             Skip neighbours from the same GRPO group (same prompt) in the max-similarity search.
         heal_data_source_key (`str`, defaults to ``"data_source"``):
-            Dataset column holding each prompt's data source.
+            Dataset column holding each prompt's data source (the trainer refuses to start when the
+            train or an eval dataset lacks it).
         heal_entropy_batch_size (`int`, *optional*):
             Rows per chunk of the no-grad forward that computes the completion entropies when they
             are neither captured during generation nor taken from TRL's old-log-prob pass (each chunk

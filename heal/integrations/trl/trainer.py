@@ -90,7 +90,7 @@ from trl.trainer.utils import pad
 from heal.integrations.trl.capture import EntropyCapture, logits_changed_before_capture
 from heal.integrations.trl.config import HEALGRPOConfig
 
-__all__ = ["HEALGRPOTrainer", "completion_entropies", "EDA_REWARD_NAME", "ENTROPY_SOURCES"]
+__all__ = ["HEALGRPOTrainer", "completion_entropies", "check_heal_dataset", "EDA_REWARD_NAME", "ENTROPY_SOURCES"]
 
 EDA_REWARD_NAME = "eda"
 
@@ -205,6 +205,45 @@ def completion_entropies(
     return (entropy, torch.cat(logprobs, dim=0)) if with_logprobs else entropy
 
 
+def check_heal_dataset(dataset, key: str, general_sources, *, name: str = "train_dataset",
+                       check_sources: bool = True) -> None:
+    """Fail early, when the trainer is built, on a dataset the EDA reward cannot use.
+
+    ``ValueError`` naming the problem when ``dataset`` (a ``datasets.Dataset``, an
+    ``IterableDataset`` whose columns are known, or a dict / ``DatasetDict`` of them) has no ``key``
+    column (``heal_data_source_key``), listing the columns it has; and, with ``check_sources``, when
+    a name in ``general_sources`` matches no row of that column (a typo would otherwise leave every
+    EDA reward at 0, with one warning per step), listing the data sources the dataset has. Streaming
+    datasets whose columns are unknown are not read: the per-batch check of the trainer still applies.
+    """
+    if dataset is None:
+        return
+    if isinstance(dataset, dict) or (hasattr(dataset, "items") and not hasattr(dataset, "column_names")):
+        for split, part in dataset.items():
+            check_heal_dataset(part, key, general_sources, name=f"{name}[{split!r}]", check_sources=check_sources)
+        return
+    columns = getattr(dataset, "column_names", None)
+    if columns is None:  # an IterableDataset without known features
+        return
+    if key not in columns:
+        raise ValueError(
+            f"HEALGRPOTrainer: {name} has no {key!r} column (heal_data_source_key), which tags each prompt as "
+            f"target or general domain for the EDA reward; its columns are {list(columns)}. Add the column, or "
+            "set heal_data_source_key to the column that holds each row's data source"
+        )
+    if not check_sources or not hasattr(dataset, "unique"):
+        return
+    present = sorted({str(v) for v in dataset.unique(key)})
+    unknown = [s for s in general_sources if str(s) not in present]
+    if unknown:
+        shown = present if len(present) <= 20 else present[:20] + [f"... ({len(present)} in all)"]
+        raise ValueError(
+            f"HEALGRPOTrainer: heal_general_sources {unknown} match no row of {name}'s {key!r} column, whose data "
+            f"sources are {shown}. Every name must be a data source of the training data (check the spelling); "
+            "with no general row in a batch every EDA reward is 0"
+        )
+
+
 def _eda_placeholder(prompts, completions, **kwargs):
     """Stand-in reward function for the ``eda`` column; the trainer overwrites the column with
     the EDA reward after all reward functions ran (EDA needs the whole gathered batch)."""
@@ -219,7 +258,9 @@ class HEALGRPOTrainer(GRPOTrainer):
 
     Use it exactly like ``GRPOTrainer`` with a :class:`HEALGRPOConfig` (or a plain
     ``GRPOConfig`` plus ``heal_config=heal.reward.EDAConfig(...)``) and a dataset with a
-    ``data_source`` column (name: ``heal_data_source_key``)::
+    ``data_source`` column (name: ``heal_data_source_key``); building the trainer fails with a
+    ``ValueError`` when a dataset lacks that column or a general source matches no training row
+    (:func:`check_heal_dataset`)::
 
         trainer = HEALGRPOTrainer(
             model=model, reward_funcs=accuracy_reward, train_dataset=dataset,
@@ -251,6 +292,13 @@ class HEALGRPOTrainer(GRPOTrainer):
                 f"entropy_source={eda_config.entropy_source!r} is not available with TRL (its generation returns no "
                 "top-k log-probs); use 'actor' (exact entropies from the policy's forward)"
             )
+        # the datasets are known now: a missing data_source column or a misspelt general source is an
+        # error here, before the model is prepared, not at the first training step
+        key = getattr(args, "heal_data_source_key", "data_source")
+        train_dataset = rest[0] if len(rest) > 0 else kwargs.get("train_dataset")
+        eval_dataset = rest[1] if len(rest) > 1 else kwargs.get("eval_dataset")
+        check_heal_dataset(train_dataset, key, eda_config.general_sources, name="train_dataset")
+        check_heal_dataset(eval_dataset, key, eda_config.general_sources, name="eval_dataset", check_sources=False)
         super().__init__(model, reward_funcs, args, *rest, **kwargs)
         self.heal_config = eda_config
         self.heal_data_source_key = getattr(self.args, "heal_data_source_key", "data_source")
