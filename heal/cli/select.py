@@ -23,9 +23,16 @@ copy of the model is loaded. A .gguf --model is converted once to a transformers
 --gpu-memory-utilization, --max-model-len, --enforce-eager, and any other vllm.LLM argument with
 --vllm-arg KEY=VALUE (repeatable; VALUE read as JSON when it parses, else as a string; in the config
 file: vllm_args, a mapping).
-Every finished question is appended to a cache (--cache, default
-<output>.cache.jsonl): an interrupted run started again with the same settings resumes where it
-stopped. Options may also come from --config (YAML/JSON, keys = long option names with '_')."""
+Everything that needs no model is checked before the model is loaded: the pool's columns
+(data_source, prompt, reward_model.ground_truth), --k (at most the pool's size, as in `heal mix`),
+--device cuda (CUDA must be available), --model (an existing path, or an org/name hub id that is in
+the Hugging Face cache or that the hub answers for). Every finished question is appended to a cache
+(--cache, default <output>.cache.jsonl): an interrupted run (Ctrl-C exits with code 130 and says how
+many questions are cached) started again with the same settings resumes where it stopped, and a
+run with every question cached loads no model. The output parquet appears only once complete.
+When most scores are 0 (a model that solves none or all of a question's samples: Uncertainty 0),
+the top-K is decided by the tie-break (higher Diversity); the console and the report say so.
+Options may also come from --config (YAML/JSON, keys = long option names with '_')."""
 
 EPILOG = """\
 examples:
@@ -84,7 +91,76 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--config", default=None, metavar="YAML", help="YAML/JSON file with the same options")
 
 
+def _flag(name: str) -> bool:
+    import os
+
+    return os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def hub_offline() -> bool:
+    """Whether the Hugging Face hub may not be contacted (``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE``)."""
+    try:
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE:
+            return True
+    except ImportError:  # pragma: no cover
+        pass
+    return _flag("HF_HUB_OFFLINE") or _flag("TRANSFORMERS_OFFLINE")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split("\n", 1)[0].split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def check_model_source(model: str) -> str:
+    """Where ``--model`` will come from, checked before anything is loaded: ``"local"`` (an existing
+    file or folder), ``"hub-cached"`` (an ``org/name`` id already in the Hugging Face cache) or ``"hub"``
+    (an id the hub answered for). A path that does not exist is a ``FileNotFoundError``; an id that is
+    neither cached nor reachable (offline mode, no network, unknown or private repository) a ``ValueError``
+    saying what was tried. One request to the hub at most, without the download's retries."""
+    import os
+    import re
+
+    if os.path.exists(model):
+        return "local"
+    if (model.startswith((".", "/", "~")) or model.endswith(".gguf") or model.count("/") != 1
+            or not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", model)):
+        raise FileNotFoundError(f"--model {model}: no such file or folder (and not a Hugging Face hub id, "
+                                "which reads org/name)")
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(model, "config.json"), str):
+        return "hub-cached"
+    tried = f"--model {model}: not a local file or folder, so it was taken as a Hugging Face hub id"
+    if hub_offline():
+        raise ValueError(f"{tried}, but it is not in the hub cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE "
+                         f"forbids downloading it; pass a local model folder or .gguf file, or download it first "
+                         f"where the hub is reachable (hf download {model})")
+    from huggingface_hub import HfApi
+
+    try:
+        HfApi().model_info(model, timeout=10)
+    except Exception as exc:  # httpx's connection errors are not OSErrors; hub errors are
+        raise ValueError(f"{tried}, and asking the hub for it failed ({_one_line(exc)}); check the path or the id, "
+                         f"or download it where the hub is reachable (hf download {model}) and run with "
+                         "HF_HUB_OFFLINE=1 to load it from the cache") from None
+    return "hub"
+
+
+def _interrupted(scored: int, total: int, cache_path: str) -> int:
+    import sys
+
+    print(f"heal select: interrupted: {scored}/{total} questions cached in {cache_path}; "
+          "rerun the same command to resume", file=sys.stderr)
+    return 130
+
+
 def run(args) -> int:
+    from heal.environment import check_kernel_backend_name
+
+    check_kernel_backend_name()  # a bad $HEAL_KERNELS_BACKEND ends the command now, not after loading
     from heal.config import load_config, merge_args
     from heal.selection import SelectConfig
 
@@ -97,17 +173,16 @@ def run(args) -> int:
         cfg.vllm_args = {**cfg.vllm_args, **cli_vllm_args}
     cfg.require()
 
-    import os
+    from heal.selection import (TOP_FRACTION, SelectionCache, SelectionInterrupted, cache_settings, check_k,
+                                read_pool, run_selection)
 
+    # every check that needs no model comes first: --device, the engine, the pool's file, columns and rows, --k
     import torch
 
-    from heal.demo import load_model
-    from heal.rollout import TransformersBackend
     from heal.rollout.vllm import require_vllm, vllm_available
-    from heal.selection import run_selection
 
-    if not os.path.isfile(cfg.input):  # before any model is loaded
-        raise FileNotFoundError(f"input parquet not found: {cfg.input}")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: torch.cuda.is_available() is False on this machine; use --device cpu")
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
     engine = cfg.engine
@@ -117,28 +192,85 @@ def run(args) -> int:
         raise ValueError(f"vLLM engine options given ({', '.join(sorted(cfg.vllm_options()))}) but the rollouts run on "
                          f"{engine}" + (" (--backend auto: vLLM needs to be installed and a GPU present)"
                                         if cfg.engine == "auto" else "") + "; use --backend vllm")
-    model = None
     if engine == "vllm":
-        # vLLM samples and heal's logits processor captures the exact entropies: no transformers copy
         require_vllm("heal select --backend vllm")
-        from heal.rollout.vllm import VLLMBackend
+    pool = read_pool(cfg.input)
+    check_k(cfg.k, pool)
 
-        backend = VLLMBackend(cfg.model, progress=args.progress, **cfg.vllm_engine_kwargs())
-        if not backend.captures_entropy:  # fallback: a transformers copy computes them
-            model, _ = load_model(cfg.model, dtype=dtype, device=device, allow_hub=True)
-    else:
-        model, tokenizer = load_model(cfg.model, dtype=dtype, device=device, allow_hub=True)
-        backend = TransformersBackend(model, tokenizer, prompts_per_batch=cfg.questions_per_batch,
-                                      progress=False)
-    res = run_selection(cfg.input, cfg.output, k=cfg.k, backend=backend, entropy_model=model, model_id=cfg.model,
-                        entropy_temperature=cfg.entropy_temperature,
-                        n=cfg.samples, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
-                        cache_path=cfg.cache, report_dir=cfg.report_dir, questions_per_batch=cfg.questions_per_batch,
-                        token_budget=cfg.token_budget, progress=args.progress, stop_after=cfg.limit)
+    # what is left to score: nothing (a finished or --limit 0 run) needs no model at all
+    cache_path = cfg.cache or (cfg.output + ".cache.jsonl")
+    settings = cache_settings(model_id=cfg.model, temperature=cfg.temperature, n=cfg.samples,
+                              max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, top_fraction=TOP_FRACTION,
+                              entropy_temperature=cfg.entropy_temperature)
+
+    def cached_count() -> int:
+        cached = SelectionCache.peek(cache_path, settings)
+        return sum(1 for key in pool.keys if key in cached)
+
+    done = cached_count()
+    to_score = len(pool) - done if cfg.limit is None else min(len(pool) - done, cfg.limit)
+
+    try:
+        model = backend = None
+        if to_score == 0:
+            if done == len(pool):
+                print(f"heal select: all {len(pool)} questions are scored in {cache_path} already; "
+                      "no model is loaded")
+        else:
+            backend, model = _load(cfg, args, engine=engine, device=device, dtype=dtype)
+        res = run_selection(cfg.input, cfg.output, k=cfg.k, backend=backend, entropy_model=model,
+                            model_id=cfg.model, entropy_temperature=cfg.entropy_temperature,
+                            n=cfg.samples, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
+                            seed=cfg.seed, cache_path=cache_path, report_dir=cfg.report_dir,
+                            questions_per_batch=cfg.questions_per_batch, token_budget=cfg.token_budget,
+                            progress=args.progress, stop_after=cfg.limit, pool=pool)
+    except SelectionInterrupted as exc:  # during scoring: the finished questions are in the cache
+        return _interrupted(exc.scored, exc.total, cache_path)
+    except KeyboardInterrupt:  # while loading the model, or writing the output
+        return _interrupted(cached_count(), len(pool), cache_path)
     if not res["complete"]:
         print(f"heal select: scored {res['scored']}/{res['total']} questions (cache {res['cache']}); "
               "run again to continue")
         return 0
     print(f"heal select: kept {res['kept']} of {res['total']} questions -> {res['output']}; "
           f"report {res['markdown']}")
+    if res.get("note"):
+        print(f"heal select: note: {res['note']}")
     return 0
+
+
+def _load(cfg, args, *, engine: str, device: str, dtype: str):
+    """``(backend, entropy model or None)``. ``--model`` is checked first (:func:`check_model_source`),
+    and a hub id that fails to load is reported in one line (a ``ValueError``), not as a traceback."""
+    from heal.demo import load_model  # (the on-disk cache of converted GGUF models lives behind it)
+    from heal.rollout import TransformersBackend
+
+    source = check_model_source(cfg.model)
+    try:
+        model = None
+        if engine == "vllm":
+            # vLLM samples and heal's logits processor captures the exact entropies: no transformers copy
+            from heal.rollout.vllm import VLLMBackend
+
+            backend = VLLMBackend(cfg.model, progress=args.progress, **cfg.vllm_engine_kwargs())
+            if not backend.captures_entropy:  # fallback: a transformers copy computes them
+                model, _ = load_model(cfg.model, dtype=dtype, device=device, allow_hub=True)
+        else:
+            model, tokenizer = load_model(cfg.model, dtype=dtype, device=device, allow_hub=True)
+            backend = TransformersBackend(model, tokenizer, prompts_per_batch=cfg.questions_per_batch,
+                                          progress=False)  # heal.selection shows the decoding steps
+    except Exception as exc:
+        if source == "local" or not _is_fetch_error(exc):
+            raise
+        raise ValueError(f"--model {cfg.model}: loading it from the Hugging Face hub failed ({_one_line(exc)}); "
+                         f"check the network, or download it where the hub is reachable (hf download {cfg.model}) "
+                         "and run with HF_HUB_OFFLINE=1 to load it from the cache") from None
+    return backend, model
+
+
+def _is_fetch_error(exc: BaseException) -> bool:
+    """An error of fetching files: ``OSError`` (transformers' and huggingface_hub's) or one of the HTTP
+    client's (httpx, or its fork httpx2, whose connection errors are not ``OSError``)."""
+    if isinstance(exc, OSError):
+        return True
+    return any(c.__module__.startswith("httpx") for c in type(exc).__mro__)
