@@ -243,15 +243,27 @@ def _cpp_backward(z, labels, entropy, stats, g_entropy, g_logprob, temperature):
 # ---------------------------------------------------------------------------------------------
 
 
+def _device_temperature(temperature: float, temperature_t: Optional[torch.Tensor], backend: str):
+    """What a backend takes: the device tensor for Triton (read by the kernels), else a float (the
+    torch fallback on a device reads the tensor back: one host sync, only on that path)."""
+    if temperature_t is None:
+        return temperature
+    return temperature_t if backend == "triton" else float(temperature_t)
+
+
 @torch.library.custom_op("heal::entropy_fwd", mutates_args=())
 def _entropy_fwd(
-    logits: torch.Tensor, labels: Optional[torch.Tensor], temperature: float, backend: str
+    logits: torch.Tensor, labels: Optional[torch.Tensor], temperature: float, backend: str,
+    temperature_t: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(entropy[N], logprob[N] or [0], stats[N, 3])`` float32 for 2-D ``logits[N, V]``.
 
     ``stats = (c, mx, log_s)`` are the per-row statistics of the backward:
-    ``logsumexp(logits / T) = c / T + mx + log_s``.
+    ``logsumexp(logits / T) = c / T + mx + log_s``. ``temperature_t``: the temperature as a
+    one-element device tensor (then ``temperature`` is not used), read by the Triton kernels from
+    device memory.
     """
+    temperature = _device_temperature(temperature, temperature_t, backend)
     if backend == "triton":
         from heal_kernels.triton.entropy import entropy_forward
 
@@ -264,7 +276,7 @@ def _entropy_fwd(
 
 
 @_entropy_fwd.register_fake
-def _entropy_fwd_fake(logits, labels, temperature, backend):
+def _entropy_fwd_fake(logits, labels, temperature, backend, temperature_t=None):
     n = logits.shape[0]
     ent = logits.new_empty((n,), dtype=torch.float32)
     lp = logits.new_empty((n,) if labels is not None else (0,), dtype=torch.float32)
@@ -281,8 +293,11 @@ def _entropy_bwd(
     g_logprob: Optional[torch.Tensor],
     temperature: float,
     backend: str,
+    temperature_t: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Gradient w.r.t. ``logits[N, V]`` (its dtype, contiguous); None upstream gradients are zero."""
+    """Gradient w.r.t. ``logits[N, V]`` (its dtype, contiguous); None upstream gradients are zero.
+    ``temperature_t`` as in ``heal::entropy_fwd``."""
+    temperature = _device_temperature(temperature, temperature_t, backend)
     if g_entropy is not None:
         g_entropy = g_entropy.to(torch.float32).contiguous()
     if g_logprob is not None:
@@ -299,33 +314,35 @@ def _entropy_bwd(
 
 
 @_entropy_bwd.register_fake
-def _entropy_bwd_fake(logits, labels, entropy, stats, g_entropy, g_logprob, temperature, backend):
+def _entropy_bwd_fake(logits, labels, entropy, stats, g_entropy, g_logprob, temperature, backend,
+                      temperature_t=None):
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
 def _setup_context(ctx, inputs, output):
-    logits, labels, temperature, backend = inputs
+    logits, labels, temperature, backend, temperature_t = inputs
     entropy, _, stats = output
     ctx.temperature = temperature
     ctx.backend = backend
     ctx.has_labels = labels is not None
-    if ctx.has_labels:
-        ctx.save_for_backward(logits, entropy, stats, labels)
-    else:
-        ctx.save_for_backward(logits, entropy, stats)
+    ctx.has_temperature_t = temperature_t is not None
+    saved = [logits, entropy, stats] + ([labels] if ctx.has_labels else [])
+    ctx.save_for_backward(*saved, *([temperature_t] if ctx.has_temperature_t else []))
 
 
 def _backward(ctx, g_entropy, g_logprob, g_stats):
+    saved = list(ctx.saved_tensors)
+    temperature_t = saved.pop() if ctx.has_temperature_t else None
     if ctx.has_labels:
-        logits, entropy, stats, labels = ctx.saved_tensors
+        logits, entropy, stats, labels = saved
     else:
-        logits, entropy, stats = ctx.saved_tensors
+        logits, entropy, stats = saved
         labels = None
         g_logprob = None
     grad = torch.ops.heal.entropy_bwd(
-        logits, labels, entropy, stats, g_entropy, g_logprob, ctx.temperature, ctx.backend
+        logits, labels, entropy, stats, g_entropy, g_logprob, ctx.temperature, ctx.backend, temperature_t
     )
-    return grad, None, None, None
+    return grad, None, None, None, None
 
 
 torch.library.register_autograd("heal::entropy_fwd", _backward, setup_context=_setup_context)
@@ -336,13 +353,19 @@ torch.library.register_autograd("heal::entropy_fwd", _backward, setup_context=_s
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_temperature(temperature) -> float:
+def _check_temperature(temperature):
+    """The temperature as a float, or, for a one-element tensor whose contents cannot be read without
+    a host sync (on CUDA), the tensor itself: the Triton kernels read it from device memory. Such a
+    tensor's value is not checked (reading it is the sync); a number or a CPU tensor must be finite
+    and > 0."""
     if isinstance(temperature, torch.Tensor):
         if temperature.numel() != 1:
             raise ValueError(f"temperature must be a single number, got a tensor of shape {tuple(temperature.shape)}")
-        # the kernels take T by value (launch arguments): a CUDA tensor is read back here, one host
-        # sync; a CPU tensor is host memory already
-        temperature = temperature.item()
+        if not (temperature.dtype.is_floating_point or temperature.dtype in (torch.int32, torch.int64)):
+            raise TypeError(f"temperature must be a real number, got a tensor of dtype {temperature.dtype}")
+        if reading_syncs(temperature.device):
+            return temperature.detach().reshape(())
+        temperature = temperature.item()  # host memory: free
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise TypeError(f"temperature must be a real number, got {type(temperature).__name__}")
     t = float(temperature)
@@ -423,7 +446,10 @@ def _run(logits, labels, temperature, check):
     t = _check_temperature(temperature)
     lab = None if labels is None else _flatten_labels(labels, logits, lead, z.shape[1], check)
     backend = resolve_backend(z.device)
-    entropy, logprob, stats = torch.ops.heal.entropy_fwd(z, lab, t, backend)
+    if isinstance(t, torch.Tensor):  # on the device: the kernels read it there
+        entropy, logprob, stats = torch.ops.heal.entropy_fwd(z, lab, 1.0, backend, t)
+    else:
+        entropy, logprob, stats = torch.ops.heal.entropy_fwd(z, lab, t, backend)
     if check:
         _raise_bad_rows(entropy, stats, lead)
     return entropy.reshape(lead), (None if lab is None else logprob.reshape(lead))
@@ -441,9 +467,9 @@ def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tenso
         float32 tensor of shape ``logits.shape[:-1]``; differentiable w.r.t. ``logits``. A row
         with a NaN / ``+inf`` entry or only ``-inf`` entries gives NaN.
 
-    On CUDA neither the forward nor the backward synchronises with the host, except that a
-    temperature given as a CUDA tensor is read back once (the kernels take it by value): pass a
-    float or a CPU tensor.
+    On CUDA neither the forward nor the backward synchronises with the host, whether the temperature
+    is a number or a CUDA tensor (the kernels read it from device memory; its value is then not
+    checked).
 
     Raises:
         TypeError: ``logits`` not a floating tensor, ``temperature`` not a number.
@@ -474,8 +500,8 @@ def entropy_and_logprobs(
             lie in ``[0, V)``. Costs small device-to-host syncs. With False (the default) the CUDA
             path never synchronises with the host: an out-of-range label then gives a NaN
             log-prob instead of an error (CPU labels are always checked). A temperature given as
-            a CUDA tensor is read back once (the kernels take it by value): pass a float or a CPU
-            tensor.
+            a CUDA tensor is read by the kernels from device memory: no sync (its value is then
+            not checked).
 
     Returns:
         ``(entropy, logprobs)``, both float32 of shape ``logits.shape[:-1]`` and differentiable

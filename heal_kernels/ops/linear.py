@@ -151,23 +151,26 @@ def _cpp_ext(z: torch.Tensor):
 _TORCH_STEPS = {"block_stats": _torch_block_stats, "block_grad": _torch_block_grad}
 
 
-def _block_step(step, backend, z, labels, rowwise, inv_t):
+def _block_step(step, backend, z, labels, rowwise, temperature):
     """One per-block kernel on ``backend``: ``step`` is ``"block_stats"`` (merge ``z``'s statistics
     into ``rowwise`` = the state) or ``"block_grad"`` (``z`` into its gradient from ``rowwise`` = the
-    coefficients). Triton, the C++ extension (CPU float32 / bfloat16), else chunked torch."""
+    coefficients). Triton, the C++ extension (CPU float32 / bfloat16), else chunked torch.
+    ``temperature``: a float, or a one-element device tensor (read by the Triton kernels from device
+    memory; the other backends read it back)."""
     if backend == "triton":
         from heal_kernels.triton import linear as tri
 
-        return getattr(tri, step)(z, labels, rowwise, 1.0 / inv_t)
+        return getattr(tri, step)(z, labels, rowwise, temperature)
+    temperature = float(temperature)
     if backend == "cpu":
         ext = _cpp_ext(z)
         if ext is not None:
             r, c = z.shape
-            getattr(ext, step)(z.data_ptr(), _CPP_DTYPES[z.dtype], r, c, z.stride(0), 1.0 / inv_t,
+            getattr(ext, step)(z.data_ptr(), _CPP_DTYPES[z.dtype], r, c, z.stride(0), temperature,
                                labels.data_ptr() if labels is not None else 0, rowwise.data_ptr(),
                                torch.get_num_threads())
             return None
-    return _TORCH_STEPS[step](z, labels, rowwise, inv_t)
+    return _TORCH_STEPS[step](z, labels, rowwise, 1.0 / temperature)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,7 +186,7 @@ def _logits_block(buf, h, w, b):
     return torch.mm(h, w.T, out=out)
 
 
-def _forward(h, w, b, labels, inv_t, ct, cv, backend, vocab_start):
+def _forward(h, w, b, labels, temperature, ct, cv, backend, vocab_start):
     """Per-row float32 state ``[N, 4] = (m, s, t, x_label)`` over this weight's vocabulary."""
     n = h.shape[0]
     v = w.shape[0]
@@ -200,7 +203,7 @@ def _forward(h, w, b, labels, inv_t, ct, cv, backend, vocab_start):
             t1 = min(n, t0 + ct)
             z = _logits_block(buf, h[t0:t1], wb, bb)
             lab = None if labels is None else labels[t0:t1] - (vocab_start + v0)
-            _block_step("block_stats", backend, z, lab, state[t0:t1], inv_t)
+            _block_step("block_stats", backend, z, lab, state[t0:t1], temperature)
     return state
 
 
@@ -220,7 +223,7 @@ def _all_reduce_state(state: torch.Tensor, group) -> None:
     state[:, 1:] = sums
 
 
-def _backward(h, w, b, labels, coef, inv_t, ct, cv, backend, vocab_start, need_h, need_w, need_b):
+def _backward(h, w, b, labels, coef, temperature, ct, cv, backend, vocab_start, need_h, need_w, need_b):
     n, dim = h.shape
     v = w.shape[0]
     f32 = torch.float32
@@ -244,7 +247,7 @@ def _backward(h, w, b, labels, coef, inv_t, ct, cv, backend, vocab_start, need_h
             hc = h[t0:t1]
             z = _logits_block(buf, hc, wb, bb)
             lab = None if labels is None else labels[t0:t1] - (vocab_start + v0)
-            _block_step("block_grad", backend, z, lab, coef[t0:t1], inv_t)
+            _block_step("block_grad", backend, z, lab, coef[t0:t1], temperature)
             if need_h:
                 if z.dtype == f32:
                     d_h[t0:t1].addmm_(z, wb)
@@ -265,8 +268,7 @@ def _backward(h, w, b, labels, coef, inv_t, ct, cv, backend, vocab_start, need_h
 class _LinearEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, w, b, labels, temperature, ct, cv, backend, group, vocab_start, v_unchecked):
-        inv_t = 1.0 / temperature
-        state = _forward(h, w, b, labels, inv_t, ct, cv, backend, vocab_start)
+        state = _forward(h, w, b, labels, temperature, ct, cv, backend, vocab_start)
         if group is not None:
             _all_reduce_state(state, group)
         m, s, t = state[:, 0], state[:, 1], state[:, 2]
@@ -281,7 +283,7 @@ class _LinearEntropy(torch.autograd.Function):
             # device
             logprob = torch.where((labels >= 0) & (labels < v_unchecked), logprob, torch.nan)
         ctx.save_for_backward(h, w, b, labels, torch.stack([lse, mean], dim=1))
-        ctx.cfg = (inv_t, ct, cv, backend, vocab_start)
+        ctx.cfg = (temperature, ct, cv, backend, vocab_start)
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(*([] if labels is not None else [logprob]))
         return entropy, logprob
@@ -289,7 +291,7 @@ class _LinearEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_entropy, g_logprob):
         h, w, b, labels, lm = ctx.saved_tensors
-        inv_t, ct, cv, backend, vocab_start = ctx.cfg
+        temperature, ct, cv, backend, vocab_start = ctx.cfg
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         if labels is None:
             g_logprob = None
@@ -303,7 +305,7 @@ class _LinearEntropy(torch.autograd.Function):
         if g_logprob is not None:
             coef[:, 3] = g_logprob.to(torch.float32)
         d_h, d_w, d_b = _backward(
-            h, w, b, labels if g_logprob is not None else None, coef, inv_t, ct, cv, backend, vocab_start,
+            h, w, b, labels if g_logprob is not None else None, coef, temperature, ct, cv, backend, vocab_start,
             need_h, need_w, need_b and b is not None,
         )
         if d_h is not None:
@@ -417,7 +419,7 @@ def linear_entropy_and_logprobs(
             ``min`` / ``max`` back is a device-to-host sync). With False (the default) the CUDA path
             never synchronises with the host: an out-of-range label then gives a NaN log-prob
             instead of an error (CPU labels are always checked). A tensor ``temperature`` on CUDA is
-            read back once (the kernels take it by value): pass a float or a CPU tensor.
+            read by the kernels from device memory: no sync (its value is then not checked).
 
     Returns:
         ``(entropy, logprobs)``, float32 of shape ``hidden.shape[:-1]``, differentiable w.r.t.

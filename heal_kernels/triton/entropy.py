@@ -137,10 +137,15 @@ def _entropy_fwd_kernel(
     V,
     k2,
     inv_t,
+    temp_ptr,  # float32 [2] = (k2, inv_t) on the device, read where TEMP_IN_MEMORY (else never)
     HAS_LABELS: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
+    TEMP_IN_MEMORY: tl.constexpr = False,
 ):
+    if TEMP_IN_MEMORY:  # a temperature tensor on the device: no host read-back
+        k2 = tl.load(temp_ptr)
+        inv_t = tl.load(temp_ptr + 1)
     row = tl.program_id(0).to(tl.int64)
     o = row * stride_row + col0  # the row's first element, from the aligned base
     row_ptr = logits_ptr + o
@@ -219,12 +224,17 @@ def _entropy_bwd_kernel(
     V,
     k2,
     inv_t,
+    temp_ptr,  # float32 [2] = (k2, inv_t) on the device, read where TEMP_IN_MEMORY (else never)
     HAS_G_ENTROPY: tl.constexpr,
     HAS_G_LOGPROB: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
     SAME_ALIGN: tl.constexpr,
+    TEMP_IN_MEMORY: tl.constexpr = False,
 ):
+    if TEMP_IN_MEMORY:  # a temperature tensor on the device: no host read-back
+        k2 = tl.load(temp_ptr)
+        inv_t = tl.load(temp_ptr + 1)
     row = tl.program_id(0).to(tl.int64)
     o_in = row * stride_row + col0
     o_out = row * stride_grad_row + grad_col0
@@ -322,11 +332,24 @@ def _constants(temperature: float):
     return LOG2E / t, 1.0 / t
 
 
+def temperature_args(temperature, dummy: torch.Tensor):
+    """``(k2, inv_t, temp_ptr, in_memory)`` for a launch: a number goes by value; a one-element tensor
+    (the ops pass one only where reading it would be a host sync: on the device) stays where it is:
+    ``temp_ptr`` = float32 ``[log2(e) / T, 1 / T]`` computed there in float64 and rounded once (the
+    values the by-value path passes), read by the kernel, so that nothing is copied back to the host.
+    ``dummy``: any float32 tensor, the pointer passed when the kernel does not read it."""
+    if isinstance(temperature, torch.Tensor):
+        t64 = temperature.reshape(1).to(torch.float64)
+        return 1.0, 1.0, torch.cat([LOG2E / t64, 1.0 / t64]).to(torch.float32), True
+    k2, inv_t = _constants(temperature)
+    return k2, inv_t, dummy, False
+
+
 def forward_launch_spec(logits, labels, entropy, logprob, stats, temperature, block=None, interpreted=None):
     """``(kernel, grid, args, kwargs)`` of the forward launch (shared with :mod:`.aot`)."""
     n, v = logits.shape
     has_labels = labels is not None
-    k2, inv_t = _constants(temperature)
+    k2, inv_t, temp, in_memory = temperature_args(temperature, stats)
     base, col0 = aligned_base(logits)
     args = (
         base,
@@ -339,8 +362,11 @@ def forward_launch_spec(logits, labels, entropy, logprob, stats, temperature, bl
         v,
         k2,
         inv_t,
+        temp,
     )
     kwargs = dict(HAS_LABELS=has_labels, **row_launch_options(logits, v, interpreted, block))
+    if in_memory:
+        kwargs["TEMP_IN_MEMORY"] = True
     return _entropy_fwd_kernel, (n,), args, kwargs
 
 
@@ -350,7 +376,7 @@ def backward_launch_spec(logits, labels, entropy, stats, g_entropy, g_logprob, g
     n, v = logits.shape
     has_gh = g_entropy is not None
     has_glp = g_logprob is not None and labels is not None
-    k2, inv_t = _constants(temperature)
+    k2, inv_t, temp, in_memory = temperature_args(temperature, stats)
     base, col0 = aligned_base(logits)
     gbase, gcol0 = aligned_base(grad)
     opts = row_launch_options(logits, v, interpreted, block)
@@ -372,15 +398,18 @@ def backward_launch_spec(logits, labels, entropy, stats, g_entropy, g_logprob, g
         v,
         k2,
         inv_t,
+        temp,
     )
     kwargs = dict(HAS_G_ENTROPY=has_gh, HAS_G_LOGPROB=has_glp, SAME_ALIGN=bool(same), **opts)
+    if in_memory:
+        kwargs["TEMP_IN_MEMORY"] = True
     return _entropy_bwd_kernel, (n,), args, kwargs
 
 
 def entropy_forward(
     logits: torch.Tensor,
     labels: Optional[torch.Tensor],
-    temperature: float,
+    temperature,
     block: Optional[int] = None,
 ):
     """Run the forward kernel on a 2-D ``logits[N, V]`` (last dim contiguous, rows may be strided).

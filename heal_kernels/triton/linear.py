@@ -44,7 +44,8 @@ from heal_kernels.triton._launch import launch
 
 # block rows run the entropy kernels' row passes (one program per row, 16-byte chunks per thread,
 # exp2) with their launch options
-from heal_kernels.triton.entropy import _bwd_block, _constants, _row_grad, _row_stats, aligned_base, row_launch_options
+from heal_kernels.triton.entropy import (_bwd_block, _row_grad, _row_stats, aligned_base, row_launch_options,
+                                         temperature_args)
 
 __all__ = ["block_stats", "block_grad"]
 
@@ -59,10 +60,15 @@ def _block_stats_kernel(
     V,
     k2,
     inv_t,
+    temp_ptr,  # float32 [2] = (k2, inv_t) on the device, read where TEMP_IN_MEMORY (else never)
     HAS_LABELS: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
+    TEMP_IN_MEMORY: tl.constexpr = False,
 ):
+    if TEMP_IN_MEMORY:  # a temperature tensor on the device: no host read-back
+        k2 = tl.load(temp_ptr)
+        inv_t = tl.load(temp_ptr + 1)
     row = tl.program_id(0).to(tl.int64)
     o = row * stride_row + col0
     row_ptr = z_ptr + o
@@ -110,10 +116,15 @@ def _block_grad_kernel(
     V,
     k2,
     inv_t,
+    temp_ptr,  # float32 [2] = (k2, inv_t) on the device, read where TEMP_IN_MEMORY (else never)
     HAS_LABELS: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
+    TEMP_IN_MEMORY: tl.constexpr = False,
 ):
+    if TEMP_IN_MEMORY:  # a temperature tensor on the device: no host read-back
+        k2 = tl.load(temp_ptr)
+        inv_t = tl.load(temp_ptr + 1)
     row = tl.program_id(0).to(tl.int64)
     o = row * stride_row + col0
     row_ptr = z_ptr + o
@@ -146,10 +157,12 @@ def _block_grad_kernel(
 
 def _launch_spec(kernel, z, labels, rowwise, temperature, interpreted):
     r, c = z.shape
-    k2, inv_t = _constants(temperature)
+    k2, inv_t, temp, in_memory = temperature_args(temperature, rowwise)
     base, col0 = aligned_base(z)
-    args = (base, col0, z.stride(0), labels if labels is not None else rowwise, rowwise, c, k2, inv_t)
+    args = (base, col0, z.stride(0), labels if labels is not None else rowwise, rowwise, c, k2, inv_t, temp)
     kwargs = dict(HAS_LABELS=labels is not None, **row_launch_options(z, c, interpreted))
+    if in_memory:
+        kwargs["TEMP_IN_MEMORY"] = True
     return kernel, (r,), args, kwargs
 
 

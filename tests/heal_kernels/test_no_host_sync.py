@@ -298,18 +298,42 @@ def test_token_entropy_never_syncs(cuda_logic):
     assert_syncs(run, 0)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the Triton kernels take the temperature by value (launch arguments k2 = log2(e) / T, 1 / T): "
-    "a temperature tensor on the device must be read back (one .item()) until the kernels read it "
-    "from memory (heal_kernels/triton/entropy.py and the AOT list); pass a float or a CPU tensor"))
-def test_token_entropy_with_a_device_temperature_tensor(cuda_logic):
+def test_device_temperature_tensor_never_syncs(cuda_logic):
+    """A temperature tensor on the device is read by the kernels from device memory (forward and
+    backward, the logits ops and the fused linear head): no sync, and the same bits as a float."""
     z = _logits()
+    labels = torch.randint(0, 37, (5,))
     t = torch.tensor(0.7)  # stands for a CUDA tensor here
 
     def run():
-        return heal_kernels.token_entropy(z, t)
+        ent = heal_kernels.token_entropy(z, t)
+        ent2, lp = heal_kernels.entropy_and_logprobs(z, labels, t)
+        (ent + ent2 - lp).sum().backward()
+        return ent, lp
 
-    assert_syncs(run, 0)
+    z.grad = None
+    ent, lp = assert_syncs(run, 0)
+    g = z.grad.clone()
+    z.grad = None
+    ent_f = heal_kernels.token_entropy(z, 0.7)
+    ent2_f, lp_f = heal_kernels.entropy_and_logprobs(z, labels, 0.7)
+    (ent_f + ent2_f - lp_f).sum().backward()
+    assert torch.equal(ent, ent_f) and torch.equal(lp, lp_f)
+    assert torch.equal(z.grad, g / 2)  # run() ran twice inside assert_syncs: its gradient accumulated
+
+    h = torch.randn(6, 8, requires_grad=True)
+    w = (torch.randn(40, 8) * 0.5).requires_grad_()
+
+    def run_linear():
+        e, p = heal_kernels.linear_entropy_and_logprobs(h, w, labels.new_tensor([1, 5, 39, 0, 7, 2]), t,
+                                                        chunk_tokens=4, chunk_vocab=16)
+        (e + p).sum().backward()
+        return e, p
+
+    e, p = assert_syncs(run_linear, 0)
+    e_f, p_f = heal_kernels.linear_entropy_and_logprobs(h, w, labels.new_tensor([1, 5, 39, 0, 7, 2]), 0.7,
+                                                        chunk_tokens=4, chunk_vocab=16)
+    assert torch.equal(e, e_f) and torch.equal(p, p_f)
 
 
 def test_entropy_and_logprobs_never_syncs_unchecked(cuda_logic):
