@@ -268,7 +268,10 @@ def _entropy_bwd_kernel(
         tl.debug_barrier()
         safe = tl.where(ok, label, 0)
         zl = tl.load(row_ptr + safe).to(tl.float32)
-        dz = _bwd_block(zl, c, k2, b2, a_coef, b_coef, lo) + g_lp * inv_t
+        # g_lp read again (volatile: not merged with the first read), so that it holds no register
+        # across the row's loops (it did, and ptxas spilled it on sm_90 with float32 logits)
+        g_lp_again = tl.load(g_logprob_ptr + row, volatile=True)
+        dz = _bwd_block(zl, c, k2, b2, a_coef, b_coef, lo) + g_lp_again * inv_t
         tl.store(out_ptr + safe, dz.to(grad_ptr.dtype.element_ty), mask=ok)
 
 
@@ -325,6 +328,20 @@ def aligned_base(t: torch.Tensor) -> Tuple[torch.Tensor, int]:
         return t, 0
     k = mis // es
     return t.as_strided((1,), (1,), t.storage_offset() - k), k
+
+
+def gradient_buffer(logits: torch.Tensor) -> torch.Tensor:
+    """An uninitialised contiguous ``[N, V]`` tensor of ``logits``' dtype that starts as far from a
+    16-byte boundary as ``logits`` does (a view into a buffer ``CHUNK`` elements longer), so that
+    the backward's rows of contiguous logits and of their gradient share their offset from a
+    boundary: 16-byte loads and stores after the same head."""
+    n, v = logits.shape
+    es = logits.element_size()
+    chunk = chunk_elements(es, 16)
+    col0 = (logits.data_ptr() % 16) // es if logits.data_ptr() % es == 0 else 0
+    buf = torch.empty(n * v + chunk, dtype=logits.dtype, device=logits.device)
+    off = (col0 - (buf.data_ptr() % 16) // es) % chunk
+    return buf[off:off + n * v].view(n, v)
 
 
 def _constants(temperature: float):
@@ -447,12 +464,7 @@ def entropy_backward(
     boundary as the logits do, so that rows of contiguous logits of any ``V`` (or a slice of them
     starting mid-chunk) are read and written with 16-byte accesses."""
     n, v = logits.shape
-    chunk = chunk_elements(logits.element_size(), 16)
-    col0 = (logits.data_ptr() % 16) // logits.element_size() if logits.data_ptr() % logits.element_size() == 0 else 0
-    buf = torch.empty(n * v + chunk, dtype=logits.dtype, device=logits.device)
-    base_mis = (buf.data_ptr() % 16) // logits.element_size()
-    off = (col0 - base_mis) % chunk
-    grad = buf[off:off + n * v].view(n, v)
+    grad = gradient_buffer(logits)
     if n == 0 or v == 0:
         return grad
     if g_entropy is None and (g_logprob is None or labels is None):

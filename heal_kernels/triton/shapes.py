@@ -7,6 +7,11 @@ from __future__ import annotations
 # heal bench entropy on CUDA: [16384, 151936] bf16
 BENCH_VOCAB = 151936
 SMALL_VOCABS = (1008, 304, 112)  # the other launch_config classes (4, 2 and 1 warps); multiples of 16 like real vocabularies
+# vocabularies whose rows do not start on 16-byte boundaries: GPT-2's 50257 (contiguous rows at
+# every offset), and a padded head sliced to its tokenizer's vocabulary, logits[:, :151646] of a
+# [N, 151936] tensor (aligned rows, an unaligned length; the gradient's rows sit at other offsets)
+UNALIGNED_VOCAB = 50257
+SLICED_VOCAB = (151936, 151646)
 # heal bench eda: B = 1024 trajectories, lengths uniform in [64, 3072], a quarter general-domain
 EDA_BATCH, EDA_MIN_LEN, EDA_MAX_LEN = 1024, 64, 3072
 EDA_GENERAL_FRACTION = 0.25

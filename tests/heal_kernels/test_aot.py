@@ -80,6 +80,10 @@ def _ops_under_interpreter(monkeypatch):
                     torch.autograd.grad(loss, zg, retain_graph=True)
             else:
                 torch.autograd.grad(token_entropy(zg, 0.8).sum(), zg)
+    # a vocabulary slice of a wider tensor: its rows and its gradient's sit at different offsets
+    wide = torch.randn(3, 48).to(torch.bfloat16).requires_grad_(True)
+    ent, lp = entropy_and_logprobs(wide[:, :37], torch.randint(0, 37, (3,)), 0.8)
+    torch.autograd.grad(ent.sum() + lp.sum(), wide)
     from heal_kernels.ops.linear import linear_entropy_and_logprobs, linear_token_entropy
 
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
