@@ -11,14 +11,18 @@ wheel ships ``ptxas``, ``cuobjdump`` and ``nvdisasm``. This module
   as a real launch would (16-byte divisibility, i32 / i64);
 * compiles a variant for ``sm_XX`` (:func:`compile_variant`) and reads the cubin
   (:func:`analyse`): registers, stack / local memory, ``LDL`` / ``STL`` in the SASS, theoretical
-  occupancy, the hot loop's SASS instructions per element, the PTX's floating-point divisions and
+  occupancy (:func:`occupancy`: registers and shared memory -- static, Triton's dynamic, CUDA's 1 KB
+  per-block reserve once), the hot loop's SASS instructions per element (per the elements its body
+  handles: :func:`unroll_factor` reads how many source-loop trips ptxas unrolled into one body, from
+  the body's global memory bytes against the PTX loop's), the PTX's floating-point divisions and
   reciprocals (:func:`division_forms`); for the pair kernel the stretched index's instructions
   (:func:`stretched_index`), its nine loops (:func:`pairwise_loops`: per form -- direct,
   run-length P = L, run-length P = S' -- the unrolled, single and masked trips, with their pipe
   mix) and its per-tile code, which the static model (``heal bench static``) costs.
 
 ``python -m heal_kernels.triton.aot [--arch 80 90 100] [--jobs 2] [--json out.json]`` compiles every
-variant, prints one line each and exits 1 when a gate fails: a compile error, a spill, or in the
+variant, prints one line each and exits 1 when a gate fails: a compile error, a spill, a hot loop
+whose trips per SASS body cannot be read (or a pair-kernel main loop not running KD / KR trips), or in the
 pairwise kernels (packing and pairs) a floating-point division other than ``div.rn.f32`` /
 ``div.rn.f64`` or any ``rcp`` (:func:`inexact_division`), or a stretched index that FP
 contraction could change (:func:`stretched_index`); ``tests/heal_kernels/test_aot_gate_mutations.py``
@@ -54,7 +58,9 @@ from heal_kernels.triton.shapes import (  # noqa: F401 - the benchmark shapes, r
     EDA_GENERAL_FRACTION,
     EDA_MAX_LEN,
     EDA_MIN_LEN,
+    SLICED_VOCAB,
     SMALL_VOCABS,
+    UNALIGNED_VOCAB,
     make_batch,
 )
 
@@ -138,6 +144,20 @@ def _entropy_variants() -> Iterator[Variant]:
                 tag = "gH_gLP" if has_glp else "gH"
                 yield _row_variant(f"entropy_bwd_{_DTYPE_NAMES[dtype]}_{tag}_V{vocab}", "entropy_bwd", kernel, args,
                                    kwargs, 2.0 * es, dict(vocab=vocab, dtype=_DTYPE_NAMES[dtype]))
+    # rows that do not start on 16-byte boundaries (bf16): contiguous rows of an odd vocabulary, and
+    # a vocabulary slice of a wider tensor; the gradient allocated as the op allocates it
+    wide, sliced = SLICED_VOCAB
+    for name, logits in ((f"V{UNALIGNED_VOCAB}", torch.empty(rows, UNALIGNED_VOCAB, dtype=torch.bfloat16)),
+                         (f"V{sliced}_of{wide}", torch.empty(rows, wide, dtype=torch.bfloat16)[:, :sliced])):
+        labels = torch.zeros(rows, dtype=torch.int64)
+        entropy, stats, g = torch.empty(rows), torch.empty(rows, 3), torch.empty(rows)
+        meta = dict(vocab=logits.shape[1], dtype="bf16")
+        kernel, _, args, kwargs = ent.forward_launch_spec(logits, labels, entropy, torch.empty(rows), stats,
+                                                          temperature, interpreted=False)
+        yield _row_variant(f"entropy_fwd_bf16_labels_{name}", "entropy_fwd", kernel, args, kwargs, 2.0, meta)
+        kernel, _, args, kwargs = ent.backward_launch_spec(logits, labels, entropy, stats, g, g,
+                                                           ent.gradient_buffer(logits), temperature, interpreted=False)
+        yield _row_variant(f"entropy_bwd_bf16_gH_gLP_{name}", "entropy_bwd", kernel, args, kwargs, 4.0, meta)
 
 
 def _linear_variants() -> Iterator[Variant]:
@@ -163,6 +183,15 @@ def _linear_variants() -> Iterator[Variant]:
                 kernel, _, args, kwargs = spec(z, lab, state, temperature, interpreted=False)
                 yield _row_variant(f"{family}_{_DTYPE_NAMES[dtype]}_{tag}_C{cols}", family, kernel, args, kwargs, bpe,
                                    dict(vocab=cols, dtype=_DTYPE_NAMES[dtype]))
+    # an unaligned block width: the last vocabulary block of GPT-2's 50257 (bf16), rows at every offset
+    last = UNALIGNED_VOCAB % cols
+    z = torch.empty(rows, last, dtype=torch.bfloat16)
+    labels = torch.zeros(rows, dtype=torch.int64)
+    state = torch.empty(rows, 4)
+    for family, spec, bpe in (("linear_fwd", lin.stats_launch_spec, 2.0), ("linear_bwd", lin.grad_launch_spec, 4.0)):
+        kernel, _, args, kwargs = spec(z, labels, state, temperature, interpreted=False)
+        yield _row_variant(f"{family}_bf16_labels_C{last}", family, kernel, args, kwargs, bpe,
+                           dict(vocab=last, dtype="bf16"))
 
 
 def eda_batch(seed: int = 0):
@@ -420,7 +449,8 @@ def pairwise_loops(instrs) -> Dict:
     for lp in inner:
         body = _body(instrs, lp)
         seq.append(dict(instructions=len(body), mix=_mix(body),
-                        masked=any(i[1] and i[2].startswith("LDG") for i in body)))
+                        masked=any(i[1] and i[2].startswith("LDG") for i in body),
+                        load_bytes=sum(_sass_access_bytes(i[2]) for i in body if i[2].split(".")[0] == "LDG")))
     # split into forms: each form's loops end with its (only) masked loop
     forms, cur = [], []
     for lp in seq:
@@ -435,10 +465,15 @@ def pairwise_loops(instrs) -> Dict:
         if any((lp["mix"].get("shfl", 0) > 0) != form.startswith("rl_") for lp in group) or len(group) not in (3, 4):
             return out
         single = dict(group[-2])
-        if len(group) == 4:  # LLVM's runtime unrolling: the unrolled body, then the remainder
+        per_trip = single["load_bytes"]  # one trip's loads: the single loop's body (its remainder, if unrolled)
+        if len(group) == 4:  # runtime unrolling: the unrolled body, then the remainder
             single["unrolled"] = group[1]["instructions"]
-            single["factor"] = max(1, round(group[1]["instructions"] / max(1, group[2]["instructions"])))
-        for kind, lp in (("main", group[0]), ("single", single), ("tail", group[-1])):
+            single["factor"] = (round(group[1]["load_bytes"] / per_trip) if per_trip else
+                                max(1, round(group[1]["instructions"] / max(1, group[2]["instructions"]))))
+        main = dict(group[0])
+        # trips per main body: its loads against one trip's (KD / KR unless ptxas unrolled it further)
+        main["trips"] = round(main["load_bytes"] / per_trip) if per_trip else None
+        for kind, lp in (("main", main), ("single", single), ("tail", group[-1])):
             loops_out[f"{form}_{kind}"] = {k: v for k, v in lp.items() if k != "masked"}
     out.update(loops_out)
     return out
@@ -467,16 +502,23 @@ SASS_INDEX_TRUNC = re.compile(r"^F2I(?!.*\.(?:FTZ|U8|U16|U32|U64)\b)(?:\.[A-Z0-9
 _PTX_REG = re.compile(r"%[A-Za-z_][\w]*")
 
 
-def parse_ptx(ptx: str):
-    """``[(opcode, [operands])]`` of the PTX's instructions in order (comments, directives, labels and
-    braces dropped; a guard predicate ``@%p`` / ``@!%p`` dropped). One instruction per ``;``."""
-    out = []
+def _ptx_statements(ptx: str):
+    """The PTX in order: ``("label", name)`` for each label and ``("instr", opcode, operands, guarded)``
+    for each instruction (comments, directives and braces dropped; ``guarded``: it had a guard
+    predicate ``@%p`` / ``@!%p``, which is dropped). One instruction per ``;``."""
     for line in ptx.splitlines():
         line = line.split("//", 1)[0]
         if ";" not in line:
-            continue  # directives (.loc, .reg, ...), labels, braces
+            m = re.match(r"^\s*([$\w.]+):\s*$", line)
+            if m:
+                yield ("label", m.group(1))
+            continue  # directives (.loc, .reg, ...), braces
         for stmt in line.split(";")[:-1]:
+            for lab in re.findall(r"^(?:\s*[{}]|\s*([$\w]+):)", stmt):
+                if lab:
+                    yield ("label", lab)
             stmt = re.sub(r"^(?:\s*[{}]|\s*[$\w]+:)+", "", stmt).strip()
+            guarded = bool(re.match(r"^@!?%\w+\s+", stmt))
             stmt = re.sub(r"^@!?%\w+\s+", "", stmt)
             if not stmt or stmt.startswith("."):
                 continue
@@ -496,8 +538,13 @@ def parse_ptx(ptx: str):
                     cur += ch
             if cur.strip():
                 operands.append(cur.strip())
-            out.append((m.group(1), operands))
-    return out
+            yield ("instr", m.group(1), operands, guarded)
+
+
+def parse_ptx(ptx: str):
+    """``[(opcode, [operands])]`` of the PTX's instructions in order (comments, directives, labels and
+    braces dropped; a guard predicate ``@%p`` / ``@!%p`` dropped). One instruction per ``;``."""
+    return [(st[1], st[2]) for st in _ptx_statements(ptx) if st[0] == "instr"]
 
 
 def division_forms(ptx_instrs) -> Dict[str, int]:
@@ -608,14 +655,179 @@ def stretched_index(ptx_instrs, sass_instrs) -> Dict:
     return dict(ptx_truncations=n_ptx, sass_truncations=n_sass, problems=problems)
 
 
-def occupancy(regs: int, shared: int, num_warps: int, arch: int) -> int:
-    """Theoretical resident warps per SM from registers (256-register allocation units per warp),
-    shared memory and the 64-warp / 32-block limits (sm_80: 64 warps, 164 KB; sm_90/100: 228 KB)."""
+# ---------------------------------------------------------------------------------------------
+# unrolling: how many trips of the source loop one SASS loop body runs
+# ---------------------------------------------------------------------------------------------
+
+_PTX_TYPE_BYTES = {"8": 1, "16": 2, "32": 4, "64": 8, "128": 16}
+_SASS_ADD = ("IADD3", "UIADD3", "VIADD", "UIADD", "IADD", "IADD32I")
+
+
+def _ptx_access_bytes(op: str) -> int:
+    """Bytes one thread moves with a PTX ``ld`` / ``st``: ``ld.global.v2.b32`` 8, ``st.global.b16`` 2."""
+    parts = op.split(".")
+    vec = next((int(p[1:]) for p in parts if p in ("v2", "v4", "v8")), 1)
+    m = re.fullmatch(r"[bsuf]f?(8|16|32|64|128)", parts[-1])
+    return vec * (_PTX_TYPE_BYTES[m.group(1)] if m else 4)
+
+
+def _sass_access_bytes(op: str) -> int:
+    """Bytes one thread moves with a SASS ``LDG`` / ``STG``: ``.128`` 16, ``.64`` 8, ``.U16`` / ``.S16`` 2,
+    ``.U8`` / ``.S8`` 1, else 4."""
+    parts = op.split(".")
+    for mod, n in (("128", 16), ("64", 8), ("U16", 2), ("S16", 2), ("U8", 1), ("S8", 1)):
+        if mod in parts:
+            return n
+    return 4
+
+
+def _imm(text: str) -> Optional[int]:
+    text = text.strip()
+    if re.fullmatch(r"-?0x[0-9a-fA-F]+", text):
+        return int(text, 16)
+    if re.fullmatch(r"-?\d+", text):
+        return int(text)
+    return None
+
+
+def _sass_steps(body) -> List[int]:
+    """Immediates added in place to a register in a SASS loop body (``IADD3 R16, P3, R16, 0x400, RZ``,
+    ``UIADD3 UR4, UP0, UR4, 0x200, URZ``): the loop-carried increments (induction variables, pointers)."""
+    steps = set()
+    for _addr, _pred, op, operands in body:
+        parts = op.split(".")
+        if parts[0] not in _SASS_ADD or "X" in parts[1:]:
+            continue  # .X: the high word's carry
+        ops = [o.strip() for o in operands.split(",")]
+        srcs = [o for o in ops[1:] if not re.fullmatch(r"!?U?P(?:\d+|T)", o)]  # drop carry predicates
+        if ops and ops[0] in srcs:
+            steps.update(x for x in (_imm(o) for o in srcs) if x)
+    return sorted(steps)
+
+
+def _ptx_steps(body) -> List[int]:
+    """Immediates added in place to an integer register in a PTX loop body (``add.s64 %rd39, %rd39, 128``)."""
+    steps = set()
+    for st in body:
+        op, operands = st[1], st[2]
+        if re.fullmatch(r"add\.[su](?:32|64)", op) and len(operands) == 3 and operands[0] == operands[1]:
+            x = _imm(operands[2])
+            if x:
+                steps.add(x)
+    return sorted(steps)
+
+
+def ptx_loops(ptx: str) -> List[Dict]:
+    """The PTX's loops, one per branch back to an earlier label: ``span`` (statement indices of the
+    label and the branch), ``body`` (its ``("instr", ...)`` statements, nested loops included),
+    ``masked`` (a guarded ``ld.global`` in it)."""
+    stmts = list(_ptx_statements(ptx))
+    labels: Dict[str, int] = {}
+    out = []
+    for i, st in enumerate(stmts):
+        if st[0] == "label":
+            labels[st[1]] = i
+        elif st[1].split(".")[0] == "bra" and st[2] and st[2][-1] in labels:
+            body = [x for x in stmts[labels[st[2][-1]]:i + 1] if x[0] == "instr"]
+            out.append(dict(span=(labels[st[2][-1]], i), body=body,
+                            masked=any(x[3] and x[1].startswith("ld.global") for x in body)))
+    return out
+
+
+def ptx_hot_loop(ptx: str) -> Optional[Dict]:
+    """The PTX loop the SASS hot loop (:func:`loop_structure`) comes from, chosen by the same rule:
+    among the innermost loops, those without guarded global loads, the longest."""
+    loops = ptx_loops(ptx)
+    inner = [lp for lp in loops if not any(o is not lp and lp["span"][0] <= o["span"][0] and o["span"][1] <= lp["span"][1]
+                                           for o in loops)]
+    if not inner:
+        return None
+    unmasked = [lp for lp in inner if not lp["masked"]]
+    return max(unmasked or inner, key=lambda lp: len(lp["body"]))
+
+
+def unroll_factor(sass_body, ptx_body) -> Dict:
+    """How many trips of its source loop one SASS loop body runs (ptxas unrolls loops: the PTX loop is
+    one trip of the source loop). Read from the global memory traffic, which unrolling multiplies and
+    nothing else changes: bytes per thread of the body's ``LDG`` / ``STG`` against the PTX loop's
+    ``ld.global`` / ``st.global`` (bytes, not instructions, so that ptxas merging two copies' loads
+    into a wider one reads the same). ``factor`` is that ratio when loads and stores agree on one
+    integer >= 1, else ``None``. The induction variable cross-checks it: ``induction_confirms`` when
+    an in-place increment of the SASS body is ``factor`` times one of the PTX loop's
+    (``UIADD3 UR4, UR4, 0x200`` against ``add.s64 %rd39, %rd39, 128``: 4 trips of 128 columns)."""
+    sl = sum(_sass_access_bytes(i[2]) for i in sass_body if i[2].split(".")[0] == "LDG")
+    ss = sum(_sass_access_bytes(i[2]) for i in sass_body if i[2].split(".")[0] == "STG")
+    pl = sum(_ptx_access_bytes(st[1]) for st in ptx_body if st[1].startswith("ld.global"))
+    ps = sum(_ptx_access_bytes(st[1]) for st in ptx_body if st[1].startswith("st.global"))
+    s_steps, p_steps = _sass_steps(sass_body), _ptx_steps(ptx_body)
+    ratios = {(s / p if p else math.inf) for s, p in ((sl, pl), (ss, ps)) if p or s}  # traffic the PTX lacks: inf
+    out: Dict = dict(factor=None, sass_load_bytes=sl, ptx_load_bytes=pl, sass_store_bytes=ss, ptx_store_bytes=ps,
+                     sass_steps=s_steps, ptx_steps=p_steps, induction_confirms=False)
+    if len(ratios) == 1:
+        r = next(iter(ratios))
+        if 1 <= r < math.inf and float(r).is_integer():
+            out["factor"] = int(r)
+    if out["factor"]:
+        out["induction_confirms"] = any(s == out["factor"] * p for s in s_steps for p in p_steps)
+    return out
+
+
+def hot_loop_figures(body, ptx: Optional[str], elements_per_trip: float) -> Dict:
+    """Figures of a hot loop's SASS ``body``: ``hot_loop_instructions``; ``hot_loop_trips``, the trips
+    of the source loop one body runs (:func:`unroll_factor` against the PTX's hot loop, with the
+    evidence in ``hot_loop_unroll``; 1 when ``ptx`` is ``None``); the elements one thread handles per
+    trip (``elements_per_trip``, from the launch configuration) and per body; and
+    ``instructions_per_element`` = instructions / elements per body. ``problem``: why the trips could
+    not be read (then counted as 1)."""
+    out: Dict = dict(hot_loop_instructions=len(body))
+    trips = 1
+    if ptx is not None:
+        ptx_loop = ptx_hot_loop(ptx)
+        unroll = unroll_factor(body, ptx_loop["body"] if ptx_loop else [])
+        out["hot_loop_unroll"] = unroll
+        if unroll["factor"] is None:
+            out["problem"] = (f"hot loop: trips per SASS body not read (LDG / STG bytes {unroll['sass_load_bytes']} / "
+                              f"{unroll['sass_store_bytes']} against the PTX loop's {unroll['ptx_load_bytes']} / "
+                              f"{unroll['ptx_store_bytes']})")
+        trips = unroll["factor"] or 1
+    out["hot_loop_trips"] = trips
+    out["elements_per_thread_per_iteration"] = elements_per_trip
+    out["elements_per_thread_per_hot_loop_body"] = trips * elements_per_trip
+    out["instructions_per_element"] = round(len(body) / (trips * elements_per_trip), 3)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# occupancy
+# ---------------------------------------------------------------------------------------------
+
+SHARED_RESERVE = 1024  # bytes of shared memory CUDA reserves per block on sm_80 and later
+SHARED_PER_SM = {80: 164 * 1024, 90: 228 * 1024, 100: 228 * 1024}  # bytes of shared memory an SM can give blocks
+SHARED_GRANULE = 128  # bytes: shared memory is allocated to a block in 128-byte units
+
+
+def shared_per_block(static: int, dynamic: int, arch: int) -> int:
+    """Shared memory one block holds: its static shared memory (cuobjdump's ``SHARED``), Triton's
+    dynamic shared memory (the kernel metadata's ``shared``, passed at launch) and CUDA's 1 KB
+    per-block reserve, counted once. On sm_90 and later ptxas lays the reserve out at the start of
+    the block's static window whenever the kernel uses shared memory, so ``SHARED`` already holds it
+    (a kernel whose only shared memory is Triton's dynamic buffer reads ``SHARED:1024`` there, 0 on
+    sm_80): it is added only where ``SHARED`` does not include it. Rounded up to 128 bytes."""
+    static, dynamic = max(static, 0), max(dynamic, 0)
+    reserve_in_static = arch >= 90 and static >= SHARED_RESERVE
+    total = static + dynamic + (0 if reserve_in_static else SHARED_RESERVE)
+    return -(-total // SHARED_GRANULE) * SHARED_GRANULE
+
+
+def occupancy(regs: int, shared: int, num_warps: int, arch: int, dynamic_shared: int = 0) -> int:
+    """Theoretical resident warps per SM: blocks per SM limited by registers (256-register allocation
+    units per warp, 64K registers), by shared memory (:func:`shared_per_block` of the static
+    ``shared`` and Triton's ``dynamic_shared`` against the SM's 164 KB on sm_80, 228 KB on
+    sm_90 / sm_100) and by the 64-warp / 32-block limits."""
     max_warps = 64
     regs_per_warp = math.ceil(max(regs, 1) * 32 / 256) * 256
     by_regs = (65536 // regs_per_warp) // num_warps
-    smem = (164 if arch == 80 else 228) * 1024
-    by_smem = smem // max(shared + 1024, 1)  # 1 KB reserved per block
+    by_smem = SHARED_PER_SM.get(arch, SHARED_PER_SM[90]) // shared_per_block(shared, dynamic_shared, arch)
     blocks = max(0, min(32, max_warps // num_warps, by_regs, by_smem))
     return blocks * num_warps
 
@@ -645,17 +857,22 @@ def analyse(v: Variant, arch: int) -> Dict:
     loop = hot_loop(instrs)
     rec.update(regs=regs, stack_bytes=stack, local_bytes=local, shared_bytes=shared, ldl_stl=ldl_stl,
                spill_bytes=max(stack, 0) + max(local, 0), sass_instructions=len(instrs))
-    rec["warps_per_sm"] = occupancy(regs, max(shared, 0), v.num_warps, arch)
+    dynamic = int(getattr(k.metadata, "shared", 0) or 0)  # Triton's dynamic shared memory, passed at launch
+    rec.update(dynamic_shared_bytes=dynamic, shared_per_block_bytes=shared_per_block(shared, dynamic, arch))
+    rec["warps_per_sm"] = occupancy(regs, max(shared, 0), v.num_warps, arch, dynamic)
+    unroll_problem = None
     if loop is not None:
         start, end, body = loop
         mix: Dict[str, int] = {}
         for i in body:
             c = _classify(i[2])
             mix[c] = mix.get(c, 0) + 1
-        rec["hot_loop_instructions"] = len(body)
         rec["hot_loop_mix"] = mix
-        rec["elements_per_thread_per_iteration"] = v.elements_per_thread_per_iteration
-        rec["instructions_per_element"] = round(len(body) / v.elements_per_thread_per_iteration, 3)
+        # the pair kernel's loops (ptxas unrolling included) are read by pairwise_loops below
+        figs = hot_loop_figures(body, k.asm["ptx"] if v.family != "pairwise" else None,
+                                v.elements_per_thread_per_iteration)
+        unroll_problem = figs.pop("problem", None)
+        rec.update(figs)
         if "tail" in structure:
             rec["tail_loop_instructions"] = len(structure["tail"][1])
         if "outer_overhead" in structure:
@@ -669,14 +886,24 @@ def analyse(v: Variant, arch: int) -> Dict:
             seg = v.meta["segments_per_thread_per_trip"]
             pos = v.elements_per_thread_per_iteration
             rec["loops"] = {n: pl[n] for n in PAIRWISE_LOOPS}
+            # trips per main body, read from its loads (the source unrolls KD / KR; ptxas could add more)
+            trips = {f: pl[f"{f}_main"].get("trips") or (kw["KD"] if f == "direct" else kw["KR"])
+                     for f in ("direct", "rl_long", "rl_short")}
+            for f, n in trips.items():
+                if n != (kw["KD"] if f == "direct" else kw["KR"]):
+                    unroll_problem = (f"pair kernel: the {f} main loop runs {n} trips per body, not "
+                                      f"{'KD' if f == 'direct' else 'KR'} (the model's groups assume it)")
             # per element of each main loop: aligned positions (direct) or short positions (run-length)
-            rec["instructions_per_position_direct"] = round(pl["direct_main"]["instructions"] / (kw["KD"] * pos), 3)
-            rec["instructions_per_segment_rl_long"] = round(pl["rl_long_main"]["instructions"] / (kw["KR"] * seg), 3)
-            rec["instructions_per_segment_rl_short"] = round(pl["rl_short_main"]["instructions"] / (kw["KR"] * seg), 3)
+            rec["instructions_per_position_direct"] = round(pl["direct_main"]["instructions"] / (trips["direct"] * pos), 3)
+            rec["instructions_per_segment_rl_long"] = round(pl["rl_long_main"]["instructions"] / (trips["rl_long"] * seg), 3)
+            rec["instructions_per_segment_rl_short"] = round(pl["rl_short_main"]["instructions"] / (trips["rl_short"] * seg),
+                                                             3)
             # the headline figure: the run-length loop (P = L), instructions per short position
             rec["hot_loop_instructions"] = pl["rl_long_main"]["instructions"]
             rec["hot_loop_mix"] = pl["rl_long_main"]["mix"]
-            rec["elements_per_thread_per_iteration"] = kw["KR"] * seg
+            rec["hot_loop_trips"] = trips["rl_long"]
+            rec["elements_per_thread_per_iteration"] = seg
+            rec["elements_per_thread_per_hot_loop_body"] = trips["rl_long"] * seg
             rec["instructions_per_element"] = rec["instructions_per_segment_rl_long"]
         elif v.kwargs.get("SECTIONS", 7) == 7:
             loop = None  # the gate's "no hot loop": the kernel no longer has the loops the model reads
@@ -698,6 +925,8 @@ def analyse(v: Variant, arch: int) -> Dict:
             failures.append("stretched index: no float -> int truncation in the direct form's PTX / SASS")
     if loop is None:
         failures.append("no hot loop found in the SASS")
+    elif unroll_problem:
+        failures.append(unroll_problem)
     rec["failures"] = failures
     return rec
 

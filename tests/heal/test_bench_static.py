@@ -1,4 +1,9 @@
-"""The static performance model's arithmetic (heal bench static) on hand-made records."""
+"""The static performance model's arithmetic (heal bench static) on hand-made records, its reading of
+unrolled SASS loops and of shared memory, and the comparison behind ``heal bench static --check``."""
+
+import copy
+import json
+from pathlib import Path
 
 import pytest
 
@@ -60,3 +65,206 @@ def test_eda_preparation_ops_are_counted():
     pytest.importorskip("triton")
     n = static.eda_preparation_ops()
     assert 5 <= n <= 20
+
+
+# ---------------------------------------------------------------------------------------------
+# trips per SASS loop body (ptxas unrolling), read from the SASS against the PTX loop
+# ---------------------------------------------------------------------------------------------
+
+# The shape of entropy_bwd_bf16_gH_gLP_V112_B128_w1 on sm_90 (Triton 3.7.1): BLOCK = 128 columns on
+# one warp, 4 bf16 per thread per trip (one 8-byte load, one 8-byte store); ptxas unrolled the row loop
+# 4x: four LDG.E.64 / STG.E.64 at +0x100 steps, the column index UR4 += 0x200 (4 x 128), the pointers
+# += 0x400 (4 x 256 bytes). One trip's work is 4 instructions here, the body 4 x 4 + 6 = 22.
+SASS_UNROLLED = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   UMOV UR4, URZ ;
+        /*0020*/                   LDG.E.64 R22, desc[UR6][R16.64] ;
+        /*0030*/                   FADD R24, -R8, R22 ;
+        /*0040*/                   FMUL R25, R24, UR9 ;
+        /*0050*/                   STG.E.64 desc[UR6][R20.64], R24 ;
+        /*0060*/                   LDG.E.64 R22, desc[UR6][R16.64+0x100] ;
+        /*0070*/                   FADD R24, -R8, R22 ;
+        /*0080*/                   FMUL R25, R24, UR9 ;
+        /*0090*/                   STG.E.64 desc[UR6][R20.64+0x100], R24 ;
+        /*00a0*/                   LDG.E.64 R22, desc[UR6][R16.64+0x200] ;
+        /*00b0*/                   FADD R24, -R8, R22 ;
+        /*00c0*/                   FMUL R25, R24, UR9 ;
+        /*00d0*/                   STG.E.64 desc[UR6][R20.64+0x200], R24 ;
+        /*00e0*/                   LDG.E.64 R22, desc[UR6][R16.64+0x300] ;
+        /*00f0*/                   UIADD3 UR4, UP0, UR4, 0x200, URZ ;
+        /*0100*/                   UIADD3.X UR5, URZ, UR5, URZ, UP0, !UPT ;
+        /*0110*/                   ISETP.LE.U32.AND P1, PT, R29, UR4, PT ;
+        /*0120*/                   IADD3 R16, P3, R16, 0x400, RZ ;
+        /*0130*/                   FADD R24, -R8, R22 ;
+        /*0140*/                   FMUL R25, R24, UR9 ;
+        /*0150*/                   STG.E.64 desc[UR6][R20.64+0x300], R24 ;
+        /*0160*/                   IADD3 R20, P2, R20, 0x400, RZ ;
+        /*0170*/              @!P1 BRA 0x20 ;
+        /*0180*/                   EXIT ;
+        /*0190*/                   BRA 0x190;
+"""
+
+PTX_LOOP = """
+$L__BB0_1:
+	setp.lt.s64 	%p1, %rd5, 128;
+	@%p1 bra 	$L__BB0_3;
+$L__BB0_2:
+	ld.global.v2.b32 { %r33, %r34 }, [ %rd37 + 0 ];
+	sub.f32 	%r35, %r33, %r8;
+	mul.f32 	%r36, %r35, %r9;
+	st.global.v2.b32 [ %rd38 + 0 ], { %r35, %r36 };
+	add.s64 	%rd37, %rd37, 256;
+	add.s64 	%rd38, %rd38, 256;
+	add.s64 	%rd39, %rd39, 128;
+	setp.lt.s64 	%p2, %rd39, %rd5;
+	@%p2 bra 	$L__BB0_2;
+$L__BB0_3:
+	@%p3 ld.global.v2.b32 { %r65, %r66 }, [ %rd26 + 0 ];
+	ret;
+"""
+
+
+def _hot_figures():
+    from heal_kernels.triton import aot
+
+    instrs = aot.parse_sass(SASS_UNROLLED)
+    _, _, body = aot.hot_loop(instrs)
+    return aot.hot_loop_figures(body, PTX_LOOP, 128 / 32)
+
+
+def _assert_per_element(figs):
+    """The unrolled body runs 4 trips of 4 elements per thread: 22 instructions / 16 elements."""
+    assert figs["hot_loop_instructions"] == 22
+    assert figs["hot_loop_trips"] == 4
+    assert figs["elements_per_thread_per_hot_loop_body"] == 16
+    assert figs["instructions_per_element"] == pytest.approx(22 / 16)
+
+
+def test_unrolled_loop_costs_per_element_of_its_body():
+    """Instructions per element divide the SASS body by the elements of all the trips ptxas unrolled
+    into it (the issue's V=112 backward: 148 instructions over 4 x 4 elements = 9.25, not 37)."""
+    figs = _hot_figures()
+    _assert_per_element(figs)
+    u = figs["hot_loop_unroll"]
+    assert (u["sass_load_bytes"], u["ptx_load_bytes"], u["sass_store_bytes"], u["ptx_store_bytes"]) == (32, 8, 32, 8)
+    assert u["induction_confirms"] and 0x200 in u["sass_steps"] and 128 in u["ptx_steps"]  # 4 x 128 columns
+    assert "problem" not in figs
+
+
+def test_per_element_test_fails_without_unroll_detection(monkeypatch):
+    """Mutation: with the unroll detection removed (one trip per body, the launch configuration's
+    figure) the body is costed against 4 elements and the per-element check above fails."""
+    from heal_kernels.triton import aot
+
+    monkeypatch.setattr(aot, "unroll_factor", lambda sass_body, ptx_body: dict(factor=1))
+    figs = _hot_figures()
+    assert figs["instructions_per_element"] == pytest.approx(22 / 4)
+    with pytest.raises(AssertionError):
+        _assert_per_element(figs)
+
+
+def test_unroll_factor_reads_one_trip_loops_and_refuses_mismatched_traffic():
+    from heal_kernels.triton import aot
+
+    instrs = aot.parse_sass(SASS_UNROLLED)
+    _, _, body = aot.hot_loop(instrs)
+    ptx_body = aot.ptx_hot_loop(PTX_LOOP)["body"]
+    assert aot.ptx_hot_loop(PTX_LOOP)["masked"] is False  # the guarded load after the loop is not in it
+    # a body of one trip (the first copy and the loop control) reads 1
+    one = [i for i in body if i[0] < 0x60 or i[0] >= 0x0f0 and i[2] != "LDG.E.64"]
+    one = [i for i in one if not (i[0] == 0x150)]  # keep one STG
+    assert aot.unroll_factor(one, ptx_body)["factor"] == 1
+    # loads say 4, stores say 3: not read, and the gate is told why
+    mismatched = [i for i in body if i[0] != 0x150]
+    u = aot.unroll_factor(mismatched, ptx_body)
+    assert u["factor"] is None
+    figs = aot.hot_loop_figures(mismatched, PTX_LOOP, 4.0)
+    assert figs["hot_loop_trips"] == 1 and "trips per SASS body not read" in figs["problem"]
+    # memory traffic the PTX loop does not have cannot be divided
+    assert aot.unroll_factor(body, [])["factor"] is None
+
+
+def test_access_widths():
+    from heal_kernels.triton import aot
+
+    assert [aot._sass_access_bytes(op) for op in ("LDG.E.128", "LDG.E.64", "LDG.E", "LDG.E.U16", "STG.E.U8",
+                                                  "LDG.E.128.CONSTANT", "LDG.E.LTC128B")] == [16, 8, 4, 2, 1, 16, 4]
+    assert [aot._ptx_access_bytes(op) for op in ("ld.global.v4.b32", "ld.global.v2.b32", "st.global.b16",
+                                                 "ld.global.L1::evict_last.v2.b64", "ld.global.b32")] == [16, 8, 2, 16, 4]
+
+
+# ---------------------------------------------------------------------------------------------
+# occupancy: registers and shared memory (static + Triton's dynamic + the 1 KB reserve, once)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_shared_memory_counts_the_reserve_once_and_the_dynamic_buffer():
+    from heal_kernels.triton import aot
+
+    # sm_90: a kernel whose only shared memory is Triton's 128-byte dynamic buffer reads SHARED:1024 (the
+    # reserve, laid out by ptxas): 1024 + 128, not 1024 + 1024 + 0
+    assert aot.shared_per_block(1024, 128, 90) == 1152
+    assert aot.shared_per_block(0, 0, 90) == 1024  # no shared memory: the reserve alone
+    assert aot.shared_per_block(0, 128, 80) == 1152  # sm_80: SHARED holds no reserve, it is added
+    assert aot.shared_per_block(1024 + 100, 0, 90) == 1152  # 128-byte allocation units
+    # a block of 4 warps with few registers: shared memory decides
+    # 57 KB static on sm_90 (reserve included): 228 KB / 57 KB = 4 blocks (counting the reserve twice: 3)
+    assert aot.occupancy(32, 57 * 1024, 4, 90) == 16
+    # Triton's dynamic shared memory counts: 48 KB of it + the reserve -> 4 blocks of 4 warps, not 16
+    assert aot.occupancy(32, 1024, 4, 90, dynamic_shared=48 * 1024) == 16
+    assert aot.occupancy(32, 1024, 4, 90) == 64
+    # sm_80: 164 KB per SM; 40 KB dynamic + 1 KB reserve -> 4 blocks
+    assert aot.occupancy(32, 0, 4, 80, dynamic_shared=40 * 1024) == 16
+    # registers still limit: 255 registers, 4 warps -> 2 blocks
+    assert aot.occupancy(255, 1024, 4, 90, dynamic_shared=128) == 8
+
+
+# ---------------------------------------------------------------------------------------------
+# the committed results against a fresh run: the comparison (heal bench static --check)
+# ---------------------------------------------------------------------------------------------
+
+RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+
+
+def _committed(arch=90):
+    return json.loads((RESULTS / f"static-sm_{arch}.json").read_text())
+
+
+def test_compare_names_a_changed_register_count():
+    """Mutation: one register count edited in a copy of the committed JSON is the one difference, named
+    by arch, variant and field with both values."""
+    fresh = _committed()
+    committed = copy.deepcopy(fresh)
+    rec = next(r for r in committed["variants"] if r["name"].startswith("entropy_bwd_bf16_gH_gLP_V112"))
+    rec["regs"] += 7
+    diffs = static.compare_docs(committed, fresh)
+    assert diffs == [dict(arch="sm_90", variant=rec["name"], field="regs", committed=rec["regs"],
+                          fresh=rec["regs"] - 7)]
+    assert static.compare_docs(fresh, copy.deepcopy(fresh)) == []
+
+
+def test_compare_skips_only_wall_time_and_machine():
+    fresh = _committed()
+    other = copy.deepcopy(fresh)
+    other["seconds"] += 100
+    other["host"] = "elsewhere"
+    for r in other["variants"]:
+        r["compile_s"] = 99.0
+    assert static.compare_docs(other, fresh) == []
+    # everything else is compared: predictions (floats to 1e-9 relative), loops, spills, new or dropped keys
+    eda = other["eda"]["per_device"]["H100 SXM"]
+    eda["predicted_ms"] *= 1 + 1e-12  # float noise: equal
+    assert static.compare_docs(other, fresh) == []
+    eda["predicted_ms"] *= 1.001
+    other["variants"][0]["spill_bytes"] = 8
+    other["variants"][1]["old_key"] = 0  # a key the fresh run no longer writes
+    del other["variants"][2]["instructions_per_element"]
+    fields = {(d["variant"], d["field"]) for d in static.compare_docs(other, fresh)}
+    names = [r["name"] for r in fresh["variants"]]
+    assert fields == {("-", "eda.per_device.H100 SXM.predicted_ms"), (names[0], "spill_bytes"),
+                      (names[1], "old_key"), (names[2], "instructions_per_element")}
+    # a variant the fresh run lacks, or one the committed results lack
+    other = copy.deepcopy(fresh)
+    other["variants"].pop()
+    assert [(d["variant"], d["committed"]) for d in static.compare_docs(other, fresh)] == [
+        (names[-1], "missing from the committed results")]
