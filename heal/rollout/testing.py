@@ -10,7 +10,8 @@ from __future__ import annotations
 import string
 from typing import Any, List, Tuple
 
-__all__ = ["tiny_tokenizer", "tiny_model", "tiny_model_and_tokenizer", "write_tiny_gguf", "CHAT_TEMPLATE"]
+__all__ = ["tiny_tokenizer", "tiny_model", "tiny_model_and_tokenizer", "write_tiny_gguf", "choice_pool_rows",
+           "CHAT_TEMPLATE"]
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -137,3 +138,14 @@ def write_tiny_gguf(path: str, *, hidden_size: int = 32, num_layers: int = 2, se
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def choice_pool_rows(n: int) -> List[dict]:
+    """``n`` rows of a tiny general-domain pool in verl's layout (``data_source`` ``commonsense_qa``,
+    chat ``prompt`` "Question i: pick A or B.", ground truth alternating A / B), as ``heal select``
+    reads it."""
+    return [{"data_source": "commonsense_qa",
+             "prompt": [{"role": "user", "content": f"Question {i}: pick A or B."}],
+             "ability": "commonsense",
+             "reward_model": {"style": "rule", "ground_truth": "AB"[i % 2]},
+             "extra_info": {"index": i, "split": "train"}} for i in range(n)]

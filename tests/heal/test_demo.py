@@ -1,7 +1,6 @@
 """heal demo: the model loader (bundled GGUF discovery, GGUF / folder loading) and a fast end-to-end
 run with a tiny random model injected. The real SmolLM2-135M run takes minutes on CPU: not in CI."""
 
-import json
 import os
 import shutil
 
@@ -15,12 +14,7 @@ from heal.dynamics import pack_sequences
 from heal.rollout.testing import tiny_model, tiny_tokenizer, write_tiny_gguf
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(autouse=True)

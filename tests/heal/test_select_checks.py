@@ -3,7 +3,6 @@ note on degenerate scores. The early checks run with a model loader that must no
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -12,31 +11,17 @@ import pytest
 import torch
 
 from heal import selection as S
+from heal.rollout.testing import choice_pool_rows
 
 N_ROWS = 8
-
-
-def _rows(n):
-    return [{"data_source": "commonsense_qa",
-             "prompt": [{"role": "user", "content": f"Question {i}: pick A or B."}],
-             "ability": "commonsense",
-             "reward_model": {"style": "rule", "ground_truth": "AB"[i % 2]},
-             "extra_info": {"index": i, "split": "train"}} for i in range(n)]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture
 def work(tmp_path):
     import pandas as pd
 
-    pd.DataFrame(_rows(N_ROWS)).to_parquet(tmp_path / "pool.parquet")
+    pd.DataFrame(choice_pool_rows(N_ROWS)).to_parquet(tmp_path / "pool.parquet")
     (tmp_path / "model").mkdir()  # an existing --model folder (the loader is replaced in these tests)
     return tmp_path
 
@@ -114,7 +99,7 @@ def test_pool_without_prompt_column_is_reported_before_loading(work, no_model, c
 def test_row_without_ground_truth_is_named(work, no_model, capsys):
     import pandas as pd
 
-    rows = _rows(3)
+    rows = choice_pool_rows(3)
     rows[1]["reward_model"] = {"style": "rule", "answer": "B"}
     pd.DataFrame(rows).to_parquet(work / "pool.parquet")
     rc, _, err = _run(_argv(work, k="1"), capsys)
@@ -322,7 +307,7 @@ def test_progress_moves_per_decoding_step_within_a_batch(monkeypatch):
     tok = tiny_tokenizer()
     model = tiny_model(len(tok), "qwen2", seed=4)
     backend = TransformersBackend(model, tok, prompts_per_batch=4, progress=False)
-    S.score_questions(_rows(4), backend, entropy_model=model, n=2, temperature=1.0, max_new_tokens=5,
+    S.score_questions(choice_pool_rows(4), backend, entropy_model=model, n=2, temperature=1.0, max_new_tokens=5,
                       compute_score=_fake_score(), questions_per_batch=4, progress=True)
     ev = _RecordingBar.events
     first_question = next(i for i, e in enumerate(ev) if e == ("select", 1))
@@ -333,7 +318,7 @@ def test_progress_moves_per_decoding_step_within_a_batch(monkeypatch):
     assert sum(1 for e in ev if e == ("select", 1)) == 4
     # without progress: no bar records anything, and the model carries no leftover hook
     _RecordingBar.events = []
-    S.score_questions(_rows(2), backend, entropy_model=model, n=1, temperature=1.0, max_new_tokens=3,
+    S.score_questions(choice_pool_rows(2), backend, entropy_model=model, n=1, temperature=1.0, max_new_tokens=3,
                       compute_score=_fake_score(), progress=False)
     assert _RecordingBar.events == [] and not model._forward_pre_hooks
 

@@ -9,15 +9,10 @@ import torch
 
 from heal import selection as S
 from heal.rollout import TransformersBackend
-from heal.rollout.testing import tiny_model, tiny_tokenizer
+from heal.rollout.testing import choice_pool_rows, tiny_model, tiny_tokenizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ------------------------------------------------------------------ pure maths
@@ -103,7 +98,7 @@ def test_select_top_k_order_and_ties():
 def test_question_key_survives_parquet_roundtrip(tmp_path):
     import pandas as pd
 
-    rows = _rows(3)
+    rows = choice_pool_rows(3)
     pd.DataFrame(rows).to_parquet(tmp_path / "x.parquet")
     back = pd.read_parquet(tmp_path / "x.parquet").to_dict("records")
     assert [S.question_key(r) for r in rows] == [S.question_key(r) for r in back]
@@ -115,12 +110,6 @@ def test_question_key_survives_parquet_roundtrip(tmp_path):
 # ------------------------------------------------------------------ scoring with a tiny model
 
 
-def _rows(n):
-    return [{"data_source": "commonsense_qa",
-             "prompt": [{"role": "user", "content": f"Question {i}: pick A or B."}],
-             "ability": "commonsense",
-             "reward_model": {"style": "rule", "ground_truth": "AB"[i % 2]},
-             "extra_info": {"index": i, "split": "train"}} for i in range(n)]
 
 
 class CountingBackend(TransformersBackend):
@@ -146,7 +135,7 @@ def fake_score(data_source, solution_str, ground_truth, extra_info=None):
 
 def test_scores_match_hand_computation_from_rollouts(tiny):
     model, tok = tiny
-    rows = _rows(3)
+    rows = choice_pool_rows(3)
     seen = []
     backend = TransformersBackend(model, tok, progress=False)
     stats = S.score_questions(rows, backend, entropy_model=model, n=3, temperature=1.0, max_new_tokens=8,
@@ -163,7 +152,7 @@ def test_scores_match_hand_computation_from_rollouts(tiny):
 
 def test_cache_resume_regenerates_nothing(tiny, tmp_path):
     model, tok = tiny
-    rows = _rows(5)
+    rows = choice_pool_rows(5)
     cache = str(tmp_path / "sel.cache.jsonl")
     kw = dict(entropy_model=model, n=2, temperature=1.0, max_new_tokens=6, seed=3, cache_path=cache,
               model_id="tiny", compute_score=fake_score, progress=False, questions_per_batch=2)
@@ -205,7 +194,7 @@ def test_run_selection_writes_parquet_and_report(tiny, tmp_path):
 
     model, tok = tiny
     src = tmp_path / "pool.parquet"
-    pd.DataFrame(_rows(6)).to_parquet(src)
+    pd.DataFrame(choice_pool_rows(6)).to_parquet(src)
     out = tmp_path / "out" / "general_top.parquet"
     res = S.run_selection(str(src), str(out), k=2, backend=TransformersBackend(model, tok, progress=False),
                           entropy_model=model, model_id="tiny", n=2, temperature=1.0, max_new_tokens=6,
@@ -228,7 +217,7 @@ def test_run_selection_stop_after_writes_no_output(tiny, tmp_path):
 
     model, tok = tiny
     src = tmp_path / "pool.parquet"
-    pd.DataFrame(_rows(4)).to_parquet(src)
+    pd.DataFrame(choice_pool_rows(4)).to_parquet(src)
     out = tmp_path / "o.parquet"
     res = S.run_selection(str(src), str(out), k=2, backend=TransformersBackend(model, tok, progress=False),
                           entropy_model=model, model_id="tiny", n=2, temperature=1.0, max_new_tokens=4,
@@ -271,7 +260,7 @@ def test_heal_select_cli_end_to_end(tiny, tmp_path):
     model, tok = tiny
     model.save_pretrained(tmp_path / "model")
     tok.save_pretrained(tmp_path / "model")
-    pd.DataFrame(_rows(4)).to_parquet(tmp_path / "pool.parquet")
+    pd.DataFrame(choice_pool_rows(4)).to_parquet(tmp_path / "pool.parquet")
     cfg = tmp_path / "select.yaml"
     cfg.write_text(f"input: {tmp_path / 'pool.parquet'}\nsamples: 2\nmax_new_tokens: 5\ntemperature: 1.0\n")
     out = tmp_path / "top.parquet"
