@@ -931,6 +931,20 @@ def analyse(v: Variant, arch: int) -> Dict:
     return rec
 
 
+def toolchain_problem(arch: Optional[int] = None) -> Optional[str]:
+    """Why this machine cannot compile for CUDA, or ``None``: the installed Triton wheel must ship
+    ``ptxas`` and ``cuobjdump`` (Linux x86-64 wheels do) and, with ``arch``, accept ``sm_<arch>``."""
+    import triton
+
+    bindir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    for tool in ("ptxas", "cuobjdump"):
+        if not (bindir / tool).exists():
+            return f"the installed triton wheel ships no {tool} (not a Linux x86-64 wheel?)"
+    if arch is not None and arch not in accepted_archs((arch,)):
+        return f"this triton does not compile for sm_{arch}"
+    return None
+
+
 def accepted_archs(archs=ARCHS) -> List[int]:
     """The architectures the installed Triton compiles for (sm_100 needs a recent Triton)."""
     from triton.backends.compiler import GPUTarget

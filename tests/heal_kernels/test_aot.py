@@ -16,12 +16,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _toolchain_or_skip():
-    import triton
-
-    bindir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-    for tool in ("ptxas", "cuobjdump"):
-        if not (bindir / tool).exists():
-            pytest.skip(f"the installed triton wheel ships no {tool} (not a Linux x86-64 wheel?)")
+    problem = aot.toolchain_problem()
+    if problem:
+        pytest.skip(problem)
 
 
 def test_compile_gate(tmp_path):

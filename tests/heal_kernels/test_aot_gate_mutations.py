@@ -123,13 +123,10 @@ def verdict(rec) -> str:
 
 
 def _toolchain_or_skip():
-    triton = pytest.importorskip("triton")
-    bindir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-    for tool in ("ptxas", "cuobjdump"):
-        if not (bindir / tool).exists():
-            pytest.skip(f"the installed triton wheel ships no {tool} (not a Linux x86-64 wheel?)")
-    if ARCH not in aot.accepted_archs((ARCH,)):
-        pytest.skip(f"this triton does not compile for sm_{ARCH}")
+    pytest.importorskip("triton")
+    problem = aot.toolchain_problem(ARCH)
+    if problem:
+        pytest.skip(problem)
 
 
 @pytest.fixture(scope="module")
