@@ -237,7 +237,7 @@ def pair_kernel_prediction(rec: dict, lengths, dev: dict, arch: int = 90, short_
     import torch
 
     kw = rec["kwargs"]
-    rows, bj, bt, warps, split = kw["ROWS"], kw["BLOCK_J"], kw["BLOCK_T"], kw["num_warps"], kw.get("SPLIT", 1)
+    bt, warps, split = kw["BLOCK_T"], kw["num_warps"], kw.get("SPLIT", 1)
     kd, kr = kw["KD"], kw["KR"]
     loops = rec["loops"]
     code = rec["section_code"]
@@ -245,7 +245,6 @@ def pair_kernel_prediction(rec: dict, lengths, dev: dict, arch: int = 90, short_
     sec = {"direct": code[1] - code[0], "rl_long": code[2] - code[0], "rl_short": code[4] - code[0]}
     t = pair_tiles(lengths, kw, short_first)
     nprog, ntile = t["r_len"].shape[0], t["c_len"].shape[0]
-    P = rows * bj
     lanes_per_pair = bt  # lanes of one warp-instruction's pair (a warp holds 32 / bt pairs per instruction)
     # nominal: warp-instructions per (program, tile); pessimistic: scheduler cycles per warp and L1 cycles
     work = torch.full((nprog, ntile), base, dtype=torch.float64)
@@ -507,8 +506,13 @@ def _markdown(arch: int, doc: dict) -> str:
     meas = doc.get("measured")
     if meas:
         lines += ["", f"## Measured on {meas.get('device')} (same commit)", "",
-                  f"- EDA grouped op, full batch: {_fmt(meas.get('eda_ms'), 3)} ms measured vs the predictions above",
-                  f"- entropy forward {meas.get('entropy_shape')} {meas.get('entropy_dtype')}: "
+                  f"- EDA grouped op, full batch: {_fmt(meas.get('eda_ms'), 3)} ms measured vs the predictions above"]
+        off = model_error(doc)
+        if off:
+            lines.append(f"- the model against this measurement ({off['device']}): measured / predicted = "
+                         f"{off['vs_nominal']:.2f}x the nominal figure ({off['nominal_ms']:.3f} ms), "
+                         f"{off['vs_pessimistic']:.2f}x the pessimistic one ({off['pessimistic_ms']:.3f} ms)")
+        lines += [f"- entropy forward {meas.get('entropy_shape')} {meas.get('entropy_dtype')}: "
                   f"{_fmt(meas.get('entropy_fwd_pct_copy'), 0)}% of the measured copy bandwidth "
                   f"(forward + backward {_fmt(meas.get('entropy_fwdbwd_pct_copy'), 0)}%)"]
     lines += ["", "Instructions per element: SASS instructions of the hot loop (the unmasked main loop, from its "
@@ -588,6 +592,24 @@ def build(archs, jobs=1, only=None, progress=True) -> dict:
             predicted_eda_ms={n: p["predicted_ms"] for n, p in (eda or {}).get("per_device", {}).items()},
         )
     return docs
+
+
+def model_error(doc: dict) -> Optional[dict]:
+    """How far the EDA prediction was from the measurement in ``doc["measured"]``: the predicted
+    device whose name the measured GPU's name contains (``H100`` in ``NVIDIA H100 80GB HBM3``), and
+    measured / predicted for the nominal and the pessimistic figure of the pair kernel. ``None``
+    without a measured EDA time or a matching device."""
+    meas = doc.get("measured") or {}
+    ms = meas.get("eda_ms")
+    per_device = (doc.get("eda") or {}).get("per_device") or {}
+    if not ms or not per_device:
+        return None
+    gpu = str(meas.get("device", "")).upper()
+    for name, p in per_device.items():
+        if name.split()[0].upper() in gpu and p.get("predicted_ms") and p.get("pessimistic_ms"):
+            return dict(device=name, nominal_ms=p["predicted_ms"], pessimistic_ms=p["pessimistic_ms"],
+                        vs_nominal=ms / p["predicted_ms"], vs_pessimistic=ms / p["pessimistic_ms"])
+    return None
 
 
 def _load_measured(paths) -> dict:

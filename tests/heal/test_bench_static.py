@@ -268,3 +268,37 @@ def test_compare_skips_only_wall_time_and_machine():
     other["variants"].pop()
     assert [(d["variant"], d["committed"]) for d in static.compare_docs(other, fresh)] == [
         (names[-1], "missing from the committed results")]
+
+
+def test_model_error_against_a_measurement():
+    """gpu_run.sh puts the measured EDA time next to the prediction; the report says by how much the
+    model was off, for the predicted device the measured GPU's name names."""
+    from heal.bench import static
+
+    doc = {"eda": {"per_device": {"H100 SXM": {"predicted_ms": 1.25, "pessimistic_ms": 2.0},
+                                  "H200": {"predicted_ms": 1.0, "pessimistic_ms": 1.6}}},
+           "measured": {"device": "NVIDIA H100 80GB HBM3", "eda_ms": 2.5}}
+    off = static.model_error(doc)
+    assert off["device"] == "H100 SXM"
+    assert off["vs_nominal"] == pytest.approx(2.0) and off["vs_pessimistic"] == pytest.approx(1.25)
+    doc["measured"]["device"] = "NVIDIA H200"
+    assert static.model_error(doc)["vs_nominal"] == pytest.approx(2.5)
+    doc["measured"]["device"] = "NVIDIA A100-SXM4-80GB"  # not a device of this architecture's report
+    assert static.model_error(doc) is None
+    doc["measured"] = {"device": "NVIDIA H100", "eda_ms": None}
+    assert static.model_error(doc) is None
+
+
+def test_report_states_the_model_error():
+    """The committed sm_90 results with a measured EDA time: the report's measured section gives the
+    ratios."""
+    import json
+    from pathlib import Path
+
+    from heal.bench import static
+
+    doc = json.loads((Path(__file__).resolve().parents[2] / "benchmarks/results/static-sm_90.json").read_text())
+    nominal = doc["eda"]["per_device"]["H100 SXM"]["predicted_ms"]
+    doc["measured"] = {"device": "NVIDIA H100 80GB HBM3", "eda_ms": 2 * nominal}
+    text = static._markdown(90, doc)
+    assert "the model against this measurement (H100 SXM): measured / predicted = 2.00x the nominal figure" in text
