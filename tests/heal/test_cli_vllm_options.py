@@ -66,12 +66,17 @@ def engine(monkeypatch):
 
 @pytest.fixture
 def inputs(tmp_path):
+    import pandas as pd
+
+    from heal.rollout.testing import choice_pool_rows
+
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text("{}")
-    pool = tmp_path / "pool.parquet"
-    pool.write_bytes(b"not read: the engine is built first")
-    return ["select", "--input", str(pool), "--output", str(tmp_path / "out.parquet"), "--model", str(model)], model
+    pool = tmp_path / "pool.parquet"  # a real pool: heal select checks it before building the engine
+    pd.DataFrame(choice_pool_rows(4)).to_parquet(pool)
+    return ["select", "--input", str(pool), "--output", str(tmp_path / "out.parquet"), "--model", str(model),
+            "--k", "2"], model
 
 
 def test_cli_options_reach_the_engine(engine, inputs):
