@@ -556,7 +556,6 @@ def _pack_kernel(
     mx = tl.where(n > 0, mx, 0.0)
     tl.store(pe_ptr + pbase, 0.0)
     tl.store(px_ptr + pbase, 0.0)
-    nonfinite = tl.zeros([BLOCK], tl.int32)
     ce = tl.zeros([BLOCK], tl.float64)  # running prefix at each lane; the carry is its last lane
     cx = tl.zeros([BLOCK], tl.float64)
     ex = tl.zeros([BLOCK], tl.float64)
@@ -565,7 +564,6 @@ def _pack_kernel(
         k = k0 + offs
         inb = k < n
         x = tl.load(src + k, mask=inb, other=0.0)
-        nonfinite = tl.maximum(nonfinite, tl.where((x == x) & (tl.abs(x) < float("inf")), 0, 1))
         e = tl.where(inb, tl.exp(x.to(tl.float64) - mx.to(tl.float64)).to(tl.float32), 0.0)
         tl.store(dst + 2 * k, x, mask=inb)
         tl.store(dst + 2 * k + 1, e, mask=inb)
@@ -577,9 +575,12 @@ def _pack_kernel(
         tl.store(px_ptr + pbase + 1 + k, cx, mask=inb)
         ex += e64 * x64  # exact products (24 + 24 bits)
     z = tl.sum(tl.where(last, ce, 0.0), axis=0)  # = PE[n]: masked lanes add 0
-    # a NaN max poisons every pair of this sequence (the pair kernel's shift M_S - M_L): NaN, as on
-    # the CPU backends, whatever the GPU's max.f32 made of the values above
-    tl.store(mx_ptr + b, tl.where(tl.max(nonfinite, axis=0) > 0, float("nan"), mx))
+    # a sequence holding a NaN or an infinity: its float64 sum of x (PX[n]) is not finite (a sum of
+    # finite float32 values cannot overflow float64), and a NaN max poisons every pair of it (the pair
+    # kernel's shift M_S - M_L): NaN, as on the CPU backends, whatever the GPU's max.f32 made of the
+    # values above (no per-element flag: it cost registers, and a spill under Triton 3.9)
+    sx = tl.sum(tl.where(last, cx, 0.0), axis=0)
+    tl.store(mx_ptr + b, tl.where((sx == sx) & (tl.abs(sx) < float("inf")), mx, float("nan")))
     tl.store(zsum_ptr + b, z.to(tl.float32))
     tl.store(z_ptr + b, z)
     tl.store(iz_ptr + b, 1.0 / tl.where(n > 0, z, 1.0))
