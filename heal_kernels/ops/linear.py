@@ -155,8 +155,8 @@ def _block_step(step, backend, z, labels, rowwise, temperature):
     """One per-block kernel on ``backend``: ``step`` is ``"block_stats"`` (merge ``z``'s statistics
     into ``rowwise`` = the state) or ``"block_grad"`` (``z`` into its gradient from ``rowwise`` = the
     coefficients). Triton, the C++ extension (CPU float32 / bfloat16), else chunked torch.
-    ``temperature``: a float, or a one-element device tensor (read by the Triton kernels from device
-    memory; the other backends read it back)."""
+    ``temperature``: :func:`_launch_temperature`'s, prepared once per op call (a float, or for
+    Triton a device temperature tensor's launch constants, read by the kernels from device memory)."""
     if backend == "triton":
         from heal_kernels.triton import linear as tri
 
@@ -171,6 +171,20 @@ def _block_step(step, backend, z, labels, rowwise, temperature):
                                torch.get_num_threads())
             return None
     return _TORCH_STEPS[step](z, labels, rowwise, 1.0 / temperature)
+
+
+def _launch_temperature(temperature, backend):
+    """The temperature as every block launch of one op call (its forward and backward) takes it,
+    prepared once: a float as it is; a one-element device tensor, for Triton, as its launch constants
+    (:func:`heal_kernels.triton.linear.prepare_temperature`: a few small device ops, not one set per
+    block), for the other backends read back once (a float)."""
+    if not isinstance(temperature, torch.Tensor):
+        return temperature
+    if backend == "triton":
+        from heal_kernels.triton import linear as tri
+
+        return tri.prepare_temperature(temperature)
+    return float(temperature)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,6 +282,7 @@ def _backward(h, w, b, labels, coef, temperature, ct, cv, backend, vocab_start, 
 class _LinearEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, w, b, labels, temperature, ct, cv, backend, group, vocab_start, v_unchecked):
+        temperature = _launch_temperature(temperature, backend)  # once per call, kept for the backward
         state = _forward(h, w, b, labels, temperature, ct, cv, backend, vocab_start)
         if group is not None:
             _all_reduce_state(state, group)
@@ -431,7 +446,9 @@ def linear_entropy_and_logprobs(
             ``check=True``), bad temperature or chunk.
     """
     if labels is None:
-        raise TypeError("labels must be an integer tensor; use linear_token_entropy(hidden, weight) for the entropy alone")
+        raise TypeError(
+            "labels must be an integer tensor; use linear_token_entropy(hidden, weight) for the entropy alone"
+        )
     t = _check_temperature(temperature)
     h, lab, lead, ct, cv, backend, vs, unchecked = _prepare(hidden, weight, labels, bias, chunk_tokens, chunk_vocab,
                                                           process_group, check=bool(check))

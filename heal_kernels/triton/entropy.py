@@ -27,7 +27,8 @@ block, run whole blocks from the boundary unmasked (16-byte loads and stores; th
 gradient is allocated at the logits' offset from a boundary, so contiguous logits of any ``V`` get
 16-byte stores too), and mask only the partial last block. sm_90, bf16: 10.3 SASS instructions
 per element forward and 9.1 backward for V = 151936, 50257 or a slice alike (a slice whose rows
-sit at another offset than its gradient's: 9.5, scalar loads). ``exp2`` is one MUFU instruction (``exp`` adds a multiply and fix-ups).
+sit at another offset than its gradient's: 9.5, scalar loads). ``exp2`` is one MUFU instruction
+(``exp`` adds a multiply and fix-ups).
 
 FP contraction: the launchers pass ``enable_fp_fusion=True`` explicitly (Triton's default differs
 between versions). It only fuses the products the comments say it fuses (``a * b + c`` forms); the
@@ -46,7 +47,7 @@ Triton interpreter (``TRITON_INTERPRET=1``) the block is capped at 1024 to keep 
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -322,12 +323,20 @@ def aligned_base(t: torch.Tensor) -> Tuple[torch.Tensor, int]:
     find every row's first 16-byte boundary and run 16-byte loads from it whatever the slice. ``(t, 0)``
     when ``t`` is aligned already, or its storage starts after that boundary (then the kernels
     still compute the right values, with narrower loads)."""
+    k = _boundary_offset(t)
+    if k == 0 or t.storage_offset() < k:
+        return t, 0
+    return t.as_strided((1,), (1,), t.storage_offset() - k), k
+
+
+def _boundary_offset(t: torch.Tensor) -> int:
+    """``t``'s offset in elements from the 16-byte boundary at or before its data pointer; 0 when it
+    is aligned, or not even aligned to its element size (no boundary lies a whole number of elements
+    before it). The one definition of a row's offset, for :func:`aligned_base` and
+    :func:`gradient_buffer`."""
     es = t.element_size()
     mis = t.data_ptr() % 16
-    if mis == 0 or mis % es or t.storage_offset() < mis // es:
-        return t, 0
-    k = mis // es
-    return t.as_strided((1,), (1,), t.storage_offset() - k), k
+    return 0 if mis % es else mis // es
 
 
 def gradient_buffer(logits: torch.Tensor) -> torch.Tensor:
@@ -338,9 +347,9 @@ def gradient_buffer(logits: torch.Tensor) -> torch.Tensor:
     n, v = logits.shape
     es = logits.element_size()
     chunk = chunk_elements(es, 16)
-    col0 = (logits.data_ptr() % 16) // es if logits.data_ptr() % es == 0 else 0
+    col0 = _boundary_offset(logits)
     buf = torch.empty(n * v + chunk, dtype=logits.dtype, device=logits.device)
-    off = (col0 - (buf.data_ptr() % 16) // es) % chunk
+    off = (col0 - _boundary_offset(buf)) % chunk
     return buf[off:off + n * v].view(n, v)
 
 
@@ -349,17 +358,29 @@ def _constants(temperature: float):
     return LOG2E / t, 1.0 / t
 
 
-def temperature_args(temperature, dummy: torch.Tensor):
+class TemperatureArgs(NamedTuple):
+    """A launch's temperature arguments (:func:`temperature_args`)."""
+
+    k2: float
+    inv_t: float
+    temp: torch.Tensor  # the ``temp_ptr`` argument
+    in_memory: bool  # the kernel reads ``temp`` (``TEMP_IN_MEMORY``)
+
+
+def temperature_args(temperature, dummy: Optional[torch.Tensor]) -> TemperatureArgs:
     """``(k2, inv_t, temp_ptr, in_memory)`` for a launch: a number goes by value; a one-element tensor
     (the ops pass one only where reading it would be a host sync: on the device) stays where it is:
     ``temp_ptr`` = float32 ``[log2(e) / T, 1 / T]`` computed there in float64 and rounded once (the
     values the by-value path passes), read by the kernel, so that nothing is copied back to the host.
-    ``dummy``: any float32 tensor, the pointer passed when the kernel does not read it."""
+    That takes a few small device ops: a caller that launches several kernels at one temperature
+    computes it once and passes the result on (:func:`heal_kernels.triton.linear.prepare_temperature`).
+    ``dummy``: any float32 tensor, the pointer passed when the kernel does not read it (unused for a
+    tensor)."""
     if isinstance(temperature, torch.Tensor):
         t64 = temperature.reshape(1).to(torch.float64)
-        return 1.0, 1.0, torch.cat([LOG2E / t64, 1.0 / t64]).to(torch.float32), True
+        return TemperatureArgs(1.0, 1.0, torch.cat([LOG2E / t64, 1.0 / t64]).to(torch.float32), True)
     k2, inv_t = _constants(temperature)
-    return k2, inv_t, dummy, False
+    return TemperatureArgs(k2, inv_t, dummy, False)
 
 
 def forward_launch_spec(logits, labels, entropy, logprob, stats, temperature, block=None, interpreted=None):

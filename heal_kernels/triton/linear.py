@@ -44,10 +44,10 @@ from heal_kernels.triton._launch import launch
 
 # block rows run the entropy kernels' row passes (one program per row, 16-byte chunks per thread,
 # exp2) with their launch options
-from heal_kernels.triton.entropy import (_bwd_block, _row_grad, _row_stats, aligned_base, row_launch_options,
-                                         temperature_args)
+from heal_kernels.triton.entropy import (TemperatureArgs, _bwd_block, _row_grad, _row_stats, aligned_base,
+                                         row_launch_options, temperature_args)
 
-__all__ = ["block_stats", "block_grad"]
+__all__ = ["block_stats", "block_grad", "prepare_temperature"]
 
 
 @triton.jit
@@ -155,9 +155,22 @@ def _block_grad_kernel(
         tl.store(row_ptr + safe, dz.to(z_ptr.dtype.element_ty), mask=ok)
 
 
+def prepare_temperature(temperature):
+    """The temperature as the block launches of one op call take it, computed once for all of them:
+    a number stays a number (passed by value); a one-element device tensor becomes its
+    :class:`~heal_kernels.triton.entropy.TemperatureArgs` (float32 ``[log2(e) / T, 1 / T]`` on the
+    device, a few small device ops), which every launch then passes as it is."""
+    if isinstance(temperature, torch.Tensor):
+        return temperature_args(temperature, None)
+    return temperature
+
+
 def _launch_spec(kernel, z, labels, rowwise, temperature, interpreted):
     r, c = z.shape
-    k2, inv_t, temp, in_memory = temperature_args(temperature, rowwise)
+    if isinstance(temperature, TemperatureArgs):  # prepare_temperature's, computed once per op call
+        k2, inv_t, temp, in_memory = temperature
+    else:
+        k2, inv_t, temp, in_memory = temperature_args(temperature, rowwise)
     base, col0 = aligned_base(z)
     args = (base, col0, z.stride(0), labels if labels is not None else rowwise, rowwise, c, k2, inv_t, temp)
     kwargs = dict(HAS_LABELS=labels is not None, **row_launch_options(z, c, interpreted))
@@ -176,20 +189,22 @@ def grad_launch_spec(z, labels, coef, temperature, interpreted=None):
     return _launch_spec(_block_grad_kernel, z, labels, coef, temperature, interpreted)
 
 
-def block_stats(z: torch.Tensor, labels: Optional[torch.Tensor], state: torch.Tensor, temperature: float) -> None:
+def block_stats(z: torch.Tensor, labels: Optional[torch.Tensor], state: torch.Tensor, temperature) -> None:
     """Merge the per-row statistics of the logits block ``z[r, c]`` into ``state[r, 4]`` (float32,
     contiguous, updated in place). ``labels``: int64 ``[r]`` label indices relative to the block's
-    first column (outside ``[0, c)`` when the label lies in another block), or None."""
+    first column (outside ``[0, c)`` when the label lies in another block), or None. ``temperature``:
+    a number, a one-element device tensor, or :func:`prepare_temperature`'s result (what the op
+    passes to each of its launches)."""
     if z.shape[0] == 0 or z.shape[1] == 0:
         return
     kernel, grid, args, kwargs = stats_launch_spec(z, labels, state, temperature)
     launch(kernel, grid, args, kwargs)
 
 
-def block_grad(z: torch.Tensor, labels: Optional[torch.Tensor], coef: torch.Tensor, temperature: float) -> None:
+def block_grad(z: torch.Tensor, labels: Optional[torch.Tensor], coef: torch.Tensor, temperature) -> None:
     """Overwrite the logits block ``z[r, c]`` with its gradient, from ``coef[r, 4] = (lse, mean,
-    g_H, g_lp)`` (float32, contiguous); ``labels`` as in :func:`block_stats` (None: no log-prob
-    gradient)."""
+    g_H, g_lp)`` (float32, contiguous); ``labels`` and ``temperature`` as in :func:`block_stats`
+    (``labels`` None: no log-prob gradient)."""
     if z.shape[0] == 0 or z.shape[1] == 0:
         return
     kernel, grid, args, kwargs = grad_launch_spec(z, labels, coef, temperature)

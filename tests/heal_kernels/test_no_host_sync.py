@@ -336,6 +336,41 @@ def test_device_temperature_tensor_never_syncs(cuda_logic):
     assert torch.equal(e, e_f) and torch.equal(p, p_f)
 
 
+def test_linear_device_temperature_is_prepared_once_per_call(cuda_logic, monkeypatch):
+    """The fused linear op turns a device temperature tensor into its launch constants (float32
+    ``[log2(e) / T, 1 / T]``, a few device ops) once per op call, shared by its forward and backward,
+    not once per block launch (here 2 x 3 blocks each way); same bits as a float temperature."""
+    from heal_kernels.triton import linear as tri_linear
+
+    calls = []
+    real = tri_linear.temperature_args
+
+    def counting(temperature, dummy):
+        calls.append(isinstance(temperature, torch.Tensor))
+        return real(temperature, dummy)
+
+    monkeypatch.setattr(tri_linear, "temperature_args", counting)
+    labels = torch.tensor([1, 5, 39, 0, 7, 2])
+    g_e, g_lp = torch.randn(6), torch.randn(6)
+
+    def run(temperature):
+        h = torch.randn(6, 8, generator=torch.Generator().manual_seed(0)).requires_grad_()
+        w = (torch.randn(40, 8, generator=torch.Generator().manual_seed(1)) * 0.5).requires_grad_()
+        b = torch.randn(40, generator=torch.Generator().manual_seed(2)).requires_grad_()
+        e, p = heal_kernels.linear_entropy_and_logprobs(h, w, labels, temperature, bias=b, chunk_tokens=4,
+                                                        chunk_vocab=16)
+        torch.autograd.backward((e, p), (g_e, g_lp))
+        return e, p, h.grad, w.grad, b.grad
+
+    out_t = run(torch.tensor(0.7))  # stands for a CUDA tensor here
+    assert calls == [True], f"temperature_args ran {len(calls)} times for one op call (forward + backward)"
+    calls.clear()
+    out_f = run(0.7)
+    assert calls and not any(calls)  # a float: by value, at each launch as before (no device work)
+    for x, y in zip(out_t, out_f):
+        assert torch.equal(x, y)
+
+
 def test_entropy_and_logprobs_never_syncs_unchecked(cuda_logic):
     z = _logits(dtype=torch.bfloat16)
     labels = torch.randint(0, 37, (5,))
