@@ -107,8 +107,9 @@ ASSUMPTIONS = [
     "Pairwise L2 traffic: each column tile re-reads, from L2, every array its pairs read: the (x, e) pairs and "
     "the float64 prefix sums (8 bytes per position each) of its rows and columns; reuse inside a tile is "
     "served by L1. Time is the larger of issue and L2 time (they overlap); L2 read bandwidth as listed per device.",
-    "Pair kernel (run-length and direct forms): each tile's pairs are classified as the kernel does (run-length "
-    "where n >= 1.5 m, P = L or P = S'; direct otherwise); per tile the work is the base code plus, for each "
+    "Pair kernel (run-length and direct forms): each unordered pair is computed once, both directions (a program "
+    "runs the column tiles at or below its rows in length order); each tile's pairs are classified as the kernel "
+    "does (run-length where n >= 1.5 m; direct otherwise); per tile the work is the base code plus, for each "
     "form present, its code and its main-loop groups and masked trips, as read from the SASS (the per-form "
     "code from builds with only that form compiled).",
     "Pessimistic pair-kernel figure: the sustained clock (listed per device: ~0.89 x boost, e.g. H100 SXM 1.755 "
@@ -120,7 +121,7 @@ ASSUMPTIONS = [
     "program, placed on SM slots like the nominal one.",
     f"Plus {LAUNCH_US:.0f} us for the kernel's launch. The op around it also runs the packing kernel "
     "(per-sequence statistics and the (x, e) pairs; its bytes at its predicted fraction of copy bandwidth) and "
-    "small eager PyTorch ops (lengths, starts, buffers, sort, the final max over column splits; counted on the "
+    "small eager PyTorch ops (lengths, starts, buffers, sort, the output's key decoding; counted on the "
     "CPU): each launch is costed at {prep_us:.0f} us of host dispatch, shown apart as the op's time (the kernel "
     "cannot start before them unless earlier GPU work hides them).",
 ]
@@ -183,15 +184,19 @@ def _body_cycles(body: dict, arch: int) -> float:
 
 
 def pair_tiles(lengths, kw: dict, short_first: bool = False):
-    """The pair kernel's tiles on a batch: for every (program, column tile) the pairs' lengths and
-    forms as the kernel classifies them (``heal_kernels.triton.pairwise``), each form's trips.
-    Returns a dict of tensors shaped ``[programs, tiles, ...]``."""
+    """The pair kernel's tiles on a batch: for every (program, column tile) whether the program runs
+    it (``SYM``: each unordered pair once, the column tiles at or below the program's rows in length
+    order), the pairs' lengths and forms as the kernel classifies them
+    (``heal_kernels.triton.pairwise``; a pair's form computes both its directions), each form's trips.
+    Returns a dict of tensors shaped ``[programs, tiles, ...]``. ``short_first`` changes no work (both
+    directions are computed), only what is written."""
     import torch
 
     from heal_kernels.triton import pairwise as tri
 
     rows, bj, bt = kw["ROWS"], kw["BLOCK_J"], kw["BLOCK_T"]
     kd, kr = kw.get("KD", 1), kw.get("KR", 1)
+    sym = bool(kw.get("SYM", False))
     step = bt - 1
     lens = torch.as_tensor(lengths, dtype=torch.int64)
     b = lens.numel()
@@ -200,20 +205,22 @@ def pair_tiles(lengths, kw: dict, short_first: bool = False):
     nprog, ntile = math.ceil(b / rows), math.ceil(b / bj)
     r_len = torch.cat([desc, torch.zeros(nprog * rows - b, dtype=torch.int64)]).view(nprog, rows)
     c_len = torch.cat([asc, torch.zeros(ntile * bj - b, dtype=torch.int64)]).view(ntile, bj)
+    rpos = (b - 1 - torch.arange(nprog * rows)).view(nprog, rows)  # length-order positions (< 0: padding)
+    jpos = torch.arange(ntile * bj).view(ntile, bj)
+    if sym:
+        visited = (torch.arange(ntile)[None, :] * bj) < (b - torch.arange(nprog) * rows)[:, None]
+        vis = jpos[None, :, None, :] <= rpos[:, None, :, None]
+    else:
+        visited = torch.ones(nprog, ntile, dtype=torch.bool)
+        vis = torch.ones(1, 1, 1, 1, dtype=torch.bool)
     R = r_len[:, None, :, None].expand(nprog, ntile, rows, bj)
     C = c_len[None, :, None, :].expand(nprog, ntile, rows, bj)
-    ok = (R > 0) & (C > 0)
-    if short_first:
-        p_is_row = R <= C
-    else:
-        p_is_row = torch.ones_like(ok)
-    case_long = torch.where(p_is_row, R, C) >= torch.where(p_is_row, C, R)
+    ok = (R > 0) & (C > 0) & vis
     L = torch.maximum(R, C)
     S = torch.minimum(R, C)
     rl = ok & (S < L) & (L * tri.RL_DEN >= S * tri.RL_NUM) & (L < tri.RL_MAX_LEN)
-    forms = dict(direct=(ok & ~rl, L, bt, kd, 0), rl_long=(rl & case_long, S, step, kr, 1),
-                 rl_short=(rl & ~case_long, S, step, kr, 1))
-    out = dict(R=R, C=C, L=L, S=S, ok=ok, rl=rl, case_long=case_long, r_len=r_len, c_len=c_len)
+    forms = dict(direct=(ok & ~rl, L, bt, kd, 0), rl=(rl, S, step, kr, 1))
+    out = dict(R=R, C=C, L=L, S=S, ok=ok, r_len=r_len, c_len=c_len, visited=visited)
     big = torch.iinfo(torch.int64).max
     for name, (mask, ln, per_trip, k, off) in forms.items():
         m = mask.flatten(2)
@@ -240,20 +247,21 @@ def pair_kernel_prediction(rec: dict, lengths, dev: dict, arch: int = 90, short_
     bt, warps, split = kw["BLOCK_T"], kw["num_warps"], kw.get("SPLIT", 1)
     kd, kr = kw["KD"], kw["KR"]
     loops = rec["loops"]
-    code = rec["section_code"]
+    code = {int(k): v for k, v in rec["section_code"].items()}
     base = float(code[0])
-    sec = {"direct": code[1] - code[0], "rl_long": code[2] - code[0], "rl_short": code[4] - code[0]}
+    sec = {"direct": code[1] - code[0], "rl": code[2] - code[0]}
     t = pair_tiles(lengths, kw, short_first)
     nprog, ntile = t["r_len"].shape[0], t["c_len"].shape[0]
     lanes_per_pair = bt  # lanes of one warp-instruction's pair (a warp holds 32 / bt pairs per instruction)
     # nominal: warp-instructions per (program, tile); pessimistic: scheduler cycles per warp and L1 cycles
-    work = torch.full((nprog, ntile), base, dtype=torch.float64)
-    pess = torch.full((nprog, ntile), base / PAIR_ISSUE_EFFICIENCY, dtype=torch.float64)
+    visited = t["visited"].double()
+    work = visited * base
+    pess = visited * (base / PAIR_ISSUE_EFFICIENCY)
     l1 = torch.zeros((nprog, ntile), dtype=torch.float64)
     L = t["L"].double()
     S = t["S"].double().clamp(min=1)
     ratio = torch.where(t["ok"], L / S, torch.ones_like(L)).flatten(2)
-    for name in ("direct", "rl_long", "rl_short"):
+    for name in ("direct", "rl"):
         f = t[name]
         main, single, tail = loops[f"{name}_main"], loops[f"{name}_single"], loops[f"{name}_tail"]
         run = f["run"].double()
@@ -268,28 +276,25 @@ def pair_kernel_prediction(rec: dict, lengths, dev: dict, arch: int = 90, short_
                  + f["tail"] * tail["instructions"])
         pess += (run * sec[name] / PAIR_ISSUE_EFFICIENCY + f["groups"] * _body_cycles(main, arch)
                  + (s_unr * fac + s_one) * _body_cycles(single, arch) + f["tail"] * _body_cycles(tail, arch))
-        # L1: per trip, every pair of the tile runs the loop (the others on r = 1 at the arrays' start)
+        # L1: per trip, every pair of the tile runs the loop (the others on r = 1 at the arrays' start);
+        # direct: both sides' (x, e); run-length: PE and PX gathered at stride r, the short side's (x, e)
         r = torch.where(f["mask"].flatten(2), ratio, torch.ones_like(ratio))
         if name == "direct":
             per_pair = _lines(lanes_per_pair, torch.ones_like(r)) + _lines(lanes_per_pair, 1.0 / r)
         else:
-            per_pair = _lines(lanes_per_pair, r) + _lines(lanes_per_pair, torch.ones_like(r))
+            per_pair = 2 * _lines(lanes_per_pair, r) + _lines(lanes_per_pair, torch.ones_like(r))
         shfl = main["mix"].get("shfl", 0) / k * warps  # shuffle warp-instructions per trip
         trips = f["groups"] * k + f["single"] + f["tail"]
         l1 += trips * (per_pair.sum(-1) + shfl)
     work_w = work * warps  # warp-instructions
-    # L2 bytes per tile: every array a sequence's pairs read (xe: direct or short side; PE / PX: long side)
-    mask_any = lambda m, dim: m.any(dim)  # noqa: E731
-    R_long = t["R"] >= t["C"]
-    xe_use = t["direct"]["mask"] | (t["rl"] & ~R_long.expand_as(t["rl"]))
-    pe_use = t["rl_long"]["mask"]
-    px_use = t["rl_short"]["mask"]
-    # rows (dim 2) read xe when short or direct, a prefix when long; columns (dim 3) the other way round
-    row_arrays = (mask_any(xe_use, 3).double() + mask_any(pe_use & R_long, 3).double()
-                  + mask_any(px_use & R_long, 3).double())
-    col_xe = t["direct"]["mask"] | (t["rl"] & R_long)
-    col_arrays = (mask_any(col_xe, 2).double() + mask_any(pe_use & ~R_long, 2).double()
-                  + mask_any(px_use & ~R_long, 2).double())
+    # L2 bytes per tile: every array a sequence's pairs read (xe: direct or short side; PE and PX: the long
+    # side of a run-length pair)
+    direct = t["direct"]["mask"]
+    rl = t["rl"]["mask"]
+    R_long = (t["R"] >= t["C"]).expand_as(rl)
+    # rows (dim 2) read xe when short or direct, both prefixes when long; columns (dim 3) the other way round
+    row_arrays = (direct | (rl & ~R_long)).any(3).double() + 2.0 * (rl & R_long).any(3).double()
+    col_arrays = (direct | (rl & R_long)).any(2).double() + 2.0 * (rl & ~R_long).any(2).double()
     tile_bytes = RECORD_BYTES * ((t["r_len"][:, None, :].double() * row_arrays).sum(-1)
                                  + (t["c_len"][None, :, :].double() * col_arrays).sum(-1))
     warps_sm = rec["warps_per_sm"]
@@ -323,16 +328,16 @@ def pair_kernel_prediction(rec: dict, lengths, dev: dict, arch: int = 90, short_
     l1_s, _ = place(l1c * blocks_sm / clock)
     pess_total = max(pess_s, l2_s) + LAUNCH_US * 1e-6
     segs = {n: float((t[n]["mask"].double() * (t["L"] if n == "direct" else t["S"]).double()).sum()) for n in
-            ("direct", "rl_long", "rl_short")}
+            ("direct", "rl")}
     return dict(
         predicted_ms=total_s * 1e3, issue_ms=issue_s * 1e3, issue_ms_balanced=ideal_s * 1e3, l2_ms=l2_s * 1e3,
         l2_gb=float(tile_bytes.sum()) / 1e9, issue_efficiency=eff, bound="L2" if l2_s > issue_s else "issue",
         pessimistic_ms=pess_total * 1e3, pessimistic_sched_ms=sched_s * 1e3, pessimistic_l1_ms=l1_s * 1e3,
         pessimistic_balanced_ms=pess_ideal * 1e3,
         pessimistic_bound=max((("L2", l2_s), ("L1", l1_s), ("issue/pipes", sched_s)), key=lambda kv: kv[1])[0],
-        pair_positions=segs["direct"], short_positions=segs["rl_long"] + segs["rl_short"],
-        tiles_with=dict(direct=int(t["direct"]["run"].sum()), rl_long=int(t["rl_long"]["run"].sum()),
-                        rl_short=int(t["rl_short"]["run"].sum()), total=nprog * ntile),
+        pair_positions=segs["direct"], short_positions=segs["rl"],
+        tiles_with=dict(direct=int(t["direct"]["run"].sum()), rl=int(t["rl"]["run"].sum()),
+                        total=int(t["visited"].sum())),
     )
 
 
@@ -402,7 +407,7 @@ def eda_prediction(rec: dict, lengths, dev: dict) -> dict:
 
 def eda_preparation_ops() -> int:
     """Eager launches of the grouped op's Triton path besides its pair kernel on the EDA batch: the
-    small PyTorch ops (lengths, even starts, buffers, sort, the max over column splits), counted by
+    small PyTorch ops (lengths, even starts, buffers, sort, the output's key decoding), counted by
     a dispatch mode on CPU tensors (views and metadata-only ops are free), plus the packing kernel."""
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -423,7 +428,7 @@ def eda_preparation_ops() -> int:
     cu64 = cu.to(torch.int64)
     with _Count():
         specs, out = tri.launches(values, cu64, False, False, groups, 2, True, None)
-        out.amax(dim=0)
+        tri.keys_to_float(out)
     return sum(1 for n in names if n.rstrip("_") not in free) + len(specs) - 1  # the pair kernel is the prediction
 
 
@@ -475,14 +480,12 @@ def _markdown(arch: int, doc: dict) -> str:
         if rec.get("loops"):
             kw = rec["kwargs"]
             lines += ["", "Pair kernel loops (SASS instructions of each loop body; a main body covers "
-                      f"{kw['KD']} direct / {kw['KR']} run-length trips): per element = per aligned position (direct) "
-                      "or per short position (run-length).", "",
+                      f"{kw['KD']} direct / {kw['KR']} run-length trips; each form computes both directions of a "
+                      "pair): per element = per aligned position (direct) or per short position (run-length).", "",
                       "| form | per element | main | single | masked | per-tile code (form) |", "|---|---|---|---|---|---|"]
-            per_el = dict(direct=rec.get("instructions_per_position_direct"),
-                          rl_long=rec.get("instructions_per_segment_rl_long"),
-                          rl_short=rec.get("instructions_per_segment_rl_short"))
+            per_el = dict(direct=rec.get("instructions_per_position_direct"), rl=rec.get("instructions_per_segment_rl"))
             code = rec.get("section_code") or {}
-            for form, bit in (("direct", 1), ("rl_long", 2), ("rl_short", 4)):
+            for form, bit in (("direct", 1), ("rl", 2)):
                 sl = rec["loops"][f"{form}_single"]
                 single = str(sl["instructions"]) + (f" ({sl['unrolled']} x{sl['factor']} unrolled)" if sl.get("factor") else "")
                 sec = (code.get(bit, 0) - code.get(0, 0)) if code else None
@@ -518,8 +521,9 @@ def _markdown(arch: int, doc: dict) -> str:
     lines += ["", "Instructions per element: SASS instructions of the hot loop (the unmasked main loop, from its "
               "label to its backward branch) divided by the elements one thread handles in that body: the source "
               "loop's elements per trip x trips/body, the trips one body runs as read from the SASS (ptxas may "
-              "unroll the loop; pair kernel: the run-length loop for P = L, per short position). smem B/block: static "
-              "+ Triton's dynamic shared memory + the 1 KB reserve, counted once (see Assumptions).", ""]
+              "unroll the loop; pair kernel: the run-length loop, both directions, per short position). smem "
+              "B/block: static + Triton's dynamic shared memory + the 1 KB reserve, counted once (see Assumptions).",
+              ""]
     return "\n".join(lines)
 
 

@@ -77,7 +77,6 @@ HTI_TOP_FRACTION = 0.2
 
 # elements (pairs x aligned positions) handled per tile by the torch path: bounds its memory
 _TORCH_TILE_ELEMENTS = 1 << 16
-_TRITON_MAX_GROUPS = 64  # the Triton kernel keeps a running max per group in registers; beyond: torch path
 _PAD = 8  # zeros after the packed values: the C++ kernel's 8-wide loads, the torch path's sentinel
 
 
@@ -628,7 +627,7 @@ def _run(values, cu_seqlens, metric, kl_direction, backend, grouped_args=None, c
             out[begin:end] = _run(vals, cu, metric, kl_direction, name, grouped_args, check=False,
                                   num_threads=num_threads, rows=(begin, end))
         return out
-    if metric == "kl" and bsz > 0 and name == "triton" and (grouped_args is None or num_groups <= _TRITON_MAX_GROUPS):
+    if metric == "kl" and bsz > 0 and name == "triton":
         from heal_kernels.triton import pairwise as tri
 
         # the Triton path computes the per-sequence statistics itself (one packing kernel)

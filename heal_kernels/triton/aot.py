@@ -262,11 +262,11 @@ def _pairwise_variant(name, kernel, args, kwargs, mode, lens, archs, tri) -> Var
 
 def pairwise_section_variants(v: Variant) -> Dict[int, Variant]:
     """Builds of the pair kernel variant ``v`` with only some of its sections compiled (``SECTIONS``
-    bit mask: 1 direct, 2 run-length P = L, 4 run-length P = S'; 0 none), for the static model: each
+    bit mask: 1 direct, 2 run-length; 0 none), for the static model: each
     section's share of the per-tile code (setup, lane sums) is its build's tile-loop code less the
     build without loops. Not launched (the launchers always pass every section)."""
     out = {}
-    for sections in (0, 1, 2, 4):
+    for sections in (0, 1, 2):
         kw = dict(v.kwargs, SECTIONS=sections)
         out[sections] = Variant(name=f"{v.name}_sections{sections}", kernel=v.kernel, args=v.args, kwargs=kw,
                                 elements_per_thread_per_iteration=v.elements_per_thread_per_iteration, family=v.family,
@@ -415,8 +415,8 @@ def pipe_class(op: str) -> str:
     return "alu"
 
 
-PAIRWISE_LOOPS = tuple(f"{form}_{kind}" for form in ("direct", "rl_long", "rl_short")
-                       for kind in ("main", "single", "tail"))
+PAIRWISE_FORMS = ("direct", "rl")  # the pair kernel's forms, in source (= address) order
+PAIRWISE_LOOPS = tuple(f"{form}_{kind}" for form in PAIRWISE_FORMS for kind in ("main", "single", "tail"))
 
 
 def _mix(body) -> Dict[str, int]:
@@ -429,7 +429,7 @@ def _mix(body) -> Dict[str, int]:
 
 def pairwise_loops(instrs) -> Dict:
     """The pair kernel's innermost loops, three per form (:data:`PAIRWISE_LOOPS`; forms in source =
-    address order: direct, run-length P = L, run-length P = S'): the unrolled unmasked loop (``main``,
+    address order: direct, run-length): the unrolled unmasked loop (``main``,
     KD or KR trips per iteration), the single unmasked trips (``single``) and the masked trips
     (``tail``), and the instructions of the column-tile loop outside them (``tile_code``, every form's
     setup and sums included). Each loop: ``instructions`` (its body, label to backward branch) and
@@ -458,11 +458,11 @@ def pairwise_loops(instrs) -> Dict:
         if lp["masked"]:
             forms.append(cur)
             cur = []
-    if cur or len(forms) != 3:
+    if cur or len(forms) != len(PAIRWISE_FORMS):
         return out
     loops_out = {}
-    for form, group in zip(("direct", "rl_long", "rl_short"), forms):
-        if any((lp["mix"].get("shfl", 0) > 0) != form.startswith("rl_") for lp in group) or len(group) not in (3, 4):
+    for form, group in zip(PAIRWISE_FORMS, forms):
+        if any((lp["mix"].get("shfl", 0) > 0) != form.startswith("rl") for lp in group) or len(group) not in (3, 4):
             return out
         single = dict(group[-2])
         per_trip = single["load_bytes"]  # one trip's loads: the single loop's body (its remainder, if unrolled)
@@ -888,24 +888,22 @@ def analyse(v: Variant, arch: int) -> Dict:
             rec["loops"] = {n: pl[n] for n in PAIRWISE_LOOPS}
             # trips per main body, read from its loads (the source unrolls KD / KR; ptxas could add more)
             trips = {f: pl[f"{f}_main"].get("trips") or (kw["KD"] if f == "direct" else kw["KR"])
-                     for f in ("direct", "rl_long", "rl_short")}
+                     for f in PAIRWISE_FORMS}
             for f, n in trips.items():
                 if n != (kw["KD"] if f == "direct" else kw["KR"]):
                     unroll_problem = (f"pair kernel: the {f} main loop runs {n} trips per body, not "
                                       f"{'KD' if f == 'direct' else 'KR'} (the model's groups assume it)")
             # per element of each main loop: aligned positions (direct) or short positions (run-length)
             rec["instructions_per_position_direct"] = round(pl["direct_main"]["instructions"] / (trips["direct"] * pos), 3)
-            rec["instructions_per_segment_rl_long"] = round(pl["rl_long_main"]["instructions"] / (trips["rl_long"] * seg), 3)
-            rec["instructions_per_segment_rl_short"] = round(pl["rl_short_main"]["instructions"] / (trips["rl_short"] * seg),
-                                                             3)
-            # the headline figure: the run-length loop (P = L), instructions per short position
-            rec["hot_loop_instructions"] = pl["rl_long_main"]["instructions"]
-            rec["hot_loop_mix"] = pl["rl_long_main"]["mix"]
-            rec["hot_loop_trips"] = trips["rl_long"]
+            rec["instructions_per_segment_rl"] = round(pl["rl_main"]["instructions"] / (trips["rl"] * seg), 3)
+            # the headline figure: the run-length loop (both directions), instructions per short position
+            rec["hot_loop_instructions"] = pl["rl_main"]["instructions"]
+            rec["hot_loop_mix"] = pl["rl_main"]["mix"]
+            rec["hot_loop_trips"] = trips["rl"]
             rec["elements_per_thread_per_iteration"] = seg
-            rec["elements_per_thread_per_hot_loop_body"] = trips["rl_long"] * seg
-            rec["instructions_per_element"] = rec["instructions_per_segment_rl_long"]
-        elif v.kwargs.get("SECTIONS", 7) == 7:
+            rec["elements_per_thread_per_hot_loop_body"] = trips["rl"] * seg
+            rec["instructions_per_element"] = rec["instructions_per_segment_rl"]
+        elif v.kwargs.get("SECTIONS", 3) == 3:
             loop = None  # the gate's "no hot loop": the kernel no longer has the loops the model reads
     ptx_instrs = parse_ptx(k.asm["ptx"])
     rec["division"] = division_forms(ptx_instrs)
@@ -921,7 +919,7 @@ def analyse(v: Variant, arch: int) -> Dict:
         idx = stretched_index(ptx_instrs, instrs)
         rec["stretched_index"] = idx
         failures.extend(f"stretched index: {p}" for p in idx["problems"])
-        if v.kwargs.get("SECTIONS", 7) & 1 and not (idx["ptx_truncations"] and idx["sass_truncations"]):
+        if v.kwargs.get("SECTIONS", 3) & 1 and not (idx["ptx_truncations"] and idx["sass_truncations"]):
             failures.append("stretched index: no float -> int truncation in the direct form's PTX / SASS")
     if loop is None:
         failures.append("no hot loop found in the SASS")

@@ -7,10 +7,11 @@ precomputed once per element:
 * ``P = L``:  ``KL = sum_t e_L (L - S') / Z_L + (M_S - M_L) + log(Z_S' / Z_L)``
 * ``P = S'``: ``KL = sum_t e_S' (S' - L) / Z_S' + (M_L - M_S) + log(Z_L / Z_S')``
 
-Two forms of the sums, chosen per pair (never per tile: a pair's result does not depend on the
-pairs it shares a tile with):
+A pair is computed once for both of its directions (P = L and P = S' share the boundaries, the
+loads and ``Z_S'``). Two forms of the sums, chosen per pair (never per tile: a pair's result does not
+depend on the pairs it shares a tile with):
 
-* **run-length** (``m < n``, ``n >= 1.5 m``, ``n < 2^20``), ``O(m)`` per pair. ``src`` is
+* **run-length** (``m < n``, ``n >= 2 m``, ``n < 2^20``), ``O(m)`` per pair. ``src`` is
   non-decreasing, so ``seg(s) = {t : src(t) = s} = [b_s, b_{s+1})``. With the long side's float64
   prefix sums ``PE`` (of ``e``) and ``PX`` (of ``x``), ``c_s = b_{s+1} - b_s``,
   ``dPE_s = PE[b_{s+1}] - PE[b_s]`` and ``dPX_s`` likewise: ``Z_S' = sum_s c_s e_S[s]``,
@@ -20,11 +21,12 @@ pairs it shares a tile with):
   the estimate ``t~ = round(s * fl32(n fl32(1 / m)))`` (one FMA into ``2^23``: the float's bits hold
   the integer) and one exact check ``fma(t~ + 2^23, scale, -2^23 scale) < s -> t~ + 1`` (proof in
   :func:`_boundary`). Lane ``k`` of a ``BLOCK_T``-lane trip computes ``b_{s0+k}`` and gathers ``PE``
-  (P = L) or ``PX`` (P = S') there: 8 bytes, one gather per short position; the segment's other
+  and ``PX`` there: two 8-byte gathers per short position; the segment's other
   end comes from lane ``k + 1`` by warp shuffles (``tl.gather`` along the lane axis), so a trip
   covers ``BLOCK_T - 1`` segments.
-* **direct** (``m == n``: identical sequences give exactly 0; ``n < 1.5 m``, where the
-  ``O(max(m, n))`` loop costs less; long sides from ``2^20``): the aligned positions of both sides,
+* **direct** (``m == n``: identical sequences give exactly 0; ``n < 2 m``, where the
+  ``O(max(m, n))`` loop costs less: 13.8 SASS instructions per aligned position against 28.1 per short
+  position, both directions, on sm_90; long sides from ``2^20``): the aligned positions of both sides,
   the short side gathered at ``src(t)``.
 
 Precision. The prefixes are float64 (``|error| <= n 2^-53 Z``); a segment's sum is their float64
@@ -41,13 +43,17 @@ it walks the columns in length order in tiles of ``BLOCK_J`` columns; a tile hol
 BLOCK_J`` pairs on its first axis and ``BLOCK_T`` lanes on consecutive positions on its second
 (every 2-D load is one 8-byte load per lane: ``max_contiguous(., 1)`` keeps Triton from
 vectorising, which would put two positions per thread and cost a shared-memory layout conversion
-for every shuffle). Per tile, each form present runs three loops: groups of ``KD`` / ``KR``
+for every shuffle). When every sequence is scored (``SYM``), a program runs only the column tiles at
+or below its rows in length order: each unordered pair once, both directions written (the pair of a
+sequence with itself: once). Per tile, each form present runs three loops: groups of ``KD`` / ``KR``
 unmasked trips (unrolled), single unmasked trips, masked trips. The indices and lengths of the
-tile's pairs are loaded again after the loops (volatile loads: not merged) so that only two sums
-per pair hold registers across them. The grouped variant keeps its running maxima per (row, group)
-in its slice of the output (-inf to start; one writer), reads them and writes them once per tile: no
-``[B, B]`` buffer, no atomics. ``rows=(begin, end)`` scores only rows ``begin..end-1`` (every
-column still a neighbour): each row's values are bit-identical to the full call.
+tile's pairs are loaded again after the loops (volatile loads: not merged) so that only three sums
+per pair hold registers across them. The grouped variant writes one ``atomic_max`` per pair and
+direction into an int32 ``[R, G]`` buffer of order-preserving keys (:func:`_key`; NaN the largest,
+so NaN-sticky; -inf's key to start), decoded by :func:`keys_to_float`: a max is order-free, so the
+result is deterministic; no ``[B, B]`` buffer. ``rows=(begin, end)`` scores only rows
+``begin..end-1`` against every column (each pair's direction from the row, computed by the same
+code): each row's values are bit-identical to the full call.
 
 FP contraction is on (``enable_fp_fusion=True`` at launch): the accumulations are FMAs; the
 boundary's two multiply-adds are explicit ``fma`` (the interpreter, whose ``fma`` rounds twice,
@@ -75,7 +81,10 @@ MAGIC = tl.constexpr(8388608.0)  # 2^23: a float in [2^23, 2^24) holds an intege
 MAGIC_BITS = tl.constexpr(0x4B000000)  # the bits of 2^23
 INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")  # as triton.jit decides
 RL_MAX_LEN = 2**20  # run-length form for long sides below this (the boundary check's proven range)
-RL_NUM, RL_DEN = 3, 2  # run-length form where n >= (3 / 2) m (see heal/bench/static.py)
+RL_NUM, RL_DEN = 2, 1  # run-length form where n >= 2 m: the static model's break-even (see heal/bench/static.py)
+# the grouped output's keys (see _key): -inf's (0xFF800000 with the magnitude bits flipped), and NaN's
+NEG_INF_KEY = tl.constexpr(-2139095041)
+NAN_KEY = 0x7FFFFFFF
 
 
 @triton.jit
@@ -87,10 +96,9 @@ def _unpack(v):
 
 
 @triton.jit
-def _direct_step(s_ptrs, l_ptrs, w_long, zs, acc, MASKED: tl.constexpr, valid):
+def _direct_step(s_ptrs, l_ptrs, zs, acc_l, acc_s, MASKED: tl.constexpr, valid):
     """One ``[P, T]`` block of aligned positions: gathers ``(x, e)`` of both sides (one 8-byte load
-    each) and accumulates ``Z_S'`` and ``sum e_P (L - S')`` (``e_P`` = ``e_L`` where ``w_long``, else
-    ``e_S'``)."""
+    each) and accumulates ``Z_S'``, ``sum e_L (L - S')`` (P = L) and ``sum e_S' (L - S')`` (P = S')."""
     if MASKED:
         vs = tl.load(s_ptrs, mask=valid, other=0)
         vl = tl.load(l_ptrs, mask=valid, other=0)
@@ -99,9 +107,11 @@ def _direct_step(s_ptrs, l_ptrs, w_long, zs, acc, MASKED: tl.constexpr, valid):
         vl = tl.load(l_ptrs)
     xs, es = _unpack(vs)
     xl, el = _unpack(vl)
+    d = xl - xs
     zs += es
-    acc += tl.where(w_long, el, es) * (xl - xs)  # select + FMA
-    return zs, acc
+    acc_l += el * d  # FMA
+    acc_s += es * d  # FMA
+    return zs, acc_l, acc_s
 
 
 @triton.jit
@@ -133,40 +143,44 @@ def _boundary(sf, r, sig, nms):
 
 
 @triton.jit
-def _rl_step(sf, soff, r, sig, nms, fbase, sbase, nxt, acc, z, CASE_L: tl.constexpr, MASKED: tl.constexpr, kvalid,
-             svalid, n_m):
+def _rl_step(sf, soff, r, sig, nms, ebase, xbase, sbase, nxt, acc_l, acc_s, z, MASKED: tl.constexpr, kvalid, svalid,
+             n_m):
     """One trip of the run-length loop over ``[P, T]`` lanes: lane ``k`` takes boundary ``s0 + k``
     (``sf`` its float, ``soff`` its short position) and segment ``s0 + k`` (lane ``T - 1`` only lends
-    its boundary: its neighbour is itself, so its ``c`` and ``dF`` are 0). Accumulates ``x_S dPE``
-    (``CASE_L``: P is the long side) or ``e_S (dPX - c x_S)`` into ``acc`` and ``c e_S`` into ``z``."""
+    its boundary: its neighbour is itself, so its ``c`` and ``dF`` are 0). Gathers ``PE`` and ``PX``
+    at the boundary and accumulates both directions: ``x_S dPE`` (P = L, float64) into ``acc_l``,
+    ``e_S (dPX - c x_S)`` (P = S') into ``acc_s``, and ``c e_S`` into ``z``."""
     tcm = _boundary(sf[None, :], r[:, None], sig[:, None], nms[:, None])
     if MASKED:
         tcm = tl.minimum(tcm, n_m[:, None])  # b_m = n
-        f = tl.load(fbase[:, None] + tcm.to(tl.int32, bitcast=True), mask=kvalid, other=0.0)
+        off = tcm.to(tl.int32, bitcast=True)
+        fe = tl.load(ebase[:, None] + off, mask=kvalid, other=0.0)
+        fx = tl.load(xbase[:, None] + off, mask=kvalid, other=0.0)
         v = tl.load(sbase[:, None] + soff[None, :], mask=svalid, other=0)
     else:
-        f = tl.load(fbase[:, None] + tcm.to(tl.int32, bitcast=True))
+        off = tcm.to(tl.int32, bitcast=True)
+        fe = tl.load(ebase[:, None] + off)
+        fx = tl.load(xbase[:, None] + off)
         v = tl.load(sbase[:, None] + soff[None, :])
-    f2 = tl.gather(f, nxt, axis=1)  # the next lane's prefix: a warp shuffle
+    fe2 = tl.gather(fe, nxt, axis=1)  # the next lane's prefixes: warp shuffles
+    fx2 = tl.gather(fx, nxt, axis=1)
     t2 = tl.gather(tcm, nxt, axis=1)
     c = t2 - tcm  # the segment's length (exact)
     x, e = _unpack(v)
-    if CASE_L:
-        acc += x.to(tl.float64) * (f2 - f)  # float64 FMA: the segment's sum is not rounded
-    else:
-        acc += e * ((f2 - f).to(tl.float32) - c * x)  # the segment's sum rounded once; FMA, then FMA
+    acc_l += x.to(tl.float64) * (fe2 - fe)  # float64 FMA: the segment's sum is not rounded
+    acc_s += e * ((fx2 - fx).to(tl.float32) - c * x)  # the segment's sum rounded once; FMA, then FMA
     z += c * e
-    return acc, z
+    return acc_l, acc_s, z
 
 
 @triton.jit
-def _rl_sums(m_r, nr_max, nl, inv_m, l_pos, s_pos, f_ptr, xe_ptr, offs_t, nxt, P: tl.constexpr, BLOCK_T: tl.constexpr,
-             KR: tl.constexpr, CASE_L: tl.constexpr):
-    """The run-length sums of the pairs with ``m_r > 0`` (their short length; 0 elsewhere): per pair
-    (float64) ``sum_s x_S dPE_s`` (``CASE_L``) or ``sum_s e_S (dPX_s - c_s x_S)``, and ``Z_S' = sum_s
-    c_s e_S``. ``l_pos``: the long side's first prefix entry in ``f_ptr`` (``PE`` or ``PX``); ``s_pos``:
-    the short side's first position in ``xe``. Other pairs run with ``b_s = s`` on the first entries
-    of both arrays and are dropped by the caller."""
+def _rl_sums(m_r, nr_max, nl, inv_m, l_pos, s_pos, pe_ptr, px_ptr, xe_ptr, offs_t, nxt, P: tl.constexpr,
+             BLOCK_T: tl.constexpr, KR: tl.constexpr):
+    """The run-length sums of the pairs with ``m_r > 0`` (their short length; 0 elsewhere), both
+    directions at once (float64, per pair): ``sum_s x_S dPE_s`` (P = L), ``sum_s e_S (dPX_s - c_s x_S)``
+    (P = S') and ``Z_S' = sum_s c_s e_S``. ``l_pos``: the long side's first prefix entry in ``PE`` /
+    ``PX``; ``s_pos``: the short side's first position in ``xe``. Other pairs run with ``b_s = s`` on
+    the first entries of the arrays and are dropped by the caller."""
     STEP: tl.constexpr = BLOCK_T - 1  # segments per trip
     sel = m_r > 0
     nr_min = tl.min(tl.where(sel, m_r, nr_max), axis=0)
@@ -175,14 +189,16 @@ def _rl_sums(m_r, nr_max, nl, inv_m, l_pos, s_pos, f_ptr, xe_ptr, offs_t, nxt, P
     rr = nl_f * tl.where(sel, inv_m, 1.0)  # the estimate's ratio: fl(n fl(1 / m))
     sg = tl.math.div_rn(ms_f, nl_f)  # the index rule's scale, correctly rounded
     nms = sg * -MAGIC  # exact
-    # the boundary's float bits are b + MAGIC_BITS: the bias is taken off the base once
-    fbase = f_ptr + (tl.where(sel, l_pos, 0) - MAGIC_BITS)
+    # the boundary's float bits are b + MAGIC_BITS: the bias is taken off the bases once
+    lp = tl.where(sel, l_pos, 0) - MAGIC_BITS
+    ebase = pe_ptr + lp
+    xbase = px_ptr + lp
     sbase = xe_ptr + tl.where(sel, s_pos, 0)
     tf0 = offs_t.to(tl.float32)
     # -0.0, not 0.0: constants of their own (CSE would share the direct loop's, and their layout).
-    # P = L accumulates its terms in float64 (acc_i is then float64 too and never folded)
-    ACC_T: tl.constexpr = tl.float64 if CASE_L else tl.float32
-    acc_i = tl.full([P, BLOCK_T], -0.0, ACC_T)
+    # P = L accumulates its terms in float64 (never folded); P = S' and Z in float32, folded
+    acc_l = tl.full([P, BLOCK_T], -0.0, tl.float64)
+    acc_i = tl.full([P, BLOCK_T], -0.0, tl.float32)
     z_i = tl.full([P, BLOCK_T], -0.0, tl.float32)
     acc_o = tl.full([P, BLOCK_T], -0.0, tl.float64)
     z_o = tl.full([P, BLOCK_T], -0.0, tl.float64)
@@ -196,24 +212,22 @@ def _rl_sums(m_r, nr_max, nl, inv_m, l_pos, s_pos, f_ptr, xe_ptr, offs_t, nxt, P
     s0f = 0.0
     for _ in range(0, groups):
         for _k in tl.static_range(KR):
-            acc_i, z_i = _rl_step(tf0 + s0f, tl.max_contiguous(offs_t + s0, 1), rr, sg, nms, fbase, sbase, nxt, acc_i,
-                                  z_i, CASE_L, False, None, None, None)
+            acc_l, acc_i, z_i = _rl_step(tf0 + s0f, tl.max_contiguous(offs_t + s0, 1), rr, sg, nms, ebase, xbase, sbase,
+                                         nxt, acc_l, acc_i, z_i, False, None, None, None)
             s0 += STEP
             s0f += STEP
-        if not CASE_L:
-            acc_o += acc_i.to(tl.float64)
-            acc_i = tl.full([P, BLOCK_T], -0.0, ACC_T)
+        acc_o += acc_i.to(tl.float64)
+        acc_i = tl.full([P, BLOCK_T], -0.0, tl.float32)
         z_o += z_i.to(tl.float64)
         z_i = tl.full([P, BLOCK_T], -0.0, tl.float32)
     for tt in range(groups * KR, full):
-        acc_i, z_i = _rl_step(tf0 + s0f, tl.max_contiguous(offs_t + s0, 1), rr, sg, nms, fbase, sbase, nxt, acc_i, z_i,
-                              CASE_L, False, None, None, None)
+        acc_l, acc_i, z_i = _rl_step(tf0 + s0f, tl.max_contiguous(offs_t + s0, 1), rr, sg, nms, ebase, xbase, sbase,
+                                     nxt, acc_l, acc_i, z_i, False, None, None, None)
         s0 += STEP
         s0f += STEP
         if tt % KR == KR - 1:
-            if not CASE_L:
-                acc_o += acc_i.to(tl.float64)
-                acc_i = tl.full([P, BLOCK_T], -0.0, ACC_T)
+            acc_o += acc_i.to(tl.float64)
+            acc_i = tl.full([P, BLOCK_T], -0.0, tl.float32)
             z_o += z_i.to(tl.float64)
             z_i = tl.full([P, BLOCK_T], -0.0, tl.float32)
     n_m = nl_f + MAGIC
@@ -221,25 +235,25 @@ def _rl_sums(m_r, nr_max, nl, inv_m, l_pos, s_pos, f_ptr, xe_ptr, offs_t, nxt, P
         k = tt * STEP + offs_t
         kvalid = k[None, :] <= m_r[:, None]
         svalid = k[None, :] < m_r[:, None]
-        acc_i, z_i = _rl_step(k.to(tl.float32), tl.max_contiguous(k, 1), rr, sg, nms, fbase, sbase, nxt, acc_i, z_i,
-                              CASE_L, True, kvalid, svalid, n_m)
+        acc_l, acc_i, z_i = _rl_step(k.to(tl.float32), tl.max_contiguous(k, 1), rr, sg, nms, ebase, xbase, sbase, nxt,
+                                     acc_l, acc_i, z_i, True, kvalid, svalid, n_m)
         if tt % KR == KR - 1:
-            if not CASE_L:
-                acc_o += acc_i.to(tl.float64)
-                acc_i = tl.full([P, BLOCK_T], -0.0, ACC_T)
+            acc_o += acc_i.to(tl.float64)
+            acc_i = tl.full([P, BLOCK_T], -0.0, tl.float32)
             z_o += z_i.to(tl.float64)
             z_i = tl.full([P, BLOCK_T], -0.0, tl.float32)
     acc_o += acc_i.to(tl.float64)
     z_o += z_i.to(tl.float64)
-    return tl.sum(acc_o, axis=1), tl.sum(z_o, axis=1)
+    return tl.sum(acc_l, axis=1), tl.sum(acc_o, axis=1), tl.sum(z_o, axis=1)
 
 
 @triton.jit
-def _direct_sums(dr, nl_d, nd_max, ms, start_l, start_s, w_long, xe_ptr, offs_t, P: tl.constexpr,
-                 BLOCK_T: tl.constexpr, KD: tl.constexpr, CLAMP_SRC: tl.constexpr):
-    """The direct sums of the pairs ``dr`` (``nl_d``: their long length, 0 elsewhere): per pair
-    (float64) ``sum_t e_P (L - S')`` and ``Z_S' = sum_t e_S(src(t))``. Other pairs read the first
-    positions of ``xe`` (scale 1, ``src = t``) and are dropped by the caller."""
+def _direct_sums(dr, nl_d, nd_max, ms, start_l, start_s, xe_ptr, offs_t, P: tl.constexpr, BLOCK_T: tl.constexpr,
+                 KD: tl.constexpr, CLAMP_SRC: tl.constexpr):
+    """The direct sums of the pairs ``dr`` (``nl_d``: their long length, 0 elsewhere), both directions
+    at once (float64, per pair): ``sum_t e_L (L - S')`` (P = L), ``sum_t e_S' (L - S')`` (P = S') and
+    ``Z_S' = sum_t e_S(src(t))``. Other pairs read the first positions of ``xe`` (scale 1,
+    ``src = t``) and are dropped by the caller."""
     nd_min = tl.min(tl.where(dr, nl_d, nd_max), axis=0)
     ms_c = tl.maximum(tl.where(dr, ms, 0), 1)
     scale = tl.math.div_rn(ms_c.to(tl.float32), tl.maximum(nl_d, 1).to(tl.float32))  # correctly rounded
@@ -249,9 +263,11 @@ def _direct_sums(dr, nl_d, nd_max, ms, start_l, start_s, w_long, xe_ptr, offs_t,
     full = nd_min // BLOCK_T  # unmasked trips every direct pair has
     groups = full // KD
     zs_i = tl.zeros([P, BLOCK_T], tl.float32)
-    acc_i = tl.zeros([P, BLOCK_T], tl.float32)
+    al_i = tl.zeros([P, BLOCK_T], tl.float32)
+    as_i = tl.zeros([P, BLOCK_T], tl.float32)
     zs_o = tl.zeros([P, BLOCK_T], tl.float64)
-    acc_o = tl.zeros([P, BLOCK_T], tl.float64)
+    al_o = tl.zeros([P, BLOCK_T], tl.float64)
+    as_o = tl.zeros([P, BLOCK_T], tl.float64)
     # groups of KD unmasked trips (unrolled), single unmasked trips, masked trips; partial sums folded at
     # trips KD - 1, 2 KD - 1, ... in all three loops. The trip's first position is carried as scalars
     # (t exact in float32 below 2^24); one 8-byte load per lane (max_contiguous 1: the run-length loops
@@ -266,41 +282,49 @@ def _direct_sums(dr, nl_d, nd_max, ms, start_l, start_s, w_long, xe_ptr, offs_t,
             if CLAMP_SRC:  # the rule's min(., m - 1): a no-op while every length is below 2^22 (CLAMP_FREE_TOTAL)
                 src = tl.minimum(src, ms_c[:, None] - 1)
             l_off = tl.max_contiguous(offs_t + t0, 1)
-            zs_i, acc_i = _direct_step(base_s[:, None] + src, base_l[:, None] + l_off[None, :], w_long, zs_i, acc_i,
-                                       False, None)
+            zs_i, al_i, as_i = _direct_step(base_s[:, None] + src, base_l[:, None] + l_off[None, :], zs_i, al_i, as_i,
+                                            False, None)
             t0 += BLOCK_T
             t0f += BLOCK_T
         zs_o += zs_i.to(tl.float64)
-        acc_o += acc_i.to(tl.float64)
+        al_o += al_i.to(tl.float64)
+        as_o += as_i.to(tl.float64)
         zs_i = tl.zeros([P, BLOCK_T], tl.float32)
-        acc_i = tl.zeros([P, BLOCK_T], tl.float32)
+        al_i = tl.zeros([P, BLOCK_T], tl.float32)
+        as_i = tl.zeros([P, BLOCK_T], tl.float32)
     for tt in range(groups * KD, full):
         src = ((tf0 + t0f)[None, :] * scale[:, None]).to(tl.int32)
         if CLAMP_SRC:
             src = tl.minimum(src, ms_c[:, None] - 1)
-        zs_i, acc_i = _direct_step(base_s[:, None] + src, base_l[:, None] + tl.max_contiguous(offs_t + t0, 1)[None, :],
-                                   w_long, zs_i, acc_i, False, None)
+        l_off = tl.max_contiguous(offs_t + t0, 1)
+        zs_i, al_i, as_i = _direct_step(base_s[:, None] + src, base_l[:, None] + l_off[None, :], zs_i, al_i, as_i, False,
+                                        None)
         t0 += BLOCK_T
         t0f += BLOCK_T
         if tt % KD == KD - 1:
             zs_o += zs_i.to(tl.float64)
-            acc_o += acc_i.to(tl.float64)
+            al_o += al_i.to(tl.float64)
+            as_o += as_i.to(tl.float64)
             zs_i = tl.zeros([P, BLOCK_T], tl.float32)
-            acc_i = tl.zeros([P, BLOCK_T], tl.float32)
+            al_i = tl.zeros([P, BLOCK_T], tl.float32)
+            as_i = tl.zeros([P, BLOCK_T], tl.float32)
     for t0 in range(full * BLOCK_T, nd_max, BLOCK_T):  # the ragged end, masked
         t = t0 + offs_t
         valid = t[None, :] < nl_d[:, None]
         src = tl.minimum((t.to(tl.float32)[None, :] * scale[:, None]).to(tl.int32), ms_c[:, None] - 1)
-        zs_i, acc_i = _direct_step(base_s[:, None] + src, base_l[:, None] + tl.max_contiguous(t, 1)[None, :], w_long,
-                                   zs_i, acc_i, True, valid)
+        zs_i, al_i, as_i = _direct_step(base_s[:, None] + src, base_l[:, None] + tl.max_contiguous(t, 1)[None, :], zs_i,
+                                        al_i, as_i, True, valid)
         if (t0 // BLOCK_T) % KD == KD - 1:
             zs_o += zs_i.to(tl.float64)
-            acc_o += acc_i.to(tl.float64)
+            al_o += al_i.to(tl.float64)
+            as_o += as_i.to(tl.float64)
             zs_i = tl.zeros([P, BLOCK_T], tl.float32)
-            acc_i = tl.zeros([P, BLOCK_T], tl.float32)
+            al_i = tl.zeros([P, BLOCK_T], tl.float32)
+            as_i = tl.zeros([P, BLOCK_T], tl.float32)
     zs_o += zs_i.to(tl.float64)
-    acc_o += acc_i.to(tl.float64)
-    return tl.sum(acc_o, axis=1), tl.sum(zs_o, axis=1)
+    al_o += al_i.to(tl.float64)
+    as_o += as_i.to(tl.float64)
+    return tl.sum(al_o, axis=1), tl.sum(as_o, axis=1), tl.sum(zs_o, axis=1)
 
 
 @triton.jit
@@ -329,27 +353,56 @@ def _recip64(q):
 
 
 @triton.jit
-def _pair(rorder_ptr, order_ptr, lens_ptr, rpos, rmask, jpos, jmask, SHORT_FIRST: tl.constexpr, VOLATILE: tl.constexpr):
-    """A tile's pairs: row ``i``, column ``j``, their lengths, ``ok`` (both non-empty), ``case_long``
-    (P is the long side, or the lengths are equal), ``l_is_row`` (the row is L: the longer side, P on
-    ties), the long and short lengths."""
+def _pair(rorder_ptr, order_ptr, lens_ptr, rpos, rmask, jpos, jmask, VOLATILE: tl.constexpr):
+    """A tile's pairs: row ``i``, column ``j``, their lengths, ``ok`` (both non-empty), ``l_is_row``
+    (the row is L: the longer side, the row on ties), the long and short lengths."""
     i = tl.load(rorder_ptr + tl.where(rmask, rpos, 0), volatile=VOLATILE)
     j = tl.load(order_ptr + jpos, mask=jmask, other=0, volatile=VOLATILE)
     m_i = tl.where(rmask, tl.load(lens_ptr + i, volatile=VOLATILE), 0)
     m_j = tl.where(jmask, tl.load(lens_ptr + j, volatile=VOLATILE), 0)
     ok = (m_i > 0) & (m_j > 0)
-    # P = the side whose softmax weights the KL; L = the longer side (P on ties)
-    if SHORT_FIRST:
-        p_is_row = m_i <= m_j
-    else:
-        p_is_row = m_j >= 0  # all true
-    case_long = tl.where(p_is_row, m_i, m_j) >= tl.where(p_is_row, m_j, m_i)
-    l_is_row = case_long == p_is_row
-    return i, j, m_i, m_j, ok, case_long, l_is_row, tl.where(l_is_row, m_i, m_j), tl.where(l_is_row, m_j, m_i)
+    l_is_row = m_i >= m_j
+    return i, j, m_i, m_j, ok, l_is_row, tl.where(l_is_row, m_i, m_j), tl.where(l_is_row, m_j, m_i)
 
 
 @triton.jit
-def _kl_rows_kernel(
+def _neg_kl(p_is_row, i, j, l_is_row, ms, nl, a_l, a_s, zs, mx_ptr, z_ptr, iz_ptr):
+    """``-KL`` of one direction of each pair (float32; the per-pair formula in float64), the side
+    ``P`` weighting it given by ``p_is_row``. With ``q = Z_S' / Z_L``:
+    P = L:  ``KL = a / Z_L + (M_S - M_L) + log q``;
+    P = S': ``KL = -a / Z_S' - ((M_S - M_L) + log q)``, ``1 / Z_S' = (1 / Z_L) (1 / q)``.
+    On equal lengths P is taken as L (``a = -a_s`` when P is the pair's S: the exact negation of the
+    sum computed from P's side), so each direction is bit for bit what a kernel scoring that row alone
+    computes."""
+    p_is_l = p_is_row == l_is_row
+    tie = ms == nl
+    case_long = p_is_l | tie
+    a = tl.where(p_is_l, a_l, tl.where(tie, -a_s, a_s))
+    l_row = tl.where(tie, p_is_row, l_is_row)  # the side taken as L is the row
+    l_idx = tl.where(l_row, i, j)
+    s_idx = tl.where(l_row, j, i)
+    z_l = tl.load(z_ptr + l_idx)
+    iz_l = tl.load(iz_ptr + l_idx)
+    z_s = tl.where(tie, tl.load(z_ptr + s_idx), zs)  # not stretched: Z_S itself
+    q = z_s * iz_l
+    lq = tl.where(z_s == z_l, 0.0, _log64(q))  # equal sums: log 1 = 0 exactly (identical sequences give 0)
+    shift = (tl.load(mx_ptr + s_idx) - tl.load(mx_ptr + l_idx)).to(tl.float64) + lq
+    kl = tl.where(case_long, a * iz_l + shift, -(a * iz_l) * _recip64(q) - shift)
+    return (-kl).to(tl.float32)
+
+
+@triton.jit
+def _key(sim):
+    """Order-preserving int32 key of a float32 (``atomic_max`` on keys is a float max): the bits for
+    a non-negative float, the bits with the magnitude flipped for a negative one; NaN (any sign) the
+    largest key (NaN-sticky; it decodes as a NaN)."""
+    b = sim.to(tl.int32, bitcast=True)
+    k = tl.where(b < 0, b ^ 0x7FFFFFFF, b)
+    return tl.where(sim != sim, 0x7FFFFFFF, k)
+
+
+@triton.jit
+def _kl_pairs_kernel(
     xe_ptr,  # int64 [total + B + 64]: (x, e) float32 pairs, x in the low half, even sequence starts
     pe_ptr,  # float64 [total + 2 B + 64]: per sequence b, PE at starts[b] + b + k = sum_{t<k} e (k = 0..n)
     px_ptr,  # float64, the same for x
@@ -361,16 +414,17 @@ def _kl_rows_kernel(
     ex_ptr,  # float64 [B], sum e x of each sequence
     im_ptr,  # float32 [B], 1 / n, correctly rounded (1 for empty sequences)
     order_ptr,  # int32 [B], sequences sorted by length (ascending): the columns
-    rorder_ptr,  # int32 [R], the scored rows sorted by length (ascending)
+    rorder_ptr,  # int32 [R], the scored rows sorted by length (ascending; = order when SYM)
     groups_ptr,  # int32 [B]
     pid_ptr,  # int64 [B] (unused unless HAS_PID)
-    out_ptr,  # float32 [B, B] (FULL) or [SPLIT, R, G]
+    out_ptr,  # float32 [B, B] (FULL) or int32 [R, G] keys (see _key), the key of -inf to start
     B,
     R,
     ROW0,  # first scored row (rows = ROW0 .. ROW0 + R - 1; the output's row index is i - ROW0)
     G,
     SHORT_FIRST: tl.constexpr,
     FULL: tl.constexpr,
+    SYM: tl.constexpr,  # every sequence is scored: each unordered pair once, both directions written
     EXCLUDE_SELF: tl.constexpr,
     HAS_PID: tl.constexpr,
     CLAMP_SRC: tl.constexpr,
@@ -378,113 +432,104 @@ def _kl_rows_kernel(
     SPLIT: tl.constexpr,
     BLOCK_J: tl.constexpr,
     BLOCK_T: tl.constexpr,
-    BLOCK_G: tl.constexpr,
     KD: tl.constexpr,  # direct loop: trips per float32 partial sum
-    KR: tl.constexpr,  # run-length loops: trips per float32 partial sum
+    KR: tl.constexpr,  # run-length loop: trips per float32 partial sum
     RL_NUM: tl.constexpr,
     RL_DEN: tl.constexpr,
     RL_MAX: tl.constexpr,
-    SECTIONS: tl.constexpr = 7,  # which loops are compiled (1 direct, 2 run-length P = L, 4 P = S'): all, but
-    # for the static model's builds that measure each section's share of the per-tile code
+    SECTIONS: tl.constexpr = 3,  # which loops are compiled (1 direct, 2 run-length): both, but for the
+    # static model's builds that measure each section's share of the per-tile code
 ):
     P: tl.constexpr = ROWS * BLOCK_J
     pair = tl.arange(0, P)
     r_of = pair // BLOCK_J  # row slot of each pair
     j_of = pair % BLOCK_J  # column slot of each pair
-    # rows: length order descending, ROWS per program, longest programs first; program axis 1
-    # takes every SPLIT-th column tile (grouped: each split writes its own partial maxima, combined by one amax)
+    # rows: length order descending, ROWS per program, longest programs first; program axis 1 takes
+    # every SPLIT-th column tile. SYM: only the columns at or below the row in length order (the pair
+    # (row, column) when the column comes first, both directions; the pair with itself, the row's)
     group = tl.program_id(0)
     split = tl.program_id(1)
     rpos = R - 1 - (group * ROWS + r_of)
     rmask = rpos >= 0
     offs_t = tl.arange(0, BLOCK_T)
-    offs_g = tl.arange(0, BLOCK_G)
     nxt = tl.broadcast_to(tl.minimum(offs_t + 1, BLOCK_T - 1)[None, :], [P, BLOCK_T])
-    for j0 in range(split * BLOCK_J, B, SPLIT * BLOCK_J):
-        jmask = (j0 + j_of) < B
+    if SYM:
+        j_end = R - group * ROWS  # past the program's highest row position
+    else:
+        j_end = B
+    for j0 in range(split * BLOCK_J, j_end, SPLIT * BLOCK_J):
+        jpos = j0 + j_of
+        jmask = jpos < B
+        if SYM:
+            vis = jpos <= rpos
+        else:
+            vis = jmask
         # the pair's indices and lengths are loaded before the loops and again after them (volatile:
-        # not merged), so that nothing per pair but the two sums holds registers across the loops
-        i, j, m_i, m_j, ok, case_long, l_is_row, nl, ms = _pair(rorder_ptr, order_ptr, lens_ptr, rpos, rmask, j0 + j_of,
-                                                                jmask, SHORT_FIRST, False)
+        # not merged), so that nothing per pair but the three sums holds registers across the loops
+        i, j, m_i, m_j, ok, l_is_row, nl, ms = _pair(rorder_ptr, order_ptr, lens_ptr, rpos, rmask, jpos, jmask, False)
+        ok = ok & vis
         start_i = tl.load(starts_ptr + i)
         start_j = tl.load(starts_ptr + j)
         start_l = tl.where(l_is_row, start_i, start_j)
         start_s = tl.where(l_is_row, start_j, start_i)
         l_idx = tl.where(l_is_row, i, j)
         s_idx = tl.where(l_is_row, j, i)
-        # the form of each pair (see the module docstring); the sums of its form, float64:
-        # a = sum_t e_P (L - S'), zs = Z_S'
+        # the form of each pair (see the module docstring); its sums, float64, both directions:
+        # a_l = sum_t e_L (L - S'), a_s = sum_t e_S' (L - S'), zs = Z_S'
         rl = ok & (ms < nl) & (nl * RL_DEN >= ms * RL_NUM) & (nl < RL_MAX)
         dr = ok & (rl == 0)
-        a = tl.zeros([P], tl.float64)
+        a_l = tl.zeros([P], tl.float64)
+        a_s = tl.zeros([P], tl.float64)
         zs = tl.zeros([P], tl.float64)
         nl_d = tl.where(dr, nl, 0)
         nd_max = tl.max(nl_d, axis=0)
         if (SECTIONS & 1) and nd_max > 0:
-            acc, z = _direct_sums(dr, nl_d, nd_max, ms, start_l, start_s, case_long[:, None], xe_ptr, offs_t, P,
-                                  BLOCK_T, KD, CLAMP_SRC)
-            a = tl.where(dr, acc, a)
+            acc_l, acc_s, z = _direct_sums(dr, nl_d, nd_max, ms, start_l, start_s, xe_ptr, offs_t, P, BLOCK_T, KD,
+                                           CLAMP_SRC)
+            a_l = tl.where(dr, acc_l, a_l)
+            a_s = tl.where(dr, acc_s, a_s)
             zs = tl.where(dr, z, zs)
-        # P = L: a = EX_L - sum x_S dPE
-        m_r = tl.where(rl & case_long, ms, 0)
+        # run-length: a_l = EX_L - sum x_S dPE, a_s = sum e_S (dPX - c x_S)
+        m_r = tl.where(rl, ms, 0)
         nr_max = tl.max(m_r, axis=0)
         if (SECTIONS & 2) and nr_max > 0:
-            acc, z = _rl_sums(m_r, nr_max, nl, tl.load(im_ptr + s_idx), start_l + l_idx, start_s, pe_ptr, xe_ptr,
-                              offs_t, nxt, P, BLOCK_T, KR, True)
-            a = tl.where(m_r > 0, tl.load(ex_ptr + l_idx) - acc, a)
-            zs = tl.where(m_r > 0, z, zs)
-        # P = S': a = sum e_S (dPX - c x_S)
-        m_r = tl.where(rl & (case_long == 0), ms, 0)
-        nr_max = tl.max(m_r, axis=0)
-        if (SECTIONS & 4) and nr_max > 0:
-            acc, z = _rl_sums(m_r, nr_max, nl, tl.load(im_ptr + s_idx), start_l + l_idx, start_s, px_ptr, xe_ptr,
-                              offs_t, nxt, P, BLOCK_T, KR, False)
-            a = tl.where(m_r > 0, acc, a)
-            zs = tl.where(m_r > 0, z, zs)
+            acc_l, acc_s, z = _rl_sums(m_r, nr_max, nl, tl.load(im_ptr + s_idx), start_l + l_idx, start_s, pe_ptr,
+                                       px_ptr, xe_ptr, offs_t, nxt, P, BLOCK_T, KR)
+            a_l = tl.where(rl, tl.load(ex_ptr + l_idx) - acc_l, a_l)
+            a_s = tl.where(rl, acc_s, a_s)
+            zs = tl.where(rl, z, zs)
 
-        # ---- per pair, once per tile (float64), from reloaded indices. With q = Z_S' / Z_L:
-        # P = L:  KL = a / Z_L + (M_S - M_L) + log q
-        # P = S': KL = -a / Z_S' - ((M_S - M_L) + log q),  1 / Z_S' = (1 / Z_L) (1 / q)
-        i, j, m_i, m_j, ok, case_long, l_is_row, nl, ms = _pair(rorder_ptr, order_ptr, lens_ptr, rpos, rmask, j0 + j_of,
-                                                                jmask, SHORT_FIRST, True)
-        l_idx = tl.where(l_is_row, i, j)
-        s_idx = tl.where(l_is_row, j, i)
-        z_l = tl.load(z_ptr + l_idx)
-        iz_l = tl.load(iz_ptr + l_idx)
-        z_s = tl.where(ms == nl, tl.load(z_ptr + s_idx), zs)  # not stretched: Z_S itself
-        z_s = tl.where(ok, z_s, 1.0)
-        q = z_s * iz_l
-        lq = tl.where(z_s == z_l, 0.0, _log64(q))  # equal sums: log 1 = 0 exactly (identical sequences give 0)
-        shift = (tl.load(mx_ptr + s_idx) - tl.load(mx_ptr + l_idx)).to(tl.float64) + lq
-        kl = tl.where(case_long, a * iz_l + shift, -(a * iz_l) * _recip64(q) - shift)
-        sim = (-kl).to(tl.float32)
+        # ---- per pair, once per tile (float64), from reloaded indices: the row's direction and (SYM)
+        # the column's
+        i, j, m_i, m_j, ok, l_is_row, nl, ms = _pair(rorder_ptr, order_ptr, lens_ptr, rpos, rmask, jpos, jmask, True)
+        if SHORT_FIRST:  # P = the shorter side (the row on ties)
+            p_row = m_i <= m_j
+            p_col = m_j <= m_i
+        else:  # P = the scored side
+            p_row = m_i >= 0  # all true
+            p_col = p_row
+        sim_r = _neg_kl(p_row, i, j, l_is_row, ms, nl, a_l, a_s, zs, mx_ptr, z_ptr, iz_ptr)
+        live = vis & rmask
+        both = live & (jpos < rpos)  # SYM: the column's direction too (not for the pair with itself)
+        if SYM:
+            sim_c = _neg_kl(p_col == 0, i, j, l_is_row, ms, nl, a_l, a_s, zs, mx_ptr, z_ptr, iz_ptr)
         if FULL:
-            sim = tl.where(ok, sim, float("nan"))
-            tl.store(out_ptr + i.to(tl.int64) * B + j, sim, mask=jmask & rmask)
+            tl.store(out_ptr + i.to(tl.int64) * B + j, tl.where(ok, sim_r, float("nan")), mask=live)
+            if SYM:
+                tl.store(out_ptr + j.to(tl.int64) * B + i, tl.where(ok, sim_c, float("nan")), mask=both)
         else:
-            elig = ok & jmask
+            elig = ok & live
             if EXCLUDE_SELF:
                 elig = elig & (j != i)
             if HAS_PID:
                 elig = elig & (tl.load(pid_ptr + j) != tl.load(pid_ptr + i))
-            g = tl.load(groups_ptr + j)
-            vals = tl.where(elig, sim, float("-inf"))
-            hit = g[:, None] == offs_g[None, :]
-            vals = tl.reshape(tl.where(hit, vals[:, None], float("-inf")), [ROWS, BLOCK_J, BLOCK_G])
-            # the running maxima live in the output (-inf to start; this program's rows and split: no
-            # other writer), not in registers across the loops
-            rpos_r = R - 1 - (group * ROWS + tl.arange(0, ROWS))
-            i_r = tl.load(rorder_ptr + tl.where(rpos_r >= 0, rpos_r, 0), volatile=True)
-            run_ptrs = out_ptr + (split * R + (i_r - ROW0)[:, None]).to(tl.int64) * G + offs_g[None, :]
-            run_mask = (rpos_r[:, None] >= 0) & (offs_g[None, :] < G)
-            running = tl.load(run_ptrs, mask=run_mask, other=float("-inf"), volatile=True)
-            # NaN (a sequence holding a NaN / infinity) propagates explicitly: the GPU's max.f32
-            # returns the other operand, the interpreter's NaN
-            isnan = vals != vals
-            nan_hit = (tl.max(isnan.to(tl.int32), axis=1) > 0) | (running != running)
-            best = tl.maximum(running, tl.max(tl.where(isnan, float("-inf"), vals), axis=1))
-            tl.store(run_ptrs, tl.where(nan_hit, float("nan"), best), mask=run_mask)
-
+            # one atomic max per pair and direction on the scored sequence's key of the neighbour's group
+            # (order-free, so deterministic): the row's, and (SYM) the column's
+            tl.atomic_max(out_ptr + ((i - ROW0) * G + tl.load(groups_ptr + j)), _key(sim_r), mask=elig,
+                          sem="relaxed")
+            if SYM:
+                both = elig & both
+                tl.atomic_max(out_ptr + (j * G + tl.load(groups_ptr + i)), _key(sim_c), mask=both, sem="relaxed")
 
 
 # CUDA: 16 warps (2 pairs of the 4 x 8 tile per warp, lanes on consecutive positions), one program
@@ -505,9 +550,9 @@ def tiles_for_arch(arch: int) -> dict:
     return TILES_SM100 if arch >= 100 else TILES
 
 
-def _blocks(device: torch.device, num_groups: int = 1, arch=None):
+def _blocks(device: torch.device, arch=None):
     """Tile sizes and warps for ``device`` (the interpreter on CPU tensors; ``arch`` or the CUDA
-    device's compute capability picks the CUDA configuration), plus ``BLOCK_G``."""
+    device's compute capability picks the CUDA configuration)."""
     if device.type == "cuda":
         if arch is None:
             major, minor = torch.cuda.get_device_capability(device)
@@ -515,7 +560,6 @@ def _blocks(device: torch.device, num_groups: int = 1, arch=None):
         cfg = dict(tiles_for_arch(arch))
     else:
         cfg = dict(TILES_INTERPRETED)
-    cfg["BLOCK_G"] = triton.next_power_of_2(max(1, num_groups))
     return cfg
 
 
@@ -651,13 +695,13 @@ def launch_spec(packed, short_first, full, groups=None, num_groups=1, exclude_se
             raise ValueError(f"rows must satisfy 0 <= begin <= end <= B={bsz}, got {rows}")
         nrows = row1 - row0
         rorder = (row0 + torch.argsort(lens[row0:row1], stable=True)).to(torch.int32)
-    cfg = _blocks(device or dev, num_groups, arch)
-    split = cfg["SPLIT"]  # column splits: finer programs, less load imbalance (full: disjoint columns)
+    cfg = _blocks(device or dev, arch)
+    split = cfg["SPLIT"]  # column splits: finer programs, less load imbalance (disjoint columns)
     if full:
         out = torch.empty((bsz, bsz), dtype=torch.float32, device=dev)
         groups32 = lens  # any int32 [B]: never read (FULL)
     else:
-        out = torch.full((split, nrows, num_groups), float("-inf"), dtype=torch.float32, device=dev)
+        out = torch.full((nrows, num_groups), NEG_INF_KEY.value, dtype=torch.int32, device=dev)
         groups32 = groups.to(torch.int32)
     pid_t = pids if pids is not None else packed["cu"]  # any int64 tensor: never read without HAS_PID
     args = (packed["xe"], packed["pe"], packed["px"], packed["starts"], lens, packed["mx"], packed["z"], packed["iz"],
@@ -665,6 +709,7 @@ def launch_spec(packed, short_first, full, groups=None, num_groups=1, exclude_se
     kwargs = dict(
         SHORT_FIRST=bool(short_first),
         FULL=bool(full),
+        SYM=rows is None,
         EXCLUDE_SELF=bool(exclude_self),
         HAS_PID=pids is not None,
         CLAMP_SRC=packed["total"] >= CLAMP_FREE_TOTAL,
@@ -672,7 +717,6 @@ def launch_spec(packed, short_first, full, groups=None, num_groups=1, exclude_se
         SPLIT=split,
         BLOCK_J=cfg["BLOCK_J"],
         BLOCK_T=cfg["BLOCK_T"],
-        BLOCK_G=cfg["BLOCK_G"],
         KD=cfg["KD"],
         KR=cfg["KR"],
         RL_NUM=RL_NUM,
@@ -683,7 +727,14 @@ def launch_spec(packed, short_first, full, groups=None, num_groups=1, exclude_se
         num_stages=1,
         enable_fp_fusion=FP_FUSION,
     )
-    return _kl_rows_kernel, (triton.cdiv(nrows, cfg["ROWS"]), split), args, kwargs, out
+    return _kl_pairs_kernel, (triton.cdiv(nrows, cfg["ROWS"]), split), args, kwargs, out
+
+
+def keys_to_float(keys: torch.Tensor) -> torch.Tensor:
+    """Float32 values of the grouped kernel's int32 keys (see ``_key``): the inverse map; the NaN key
+    decodes to a NaN."""
+    bits = torch.where(keys < 0, keys ^ NAN_KEY, keys)
+    return bits.view(torch.float32)
 
 
 def launches(values, cu, short_first, full, groups=None, num_groups=1, exclude_self=True, pids=None, rows=None):
@@ -700,7 +751,7 @@ def _launch(values, cu, short_first, full, groups=None, num_groups=1, exclude_se
     for spec in specs:
         if spec[1][0] > 0:  # rows=(b, b): no program
             launch(*spec)
-    return out if full else out.amax(dim=0)  # combine the column splits' maxima (order-free: deterministic)
+    return out if full else keys_to_float(out)
 
 
 def pairwise_kl(values, cu, short_first: bool) -> torch.Tensor:
@@ -725,3 +776,4 @@ def positions_per_iteration(kwargs) -> int:
 def segments_per_iteration(kwargs) -> int:
     """Short positions (segments) one trip of the run-length loop covers (for the static model)."""
     return int(kwargs["ROWS"]) * int(kwargs["BLOCK_J"]) * (int(kwargs["BLOCK_T"]) - 1)
+

@@ -38,6 +38,12 @@ if os.environ.get("TRITON_INTERPRET") == "1":
         sg = tl.math.div_rn(ms_f, nl_f)
         tl.store(out_ptr + offs, tri._boundary(sf, rr, sg, sg * -tri.MAGIC))
 
+    @triton.jit
+    def _keys_kernel(x_ptr, out_ptr, N: tl.constexpr):
+        """The grouped kernel's int32 keys of ``N`` floats."""
+        offs = tl.arange(0, N)
+        tl.store(out_ptr + offs, tri._key(tl.load(x_ptr + offs)))
+
 
 def pack(lengths, dist="uniform", seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -144,7 +150,7 @@ def rel_err(out, expected):
 
 @pytest.mark.parametrize("lengths, dist", [
     ([40000, 40000, 31000, 4095, 17, 2], "uniform"),  # float32 accumulation was 1e-5 off here
-    ([65536, 65535, 43690, 40000, 1], "exponential"),  # m = n - 1 (direct), n = 1.5 m (run-length), m = 1
+    ([65536, 65535, 32768, 40000, 1], "exponential"),  # m = n - 1 (direct), n = 2 m (run-length), m = 1
 ])
 def test_long_sequences_agree_with_float64(lengths, dist, big_tiles):
     values, cu = pack(lengths, dist)
@@ -249,6 +255,29 @@ def test_rows_are_bit_identical_to_the_full_call(short_first, exclude_self):
         torch.testing.assert_close(full.double(), expected, rtol=1e-6, atol=TINY)
 
 
+def test_keys_order_as_floats_and_nan_is_the_largest():
+    """The grouped output is an atomic max over int32 keys: every two floats order as their keys
+    (``-inf`` lowest, ``-0.0`` below ``0.0``), a NaN of either sign gets the largest key, and
+    ``keys_to_float`` gives back every non-NaN float's bits (and a NaN for the NaN key); the buffer's
+    initial key is ``-inf``'s."""
+    special = [float("-inf"), -3.5e38, -2.0, -1e-40, -0.0, 0.0, 1e-40, 1e-30, 2.0, 3.5e38, float("inf")]
+    g = torch.Generator().manual_seed(3)
+    x = torch.cat([torch.tensor(special), torch.randn(64 - len(special) - 2, generator=g) * 10])
+    x = torch.cat([x, torch.tensor([float("nan")]), -torch.tensor([float("nan")])]).to(torch.float32)
+    keys = torch.empty(64, dtype=torch.int32)
+    _keys_kernel[(1,)](x, keys, N=64)
+    finite = ~x.isnan()
+    xf, kf = x[finite].double(), keys[finite].long()
+    lt = xf[:, None] < xf[None, :]
+    assert bool((kf[:, None] < kf[None, :])[lt].all())
+    assert bool((keys[~finite] == tri.NAN_KEY).all()) and int(keys[finite].max()) < tri.NAN_KEY
+    back = tri.keys_to_float(keys)
+    assert torch.equal(back[finite].view(torch.int32), x[finite].view(torch.int32))
+    assert bool(back[~finite].isnan().all())
+    init = torch.full((1,), tri.NEG_INF_KEY.value, dtype=torch.int32)
+    assert tri.keys_to_float(init).item() == float("-inf") and int(init) == int(keys[0])
+
+
 def test_rows_argument_is_checked():
     values, cu = pack([3, 4, 5])
     groups = torch.zeros(3, dtype=torch.int64)
@@ -259,7 +288,7 @@ def test_rows_argument_is_checked():
 
 
 def test_loop_structure_is_read_from_the_sass():
-    """The static model reads nine loops (three per form) from the compiled kernel; the reading
+    """The static model reads six loops (three per form) from the compiled kernel; the reading
     refuses other shapes (a record then fails the compile gate)."""
     from heal_kernels.triton import aot
 
@@ -281,7 +310,7 @@ def test_loop_structure_is_read_from_the_sass():
 
     tile = addr
     emit("IMAD R0, R1, R2, R3")
-    for form in ("direct", "rl_long", "rl_short"):
+    for form in aot.PAIRWISE_FORMS:
         body = ["FFMA R1, R2, R3, R4", "LDG.E.64 R4, desc[UR4][R2.64]"]
         if form != "direct":
             body.append("SHFL.IDX PT, R5, R6, R7, 0x1f")
@@ -293,7 +322,7 @@ def test_loop_structure_is_read_from_the_sass():
     emit("EXIT")
     got = aot.pairwise_loops(aot.parse_sass("\n".join(lines)))
     assert set(aot.PAIRWISE_LOOPS) <= set(got) and got["tile_code"] == 3
-    assert got["rl_long_main"]["mix"]["shfl"] == 4 and got["direct_tail"]["instructions"] == 4
+    assert got["rl_main"]["mix"]["shfl"] == 4 and got["direct_tail"]["instructions"] == 4
     # a form without its masked loop is not this kernel
     bad = [ln for ln in lines if "@P1" not in ln]
     assert set(aot.PAIRWISE_LOOPS) - set(aot.pairwise_loops(aot.parse_sass("\n".join(bad))))
