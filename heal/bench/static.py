@@ -109,7 +109,7 @@ ASSUMPTIONS = [
     "served by L1. Time is the larger of issue and L2 time (they overlap); L2 read bandwidth as listed per device.",
     "Pair kernel (run-length and direct forms): each unordered pair is computed once, both directions (a program "
     "runs the column tiles at or below its rows in length order); each tile's pairs are classified as the kernel "
-    "does (run-length where n >= 1.5 m; direct otherwise); per tile the work is the base code plus, for each "
+    "does (run-length where n >= {rl_ratio:g} m; direct otherwise); per tile the work is the base code plus, for each "
     "form present, its code and its main-loop groups and masked trips, as read from the SASS (the per-form "
     "code from builds with only that form compiled).",
     "Pessimistic pair-kernel figure: the sustained clock (listed per device: ~0.89 x boost, e.g. H100 SXM 1.755 "
@@ -119,6 +119,8 @@ ASSUMPTIONS = [
     "one warp-instruction) or one shuffle per cycle: each trip's loads touch, per 32 lanes, the lines their "
     "positions span (a gather at stride r spans r times more). The time is the larger of the two, per "
     "program, placed on SM slots like the nominal one.",
+    "Not counted: the grouped kernel's atomic maxima, one int32 L2 reduction per eligible pair and direction "
+    "(at most B (B - 1): about 1 M at B = 1024, on B x G addresses, spread over the kernel's run).",
     f"Plus {LAUNCH_US:.0f} us for the kernel's launch. The op around it also runs the packing kernel "
     "(per-sequence statistics and the (x, e) pairs; its bytes at its predicted fraction of copy bandwidth) and "
     "small eager PyTorch ops (lengths, starts, buffers, sort, the output's key decoding; counted on the "
@@ -533,6 +535,7 @@ def build(archs, jobs=1, only=None, progress=True) -> dict:
     import triton
 
     from heal_kernels.triton import aot
+    from heal_kernels.triton import pairwise as tri
 
     t0 = time.time()
     recs = aot.compile_all(archs, jobs=jobs, only=only, progress=progress)
@@ -589,7 +592,8 @@ def build(archs, jobs=1, only=None, progress=True) -> dict:
             torch=torch.__version__,
             host=platform.processor() or platform.machine(),
             seconds=time.time() - t0,
-            assumptions=[a.format(triton=triton.__version__, prep_us=PREP_US_PER_OP) for a in ASSUMPTIONS],
+            assumptions=[a.format(triton=triton.__version__, prep_us=PREP_US_PER_OP, rl_ratio=tri.RL_NUM / tri.RL_DEN)
+                         for a in ASSUMPTIONS],
             devices=devs,
             variants=out,
             eda=eda,

@@ -378,7 +378,7 @@ def _neg_kl(p_is_row, i, j, l_is_row, ms, nl, a_l, a_s, zs, mx_ptr, z_ptr, iz_pt
     tie = ms == nl
     case_long = p_is_l | tie
     a = tl.where(p_is_l, a_l, tl.where(tie, -a_s, a_s))
-    l_row = tl.where(tie, p_is_row, l_is_row)  # the side taken as L is the row
+    l_row = tl.where(tie, p_is_row, l_is_row)  # whether the side taken as L is the row
     l_idx = tl.where(l_row, i, j)
     s_idx = tl.where(l_row, j, i)
     z_l = tl.load(z_ptr + l_idx)
