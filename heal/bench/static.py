@@ -66,7 +66,7 @@ PIPE_CYCLES = {
     100: dict(fp32=1, fp64=2, alu=2, xu=8, lsu=4, shfl=4, control=2),
 }
 L1_LINE = 128  # bytes: one L1 data-stage wavefront per distinct 128-byte line a warp-instruction touches
-RECORD_BYTES = 8  # the pair kernel's loads: an (x, e) float32 pair or a float64 prefix, 8 bytes per lane
+RECORD_BYTES = 8  # the pair kernel's 8-byte loads: an (x, e) float32 pair or a float64 prefix (a (PE, PX) record: 16)
 COPY_FRACTION = 0.9  # a device-to-device copy reaches ~90% of the HBM peak
 STREAM_ISSUE_EFFICIENCY = 0.9  # streaming kernels issue 90% of cycles when enough warps are resident
 PAIR_ISSUE_EFFICIENCY = 0.75  # gather-heavy pairwise loop at >= 4 warps per scheduler
@@ -104,21 +104,27 @@ ASSUMPTIONS = [
     f"Pairwise kernel: {PAIR_ISSUE_EFFICIENCY:.0%} issue efficiency at >= 4 resident warps per scheduler, "
     "proportionally less below; programs are placed on SM slots (blocks per SM from the occupancy) in launch "
     "order and the time is the last slot's finish (load imbalance included).",
-    "Pairwise L2 traffic: each column tile re-reads, from L2, every array its pairs read: the (x, e) pairs and "
-    "the float64 prefix sums (8 bytes per position each) of its rows and columns; reuse inside a tile is "
+    "Pairwise L2 traffic: each column tile re-reads, from L2, every array its pairs read: the (x, e) pairs (8 "
+    "bytes per position) and the float64 (PE, PX) prefix records (16) of its rows and columns; reuse inside a tile is "
     "served by L1. Time is the larger of issue and L2 time (they overlap); L2 read bandwidth as listed per device.",
     "Pair kernel (run-length and direct forms): each unordered pair is computed once, both directions (a program "
     "runs the column tiles at or below its rows in length order); each tile's pairs are classified as the kernel "
     "does (run-length where n >= {rl_ratio:g} m; direct otherwise); per tile the work is the base code plus, for each "
     "form present, its code and its main-loop groups and masked trips, as read from the SASS (the per-form "
-    "code from builds with only that form compiled).",
+    "code from builds with only that form compiled; a masked loop that ptxas unrolled runs several trips per "
+    "body, read from its loads, a partial body counted whole).",
     "Pessimistic pair-kernel figure: the sustained clock (listed per device: ~0.89 x boost, e.g. H100 SXM 1.755 "
     "vs 1.98 GHz); each loop body costs max(instructions / issue efficiency, per pipe: its instructions x "
     "cycles per warp-instruction) on a scheduler (fp32 1 or 2, fp64 2 or 4, integer 2, conversions / MUFU 8, "
     "shuffles 4, loads 4 cycles: sm_90 or sm_80); and the SM's L1 handles one wavefront (one 128-byte line of "
-    "one warp-instruction) or one shuffle per cycle: each trip's loads touch, per 32 lanes, the lines their "
-    "positions span (a gather at stride r spans r times more). The time is the larger of the two, per "
-    "program, placed on SM slots like the nominal one.",
+    "one warp-instruction) or one shuffle per cycle: each trip's loads touch, per warp-instruction, the distinct "
+    "lines of its lanes (a gather at stride r spans r times more; a line at a random offset unless the kernel "
+    "aligns it). A warp's pairs (the TTGIR's layout and the kernel's WARP_ROWS x WARP_COLS blocks) share the "
+    "lines of the side they have in common: the direct form's long side (the row, whole 128-byte lines: every "
+    "sequence starts on one), the run-length form's short side (the column); the direct form's short side is "
+    "the union of the warp's rows' gathers (their scales drift apart along the row: counted at the mean "
+    "position, at most the sum); run-length records one line set per pair. The time is the larger of the two, "
+    "per program, placed on SM slots like the nominal one.",
     "Not counted: the grouped kernel's atomic maxima, one int32 L2 reduction per eligible pair and direction "
     "(at most B (B - 1): about 1 M at B = 1024, on B x G addresses, spread over the kernel's run).",
     f"Plus {LAUNCH_US:.0f} us for the kernel's launch. The op around it also runs the packing kernel "
@@ -173,8 +179,80 @@ def _lines(lanes: int, stride, record: int = RECORD_BYTES):
     positions ``stride`` apart (a tensor of strides; at most one line per lane)."""
     import torch
 
-    span = ((lanes - 1) * stride + 1) * record  # bytes from the first lane's record to the last's
+    span = ((lanes - 1) * torch.as_tensor(stride, dtype=torch.float64) + 1) * record  # first lane's record to last's
     return torch.clamp(1.0 + span / L1_LINE, max=float(lanes))  # a span at a random offset: 1 + span / 128
+
+
+def warp_block(kw: dict, layout: Optional[dict]):
+    """``(rows, columns)`` of the tile's pairs one warp holds, or ``None`` (no sharing counted): the
+    kernel puts its pairs in blocks of ``WARP_ROWS`` x ``WARP_COLS`` consecutive pairs, and
+    ``layout`` (:func:`heal_kernels.triton.aot.pair_layout`, read from the TTGIR) says how many
+    consecutive pairs a warp holds; they must agree."""
+    if not layout:
+        return None
+    ppw = layout["pairs_per_warp"]
+    wr, wc = kw.get("WARP_ROWS", 1), kw.get("WARP_COLS", 1)
+    if wr * wc == ppw and kw["ROWS"] % wr == 0 and kw["BLOCK_J"] % wc == 0:
+        return wr, wc
+    if wr * wc == 1 and kw["BLOCK_J"] % ppw == 0:  # pairs along the columns: one row, ppw columns
+        return 1, ppw
+    return None
+
+
+def trip_lines(form: str, t: dict, kw: dict, rec: dict):
+    """L1 wavefronts of one trip of ``form``'s loop per (program, tile): for each warp-instruction of
+    the trip, the distinct 128-byte lines its lanes touch, summed over the tile's warps. A warp's
+    pairs (:func:`warp_block`) share lines when every sequence is scored (the row is then the long
+    side): the direct form's long side (the row: the same positions for the warp's columns; whole
+    lines when every sequence starts on one, :data:`heal_kernels.triton.pairwise.ALIGN`) and the
+    run-length form's short side (the column: the same positions for the warp's rows); the direct
+    form's short side is gathered by the warp's rows at nearby positions (their union: the widest
+    gather plus the drift between the rows' scales at the mean position, at most the sum of the
+    gathers). Run-length gathers: one line set per pair (16-byte ``(PE, PX)`` records when the loop
+    has one 16-byte load per trip, else two 8-byte gathers). A tile's pairs of the other form run
+    the loop on the arrays' first positions (one warp's worth of lines)."""
+    import torch
+
+    from heal_kernels.triton import pairwise as tri
+
+    bt = kw["BLOCK_T"]
+    blk = warp_block(kw, rec.get("pair_layout")) if kw.get("SYM") else None
+    wr, wc = blk or (1, 1)
+    mask = t[form]["mask"]
+    L, S = t["L"].double(), t["S"].double().clamp(min=1)
+    npg, nt = L.shape[:2]
+
+    def wv(x):  # [programs, tiles, row blocks, rows in a warp, column blocks, columns in a warp]
+        return x.reshape(npg, nt, kw["ROWS"] // wr, wr, kw["BLOCK_J"] // wc, wc)
+
+    m = wv(mask)
+    r = wv(torch.where(mask, L / S, torch.ones_like(L)))
+    others = wv(~mask).any(5).any(3).double().sum((2, 3))  # warps running the loop for other pairs
+    one = torch.ones((), dtype=torch.float64)
+    aligned = (tri.ALIGN * RECORD_BYTES) % L1_LINE == 0 and (L1_LINE % (bt * RECORD_BYTES) == 0
+                                                            or (bt * RECORD_BYTES) % L1_LINE == 0)
+    contiguous = math.ceil(bt * RECORD_BYTES / L1_LINE) if aligned else float(_lines(bt, one))
+    if form == "direct":
+        long_side = contiguous * m.any(5).double().sum((2, 3, 4))  # per (warp, row)
+        inv = torch.where(m, 1.0 / r, torch.zeros_like(r))  # the short side's positions per long position
+        span = (bt - 1) * inv + 1
+        n_ = wv(L)
+        big = torch.finfo(torch.float64).max
+        nmax = torch.where(m, n_, 0.0).amax(3)
+        nmin = torch.where(m, n_, big).amin(3).clamp(max=1e300)
+        col = torch.where(m, wv(S), 0.0).amax(3)  # the column's length
+        busy = m.any(3)
+        drift = torch.where(busy, col * (nmax - nmin) / (2 * nmin.clamp(min=1)), 0.0)
+        union = torch.clamp(1.0 + (span.amax(3) + drift) * RECORD_BYTES / L1_LINE, max=float(bt))
+        each = torch.where(m, _lines(bt, inv), 0.0).sum(3)
+        short_side = torch.where(busy, torch.minimum(union, each), 0.0).sum((2, 3, 4))  # per (warp, column)
+        return long_side + short_side + others * contiguous
+    wide = rec["loops"]["rl_main"].get("wide_loads", 0) >= kw["KR"]  # one 16-byte record load per trip
+    gathers = _lines(bt, r, 2 * RECORD_BYTES) if wide else 2 * _lines(bt, r)
+    records = torch.where(m, gathers, 0.0).sum((2, 3, 4, 5))  # per pair
+    short_side = float(_lines(bt, one)) * m.any(3).double().sum((2, 3, 4))  # per (warp, column)
+    first = (_lines(bt, one, 2 * RECORD_BYTES) if wide else 2 * _lines(bt, one)) + _lines(bt, one)
+    return records + short_side + others * float(first)
 
 
 def _body_cycles(body: dict, arch: int) -> float:
@@ -246,7 +324,7 @@ def pair_kernel_prediction(rec: dict, lengths, dev: dict, arch: int = 90, short_
     import torch
 
     kw = rec["kwargs"]
-    bt, warps, split = kw["BLOCK_T"], kw["num_warps"], kw.get("SPLIT", 1)
+    warps, split = kw["num_warps"], kw.get("SPLIT", 1)
     kd, kr = kw["KD"], kw["KR"]
     loops = rec["loops"]
     code = {int(k): v for k, v in rec["section_code"].items()}
@@ -254,15 +332,11 @@ def pair_kernel_prediction(rec: dict, lengths, dev: dict, arch: int = 90, short_
     sec = {"direct": code[1] - code[0], "rl": code[2] - code[0]}
     t = pair_tiles(lengths, kw, short_first)
     nprog, ntile = t["r_len"].shape[0], t["c_len"].shape[0]
-    lanes_per_pair = bt  # lanes of one warp-instruction's pair (a warp holds 32 / bt pairs per instruction)
     # nominal: warp-instructions per (program, tile); pessimistic: scheduler cycles per warp and L1 cycles
     visited = t["visited"].double()
     work = visited * base
     pess = visited * (base / PAIR_ISSUE_EFFICIENCY)
     l1 = torch.zeros((nprog, ntile), dtype=torch.float64)
-    L = t["L"].double()
-    S = t["S"].double().clamp(min=1)
-    ratio = torch.where(t["ok"], L / S, torch.ones_like(L)).flatten(2)
     for name in ("direct", "rl"):
         f = t[name]
         main, single, tail = loops[f"{name}_main"], loops[f"{name}_single"], loops[f"{name}_tail"]
@@ -274,20 +348,16 @@ def pair_kernel_prediction(rec: dict, lengths, dev: dict, arch: int = 90, short_
         s_unr = torch.div(f["single"], fac, rounding_mode="floor") if fac > 1 else torch.zeros_like(f["single"])
         s_one = f["single"] - s_unr * fac
         unr = single.get("unrolled", 0)
+        # masked trips: an unrolled masked loop runs ``trips`` of them per body (a partial body counted whole)
+        t_bodies = torch.div(f["tail"] + tail.get("trips", 1) - 1, tail.get("trips", 1), rounding_mode="floor")
         work += (run * sec[name] + f["groups"] * main["instructions"] + s_unr * unr + s_one * single["instructions"]
-                 + f["tail"] * tail["instructions"])
+                 + t_bodies * tail["instructions"])
         pess += (run * sec[name] / PAIR_ISSUE_EFFICIENCY + f["groups"] * _body_cycles(main, arch)
-                 + (s_unr * fac + s_one) * _body_cycles(single, arch) + f["tail"] * _body_cycles(tail, arch))
-        # L1: per trip, every pair of the tile runs the loop (the others on r = 1 at the arrays' start);
-        # direct: both sides' (x, e); run-length: PE and PX gathered at stride r, the short side's (x, e)
-        r = torch.where(f["mask"].flatten(2), ratio, torch.ones_like(ratio))
-        if name == "direct":
-            per_pair = _lines(lanes_per_pair, torch.ones_like(r)) + _lines(lanes_per_pair, 1.0 / r)
-        else:
-            per_pair = 2 * _lines(lanes_per_pair, r) + _lines(lanes_per_pair, torch.ones_like(r))
+                 + (s_unr * fac + s_one) * _body_cycles(single, arch) + t_bodies * _body_cycles(tail, arch))
+        # L1: per trip, the lines of every warp-instruction (trip_lines) and the shuffles
         shfl = main["mix"].get("shfl", 0) / k * warps  # shuffle warp-instructions per trip
         trips = f["groups"] * k + f["single"] + f["tail"]
-        l1 += trips * (per_pair.sum(-1) + shfl)
+        l1 += trips * (trip_lines(name, t, kw, rec) + shfl)
     work_w = work * warps  # warp-instructions
     # L2 bytes per tile: every array a sequence's pairs read (xe: direct or short side; PE and PX: the long
     # side of a run-length pair)
@@ -490,9 +560,11 @@ def _markdown(arch: int, doc: dict) -> str:
             for form, bit in (("direct", 1), ("rl", 2)):
                 sl = rec["loops"][f"{form}_single"]
                 single = str(sl["instructions"]) + (f" ({sl['unrolled']} x{sl['factor']} unrolled)" if sl.get("factor") else "")
+                tl_ = rec["loops"][f"{form}_tail"]
+                masked = str(tl_["instructions"]) + (f" ({tl_['trips']} trips)" if tl_.get("trips", 1) > 1 else "")
                 sec = (code.get(bit, 0) - code.get(0, 0)) if code else None
                 lines.append(f"| {form} | {_fmt(per_el[form])} | {rec['loops'][f'{form}_main']['instructions']} | "
-                             f"{single} | {rec['loops'][f'{form}_tail']['instructions']} | {_fmt(sec)} |")
+                             f"{single} | {masked} | {_fmt(sec)} |")
             lines.append(f"| tile (every form) | - | - | - | - | {_fmt(code.get(0))} base |")
     head = ("| variant | regs | spill B | smem B/block | warps/SM | trips/body | instr/elem | "
             + " | ".join(f"{d} % of copy" for d in devs) + " |")

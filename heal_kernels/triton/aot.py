@@ -432,10 +432,12 @@ def pairwise_loops(instrs) -> Dict:
     address order: direct, run-length): the unrolled unmasked loop (``main``,
     KD or KR trips per iteration), the single unmasked trips (``single``) and the masked trips
     (``tail``), and the instructions of the column-tile loop outside them (``tile_code``, every form's
-    setup and sums included). Each loop: ``instructions`` (its body, label to backward branch) and
-    ``mix`` (per :func:`pipe_class`); LLVM may unroll a ``single`` loop, which then reads as an
-    unrolled loop and its remainder: ``unrolled`` (instructions of the unrolled body) and
-    ``factor`` are added. Checks the reading (run-length loops shuffle, direct ones do not; the
+    setup and sums included). Each loop: ``instructions`` (its body, label to backward branch),
+    ``mix`` (per :func:`pipe_class`), ``load_bytes`` (its global loads' bytes per thread) and
+    ``wide_loads`` (its 16-byte global loads), and for ``main`` and ``tail`` the source trips one
+    body runs (``trips``: its loads over one trip's); LLVM may unroll a ``single`` loop, which then
+    reads as an unrolled loop and its remainder: ``unrolled`` (instructions of the unrolled body)
+    and ``factor`` are added. Checks the reading (run-length loops shuffle, direct ones do not; the
     last loop of a form is the only masked one); only ``tile_code`` when the SASS does not have
     this shape."""
     loops = _loops(instrs)
@@ -450,7 +452,9 @@ def pairwise_loops(instrs) -> Dict:
         body = _body(instrs, lp)
         seq.append(dict(instructions=len(body), mix=_mix(body),
                         masked=any(i[1] and i[2].startswith("LDG") for i in body),
-                        load_bytes=sum(_sass_access_bytes(i[2]) for i in body if i[2].split(".")[0] == "LDG")))
+                        load_bytes=sum(_sass_access_bytes(i[2]) for i in body if i[2].split(".")[0] == "LDG"),
+                        wide_loads=sum(1 for i in body
+                                       if i[2].split(".")[0] == "LDG" and _sass_access_bytes(i[2]) == 16)))
     # split into forms: each form's loops end with its (only) masked loop
     forms, cur = [], []
     for lp in seq:
@@ -473,7 +477,10 @@ def pairwise_loops(instrs) -> Dict:
         main = dict(group[0])
         # trips per main body: its loads against one trip's (KD / KR unless ptxas unrolled it further)
         main["trips"] = round(main["load_bytes"] / per_trip) if per_trip else None
-        for kind, lp in (("main", main), ("single", single), ("tail", group[-1])):
+        # the masked loop may be unrolled too (its loads are predicated copies of one trip's)
+        tail = dict(group[-1])
+        tail["trips"] = max(1, round(tail["load_bytes"] / per_trip)) if per_trip else 1
+        for kind, lp in (("main", main), ("single", single), ("tail", tail)):
             loops_out[f"{form}_{kind}"] = {k: v for k, v in lp.items() if k != "masked"}
     out.update(loops_out)
     return out
@@ -881,6 +888,7 @@ def analyse(v: Variant, arch: int) -> Dict:
     if v.family == "pairwise":
         pl = pairwise_loops(instrs)
         rec["tile_code_instructions"] = pl.get("tile_code")
+        rec["pair_layout"] = pair_layout(k.asm["ttgir"], v.kwargs["BLOCK_T"], v.num_warps)
         if all(n in pl for n in PAIRWISE_LOOPS):
             kw = v.kwargs
             seg = v.meta["segments_per_thread_per_trip"]
@@ -927,6 +935,24 @@ def analyse(v: Variant, arch: int) -> Dict:
         failures.append(unroll_problem)
     rec["failures"] = failures
     return rec
+
+
+_BLOCKED = re.compile(r"#ttg\.blocked<\{sizePerThread = \[([0-9, ]+)\], threadsPerWarp = \[([0-9, ]+)\], "
+                      r"warpsPerCTA = \[([0-9, ]+)\], order = \[([0-9, ]+)\]\}>")
+
+
+def pair_layout(ttgir: str, block_t: int, num_warps: int) -> Optional[Dict[str, int]]:
+    """How the pair kernel's ``[P, BLOCK_T]`` tiles sit on a warp, read from the TTGIR: the 2-D blocked
+    layout with one element per thread, ``BLOCK_T`` lanes along the positions (fastest) and the warps
+    along the pairs. ``{"pairs_per_warp": 32 // BLOCK_T, "lanes_per_pair": BLOCK_T}`` (a warp's lanes
+    hold consecutive pairs), or ``None`` when the kernel has no such layout (the static model then
+    shares no line between pairs)."""
+    for m in _BLOCKED.finditer(ttgir):
+        spt, tpw, wpc, order = ([int(x) for x in g.split(",")] for g in m.groups())
+        if (len(tpw) == 2 and spt == [1, 1] and tpw[1] == block_t and tpw[0] * tpw[1] == 32
+                and wpc == [num_warps, 1] and order == [1, 0]):
+            return {"pairs_per_warp": tpw[0], "lanes_per_pair": tpw[1]}
+    return None
 
 
 def toolchain_problem(arch: Optional[int] = None) -> Optional[str]:

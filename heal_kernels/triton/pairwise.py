@@ -11,23 +11,28 @@ A pair is computed once for both of its directions (P = L and P = S' share the b
 loads and ``Z_S'``). Two forms of the sums, chosen per pair (never per tile: a pair's result does not
 depend on the pairs it shares a tile with):
 
-* **run-length** (``m < n``, ``n >= 2 m``, ``n < 2^20``), ``O(m)`` per pair. ``src`` is
+* **run-length** (``m < n``, ``n >= 5 m``, ``n < 2^20``), ``O(m)`` per pair. ``src`` is
   non-decreasing, so ``seg(s) = {t : src(t) = s} = [b_s, b_{s+1})``. With the long side's float64
-  prefix sums ``PE`` (of ``e``) and ``PX`` (of ``x``), ``c_s = b_{s+1} - b_s``,
+  prefix sums ``PE`` (of ``e``) and ``PX`` (of ``x``), stored together as 16-byte ``(PE, PX)``
+  records, ``c_s = b_{s+1} - b_s``,
   ``dPE_s = PE[b_{s+1}] - PE[b_s]`` and ``dPX_s`` likewise: ``Z_S' = sum_s c_s e_S[s]``,
   ``sum_t e_L (L - S') = EX_L - sum_s x_S[s] dPE_s`` (``EX = sum e x`` per sequence) and
   ``sum_t e_S' (L - S') = sum_s e_S[s] (dPX_s - c_s x_S[s])``. Boundaries follow the float32 rule
   exactly, rounding included: ``b_s`` = the smallest ``t`` with ``fl32(f32(t) * scale) >= s``, from
   the estimate ``t~ = round(s * fl32(n fl32(1 / m)))`` (one FMA into ``2^23``: the float's bits hold
   the integer) and one exact check ``fma(t~ + 2^23, scale, -2^23 scale) < s -> t~ + 1`` (proof in
-  :func:`_boundary`). Lane ``k`` of a ``BLOCK_T``-lane trip computes ``b_{s0+k}`` and gathers ``PE``
-  and ``PX`` there: two 8-byte gathers per short position; the segment's other
-  end comes from lane ``k + 1`` by warp shuffles (``tl.gather`` along the lane axis), so a trip
-  covers ``BLOCK_T - 1`` segments.
-* **direct** (``m == n``: identical sequences give exactly 0; ``n < 2 m``, where the
-  ``O(max(m, n))`` loop costs less: 13.8 SASS instructions per aligned position against 28.1 per short
-  position, both directions, on sm_90; long sides from ``2^20``): the aligned positions of both sides,
-  the short side gathered at ``src(t)``.
+  :func:`_boundary`). Lane ``k`` of a ``BLOCK_T``-lane trip computes ``b_{s0+k}`` and gathers the
+  record there: one 16-byte gather per short position; the segment's other end comes from lane
+  ``k + 1`` by warp shuffles (``tl.gather`` along the lane axis), so a trip covers ``BLOCK_T - 1``
+  segments.
+* **direct** (``m == n``: identical sequences give exactly 0; ``n < 5 m``; long sides from
+  ``2^20``): the aligned positions of both sides, the short side gathered at ``src(t)``. On sm_90 it
+  costs 12.9 SASS instructions per aligned position against 29.7 per short position, both
+  directions: the run-length form issues fewer instructions from ``n >= 2.3 m``, but each of its
+  gathers touches its own 128-byte line where the direct form reads whole lines, and ``heal bench
+  static`` predicts the EDA batch fastest under its pessimistic figure with the switch at
+  ``n >= 5 m`` (0.77 ms on an H100, against 0.89 ms at ``n >= 2.3 m``; the nominal figure rises from
+  0.63 to 0.67 ms).
 
 Precision. The prefixes are float64 (``|error| <= n 2^-53 Z``); a segment's sum is their float64
 difference. P = L accumulates ``x_S dPE`` in float64; the other sums take float32 terms (the
@@ -43,10 +48,14 @@ it walks the columns in length order in tiles of ``BLOCK_J`` columns; a tile hol
 BLOCK_J`` pairs on its first axis and ``BLOCK_T`` lanes on consecutive positions on its second
 (every 2-D load is one 8-byte load per lane: ``max_contiguous(., 1)`` keeps Triton from
 vectorising, which would put two positions per thread and cost a shared-memory layout conversion
-for every shuffle). When every sequence is scored (``SYM``), a program runs only the column tiles at
-or below its rows in length order: each unordered pair once, both directions written (the pair of a
-sequence with itself: once). Per tile, each form present runs three loops: groups of ``KD`` / ``KR``
-unmasked trips (unrolled), single unmasked trips, masked trips. The indices and lengths of the
+for every shuffle; the 16-byte record is one inline-PTX load, :func:`_load_record`). Consecutive
+pairs form blocks of ``WARP_ROWS x WARP_COLS`` (one warp's on CUDA), so that a warp's loads of the
+same row or column touch the same lines, and every sequence starts on a 128-byte line
+(:data:`ALIGN`), so that a direct trip reads its long side from whole lines. When every sequence is
+scored (``SYM``), a program runs only the column tiles at or below its rows in length order: each
+unordered pair once, both directions written (the pair of a sequence with itself: once). Per tile,
+each form present runs three loops: groups of ``KD`` / ``KR`` unmasked trips (unrolled), single
+unmasked trips, masked trips. The indices and lengths of the
 tile's pairs are loaded again after the loops (volatile loads: not merged) so that only three sums
 per pair hold registers across them. The grouped variant writes one ``atomic_max`` per pair and
 direction into an int32 ``[R, G]`` buffer of order-preserving keys (:func:`_key`; NaN the largest,
@@ -75,13 +84,15 @@ import triton.language as tl
 from heal_kernels.triton._launch import launch
 
 FP_FUSION = True  # passed at every launch
-# int32 offsets: the (x, e) pairs take total + B + 64 positions, the prefixes total + 2 B + 64
-MAX_TOTAL = 2**31 - 2**17
+# int32 offsets: the (x, e) pairs take at most total + 15 B + 64 positions, the (PE, PX) records one more per
+# sequence, and a record's first float64 (2 x its index) must stay below 2^31
+MAX_TOTAL = 2**30 - 2**17
+ALIGN = 16  # every sequence's (x, e) pairs start at a multiple of 16 positions: 128 bytes, one L1 line
 MAGIC = tl.constexpr(8388608.0)  # 2^23: a float in [2^23, 2^24) holds an integer in its low mantissa bits
 MAGIC_BITS = tl.constexpr(0x4B000000)  # the bits of 2^23
 INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")  # as triton.jit decides
 RL_MAX_LEN = 2**20  # run-length form for long sides below this (the boundary check's proven range)
-RL_NUM, RL_DEN = 2, 1  # run-length form where n >= 2 m: the static model's break-even (see heal/bench/static.py)
+RL_NUM, RL_DEN = 5, 1  # run-length form where n >= 5 m: the static model's best pessimistic figure (heal bench static)
 # the grouped output's keys (see _key): -inf's (0xFF800000 with the magnitude bits flipped), and NaN's
 NEG_INF_KEY = tl.constexpr(-2139095041)
 NAN_KEY = 0x7FFFFFFF
@@ -143,24 +154,33 @@ def _boundary(sf, r, sig, nms):
 
 
 @triton.jit
-def _rl_step(sf, soff, r, sig, nms, ebase, xbase, sbase, nxt, acc_l, acc_s, z, MASKED: tl.constexpr, kvalid, svalid,
-             n_m):
+def _load_record(ptr):
+    """The float64 pair at ``ptr`` (16-byte aligned): one 16-byte load per lane on a GPU (inline PTX:
+    a ``[P, T, 2]`` load splits into a layout of its own, and Triton then computes the addresses twice);
+    two loads under the interpreter."""
+    if INTERPRETED:
+        return tl.load(ptr), tl.load(ptr + 1)
+    else:
+        return tl.inline_asm_elementwise("ld.global.v2.f64 {$0, $1}, [$2];", "=d,=d,l", [ptr],
+                                         dtype=(tl.float64, tl.float64), is_pure=True, pack=1)
+
+
+@triton.jit
+def _rl_step(sf, soff, r, sig, nms, pbase, sbase, nxt, acc_l, acc_s, z, MASKED: tl.constexpr, svalid, n_m):
     """One trip of the run-length loop over ``[P, T]`` lanes: lane ``k`` takes boundary ``s0 + k``
     (``sf`` its float, ``soff`` its short position) and segment ``s0 + k`` (lane ``T - 1`` only lends
-    its boundary: its neighbour is itself, so its ``c`` and ``dF`` are 0). Gathers ``PE`` and ``PX``
-    at the boundary and accumulates both directions: ``x_S dPE`` (P = L, float64) into ``acc_l``,
-    ``e_S (dPX - c x_S)`` (P = S') into ``acc_s``, and ``c e_S`` into ``z``."""
+    its boundary: its neighbour is itself, so its ``c`` and ``dF`` are 0). Gathers the ``(PE, PX)``
+    record at the boundary (one 16-byte load) and accumulates both directions: ``x_S dPE`` (P = L,
+    float64) into ``acc_l``, ``e_S (dPX - c x_S)`` (P = S') into ``acc_s``, and ``c e_S`` into ``z``."""
     tcm = _boundary(sf[None, :], r[:, None], sig[:, None], nms[:, None])
     if MASKED:
-        tcm = tl.minimum(tcm, n_m[:, None])  # b_m = n
-        off = tcm.to(tl.int32, bitcast=True)
-        fe = tl.load(ebase[:, None] + off, mask=kvalid, other=0.0)
-        fx = tl.load(xbase[:, None] + off, mask=kvalid, other=0.0)
+        tcm = tl.minimum(tcm, n_m[:, None])  # b_m = n: every lane's record exists (no mask: see _rl_sums)
+    # the record of the boundary b: the float's bits are b + MAGIC_BITS, a bias the base takes off; a 64-bit
+    # offset (twice the bits does not fit 31 bits)
+    fe, fx = _load_record(pbase[:, None] + tcm.to(tl.int32, bitcast=True).to(tl.int64) * 2)
+    if MASKED:
         v = tl.load(sbase[:, None] + soff[None, :], mask=svalid, other=0)
     else:
-        off = tcm.to(tl.int32, bitcast=True)
-        fe = tl.load(ebase[:, None] + off)
-        fx = tl.load(xbase[:, None] + off)
         v = tl.load(sbase[:, None] + soff[None, :])
     fe2 = tl.gather(fe, nxt, axis=1)  # the next lane's prefixes: warp shuffles
     fx2 = tl.gather(fx, nxt, axis=1)
@@ -174,12 +194,12 @@ def _rl_step(sf, soff, r, sig, nms, ebase, xbase, sbase, nxt, acc_l, acc_s, z, M
 
 
 @triton.jit
-def _rl_sums(m_r, nr_max, nl, inv_m, l_pos, s_pos, pe_ptr, px_ptr, xe_ptr, offs_t, nxt, P: tl.constexpr,
+def _rl_sums(m_r, nr_max, nl, inv_m, l_pos, s_pos, pp_ptr, xe_ptr, offs_t, nxt, P: tl.constexpr,
              BLOCK_T: tl.constexpr, KR: tl.constexpr):
     """The run-length sums of the pairs with ``m_r > 0`` (their short length; 0 elsewhere), both
     directions at once (float64, per pair): ``sum_s x_S dPE_s`` (P = L), ``sum_s e_S (dPX_s - c_s x_S)``
-    (P = S') and ``Z_S' = sum_s c_s e_S``. ``l_pos``: the long side's first prefix entry in ``PE`` /
-    ``PX``; ``s_pos``: the short side's first position in ``xe``. Other pairs run with ``b_s = s`` on
+    (P = S') and ``Z_S' = sum_s c_s e_S``. ``l_pos``: the long side's first ``(PE, PX)`` record in
+    ``pp``; ``s_pos``: the short side's first position in ``xe``. Other pairs run with ``b_s = s`` on
     the first entries of the arrays and are dropped by the caller."""
     STEP: tl.constexpr = BLOCK_T - 1  # segments per trip
     sel = m_r > 0
@@ -189,10 +209,8 @@ def _rl_sums(m_r, nr_max, nl, inv_m, l_pos, s_pos, pe_ptr, px_ptr, xe_ptr, offs_
     rr = nl_f * tl.where(sel, inv_m, 1.0)  # the estimate's ratio: fl(n fl(1 / m))
     sg = tl.math.div_rn(ms_f, nl_f)  # the index rule's scale, correctly rounded
     nms = sg * -MAGIC  # exact
-    # the boundary's float bits are b + MAGIC_BITS: the bias is taken off the bases once
-    lp = tl.where(sel, l_pos, 0) - MAGIC_BITS
-    ebase = pe_ptr + lp
-    xbase = px_ptr + lp
+    # the boundary's float bits are b + MAGIC_BITS: the bias is taken off the base once
+    pbase = pp_ptr + 2 * (tl.where(sel, l_pos, 0) - MAGIC_BITS).to(tl.int64)
     sbase = xe_ptr + tl.where(sel, s_pos, 0)
     tf0 = offs_t.to(tl.float32)
     # -0.0, not 0.0: constants of their own (CSE would share the direct loop's, and their layout).
@@ -211,18 +229,19 @@ def _rl_sums(m_r, nr_max, nl, inv_m, l_pos, s_pos, pe_ptr, px_ptr, xe_ptr, offs_
     s0 = 0
     s0f = 0.0
     for _ in range(0, groups):
+        sg0 = tf0 + s0f  # the group's first boundaries; each trip's are STEP more (integers: exact)
         for _k in tl.static_range(KR):
-            acc_l, acc_i, z_i = _rl_step(tf0 + s0f, tl.max_contiguous(offs_t + s0, 1), rr, sg, nms, ebase, xbase, sbase,
-                                         nxt, acc_l, acc_i, z_i, False, None, None, None)
+            acc_l, acc_i, z_i = _rl_step(sg0 + _k * STEP, tl.max_contiguous(offs_t + s0, 1), rr, sg, nms, pbase,
+                                         sbase, nxt, acc_l, acc_i, z_i, False, None, None)
             s0 += STEP
-            s0f += STEP
+        s0f += KR * STEP
         acc_o += acc_i.to(tl.float64)
         acc_i = tl.full([P, BLOCK_T], -0.0, tl.float32)
         z_o += z_i.to(tl.float64)
         z_i = tl.full([P, BLOCK_T], -0.0, tl.float32)
     for tt in range(groups * KR, full):
-        acc_l, acc_i, z_i = _rl_step(tf0 + s0f, tl.max_contiguous(offs_t + s0, 1), rr, sg, nms, ebase, xbase, sbase,
-                                     nxt, acc_l, acc_i, z_i, False, None, None, None)
+        acc_l, acc_i, z_i = _rl_step(tf0 + s0f, tl.max_contiguous(offs_t + s0, 1), rr, sg, nms, pbase, sbase,
+                                     nxt, acc_l, acc_i, z_i, False, None, None)
         s0 += STEP
         s0f += STEP
         if tt % KR == KR - 1:
@@ -230,13 +249,15 @@ def _rl_sums(m_r, nr_max, nl, inv_m, l_pos, s_pos, pe_ptr, px_ptr, xe_ptr, offs_
             acc_i = tl.full([P, BLOCK_T], -0.0, tl.float32)
             z_o += z_i.to(tl.float64)
             z_i = tl.full([P, BLOCK_T], -0.0, tl.float32)
+    # the ragged end: the short side's loads masked; the boundaries clamped to b_m = n, so every lane reads
+    # a record of its long side (k > m: record n, whose differences with its neighbour's are 0, times the
+    # masked x_S = e_S = 0)
     n_m = nl_f + MAGIC
-    for tt in range(full, tl.cdiv(nr_max, STEP)):  # the ragged end, masked
+    for tt in range(full, tl.cdiv(nr_max, STEP)):
         k = tt * STEP + offs_t
-        kvalid = k[None, :] <= m_r[:, None]
         svalid = k[None, :] < m_r[:, None]
-        acc_l, acc_i, z_i = _rl_step(k.to(tl.float32), tl.max_contiguous(k, 1), rr, sg, nms, ebase, xbase, sbase, nxt,
-                                     acc_l, acc_i, z_i, True, kvalid, svalid, n_m)
+        acc_l, acc_i, z_i = _rl_step(k.to(tl.float32), tl.max_contiguous(k, 1), rr, sg, nms, pbase, sbase, nxt,
+                                     acc_l, acc_i, z_i, True, svalid, n_m)
         if tt % KR == KR - 1:
             acc_o += acc_i.to(tl.float64)
             acc_i = tl.full([P, BLOCK_T], -0.0, tl.float32)
@@ -257,8 +278,8 @@ def _direct_sums(dr, nl_d, nd_max, ms, start_l, start_s, xe_ptr, offs_t, P: tl.c
     nd_min = tl.min(tl.where(dr, nl_d, nd_max), axis=0)
     ms_c = tl.maximum(tl.where(dr, ms, 0), 1)
     scale = tl.math.div_rn(ms_c.to(tl.float32), tl.maximum(nl_d, 1).to(tl.float32))  # correctly rounded
-    # every sequence starts at an even position (see pack_launch_spec)
-    base_l = xe_ptr + tl.multiple_of(tl.where(dr, start_l, 0), 2)
+    # every sequence starts at a multiple of ALIGN positions (see pack_launch_spec)
+    base_l = xe_ptr + tl.multiple_of(tl.where(dr, start_l, 0), 16)
     base_s = xe_ptr + tl.where(dr, start_s, 0)
     full = nd_min // BLOCK_T  # unmasked trips every direct pair has
     groups = full // KD
@@ -277,15 +298,16 @@ def _direct_sums(dr, nl_d, nd_max, ms, start_l, start_s, xe_ptr, offs_t, P: tl.c
     t0 = 0
     t0f = 0.0
     for _ in range(0, groups):
+        tg0 = tf0 + t0f  # the group's first positions; each trip's are BLOCK_T more (integers: exact)
         for _k in tl.static_range(KD):
-            src = ((tf0 + t0f)[None, :] * scale[:, None]).to(tl.int32)  # trunc = floor (>= 0)
+            src = ((tg0 + _k * BLOCK_T)[None, :] * scale[:, None]).to(tl.int32)  # trunc = floor (>= 0)
             if CLAMP_SRC:  # the rule's min(., m - 1): a no-op while every length is below 2^22 (CLAMP_FREE_TOTAL)
                 src = tl.minimum(src, ms_c[:, None] - 1)
             l_off = tl.max_contiguous(offs_t + t0, 1)
             zs_i, al_i, as_i = _direct_step(base_s[:, None] + src, base_l[:, None] + l_off[None, :], zs_i, al_i, as_i,
                                             False, None)
             t0 += BLOCK_T
-            t0f += BLOCK_T
+        t0f += KD * BLOCK_T
         zs_o += zs_i.to(tl.float64)
         al_o += al_i.to(tl.float64)
         as_o += as_i.to(tl.float64)
@@ -403,9 +425,9 @@ def _key(sim):
 
 @triton.jit
 def _kl_pairs_kernel(
-    xe_ptr,  # int64 [total + B + 64]: (x, e) float32 pairs, x in the low half, even sequence starts
-    pe_ptr,  # float64 [total + 2 B + 64]: per sequence b, PE at starts[b] + b + k = sum_{t<k} e (k = 0..n)
-    px_ptr,  # float64, the same for x
+    xe_ptr,  # int64 [total + 15 B + 64]: (x, e) float32 pairs, x in the low half, sequences 128-byte aligned
+    pp_ptr,  # float64 [total + 16 B + 64, 2]: per sequence b, record starts[b] + b + k = (PE, PX)[k] (k = 0..n),
+    # PE[k] = sum_{t<k} e, PX[k] = sum_{t<k} x
     starts_ptr,  # int32 [B]
     lens_ptr,  # int32 [B]
     mx_ptr,  # float32 [B], max of each sequence
@@ -432,6 +454,8 @@ def _kl_pairs_kernel(
     SPLIT: tl.constexpr,
     BLOCK_J: tl.constexpr,
     BLOCK_T: tl.constexpr,
+    WARP_ROWS: tl.constexpr,  # the pairs of a block of 32 // BLOCK_T (one warp on CUDA): WARP_ROWS rows x
+    WARP_COLS: tl.constexpr,  # WARP_COLS columns, so that their loads share lines
     KD: tl.constexpr,  # direct loop: trips per float32 partial sum
     KR: tl.constexpr,  # run-length loop: trips per float32 partial sum
     RL_NUM: tl.constexpr,
@@ -442,8 +466,12 @@ def _kl_pairs_kernel(
 ):
     P: tl.constexpr = ROWS * BLOCK_J
     pair = tl.arange(0, P)
-    r_of = pair // BLOCK_J  # row slot of each pair
-    j_of = pair % BLOCK_J  # column slot of each pair
+    # row and column slot of each pair: consecutive pairs (one warp's on CUDA) form blocks of WARP_ROWS
+    # rows x WARP_COLS columns; the blocks run along the columns, then the rows
+    WB: tl.constexpr = WARP_ROWS * WARP_COLS
+    blk = pair // WB
+    r_of = (blk // (BLOCK_J // WARP_COLS)) * WARP_ROWS + (pair % WB) // WARP_COLS
+    j_of = (blk % (BLOCK_J // WARP_COLS)) * WARP_COLS + pair % WARP_COLS
     # rows: length order descending, ROWS per program, longest programs first; program axis 1 takes
     # every SPLIT-th column tile. SYM: only the columns at or below the row in length order (the pair
     # (row, column) when the column comes first, both directions; the pair with itself, the row's)
@@ -493,8 +521,8 @@ def _kl_pairs_kernel(
         m_r = tl.where(rl, ms, 0)
         nr_max = tl.max(m_r, axis=0)
         if (SECTIONS & 2) and nr_max > 0:
-            acc_l, acc_s, z = _rl_sums(m_r, nr_max, nl, tl.load(im_ptr + s_idx), start_l + l_idx, start_s, pe_ptr,
-                                       px_ptr, xe_ptr, offs_t, nxt, P, BLOCK_T, KR)
+            acc_l, acc_s, z = _rl_sums(m_r, nr_max, nl, tl.load(im_ptr + s_idx), start_l + l_idx, start_s, pp_ptr,
+                                       xe_ptr, offs_t, nxt, P, BLOCK_T, KR)
             a_l = tl.where(rl, tl.load(ex_ptr + l_idx) - acc_l, a_l)
             a_s = tl.where(rl, acc_s, a_s)
             zs = tl.where(rl, z, zs)
@@ -532,13 +560,16 @@ def _kl_pairs_kernel(
                 tl.atomic_max(out_ptr + (j * G + tl.load(groups_ptr + i)), _key(sim_c), mask=both, sem="relaxed")
 
 
-# CUDA: 16 warps (2 pairs of the 4 x 8 tile per warp, lanes on consecutive positions), one program
-# per SM: ``maxnreg`` = the 128 registers of 512 threads. KD / KR trips per float32 partial sum (the
-# unrolled main loops); sm_100's ptxas spills at KD = KR = 8 and at KR = 8, sm_90's at KD = 8.
-TILES = dict(ROWS=4, SPLIT=4, BLOCK_J=8, BLOCK_T=16, KD=8, KR=8, num_warps=16, maxnreg=128)
+# CUDA: 16 warps, 8 lanes per pair on consecutive positions, so a warp holds 4 pairs: 2 rows x 2 columns
+# (WARP_ROWS x WARP_COLS), whose loads of the same row (direct form) or column (run-length form) are the
+# same lines; 64 pairs per 8 x 8 tile (the per-pair code of a tile runs once per warp for 4 pairs); one
+# program per SM: ``maxnreg`` = the 128 registers of 512 threads. KD / KR trips per float32 partial sum
+# (the unrolled main loops; at KR = 8 Triton 3.9's sm_90 code spills 40 bytes, and KR = 4 costs the batch
+# nothing the static model sees). SPLIT = 8 column splits: finer programs, better balance (static model).
+TILES = dict(ROWS=8, SPLIT=8, BLOCK_J=8, BLOCK_T=8, WARP_ROWS=2, WARP_COLS=2, KD=8, KR=4, num_warps=16, maxnreg=128)
 TILES_SM100 = dict(TILES)
 # small: quick, still every path (several fold groups, masked and unmasked trips)
-TILES_INTERPRETED = dict(ROWS=2, SPLIT=2, BLOCK_J=4, BLOCK_T=8, KD=2, KR=2, num_warps=1)
+TILES_INTERPRETED = dict(ROWS=2, SPLIT=2, BLOCK_J=4, BLOCK_T=8, WARP_ROWS=2, WARP_COLS=2, KD=2, KR=2, num_warps=1)
 # min(floor(t * f32(m / n)), m - 1) needs no min while n < 2^22: t <= n - 1 and f32(m / n) <= (m / n)(1 + 2^-24)
 # keep the rounded product below m - m / n + m 2^-23 < m. The total length bounds every length (no sync).
 CLAMP_FREE_TOTAL = 2**22
@@ -567,10 +598,10 @@ def _blocks(device: torch.device, arch=None):
 def _pack_kernel(
     values_ptr,  # float32 [total], the packed batch
     cu_ptr,  # int64 [B + 1]
-    starts_ptr,  # int32 [B], each sequence's (even) start in xe
+    starts_ptr,  # int32 [B], each sequence's (aligned) start in xe
     xe_ptr,  # float32 view of the int64 [size] (x, e) pairs, zeros
-    pe_ptr,  # float64 [psize] out: prefix sums of e, sequence b's at starts[b] + b (n + 1 entries)
-    px_ptr,  # float64 [psize] out: prefix sums of x, likewise
+    pp_ptr,  # float64 [psize, 2] out: (PE, PX) records, the prefix sums of e and x, sequence b's from
+    # record starts[b] + b (n + 1 records)
     mx_ptr,  # float32 [B] out: max of each sequence (0 when empty; NaN when it holds a NaN or infinity)
     zsum_ptr,  # float32 [B] out: sum of e over each sequence
     z_ptr,  # float64 [B] out: sum of e over each sequence (its last PE)
@@ -581,7 +612,7 @@ def _pack_kernel(
 ):
     """One program per sequence: ``mx = max x``, ``e = f32(exp(f64(x) - mx))`` (as the CPU paths'
     ``seq_stats``; ``mx`` is stored as NaN for a sequence holding a NaN or infinity, which makes its
-    pairs NaN), the ``(x, e)`` pairs written at the sequence's even start, the float64 prefix
+    pairs NaN), the ``(x, e)`` pairs written at the sequence's (aligned) start, the float64 prefix
     sums of ``e`` and ``x`` (``PE[0] = 0``, ``PE[n] = Z``; a block scan plus a carry: a fixed order per
     sequence, so identical sequences get identical sums), ``Z`` and ``EX = sum e x`` in float64."""
     b = tl.program_id(0)
@@ -598,8 +629,10 @@ def _pack_kernel(
         m = tl.maximum(m, tl.load(src + k, mask=k < n, other=float("-inf")))
     mx = tl.max(m, axis=0)
     mx = tl.where(n > 0, mx, 0.0)
-    tl.store(pe_ptr + pbase, 0.0)
-    tl.store(px_ptr + pbase, 0.0)
+    rec = pp_ptr + 2 * pbase  # the sequence's first (PE, PX) record
+    tl.store(rec, 0.0)
+    tl.store(rec + 1, 0.0)
+    rec += 2
     ce = tl.zeros([BLOCK], tl.float64)  # running prefix at each lane; the carry is its last lane
     cx = tl.zeros([BLOCK], tl.float64)
     ex = tl.zeros([BLOCK], tl.float64)
@@ -615,8 +648,8 @@ def _pack_kernel(
         x64 = x.to(tl.float64)
         ce = tl.cumsum(e64, axis=0) + tl.sum(tl.where(last, ce, 0.0), axis=0)
         cx = tl.cumsum(x64, axis=0) + tl.sum(tl.where(last, cx, 0.0), axis=0)
-        tl.store(pe_ptr + pbase + 1 + k, ce, mask=inb)
-        tl.store(px_ptr + pbase + 1 + k, cx, mask=inb)
+        tl.store(rec + 2 * k, ce, mask=inb)
+        tl.store(rec + 2 * k + 1, cx, mask=inb)
         ex += e64 * x64  # exact products (24 + 24 bits)
     z = tl.sum(tl.where(last, ce, 0.0), axis=0)  # = PE[n]: masked lanes add 0
     # a sequence holding a NaN or an infinity: its float64 sum of x (PX[n]) is not finite (a sum of
@@ -641,27 +674,27 @@ def pack_launch_spec(values, cu, interpreted=None):
 
     ``values`` float32 ``[total]``, ``cu`` int64 ``[B + 1]`` (validated). ``packed`` holds the pair
     kernel's per-sequence inputs, filled by the launch: ``xe`` (each position's ``(x, e)`` float32
-    pair as one int64, ``x`` in the low half, every sequence starting at an even position with a zero
-    pad after odd-length ones, so the pair kernel's unmasked reads of the long side are 16-byte
-    aligned pairs of positions), ``pe`` / ``px`` (float64 prefix sums, sequence ``b``'s ``n + 1``
-    entries from ``starts[b] + b``), ``starts``, ``lens`` (int32), ``mx``, ``zsum`` (float32), ``z``,
+    pair as one int64, ``x`` in the low half, every sequence starting at a multiple of :data:`ALIGN`
+    positions with zeros up to the next one, so that a trip of the pair kernel's direct loop reads
+    the long side from whole 128-byte lines), ``pp`` (float64 ``[psize, 2]``: the ``(PE, PX)``
+    prefix-sum records, sequence ``b``'s ``n + 1`` from record ``starts[b] + b``; ``pe`` / ``px`` are
+    its two columns, as views), ``starts``, ``lens`` (int32), ``mx``, ``zsum`` (float32), ``z``,
     ``ex`` (float64). No host synchronisation."""
     bsz = cu.numel() - 1
     total = values.numel()
-    size = total + bsz + 64  # even starts add at most one pad per sequence; zeros after the end
-    psize = size + bsz  # one more entry per sequence (PE[n])
+    size = total + (ALIGN - 1) * bsz + 64  # aligned starts pad each sequence by at most 15; zeros after the end
+    psize = size + bsz  # one more record per sequence (PE[n], PX[n])
     if psize >= MAX_TOTAL:
         raise ValueError(f"the packed batch has {total} values; the Triton kernel takes fewer than "
-                         f"{MAX_TOTAL - 2 * bsz - 64} for {bsz} sequences")
+                         f"{MAX_TOTAL - ALIGN * bsz - 64} for {bsz} sequences")
     dev = values.device
     if interpreted is None:
         interpreted = dev.type != "cuda"
     lens = (cu[1:] - cu[:-1]).to(torch.int32)
-    span = lens + (lens & 1)  # each sequence's length rounded up to even
+    span = (lens + (ALIGN - 1)) & -ALIGN  # each sequence's length rounded up to a multiple of ALIGN
     starts = torch.cumsum(span, 0, dtype=torch.int32) - span
     xe = torch.zeros(size, dtype=torch.int64, device=dev)
-    pe = torch.zeros(psize, dtype=torch.float64, device=dev)
-    px = torch.zeros(psize, dtype=torch.float64, device=dev)
+    pp = torch.zeros((psize, 2), dtype=torch.float64, device=dev)
     mx = torch.empty(bsz, dtype=torch.float32, device=dev)
     zsum = torch.empty(bsz, dtype=torch.float32, device=dev)
     z = torch.empty(bsz, dtype=torch.float64, device=dev)
@@ -669,10 +702,11 @@ def pack_launch_spec(values, cu, interpreted=None):
     ex = torch.empty(bsz, dtype=torch.float64, device=dev)
     im = torch.empty(bsz, dtype=torch.float32, device=dev)
     cfg = PACK_INTERPRETED if interpreted else PACK
-    args = (values, cu, starts, xe.view(torch.float32), pe, px, mx, zsum, z, iz, ex, im)
+    args = (values, cu, starts, xe.view(torch.float32), pp, mx, zsum, z, iz, ex, im)
     kwargs = dict(BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"], num_stages=1, enable_fp_fusion=FP_FUSION)
-    return _pack_kernel, (bsz,), args, kwargs, dict(xe=xe, pe=pe, px=px, starts=starts, lens=lens, mx=mx, zsum=zsum,
-                                                  z=z, iz=iz, ex=ex, im=im, total=total, cu=cu)
+    return _pack_kernel, (bsz,), args, kwargs, dict(xe=xe, pp=pp, pe=pp[:, 0], px=pp[:, 1], starts=starts,
+                                                  lens=lens, mx=mx, zsum=zsum, z=z, iz=iz, ex=ex, im=im, total=total,
+                                                  cu=cu)
 
 
 def launch_spec(packed, short_first, full, groups=None, num_groups=1, exclude_self=True, pids=None, device=None,
@@ -704,7 +738,7 @@ def launch_spec(packed, short_first, full, groups=None, num_groups=1, exclude_se
         out = torch.full((nrows, num_groups), NEG_INF_KEY.value, dtype=torch.int32, device=dev)
         groups32 = groups.to(torch.int32)
     pid_t = pids if pids is not None else packed["cu"]  # any int64 tensor: never read without HAS_PID
-    args = (packed["xe"], packed["pe"], packed["px"], packed["starts"], lens, packed["mx"], packed["z"], packed["iz"],
+    args = (packed["xe"], packed["pp"], packed["starts"], lens, packed["mx"], packed["z"], packed["iz"],
             packed["ex"], packed["im"], order, rorder, groups32, pid_t, out, bsz, nrows, row0, num_groups)
     kwargs = dict(
         SHORT_FIRST=bool(short_first),
@@ -717,6 +751,8 @@ def launch_spec(packed, short_first, full, groups=None, num_groups=1, exclude_se
         SPLIT=split,
         BLOCK_J=cfg["BLOCK_J"],
         BLOCK_T=cfg["BLOCK_T"],
+        WARP_ROWS=cfg.get("WARP_ROWS", 1),
+        WARP_COLS=cfg.get("WARP_COLS", 1),
         KD=cfg["KD"],
         KR=cfg["KR"],
         RL_NUM=RL_NUM,

@@ -302,3 +302,84 @@ def test_report_states_the_model_error():
     doc["measured"] = {"device": "NVIDIA H100 80GB HBM3", "eda_ms": 2 * nominal}
     text = static._markdown(90, doc)
     assert "the model against this measurement (H100 SXM): measured / predicted = 2.00x the nominal figure" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# the pair kernel's L1 lines: a warp's shared lines, aligned rows, 16-byte records; unrolled masked loops
+# ---------------------------------------------------------------------------------------------
+
+TTGIR_T8 = ("#blocked1 = #ttg.blocked<{sizePerThread = [1, 1, 2], threadsPerWarp = [4, 8, 1], warpsPerCTA = [16, 1, 1], "
+            "order = [2, 1, 0]}>\n#blocked2 = #ttg.blocked<{sizePerThread = [1, 1], threadsPerWarp = [4, 8], "
+            "warpsPerCTA = [16, 1], order = [1, 0]}>\n")
+
+
+def test_pair_layout_is_read_from_the_ttgir():
+    from heal_kernels.triton import aot
+
+    assert aot.pair_layout(TTGIR_T8, 8, 16) == {"pairs_per_warp": 4, "lanes_per_pair": 8}
+    assert aot.pair_layout(TTGIR_T8, 16, 16) is None  # no layout with 16 lanes per pair
+    assert aot.pair_layout(TTGIR_T8, 8, 8) is None  # not the launch's warps
+    assert aot.pair_layout(TTGIR_T8.replace("order = [1, 0]", "order = [0, 1]"), 8, 16) is None
+
+
+def test_warp_block_needs_the_layout_and_the_kernel_to_agree():
+    kw = dict(ROWS=8, BLOCK_J=8, BLOCK_T=8, WARP_ROWS=2, WARP_COLS=2)
+    four = {"pairs_per_warp": 4, "lanes_per_pair": 8}
+    assert static.warp_block(kw, four) == (2, 2)
+    assert static.warp_block(kw, None) is None  # no layout read: no line shared
+    assert static.warp_block(kw, {"pairs_per_warp": 2, "lanes_per_pair": 16}) is None  # they disagree
+    assert static.warp_block(dict(kw, WARP_ROWS=1, WARP_COLS=1), four) == (1, 4)  # pairs along the columns
+
+
+def _pair_rec(wide=True, layout=True, tail_trips=1, tail_instructions=50):
+    def loop(n, **extra):
+        return dict(instructions=n, mix={"fp32": n}, **extra)
+
+    return dict(
+        kwargs=dict(ROWS=2, SPLIT=1, BLOCK_J=2, BLOCK_T=8, WARP_ROWS=2, WARP_COLS=2, KD=1, KR=1, num_warps=1, SYM=True),
+        loops=dict(direct_main=loop(10), direct_single=loop(10), direct_tail=loop(tail_instructions, trips=tail_trips),
+                   rl_main=loop(20, wide_loads=1 if wide else 0), rl_single=loop(20), rl_tail=loop(30)),
+        section_code={0: 100, 1: 150, 2: 130}, warps_per_sm=16,
+        pair_layout={"pairs_per_warp": 4, "lanes_per_pair": 8} if layout else None)
+
+
+def test_trip_lines_share_a_warps_rows_and_columns(monkeypatch):
+    """Two sequences of 64: one warp holds the tile's 2 x 2 pairs, 3 of them visible (each unordered
+    pair once). A direct trip: the 2 rows' 8 positions (64 aligned bytes: 1 line each), each column's
+    gather (8 positions at a random offset: 1.5 lines; the two rows' are the same, counted once), and
+    the hidden pair's lanes on the arrays' first line: 2 + 3 + 1 = 6. Counted per pair instead (no
+    layout): 3 + 4.5 + 1 = 8.5; unaligned sequences: rows of 1.5 lines, 3 + 3 + 1.5 = 7.5."""
+    from heal_kernels.triton import pairwise as tri
+
+    kw = _pair_rec()["kwargs"]
+    t = static.pair_tiles([64, 64], kw)
+    assert float(static.trip_lines("direct", t, kw, _pair_rec()).sum()) == pytest.approx(6.0)
+    assert float(static.trip_lines("direct", t, kw, _pair_rec(layout=False)).sum()) == pytest.approx(8.5)
+    monkeypatch.setattr(tri, "ALIGN", 2)
+    assert float(static.trip_lines("direct", t, kw, _pair_rec()).sum()) == pytest.approx(7.5)
+
+
+def test_trip_lines_of_run_length_records(monkeypatch):
+    """320 against 64 (n = 5 m, run-length): one pair's gather at stride 5, a 16-byte record per lane,
+    spans (7 x 5 + 1) x 16 bytes: 1 + 4.5 lines; the column's 8 positions 1.5 lines; the warp's other
+    pairs run on the first records and positions: 2 + 1.5 lines. Two 8-byte gathers instead of the
+    record: 2 x 3.25 and 2 x 1.5 + 1.5."""
+    from heal_kernels.triton import pairwise as tri
+
+    monkeypatch.setattr(tri, "RL_NUM", 5)
+    monkeypatch.setattr(tri, "RL_DEN", 1)
+    kw = _pair_rec()["kwargs"]
+    t = static.pair_tiles([320, 64], kw)
+    assert int(t["rl"]["mask"].sum()) == 1
+    assert float(static.trip_lines("rl", t, kw, _pair_rec()).sum()) == pytest.approx(5.5 + 1.5 + 3.5)
+    assert float(static.trip_lines("rl", t, kw, _pair_rec(wide=False)).sum()) == pytest.approx(6.5 + 1.5 + 4.5)
+
+
+def test_an_unrolled_masked_loop_costs_a_body_per_its_trips():
+    """64 against 40 (direct): 5 unmasked trips, 3 masked; a masked body that runs 4 trips (ptxas
+    unrolled it) is paid once, a one-trip body three times."""
+    lengths = [64, 40]
+    base = static.pair_kernel_prediction(_pair_rec(tail_instructions=0), lengths, H100)["issue_ms_balanced"]
+    one = static.pair_kernel_prediction(_pair_rec(), lengths, H100)["issue_ms_balanced"] - base
+    four = static.pair_kernel_prediction(_pair_rec(tail_trips=4), lengths, H100)["issue_ms_balanced"] - base
+    assert one > 0 and one == pytest.approx(3 * four, rel=1e-9)

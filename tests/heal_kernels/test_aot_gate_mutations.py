@@ -36,7 +36,7 @@ LIBDEVICE = "from triton.language.extra import libdevice\n"
 DIRECT_SCALE = "tl.math.div_rn(ms_c.to(tl.float32), tl.maximum(nl_d, 1).to(tl.float32))"
 RL_SCALE = "tl.math.div_rn(ms_f, nl_f)"
 RECIP_SEED = "tl.math.div_rn(1.0, q.to(tl.float32))"
-INDEX = "src = ((tf0 + t0f)[None, :] * scale[:, None]).to(tl.int32)  # trunc = floor (>= 0)"
+INDEX = "src = ((tg0 + _k * BLOCK_T)[None, :] * scale[:, None]).to(tl.int32)  # trunc = floor (>= 0)"
 TILES = "num_warps=16, maxnreg=128)"
 
 # name -> ([(old, new)], what the gate must report: substrings of one failure)
@@ -56,7 +56,8 @@ MUTATIONS = {
     "rcp": ([(RECIP_SEED, "libdevice.rcp_rn(q.to(tl.float32))")], ("inexact division", "rcp.")),
     # the index distributed over the trip's offset: t * s = tf0 * s + t0 * s, which contraction folds
     # into one fma (one rounding of a different expression: a different index near segment edges)
-    "fma_index": ([(INDEX, "src = (tf0[None, :] * scale[:, None] + (t0f * scale)[:, None]).to(tl.int32)")],
+    "fma_index": ([(INDEX, "src = (tf0[None, :] * scale[:, None]"
+                           " + ((t0f + _k * BLOCK_T) * scale)[:, None]).to(tl.int32)")],
                   ("stretched index", "fma")),
     # a tiny register budget: ptxas spills to local memory
     "maxnreg_spill": ([(TILES, "num_warps=16, maxnreg=32)")], ("spills",)),

@@ -7,7 +7,7 @@ interpreter tiles, not the CUDA ones. This file recomputes, for the CUDA tile co
 the way the compiled kernel does:
 
 * the packing kernel's float32 ``e = f32(exp(f64(x) - max))``, float64 prefixes ``PE`` / ``PX``, ``EX``;
-* the form the kernel picks per pair (run-length for ``n >= 2 m``, direct otherwise);
+* the form the kernel picks per pair (run-length for ``n >= RL_NUM / RL_DEN m``, direct otherwise);
 * direct: per lane float32 ``Z_S'`` (adds) and ``sum w (L - S')`` (one FMA per position), folded into
   float64 every ``KD`` trips;
 * run-length: boundaries by the float32 index rule, lane ``k``'s segment ``[b_k, b_{k+1})`` (the last
@@ -151,7 +151,8 @@ def pack(lengths, seed):
 
 @pytest.mark.parametrize("lengths", [
     [65536, 40000, 31000, 4095, 17, 2],
-    [65536, 65535, 32768, 40000, 1],  # m = n - 1 (direct), n = 2 m (run-length), m = 1
+    [65536, 65535, 32768, 40000, 13107, 1],  # m = n - 1, n = 2 m (direct); n = 5 m (run-length: 5 x 13107 =
+    # 65535), m = 1
 ])
 def test_cuda_arithmetic_agrees_with_float64_at_long_lengths(lengths):
     xs = pack(lengths, 7)

@@ -150,7 +150,8 @@ def rel_err(out, expected):
 
 @pytest.mark.parametrize("lengths, dist", [
     ([40000, 40000, 31000, 4095, 17, 2], "uniform"),  # float32 accumulation was 1e-5 off here
-    ([65536, 65535, 32768, 40000, 1], "exponential"),  # m = n - 1 (direct), n = 2 m (run-length), m = 1
+    ([65536, 65535, 32768, 40000, 13107, 1], "exponential"),  # m = n - 1, n = 2 m (direct); n = 5 m (run-length:
+    # 5 x 13107 = 65535), m = 1
 ])
 def test_long_sequences_agree_with_float64(lengths, dist, big_tiles):
     values, cu = pack(lengths, dist)
@@ -203,8 +204,9 @@ def test_prefix_sums_are_float64():
 TINY = 1e-6
 
 # interpreter tiles: 2 x 4 pairs, 8 lanes (7 segments a run-length trip), partial sums of 2 trips:
-# lengths from 1 to 90 give every form several unrolled groups, single trips and masked trips
-FORMS = [1, 2, 3, 5, 8, 9, 12, 13, 18, 27, 40, 41, 60, 61, 90, 0, 40]
+# lengths from 1 to 160 give every form several unrolled groups, single trips and masked trips (run-length
+# from n >= 5 m: 160 against 32 runs two groups of two trips)
+FORMS = [1, 2, 3, 5, 8, 9, 12, 13, 18, 27, 32, 40, 41, 60, 61, 90, 160, 0, 40]
 
 
 def test_forms_match_reference():
@@ -215,6 +217,7 @@ def test_forms_match_reference():
     ok = S > 0
     rl = ok & (S < L) & (L * tri.RL_DEN >= S * tri.RL_NUM)
     assert bool(rl.any()) and bool((ok & ~rl & (S < L)).any()) and bool((ok & (S == L)).any())
+    assert int(torch.where(rl, S, 0).max()) - 1 >= 2 * 2 * 7  # a run-length pair with two groups of two trips
     for short_first in (False, True):
         expected = ref.pairwise_similarity(values, cu, kl_direction="short_first" if short_first else "scored_first")
         out = tri.pairwise_kl(values, cu, short_first)
