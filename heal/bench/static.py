@@ -239,7 +239,7 @@ def trip_lines(form: str, t: dict, kw: dict, rec: dict):
         n_ = wv(L)
         big = torch.finfo(torch.float64).max
         nmax = torch.where(m, n_, 0.0).amax(3)
-        nmin = torch.where(m, n_, big).amin(3).clamp(max=1e300)
+        nmin = torch.where(m, n_, big).amin(3)
         col = torch.where(m, wv(S), 0.0).amax(3)  # the column's length
         busy = m.any(3)
         drift = torch.where(busy, col * (nmax - nmin) / (2 * nmin.clamp(min=1)), 0.0)
@@ -323,9 +323,10 @@ def pair_kernel_prediction(rec: dict, lengths, dev: dict, arch: int = 90, short_
     ``loops`` and ``section_code`` (the tile code of builds with no form / one form compiled)."""
     import torch
 
+    from heal_kernels.triton.aot import FOLD_TRIPS, PAIRWISE_FORMS
+
     kw = rec["kwargs"]
     warps, split = kw["num_warps"], kw.get("SPLIT", 1)
-    kd, kr = kw["KD"], kw["KR"]
     loops = rec["loops"]
     code = {int(k): v for k, v in rec["section_code"].items()}
     base = float(code[0])
@@ -337,11 +338,11 @@ def pair_kernel_prediction(rec: dict, lengths, dev: dict, arch: int = 90, short_
     work = visited * base
     pess = visited * (base / PAIR_ISSUE_EFFICIENCY)
     l1 = torch.zeros((nprog, ntile), dtype=torch.float64)
-    for name in ("direct", "rl"):
+    for name in PAIRWISE_FORMS:
         f = t[name]
         main, single, tail = loops[f"{name}_main"], loops[f"{name}_single"], loops[f"{name}_tail"]
         run = f["run"].double()
-        k = kd if name == "direct" else kr
+        k = kw[FOLD_TRIPS[name]]
         # single trips: LLVM may have unrolled their loop (``factor`` trips per unrolled iteration, the
         # rest one by one); the unrolled body is costed as factor single bodies of its own size
         fac = single.get("factor", 1)
@@ -349,7 +350,8 @@ def pair_kernel_prediction(rec: dict, lengths, dev: dict, arch: int = 90, short_
         s_one = f["single"] - s_unr * fac
         unr = single.get("unrolled", 0)
         # masked trips: an unrolled masked loop runs ``trips`` of them per body (a partial body counted whole)
-        t_bodies = torch.div(f["tail"] + tail.get("trips", 1) - 1, tail.get("trips", 1), rounding_mode="floor")
+        per_body = tail.get("trips", 1)
+        t_bodies = torch.div(f["tail"] + per_body - 1, per_body, rounding_mode="floor")
         work += (run * sec[name] + f["groups"] * main["instructions"] + s_unr * unr + s_one * single["instructions"]
                  + t_bodies * tail["instructions"])
         pess += (run * sec[name] / PAIR_ISSUE_EFFICIENCY + f["groups"] * _body_cycles(main, arch)

@@ -416,6 +416,7 @@ def pipe_class(op: str) -> str:
 
 
 PAIRWISE_FORMS = ("direct", "rl")  # the pair kernel's forms, in source (= address) order
+FOLD_TRIPS = {"direct": "KD", "rl": "KR"}  # each form's launch keyword: trips per float32 partial sum
 PAIRWISE_LOOPS = tuple(f"{form}_{kind}" for form in PAIRWISE_FORMS for kind in ("main", "single", "tail"))
 
 
@@ -895,12 +896,11 @@ def analyse(v: Variant, arch: int) -> Dict:
             pos = v.elements_per_thread_per_iteration
             rec["loops"] = {n: pl[n] for n in PAIRWISE_LOOPS}
             # trips per main body, read from its loads (the source unrolls KD / KR; ptxas could add more)
-            trips = {f: pl[f"{f}_main"].get("trips") or (kw["KD"] if f == "direct" else kw["KR"])
-                     for f in PAIRWISE_FORMS}
+            trips = {f: pl[f"{f}_main"].get("trips") or kw[FOLD_TRIPS[f]] for f in PAIRWISE_FORMS}
             for f, n in trips.items():
-                if n != (kw["KD"] if f == "direct" else kw["KR"]):
+                if n != kw[FOLD_TRIPS[f]]:
                     unroll_problem = (f"pair kernel: the {f} main loop runs {n} trips per body, not "
-                                      f"{'KD' if f == 'direct' else 'KR'} (the model's groups assume it)")
+                                      f"{FOLD_TRIPS[f]} (the model's groups assume it)")
             # per element of each main loop: aligned positions (direct) or short positions (run-length)
             rec["instructions_per_position_direct"] = round(pl["direct_main"]["instructions"] / (trips["direct"] * pos), 3)
             rec["instructions_per_segment_rl"] = round(pl["rl_main"]["instructions"] / (trips["rl"] * seg), 3)

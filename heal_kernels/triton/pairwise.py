@@ -88,6 +88,7 @@ FP_FUSION = True  # passed at every launch
 # sequence, and a record's first float64 (2 x its index) must stay below 2^31
 MAX_TOTAL = 2**30 - 2**17
 ALIGN = 16  # every sequence's (x, e) pairs start at a multiple of 16 positions: 128 bytes, one L1 line
+ALIGNED = tl.constexpr(ALIGN)  # the same, for the kernels' alignment hints
 MAGIC = tl.constexpr(8388608.0)  # 2^23: a float in [2^23, 2^24) holds an integer in its low mantissa bits
 MAGIC_BITS = tl.constexpr(0x4B000000)  # the bits of 2^23
 INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")  # as triton.jit decides
@@ -279,7 +280,7 @@ def _direct_sums(dr, nl_d, nd_max, ms, start_l, start_s, xe_ptr, offs_t, P: tl.c
     ms_c = tl.maximum(tl.where(dr, ms, 0), 1)
     scale = tl.math.div_rn(ms_c.to(tl.float32), tl.maximum(nl_d, 1).to(tl.float32))  # correctly rounded
     # every sequence starts at a multiple of ALIGN positions (see pack_launch_spec)
-    base_l = xe_ptr + tl.multiple_of(tl.where(dr, start_l, 0), 16)
+    base_l = xe_ptr + tl.multiple_of(tl.where(dr, start_l, 0), ALIGNED)
     base_s = xe_ptr + tl.where(dr, start_s, 0)
     full = nd_min // BLOCK_T  # unmasked trips every direct pair has
     groups = full // KD
